@@ -1,0 +1,167 @@
+//! Picking a backend at run time among those compiled in, and loading models onto it behind the
+//! backend-free [`Verifier`] and [`Drafter`] traits.
+
+use std::path::Path;
+use std::str::FromStr;
+
+use burn::prelude::*;
+use burn::tensor::DType;
+
+use crate::config::ModelConfig;
+use crate::drafter::Drafter;
+use crate::engine::Engine;
+use crate::error::{EngineError, Result};
+use crate::loader::{load_model, random_model, WeightDtype};
+use crate::model::Model;
+use crate::model_drafter::ModelDrafter;
+use crate::verifier::Verifier;
+
+/// The CPU backend: Burn's Flex.
+#[cfg(feature = "cpu")]
+pub type CpuBackend = burn::backend::Flex;
+/// The wgpu backend (Vulkan, Metal, WebGPU).
+#[cfg(feature = "wgpu")]
+pub type WgpuBackend = burn::backend::Wgpu;
+/// The CUDA backend.
+#[cfg(feature = "cuda")]
+pub type CudaBackend = burn::backend::Cuda;
+
+/// A compute device family, as `--device` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// Burn's Flex on the CPU.
+    Cpu,
+    /// wgpu: Vulkan, Metal or WebGPU.
+    Wgpu,
+    /// CUDA.
+    Cuda,
+}
+
+impl FromStr for DeviceKind {
+    type Err = EngineError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cpu" => Ok(DeviceKind::Cpu),
+            "wgpu" | "vulkan" | "metal" => Ok(DeviceKind::Wgpu),
+            "cuda" => Ok(DeviceKind::Cuda),
+            other => Err(EngineError::UnknownDevice(other.into())),
+        }
+    }
+}
+
+impl DeviceKind {
+    /// The feature that compiles this backend in.
+    pub fn feature(self) -> &'static str {
+        match self {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Wgpu => "wgpu",
+            DeviceKind::Cuda => "cuda",
+        }
+    }
+
+    /// Whether this build has the backend.
+    pub fn is_compiled(self) -> bool {
+        match self {
+            DeviceKind::Cpu => cfg!(feature = "cpu"),
+            DeviceKind::Wgpu => cfg!(feature = "wgpu"),
+            DeviceKind::Cuda => cfg!(feature = "cuda"),
+        }
+    }
+
+    /// Dtype weights are kept in when the checkpoint does not force one: f32 on the CPU (Flex's bf16
+    /// matmul is about ten times slower), the stored dtype on GPUs.
+    pub fn default_weights(self) -> WeightDtype {
+        match self {
+            DeviceKind::Cpu => WeightDtype::F32,
+            _ => WeightDtype::AsStored,
+        }
+    }
+}
+
+/// Where weights come from.
+#[derive(Debug, Clone)]
+pub enum ModelSource<'a> {
+    /// A Hugging Face directory.
+    Dir(&'a Path),
+    /// Random weights of a config's shape.
+    Random(ModelConfig, u64),
+}
+
+/// Runs `f` with a device of the backend, turning a panic while the device comes up into an error.
+fn probe<B: Backend>(kind: DeviceKind) -> Result<B::Device> {
+    let device = B::Device::default();
+    let d = device.clone();
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        let t = Tensor::<B, 1>::ones([2], &d);
+        let _ = t.sum().into_data();
+    }))
+    .map_err(|e| EngineError::NoDevice {
+        backend: kind.feature().into(),
+        reason: e
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "the backend panicked while starting".into()),
+    })?;
+    Ok(device)
+}
+
+fn build<B: Backend>(source: &ModelSource<'_>, kind: DeviceKind, dtype: Option<WeightDtype>) -> Result<Model<B>> {
+    let device = probe::<B>(kind)?;
+    let wd = dtype.unwrap_or(kind.default_weights());
+    match source {
+        ModelSource::Dir(dir) => {
+            let config = ModelConfig::from_file(&dir.join("config.json"))?;
+            load_model::<B>(dir, &config, wd, &device)
+        }
+        ModelSource::Random(config, seed) => {
+            let dt = match wd {
+                WeightDtype::F32 => DType::F32,
+                WeightDtype::Bf16 => DType::BF16,
+                WeightDtype::AsStored if config.torch_dtype == "float32" => DType::F32,
+                WeightDtype::AsStored => DType::BF16,
+            };
+            Ok(random_model::<B>(config, dt, *seed, &device))
+        }
+    }
+}
+
+macro_rules! dispatch {
+    ($kind:expr, |$b:ident| $body:expr) => {
+        match $kind {
+            #[cfg(feature = "cpu")]
+            DeviceKind::Cpu => {
+                type $b = CpuBackend;
+                $body
+            }
+            #[cfg(feature = "wgpu")]
+            DeviceKind::Wgpu => {
+                type $b = WgpuBackend;
+                $body
+            }
+            #[cfg(feature = "cuda")]
+            DeviceKind::Cuda => {
+                type $b = CudaBackend;
+                $body
+            }
+            #[allow(unreachable_patterns)]
+            other => Err(EngineError::BackendNotCompiled(other.feature().into())),
+        }
+    };
+}
+
+/// Loads a verifier on the chosen device.
+pub fn load_verifier(source: &ModelSource<'_>, kind: DeviceKind, dtype: Option<WeightDtype>) -> Result<Box<dyn Verifier>> {
+    dispatch!(kind, |B| {
+        let model = build::<B>(source, kind, dtype)?;
+        Ok(Box::new(Engine::new(model)) as Box<dyn Verifier>)
+    })
+}
+
+/// Loads a draft model on the chosen device.
+pub fn load_model_drafter(source: &ModelSource<'_>, kind: DeviceKind, dtype: Option<WeightDtype>) -> Result<Box<dyn Drafter>> {
+    dispatch!(kind, |B| {
+        let model = build::<B>(source, kind, dtype)?;
+        Ok(Box::new(ModelDrafter::new(Engine::new(model))) as Box<dyn Drafter>)
+    })
+}

@@ -1,0 +1,191 @@
+//! Drafters propose tokens for the verifier to check. Behind one trait: prompt-lookup n-grams, a
+//! small draft model, and (later) block drafters conditioned on the verifier's hidden states.
+
+use std::collections::HashMap;
+
+use crate::error::{EngineError, Result};
+use crate::sampling::SamplingParams;
+use crate::verifier::SeqId;
+use crate::window::WindowSpec;
+
+/// A request to draft for one sequence.
+#[derive(Debug, Clone)]
+pub struct DraftRequest {
+    /// The sequence.
+    pub seq: SeqId,
+    /// Tokens to assume after the observed history (a block still being verified, when pipelining).
+    pub assumed: Vec<u32>,
+    /// Tokens wanted (the drafter may return fewer).
+    pub k: usize,
+    /// The session's sampling parameters (a model drafter samples its drafts the same way).
+    pub params: SamplingParams,
+    /// The verifier's latest hidden states for the layers the drafter asked for, if any.
+    pub hidden: Vec<Vec<Vec<f32>>>,
+}
+
+/// A drafted block.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Draft {
+    /// Proposed tokens.
+    pub tokens: Vec<u32>,
+    /// The distribution each token was drawn from; `None` for a deterministic proposal.
+    pub probs: Option<Vec<Vec<f32>>>,
+}
+
+/// Something that proposes tokens for many sequences at once.
+pub trait Drafter: Send {
+    /// A short name for reports ("ngram", "model").
+    fn name(&self) -> &str;
+    /// Starts tracking a sequence.
+    fn open(&mut self, seq: SeqId, spec: WindowSpec, seed: u64) -> Result<()>;
+    /// Stops tracking a sequence.
+    fn close(&mut self, seq: SeqId);
+    /// Appends tokens now known to be part of the sequence (prompt, accepted tokens).
+    fn observe(&mut self, seq: SeqId, tokens: &[u32]) -> Result<()>;
+    /// Drafts for each request, in order.
+    fn draft(&mut self, requests: &[DraftRequest]) -> Result<Vec<Draft>>;
+    /// Layers of the verifier whose hidden states this drafter wants in each request.
+    fn hidden_layers(&self) -> Vec<usize> {
+        Vec::new()
+    }
+}
+
+/// Prompt-lookup drafting: find the latest earlier occurrence of the sequence's last n tokens and
+/// propose what followed it. No model, no memory beyond the token history.
+#[derive(Debug, Clone)]
+pub struct NgramDrafter {
+    /// Longest n-gram tried first.
+    pub max_ngram: usize,
+    /// Shortest n-gram tried.
+    pub min_ngram: usize,
+    /// How far back to search.
+    pub lookback: usize,
+    history: HashMap<SeqId, Vec<u32>>,
+}
+
+impl Default for NgramDrafter {
+    fn default() -> Self {
+        Self::new(3, 1)
+    }
+}
+
+impl NgramDrafter {
+    /// Matches n-grams from `max_ngram` down to `min_ngram` tokens.
+    pub fn new(max_ngram: usize, min_ngram: usize) -> Self {
+        Self {
+            max_ngram: max_ngram.max(1),
+            min_ngram: min_ngram.clamp(1, max_ngram.max(1)),
+            lookback: 8192,
+            history: HashMap::new(),
+        }
+    }
+
+    /// The proposal for `context`, at most `k` tokens.
+    pub fn lookup(&self, context: &[u32], k: usize) -> Vec<u32> {
+        let len = context.len();
+        if k == 0 {
+            return Vec::new();
+        }
+        let floor = len.saturating_sub(self.lookback);
+        for n in (self.min_ngram..=self.max_ngram.min(len.saturating_sub(1))).rev() {
+            let suffix = &context[len - n..];
+            // Latest earlier start whose n tokens equal the suffix and that has a continuation.
+            for start in (floor..len - n).rev() {
+                if &context[start..start + n] == suffix {
+                    let from = start + n;
+                    let to = (from + k).min(len);
+                    return context[from..to].to_vec();
+                }
+            }
+        }
+        Vec::new()
+    }
+}
+
+impl Drafter for NgramDrafter {
+    fn name(&self) -> &str {
+        "ngram"
+    }
+
+    fn open(&mut self, seq: SeqId, _spec: WindowSpec, _seed: u64) -> Result<()> {
+        if self.history.insert(seq, Vec::new()).is_some() {
+            return Err(EngineError::DuplicateSequence(seq));
+        }
+        Ok(())
+    }
+
+    fn close(&mut self, seq: SeqId) {
+        self.history.remove(&seq);
+    }
+
+    fn observe(&mut self, seq: SeqId, tokens: &[u32]) -> Result<()> {
+        let h = self
+            .history
+            .get_mut(&seq)
+            .ok_or(EngineError::UnknownSequence(seq))?;
+        h.extend_from_slice(tokens);
+        // Keep the history bounded like everything else per session.
+        let cap = self.lookback * 2;
+        if h.len() > cap {
+            h.drain(..h.len() - self.lookback);
+        }
+        Ok(())
+    }
+
+    fn draft(&mut self, requests: &[DraftRequest]) -> Result<Vec<Draft>> {
+        requests
+            .iter()
+            .map(|r| {
+                let h = self
+                    .history
+                    .get(&r.seq)
+                    .ok_or(EngineError::UnknownSequence(r.seq))?;
+                let tokens = if r.assumed.is_empty() {
+                    self.lookup(h, r.k)
+                } else {
+                    let mut ctx = h.clone();
+                    ctx.extend_from_slice(&r.assumed);
+                    self.lookup(&ctx, r.k)
+                };
+                Ok(Draft {
+                    tokens,
+                    probs: None,
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proposes_the_continuation_of_the_latest_match() {
+        let d = NgramDrafter::new(3, 1);
+        // "a b c d ... a b c" -> propose "d e".
+        let ctx = [1, 2, 3, 4, 5, 9, 1, 2, 3];
+        assert_eq!(d.lookup(&ctx, 2), vec![4, 5]);
+        // The continuation may run up to the end of the context.
+        assert_eq!(d.lookup(&[7, 8, 7], 4), vec![8, 7]);
+        // Nothing repeats: nothing proposed.
+        assert_eq!(d.lookup(&[1, 2, 3], 4), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn assumed_tokens_extend_the_context() {
+        let mut d = NgramDrafter::new(2, 1);
+        d.open(1, WindowSpec::default(), 0).unwrap();
+        d.observe(1, &[10, 11, 12, 13]).unwrap();
+        let req = DraftRequest {
+            seq: 1,
+            assumed: vec![10, 11],
+            k: 2,
+            params: SamplingParams::greedy(),
+            hidden: vec![],
+        };
+        let out = d.draft(&[req]).unwrap();
+        assert_eq!(out[0].tokens, vec![12, 13]);
+        assert!(matches!(d.observe(2, &[1]), Err(EngineError::UnknownSequence(2))));
+    }
+}

@@ -1,0 +1,333 @@
+//! A model together with the windows of the sequences it serves: the batched step, and verification
+//! with acceptance and commit.
+
+use std::collections::{HashMap, HashSet};
+
+use burn::prelude::*;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use crate::accept::{accept_greedy, accept_sampled};
+use crate::error::{EngineError, Result};
+use crate::model::{Model, SeqInput};
+use crate::sampling::SamplingParams;
+use crate::verifier::{SeqId, Verifier, VerifyOutcome, VerifyWork};
+use crate::window::{KvWindow, WindowSpec};
+
+/// One sequence's part of a batched step.
+#[derive(Debug, Clone)]
+pub struct StepItem {
+    /// The sequence.
+    pub seq: SeqId,
+    /// Its new tokens; their keys and values go to the sequence's scratch.
+    pub tokens: Vec<u32>,
+    /// How many of the last positions need logits (0 for none).
+    pub logit_rows: usize,
+}
+
+/// Output of [`Engine::step`].
+pub struct StepResult<B: Backend> {
+    /// Logits `[sum of logit_rows, vocab]`, f32, items in order; `None` if no item asked for any.
+    pub logits: Option<Tensor<B, 2>>,
+    /// First logits row of each item.
+    pub row_offsets: Vec<usize>,
+    /// Captured hidden states of each item's tokens, per captured layer: `[item][layer]` rows.
+    pub captured: Vec<Vec<Tensor<B, 2>>>,
+}
+
+struct SeqState<B: Backend> {
+    window: KvWindow<B>,
+    rng: StdRng,
+}
+
+/// A model and the windows of its open sequences.
+pub struct Engine<B: Backend> {
+    model: Model<B>,
+    seqs: HashMap<SeqId, SeqState<B>>,
+    capture: Vec<usize>,
+}
+
+impl<B: Backend> Engine<B> {
+    /// Serves sequences with `model`.
+    pub fn new(model: Model<B>) -> Self {
+        Self {
+            model,
+            seqs: HashMap::new(),
+            capture: Vec::new(),
+        }
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Model<B> {
+        &self.model
+    }
+
+    /// Layers whose outputs every step reports (for drafters conditioned on the verifier's states).
+    pub fn set_capture(&mut self, layers: Vec<usize>) {
+        self.capture = layers;
+    }
+
+    /// Whether `seq` is open.
+    pub fn contains(&self, seq: SeqId) -> bool {
+        self.seqs.contains_key(&seq)
+    }
+
+    /// The window of `seq`.
+    pub fn window(&self, seq: SeqId) -> Result<&KvWindow<B>> {
+        self.seqs
+            .get(&seq)
+            .map(|s| &s.window)
+            .ok_or(EngineError::UnknownSequence(seq))
+    }
+
+    /// Commits the first `keep` scratch tokens of `seq` and drops the rest.
+    pub fn resolve(&mut self, seq: SeqId, keep: usize) -> Result<()> {
+        self.seqs
+            .get_mut(&seq)
+            .ok_or(EngineError::UnknownSequence(seq))?
+            .window
+            .resolve(keep)
+    }
+
+    /// One batched forward over `items`. Windows are taken out for the step and always put back.
+    pub fn step(&mut self, items: &[StepItem]) -> Result<StepResult<B>> {
+        self.check(items.iter().map(|i| (i.seq, i.tokens.as_slice())))?;
+        for it in items {
+            if it.logit_rows > it.tokens.len() {
+                return Err(EngineError::InvalidStep(format!(
+                    "sequence {} asks for {} logits rows of {} tokens",
+                    it.seq,
+                    it.logit_rows,
+                    it.tokens.len()
+                )));
+            }
+        }
+        let mut states: Vec<SeqState<B>> = items
+            .iter()
+            .map(|i| self.seqs.remove(&i.seq).expect("checked above"))
+            .collect();
+        let result = self.step_inner(items, &mut states);
+        for (it, st) in items.iter().zip(states) {
+            self.seqs.insert(it.seq, st);
+        }
+        result
+    }
+
+    fn step_inner(&mut self, items: &[StepItem], states: &mut [SeqState<B>]) -> Result<StepResult<B>> {
+        let tokens: Vec<u32> = items.iter().flat_map(|i| i.tokens.iter().copied()).collect();
+        let mut inputs: Vec<SeqInput<'_, B>> = states
+            .iter_mut()
+            .zip(items)
+            .map(|(s, i)| SeqInput {
+                window: &mut s.window,
+                len: i.tokens.len(),
+            })
+            .collect();
+        let capture = self.capture.clone();
+        let out = self.model.forward(&tokens, &mut inputs, &capture);
+        let mut rows = Vec::new();
+        let mut row_offsets = Vec::with_capacity(items.len());
+        let mut captured = Vec::with_capacity(items.len());
+        let mut offset = 0;
+        for it in items {
+            row_offsets.push(rows.len());
+            let end = offset + it.tokens.len();
+            rows.extend((end - it.logit_rows..end).map(|r| r as i64));
+            captured.push(
+                out.captured
+                    .iter()
+                    .map(|c| c.clone().slice([offset..end, 0..c.dims()[1]]))
+                    .collect(),
+            );
+            offset = end;
+        }
+        let logits = (!rows.is_empty()).then(|| {
+            let n = rows.len();
+            let idx = Tensor::from_data(TensorData::new(rows, [n]), &self.model.device);
+            self.model.logits(out.hidden.select(0, idx))
+        });
+        Ok(StepResult {
+            logits,
+            row_offsets,
+            captured,
+        })
+    }
+
+    fn check<'a>(&self, items: impl Iterator<Item = (SeqId, &'a [u32])>) -> Result<()> {
+        let vocab = self.model.config.vocab_size;
+        let mut seen = HashSet::new();
+        let mut any = false;
+        for (seq, tokens) in items {
+            any = true;
+            if !self.seqs.contains_key(&seq) {
+                return Err(EngineError::UnknownSequence(seq));
+            }
+            if !seen.insert(seq) {
+                return Err(EngineError::InvalidStep(format!("sequence {seq} appears twice in one step")));
+            }
+            if tokens.is_empty() {
+                return Err(EngineError::InvalidStep(format!("sequence {seq} has no tokens")));
+            }
+            if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab) {
+                return Err(EngineError::TokenOutOfRange { token: t, vocab });
+            }
+        }
+        if !any {
+            return Err(EngineError::InvalidStep("empty step".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Copies logits rows to the host, one `Vec` per row.
+pub fn logits_to_host<B: Backend>(logits: Tensor<B, 2>) -> Result<Vec<Vec<f32>>> {
+    let [rows, vocab] = logits.dims();
+    let flat = logits
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .map_err(|e| EngineError::Backend(format!("{e:?}")))?;
+    Ok((0..rows).map(|r| flat[r * vocab..(r + 1) * vocab].to_vec()).collect())
+}
+
+/// Row-wise argmax on the device; only the indices cross to the host.
+pub fn argmax_rows<B: Backend>(logits: Tensor<B, 2>) -> Result<Vec<u32>> {
+    let idx = logits.argmax(1);
+    let v = idx
+        .into_data()
+        .convert::<i64>()
+        .into_vec::<i64>()
+        .map_err(|e| EngineError::Backend(format!("{e:?}")))?;
+    Ok(v.into_iter().map(|x| x as u32).collect())
+}
+
+impl<B: Backend> Verifier for Engine<B>
+where
+    B::Device: Send,
+{
+    fn open(&mut self, seq: SeqId, spec: WindowSpec, seed: u64) -> Result<()> {
+        if self.seqs.contains_key(&seq) {
+            return Err(EngineError::DuplicateSequence(seq));
+        }
+        let window = self.model.new_window(spec);
+        self.seqs.insert(
+            seq,
+            SeqState {
+                window,
+                rng: StdRng::seed_from_u64(seed),
+            },
+        );
+        Ok(())
+    }
+
+    fn close(&mut self, seq: SeqId) -> Result<()> {
+        self.seqs
+            .remove(&seq)
+            .map(|_| ())
+            .ok_or(EngineError::UnknownSequence(seq))
+    }
+
+    fn verify(&mut self, works: &[VerifyWork]) -> Result<Vec<VerifyOutcome>> {
+        for w in works {
+            if let Some(p) = &w.draft_probs {
+                if p.len() != w.draft.len() {
+                    return Err(EngineError::InvalidStep(format!(
+                        "sequence {}: {} draft distributions for {} drafted tokens",
+                        w.seq,
+                        p.len(),
+                        w.draft.len()
+                    )));
+                }
+            }
+            if !w.sample && !w.draft.is_empty() {
+                return Err(EngineError::InvalidStep(format!(
+                    "sequence {}: drafts need a sampled position",
+                    w.seq
+                )));
+            }
+        }
+        let items: Vec<StepItem> = works
+            .iter()
+            .map(|w| StepItem {
+                seq: w.seq,
+                tokens: w.fed.iter().chain(&w.draft).copied().collect(),
+                logit_rows: if w.sample { w.draft.len() + 1 } else { 0 },
+            })
+            .collect();
+        let step = self.step(&items)?;
+        let all_greedy = works.iter().all(|w| w.params.is_greedy());
+        enum Rows {
+            Argmax(Vec<u32>),
+            Full(Vec<Vec<f32>>),
+        }
+        let rows = match step.logits {
+            None => Rows::Argmax(Vec::new()),
+            Some(l) if all_greedy => Rows::Argmax(argmax_rows(l)?),
+            Some(l) => Rows::Full(logits_to_host(l)?),
+        };
+        let mut outcomes = Vec::with_capacity(works.len());
+        for (i, w) in works.iter().enumerate() {
+            let state = self.seqs.get_mut(&w.seq).expect("present after step");
+            let acceptance = if !w.sample {
+                None
+            } else {
+                let (start, n) = (step.row_offsets[i], w.draft.len() + 1);
+                Some(match &rows {
+                    Rows::Argmax(a) => accept_greedy(&w.draft, &a[start..start + n]),
+                    Rows::Full(l) => accept_sampled(
+                        &w.draft,
+                        w.draft_probs.as_deref(),
+                        &l[start..start + n],
+                        &w.params,
+                        &mut state.rng,
+                    ),
+                })
+            };
+            let accepted = acceptance.as_ref().map_or(0, |a| a.accepted);
+            let keep = w.fed.len() + accepted;
+            state.window.resolve(keep)?;
+            let hidden = step.captured[i]
+                .iter()
+                .map(|t| {
+                    let d = t.dims()[1];
+                    logits_to_host(t.clone().slice([0..keep, 0..d]))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            outcomes.push(VerifyOutcome {
+                seq: w.seq,
+                accepted,
+                tokens: acceptance.map(|a| a.tokens).unwrap_or_default(),
+                hidden,
+            });
+        }
+        Ok(outcomes)
+    }
+
+    fn kv_bytes(&self, spec: WindowSpec) -> u64 {
+        let c = &self.model.config;
+        crate::window::window_bytes(c.num_layers, c.num_kv_heads, c.head_dim, spec, self.model.dtype)
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.model.config.vocab_size
+    }
+
+    fn set_hidden_layers(&mut self, layers: Vec<usize>) {
+        self.set_capture(layers);
+    }
+
+    fn window_fill(&self, seq: SeqId) -> Option<(u64, usize)> {
+        self.seqs.get(&seq).map(|s| (s.window.seen(), s.window.len()))
+    }
+}
+
+/// Sampling parameters that cannot be honoured.
+pub fn check_params(params: &SamplingParams) -> Result<()> {
+    if !(params.temperature >= 0.0 && params.temperature.is_finite()) {
+        return Err(EngineError::InvalidStep(format!("temperature {} is not a finite non-negative number", params.temperature)));
+    }
+    if !(params.top_p > 0.0 && params.top_p <= 1.0) {
+        return Err(EngineError::InvalidStep(format!("top_p {} is outside (0, 1]", params.top_p)));
+    }
+    Ok(())
+}

@@ -1,0 +1,37 @@
+//! troupe's numeric core: Qwen3 and Llama 3 decoders on Burn, bounded per-session KV windows
+//! (StreamingLLM), one batched forward over many sessions with ragged query lengths, and lossless
+//! speculative decoding (greedy prefix matching and rejection sampling) with pluggable drafters.
+//!
+//! The crate knows nothing of actors. [`Verifier`] and [`Drafter`] are the backend-free interfaces
+//! the runtime drives; [`Engine`] implements `Verifier` for a [`Model`] on any Burn backend.
+
+pub mod accept;
+pub mod attention;
+pub mod config;
+pub mod device;
+pub mod drafter;
+pub mod engine;
+pub mod error;
+pub mod generate;
+pub mod loader;
+pub mod model;
+pub mod model_drafter;
+pub mod rope;
+pub mod sampling;
+pub mod tokenizer;
+pub mod verifier;
+pub mod window;
+
+pub use config::{Architecture, ModelConfig, RopeScaling};
+pub use device::{load_model_drafter, load_verifier, DeviceKind, ModelSource};
+pub use drafter::{Draft, DraftRequest, Drafter, NgramDrafter};
+pub use engine::{Engine, StepItem, StepResult};
+pub use error::{EngineError, Result};
+pub use generate::{generate, GenerateOptions, Generation, GenerationStats};
+pub use loader::{load_model, random_model, WeightDtype};
+pub use model::Model;
+pub use model_drafter::ModelDrafter;
+pub use sampling::SamplingParams;
+pub use tokenizer::Tokenizer;
+pub use verifier::{SeqId, Verifier, VerifyOutcome, VerifyWork};
+pub use window::{KvWindow, WindowSpec};

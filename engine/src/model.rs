@@ -1,0 +1,230 @@
+//! The decoder: Qwen3 and Llama 3 share one structure, differing only in Qwen3's per-head q/k RMSNorm.
+//!
+//! References: the Hugging Face `modeling_qwen3.py` and `modeling_llama.py`; weights are kept as
+//! `[in, out]` so that a projection is `x.matmul(w)`.
+
+use burn::prelude::*;
+use burn::tensor::activation::silu;
+use burn::tensor::DType;
+
+use crate::attention::{attend, SeqPlan};
+use crate::config::{Architecture, ModelConfig};
+use crate::rope::RopeTable;
+use crate::window::KvWindow;
+
+/// A projection `x · W + b` with `W` stored `[in, out]`.
+#[derive(Debug, Clone)]
+pub struct Linear<B: Backend> {
+    /// `[in, out]`.
+    pub weight: Tensor<B, 2>,
+    /// `[out]`, when the layer has a bias.
+    pub bias: Option<Tensor<B, 1>>,
+}
+
+impl<B: Backend> Linear<B> {
+    /// Applies the projection to `[n, in]` rows.
+    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let y = x.matmul(self.weight.clone());
+        match &self.bias {
+            Some(b) => y + b.clone().unsqueeze_dim(0),
+            None => y,
+        }
+    }
+}
+
+/// RMSNorm over the last dimension, computed in f32 whatever the activations' dtype.
+pub fn rms_norm<B: Backend, const D: usize>(x: Tensor<B, D>, weight: &Tensor<B, 1>, eps: f64) -> Tensor<B, D> {
+    let dtype = x.dtype();
+    let x = to_f32(x);
+    let rms = x.clone().square().mean_dim(D - 1).add_scalar(eps).sqrt();
+    let w = to_f32(weight.clone());
+    let mut shape = [1usize; D];
+    shape[D - 1] = w.dims()[0];
+    let normed = (x / rms) * w.reshape(shape);
+    normed.cast(dtype)
+}
+
+/// Casts to f32 unless it already is.
+pub fn to_f32<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    if x.dtype() == DType::F32 {
+        x
+    } else {
+        x.cast(DType::F32)
+    }
+}
+
+/// One decoder layer.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer<B: Backend> {
+    /// RMSNorm before attention.
+    pub input_norm: Tensor<B, 1>,
+    /// Query projection.
+    pub q_proj: Linear<B>,
+    /// Key projection.
+    pub k_proj: Linear<B>,
+    /// Value projection.
+    pub v_proj: Linear<B>,
+    /// Output projection.
+    pub o_proj: Linear<B>,
+    /// Qwen3's per-head RMSNorm of queries.
+    pub q_norm: Option<Tensor<B, 1>>,
+    /// Qwen3's per-head RMSNorm of keys.
+    pub k_norm: Option<Tensor<B, 1>>,
+    /// RMSNorm before the MLP.
+    pub post_norm: Tensor<B, 1>,
+    /// SwiGLU gate.
+    pub gate_proj: Linear<B>,
+    /// SwiGLU up projection.
+    pub up_proj: Linear<B>,
+    /// SwiGLU down projection.
+    pub down_proj: Linear<B>,
+}
+
+/// A loaded or randomly initialised decoder, generic over the Burn backend.
+#[derive(Debug, Clone)]
+pub struct Model<B: Backend> {
+    /// Its configuration.
+    pub config: ModelConfig,
+    /// Token embedding `[vocab, hidden]`.
+    pub embed: Tensor<B, 2>,
+    /// Decoder layers.
+    pub layers: Vec<DecoderLayer<B>>,
+    /// Final RMSNorm.
+    pub norm: Tensor<B, 1>,
+    /// Output head `[hidden, vocab]`; `None` when tied to the embedding.
+    pub lm_head: Option<Tensor<B, 2>>,
+    /// Dtype of the weights and activations.
+    pub dtype: DType,
+    /// The device the weights live on.
+    pub device: B::Device,
+    rope: RopeTable<B>,
+}
+
+/// One sequence's share of a batched forward: its window and how many of the batch's tokens are its.
+pub struct SeqInput<'a, B: Backend> {
+    /// The sequence's window; the step's keys and values land in its scratch.
+    pub window: &'a mut KvWindow<B>,
+    /// Tokens of this sequence in the batch, consecutive.
+    pub len: usize,
+}
+
+/// What a batched forward returns, rows in batch order.
+pub struct ForwardOutput<B: Backend> {
+    /// Final-normed hidden states `[tokens, hidden]`.
+    pub hidden: Tensor<B, 2>,
+    /// Outputs of the captured layers, each `[tokens, hidden]`, in the order they were asked for.
+    pub captured: Vec<Tensor<B, 2>>,
+}
+
+impl<B: Backend> Model<B> {
+    /// Assembles a model from its parts.
+    pub fn from_parts(
+        config: ModelConfig,
+        embed: Tensor<B, 2>,
+        layers: Vec<DecoderLayer<B>>,
+        norm: Tensor<B, 1>,
+        lm_head: Option<Tensor<B, 2>>,
+        device: B::Device,
+    ) -> Self {
+        let dtype = embed.dtype();
+        let rope = RopeTable::new(&config, 1024, &device);
+        Self {
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            dtype,
+            device,
+            rope,
+        }
+    }
+
+    /// A fresh window for one sequence, on this model's device and in its dtype.
+    pub fn new_window(&self, spec: crate::window::WindowSpec) -> KvWindow<B> {
+        let c = &self.config;
+        KvWindow::new(spec, c.num_layers, c.num_kv_heads, c.head_dim, self.dtype, &self.device)
+    }
+
+    /// One forward over many sequences at once. `tokens` holds each sequence's new tokens back to back,
+    /// in the order of `seqs`; every sequence attends to its own window plus its earlier tokens in the
+    /// step. The step's keys and values are appended to each window's scratch.
+    pub fn forward(&mut self, tokens: &[u32], seqs: &mut [SeqInput<'_, B>], capture: &[usize]) -> ForwardOutput<B> {
+        let c = self.config.clone();
+        let total = tokens.len();
+        let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [total]), &self.device);
+        let mut x = self.embed.clone().select(0, ids);
+
+        let plans: Vec<SeqPlan<B>> = seqs
+            .iter()
+            .map(|s| SeqPlan::new(s.window, s.len, &c, &mut self.rope, &self.device))
+            .collect();
+        let mut captured = vec![None; capture.len()];
+        let (hd, h, kvh) = (c.head_dim, c.num_heads, c.num_kv_heads);
+        for (li, layer) in self.layers.iter().enumerate() {
+            let hn = rms_norm(x.clone(), &layer.input_norm, c.rms_norm_eps);
+            let mut q = layer.q_proj.forward(hn.clone()).reshape([total, h, hd]);
+            let mut k = layer.k_proj.forward(hn.clone()).reshape([total, kvh, hd]);
+            let v = layer.v_proj.forward(hn).reshape([total, kvh, hd]);
+            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+                q = rms_norm(q, qn, c.rms_norm_eps);
+                k = rms_norm(k, kn, c.rms_norm_eps);
+            }
+            // [heads, tokens, head_dim]: the layout the windows and attention use.
+            let q = q.swap_dims(0, 1);
+            let k = k.swap_dims(0, 1);
+            let v = v.swap_dims(0, 1);
+            let mut outs = Vec::with_capacity(seqs.len());
+            let mut offset = 0;
+            for (seq, plan) in seqs.iter_mut().zip(&plans) {
+                let rows = offset..offset + seq.len;
+                let qs = q.clone().slice([0..h, rows.clone(), 0..hd]);
+                let ks = k.clone().slice([0..kvh, rows.clone(), 0..hd]);
+                let vs = v.clone().slice([0..kvh, rows, 0..hd]);
+                seq.window.append_scratch(li, ks, vs);
+                let (k_all, v_all) = seq
+                    .window
+                    .context(li, &plan.slots, plan.n_slots)
+                    .expect("the scratch was just appended");
+                outs.push(attend(qs, k_all, v_all, plan, &c));
+                offset += seq.len;
+            }
+            let attn = if outs.len() == 1 {
+                outs.pop().expect("one output")
+            } else {
+                Tensor::cat(outs, 0)
+            };
+            x = x + layer.o_proj.forward(attn);
+            let hn = rms_norm(x.clone(), &layer.post_norm, c.rms_norm_eps);
+            let gate = silu(layer.gate_proj.forward(hn.clone()));
+            x = x + layer.down_proj.forward(gate * layer.up_proj.forward(hn));
+            for (slot, &want) in captured.iter_mut().zip(capture) {
+                if want == li {
+                    *slot = Some(x.clone());
+                }
+            }
+        }
+        for seq in seqs.iter_mut() {
+            seq.window.end_append(seq.len);
+        }
+        ForwardOutput {
+            hidden: rms_norm(x, &self.norm, c.rms_norm_eps),
+            captured: captured.into_iter().flatten().collect(),
+        }
+    }
+
+    /// Logits `[rows, vocab]` in f32 for final-normed hidden rows.
+    pub fn logits(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
+        let head = match &self.lm_head {
+            Some(w) => w.clone(),
+            None => self.embed.clone().transpose(),
+        };
+        to_f32(hidden.matmul(head))
+    }
+
+    /// Whether this is a Qwen3 model (q/k norms present).
+    pub fn is_qwen3(&self) -> bool {
+        self.config.architecture == Architecture::Qwen3
+    }
+}

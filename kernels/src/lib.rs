@@ -1,0 +1,1 @@
+//! troupe kernels (filled in by the kernels work).
