@@ -14,6 +14,18 @@ pub struct Acceptance {
     pub tokens: Vec<u32>,
 }
 
+impl Acceptance {
+    /// Cuts the emitted tokens after the first `stop` token. Drafts past it are no longer accepted,
+    /// so only what plain decoding would have committed is committed.
+    pub fn stop_at(mut self, stop: Option<u32>) -> Self {
+        if let Some(p) = stop.and_then(|s| self.tokens.iter().position(|&t| t == s)) {
+            self.tokens.truncate(p + 1);
+            self.accepted = self.accepted.min(p);
+        }
+        self
+    }
+}
+
 /// Greedy acceptance: the longest prefix of `draft` equal to the verifier's argmax at each position,
 /// then the verifier's own token at the first mismatch (or after the whole block). `argmaxes` has
 /// `draft.len() + 1` entries.
@@ -95,6 +107,14 @@ mod tests {
         assert_eq!(all, Acceptance { accepted: 2, tokens: vec![5, 6, 8] });
         let none = accept_greedy(&[], &[3]);
         assert_eq!(none, Acceptance { accepted: 0, tokens: vec![3] });
+    }
+
+    #[test]
+    fn a_stop_token_ends_the_block() {
+        let a = accept_greedy(&[5, 0, 7], &[5, 0, 7, 9]).stop_at(Some(0));
+        assert_eq!(a, Acceptance { accepted: 1, tokens: vec![5, 0] });
+        let untouched = accept_greedy(&[5, 6], &[5, 6, 8]).stop_at(Some(0));
+        assert_eq!(untouched.tokens, vec![5, 6, 8]);
     }
 
     /// The first emitted token of a sampled block must follow the verifier's distribution, whatever

@@ -1,5 +1,6 @@
 //! Picking a backend at run time among those compiled in, and loading models onto it behind the
 //! backend-free [`Verifier`] and [`Drafter`] traits.
+#![cfg_attr(not(any(feature = "cpu", feature = "wgpu", feature = "cuda")), allow(unused))]
 
 use std::path::Path;
 use std::str::FromStr;

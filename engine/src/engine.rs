@@ -283,6 +283,7 @@ where
                     ),
                 })
             };
+            let acceptance = acceptance.map(|a| a.stop_at(w.stop));
             let accepted = acceptance.as_ref().map_or(0, |a| a.accepted);
             let keep = w.fed.len() + accepted;
             state.window.resolve(keep)?;

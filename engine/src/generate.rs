@@ -127,6 +127,7 @@ fn run<'d>(
             draft_probs: None,
             sample: is_last,
             params: opts.params,
+            stop: opts.stop_token,
         }])?;
         if is_last {
             last = o[0].tokens.first().copied();
@@ -163,6 +164,7 @@ fn run<'d>(
                 draft_probs: draft.probs,
                 sample: true,
                 params: opts.params,
+                stop: opts.stop_token,
             }])?
             .pop()
             .ok_or_else(|| EngineError::Backend("verify returned nothing".into()))?;

@@ -26,6 +26,10 @@ pub struct VerifyWork {
     pub sample: bool,
     /// How to pick tokens.
     pub params: SamplingParams,
+    /// A token that ends the turn: emission stops after it, and drafts accepted beyond it are not
+    /// committed, exactly as plain decoding would have stopped.
+    #[serde(default)]
+    pub stop: Option<u32>,
 }
 
 /// What a verify step did for one sequence.

@@ -1,0 +1,134 @@
+//! An online model of what a verify step costs, `t(n) ≈ a + b·n` for a step of `n` tokens, fitted by
+//! least squares over the latest steps. The scheduler uses it to decide whether one more drafted token
+//! is worth its price at the current load.
+
+use std::collections::VecDeque;
+
+/// Step-time model fitted from observations.
+#[derive(Debug, Clone)]
+pub struct CostModel {
+    samples: VecDeque<(f64, f64)>,
+    capacity: usize,
+    /// Fixed cost per step, seconds.
+    a: f64,
+    /// Cost per token, seconds.
+    b: f64,
+    fitted: bool,
+    /// Marginal-cost ratio used before the model has data.
+    prior_ratio: f64,
+}
+
+impl Default for CostModel {
+    fn default() -> Self {
+        Self::new(64, 0.25)
+    }
+}
+
+impl CostModel {
+    /// Keeps the latest `capacity` steps; `prior_ratio` stands in until the fit has data.
+    pub fn new(capacity: usize, prior_ratio: f64) -> Self {
+        Self {
+            samples: VecDeque::with_capacity(capacity),
+            capacity: capacity.max(4),
+            a: 0.0,
+            b: 0.0,
+            fitted: false,
+            prior_ratio,
+        }
+    }
+
+    /// Records a step of `tokens` tokens that took `seconds`.
+    pub fn observe(&mut self, tokens: usize, seconds: f64) {
+        if self.samples.len() == self.capacity {
+            self.samples.pop_front();
+        }
+        self.samples.push_back((tokens as f64, seconds));
+        self.refit();
+    }
+
+    fn refit(&mut self) {
+        let n = self.samples.len() as f64;
+        if n < 4.0 {
+            return;
+        }
+        let mx = self.samples.iter().map(|s| s.0).sum::<f64>() / n;
+        let my = self.samples.iter().map(|s| s.1).sum::<f64>() / n;
+        let var = self.samples.iter().map(|s| (s.0 - mx).powi(2)).sum::<f64>();
+        if var < 1e-9 {
+            return; // every step had the same size: the slope is unknown, keep the last fit
+        }
+        let cov = self.samples.iter().map(|s| (s.0 - mx) * (s.1 - my)).sum::<f64>();
+        self.b = (cov / var).max(0.0);
+        self.a = (my - self.b * mx).max(0.0);
+        self.fitted = true;
+    }
+
+    /// Predicted seconds for a step of `tokens`.
+    pub fn predict(&self, tokens: usize) -> f64 {
+        self.a + self.b * tokens as f64
+    }
+
+    /// The price of one more token in a step shared by `seqs` sequences, relative to one sequence's
+    /// share of the step: `b / (a / seqs + b)`. Near 0 when steps are bound by fixed cost (a GPU at
+    /// small batch), near 1 when every token costs its full share (a saturated CPU).
+    pub fn marginal_ratio(&self, seqs: usize) -> f64 {
+        if !self.fitted {
+            return self.prior_ratio;
+        }
+        let share = self.a / seqs.max(1) as f64 + self.b;
+        if share <= 0.0 {
+            0.0
+        } else {
+            self.b / share
+        }
+    }
+}
+
+/// Expected tokens a verify step emits with `k` drafts accepted independently with probability
+/// `alpha`: `1 + alpha + ... + alpha^k`.
+pub fn expected_emitted(alpha: f64, k: usize) -> f64 {
+    (0..=k).map(|i| alpha.powi(i as i32)).sum()
+}
+
+/// The draft length in `0..=max_k` that maximises tokens emitted per unit of cost, where a step of
+/// `1 + k` tokens costs `1 + ratio·k` shares.
+pub fn best_draft_len(alpha: f64, ratio: f64, max_k: usize) -> usize {
+    let mut best = (0, 1.0);
+    for k in 1..=max_k {
+        let gain = expected_emitted(alpha, k) / (1.0 + ratio * k as f64);
+        if gain > best.1 + 1e-9 {
+            best = (k, gain);
+        }
+    }
+    best.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fits_a_line() {
+        let mut m = CostModel::new(16, 0.5);
+        assert_eq!(m.marginal_ratio(8), 0.5);
+        for n in [10, 20, 40, 80, 10, 30] {
+            m.observe(n, 0.002 + 0.0001 * n as f64);
+        }
+        assert!((m.predict(100) - 0.012).abs() < 1e-9);
+        // a = 2 ms, b = 0.1 ms: with 8 sequences a share is 0.35 ms, of which 0.1 is per token.
+        assert!((m.marginal_ratio(8) - 0.1 / 0.35).abs() < 1e-9);
+    }
+
+    #[test]
+    fn speculation_stops_when_tokens_cost_their_full_share() {
+        // Fixed-cost steps: draft as much as allowed.
+        assert_eq!(best_draft_len(0.8, 0.0, 8), 8);
+        // Every token costs a full share: with imperfect acceptance, drafting never pays.
+        assert_eq!(best_draft_len(0.9, 1.0, 8), 0);
+        // In between, the length grows with acceptance.
+        let low = best_draft_len(0.4, 0.2, 8);
+        let high = best_draft_len(0.9, 0.2, 8);
+        assert!(low < high, "{low} {high}");
+        assert_eq!(best_draft_len(0.0, 0.0, 8), 0);
+    }
+}

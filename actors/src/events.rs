@@ -1,0 +1,118 @@
+//! What callers receive: the events of a turn, its stats, and a session's info.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::error::RuntimeError;
+use crate::SessionId;
+
+/// Statistics of one finished turn.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct TurnStats {
+    /// Tokens generated.
+    pub tokens: usize,
+    /// Tokens drafted for this turn.
+    pub drafted: usize,
+    /// Drafted tokens accepted.
+    pub accepted: usize,
+    /// Verify steps this turn took part in (prefill included).
+    pub steps: usize,
+    /// From the call to the last token, in milliseconds.
+    pub latency_ms: f64,
+    /// From the call to the first token, in milliseconds.
+    pub first_token_ms: f64,
+    /// The generated text, when the runtime has a tokenizer.
+    pub text: Option<String>,
+}
+
+/// One event of a turn's stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// New tokens, with the text they complete (empty while a UTF-8 character is incomplete).
+    Tokens {
+        /// Token ids.
+        ids: Vec<u32>,
+        /// Their text, if the runtime has a tokenizer.
+        text: Option<String>,
+    },
+    /// The turn finished.
+    Done(TurnStats),
+    /// The turn failed; nothing more follows.
+    Error(RuntimeError),
+}
+
+/// The stream of a turn's events. Ends after `Done` or `Error`.
+pub struct TurnStream {
+    rx: mpsc::UnboundedReceiver<Event>,
+}
+
+impl TurnStream {
+    pub(crate) fn new(rx: mpsc::UnboundedReceiver<Event>) -> Self {
+        Self { rx }
+    }
+
+    /// Waits for the whole turn: every token id, then the stats.
+    pub async fn collect(mut self) -> Result<(Vec<u32>, TurnStats), RuntimeError> {
+        let mut ids = Vec::new();
+        while let Some(ev) = self.rx.recv().await {
+            match ev {
+                Event::Tokens { ids: t, .. } => ids.extend(t),
+                Event::Done(stats) => return Ok((ids, stats)),
+                Event::Error(e) => return Err(e),
+            }
+        }
+        Err(RuntimeError::ActorUnavailable("the session stopped mid-turn".into()))
+    }
+}
+
+impl futures::Stream for TurnStream {
+    type Item = Event;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+/// What a session reports about itself.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct SessionInfo {
+    /// Session id.
+    pub id: SessionId,
+    /// Persona name.
+    pub name: String,
+    /// Tokens that have entered the session's context (prompts and generated).
+    pub tokens_seen: u64,
+    /// Tokens currently held in its KV window.
+    pub window_fill: usize,
+    /// Slots of its window (sink + window).
+    pub window_capacity: usize,
+    /// Bytes of the filled part of the window.
+    pub kv_bytes_used: u64,
+    /// Bytes reserved for the window (its bound).
+    pub kv_bytes_bound: u64,
+    /// Tokens drafted.
+    pub drafted: u64,
+    /// Drafted tokens accepted.
+    pub accepted: u64,
+    /// Turns finished.
+    pub turns: u64,
+    /// Median turn latency, ms.
+    pub latency_p50_ms: f64,
+    /// 90th percentile turn latency, ms.
+    pub latency_p90_ms: f64,
+    /// 99th percentile turn latency, ms.
+    pub latency_p99_ms: f64,
+}
+
+/// The `q`-quantile (0..=1) of `values`, by nearest rank; 0 when empty.
+pub fn quantile(values: &[f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
+}

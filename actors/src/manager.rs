@@ -1,0 +1,237 @@
+//! The ManagerActor: spawns and closes session actors, keeps the registry, and enforces admission
+//! (the session cap and the node's KV budget). It supervises the sessions, so a session that fails
+//! gives its bytes back and takes nothing else down.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use serde::{Deserialize, Serialize};
+use troupe_engine::{Tokenizer, WindowSpec};
+
+use crate::error::{Limit, RuntimeError};
+use crate::faults::FaultPlan;
+use crate::scheduler::SchedulerMsg;
+use crate::session::{SessionActor, SessionArgs, SessionConfig, SessionMsg};
+use crate::SessionId;
+
+/// The node's KV budget as it stands.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct BudgetInfo {
+    /// Open sessions.
+    pub sessions: usize,
+    /// Session cap.
+    pub max_sessions: usize,
+    /// Bytes reserved by open sessions' windows.
+    pub used_bytes: u64,
+    /// The node's KV budget.
+    pub budget_bytes: u64,
+}
+
+/// Messages of the manager.
+pub enum ManagerMsg {
+    /// Admit and spawn a session.
+    Spawn {
+        /// Its configuration.
+        config: SessionConfig,
+        /// Id, actor and window of the new session.
+        reply: RpcReplyPort<Result<(SessionId, ActorRef<SessionMsg>, WindowSpec), RuntimeError>>,
+    },
+    /// Close a session and return its bytes.
+    Close {
+        /// Session.
+        id: SessionId,
+        /// Done.
+        reply: RpcReplyPort<Result<(), RuntimeError>>,
+    },
+    /// Find a session.
+    Lookup {
+        /// Session.
+        id: SessionId,
+        /// Its actor.
+        reply: RpcReplyPort<Result<ActorRef<SessionMsg>, RuntimeError>>,
+    },
+    /// The budget.
+    Budget(RpcReplyPort<BudgetInfo>),
+    /// Refuse new sessions from now on.
+    StopAdmitting(RpcReplyPort<()>),
+}
+
+/// Start-up arguments of the manager.
+pub struct ManagerArgs {
+    /// The scheduler sessions talk to.
+    pub scheduler: ActorRef<SchedulerMsg>,
+    /// Session cap.
+    pub max_sessions: usize,
+    /// KV budget in bytes.
+    pub budget_bytes: u64,
+    /// Bytes of one window slot with the verifier's model.
+    pub slot_bytes: u64,
+    /// Window of sessions that do not choose one.
+    pub default_window: WindowSpec,
+    /// Longest prompt.
+    pub max_prompt_tokens: usize,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Tokenizer for text prompts.
+    pub tokenizer: Option<Arc<Tokenizer>>,
+    /// Injected faults.
+    pub faults: FaultPlan,
+}
+
+/// The manager's state.
+pub struct ManagerState {
+    args: ManagerArgs,
+    next_id: SessionId,
+    sessions: HashMap<SessionId, (ActorRef<SessionMsg>, u64)>,
+    used: u64,
+    admitting: bool,
+}
+
+impl ManagerState {
+    /// Checks admission for a session of `bytes`.
+    pub fn admit(&self, bytes: u64) -> Result<(), RuntimeError> {
+        if !self.admitting {
+            return Err(RuntimeError::ShuttingDown);
+        }
+        let n = self.sessions.len() as u64;
+        let cap = self.args.max_sessions as u64;
+        if n + 1 > cap {
+            return Err(RuntimeError::AdmissionRefused {
+                limit: Limit::Sessions,
+                requested: 1,
+                available: cap.saturating_sub(n),
+                over: n + 1 - cap,
+            });
+        }
+        let available = self.args.budget_bytes.saturating_sub(self.used);
+        if bytes > available {
+            return Err(RuntimeError::AdmissionRefused {
+                limit: Limit::KvBytes,
+                requested: bytes,
+                available,
+                over: bytes - available,
+            });
+        }
+        Ok(())
+    }
+
+    fn release(&mut self, id: SessionId) -> bool {
+        match self.sessions.remove(&id) {
+            Some((_, bytes)) => {
+                self.used -= bytes;
+                let _ = self.args.scheduler.cast(SchedulerMsg::Close { seq: id });
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// The manager actor.
+pub struct ManagerActor;
+
+impl Actor for ManagerActor {
+    type Msg = ManagerMsg;
+    type State = ManagerState;
+    type Arguments = ManagerArgs;
+
+    async fn pre_start(&self, _myself: ActorRef<Self::Msg>, args: ManagerArgs) -> Result<Self::State, ActorProcessingErr> {
+        Ok(ManagerState {
+            args,
+            next_id: 1,
+            sessions: HashMap::new(),
+            used: 0,
+            admitting: true,
+        })
+    }
+
+    async fn handle(&self, myself: ActorRef<Self::Msg>, msg: Self::Msg, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ManagerMsg::Spawn { config, reply } => {
+                let window = config.window.unwrap_or(st.args.default_window);
+                let bytes = st.args.slot_bytes * window.capacity() as u64;
+                let result = match st.admit(bytes) {
+                    Err(e) => Err(e),
+                    Ok(()) => {
+                        let id = st.next_id;
+                        st.next_id += 1;
+                        let args = SessionArgs {
+                            id,
+                            config,
+                            window,
+                            kv_bytes: bytes,
+                            max_prompt_tokens: st.args.max_prompt_tokens,
+                            vocab_size: st.args.vocab_size,
+                            tokenizer: st.args.tokenizer.clone(),
+                            scheduler: st.args.scheduler.clone(),
+                            faults: st.args.faults.clone(),
+                        };
+                        match Actor::spawn_linked(None, SessionActor, args, myself.get_cell()).await {
+                            Ok((actor, _)) => {
+                                st.sessions.insert(id, (actor.clone(), bytes));
+                                st.used += bytes;
+                                Ok((id, actor, window))
+                            }
+                            Err(e) => Err(RuntimeError::from(e)),
+                        }
+                    }
+                };
+                let _ = reply.send(result);
+            }
+            ManagerMsg::Close { id, reply } => {
+                let actor = st.sessions.get(&id).map(|s| s.0.clone());
+                let result = match actor {
+                    Some(a) => {
+                        st.release(id);
+                        a.stop(Some("closed".into()));
+                        Ok(())
+                    }
+                    None => Err(RuntimeError::UnknownSession(id)),
+                };
+                let _ = reply.send(result);
+            }
+            ManagerMsg::Lookup { id, reply } => {
+                let r = st
+                    .sessions
+                    .get(&id)
+                    .map(|s| s.0.clone())
+                    .ok_or(RuntimeError::UnknownSession(id));
+                let _ = reply.send(r);
+            }
+            ManagerMsg::Budget(reply) => {
+                let _ = reply.send(BudgetInfo {
+                    sessions: st.sessions.len(),
+                    max_sessions: st.args.max_sessions,
+                    used_bytes: st.used,
+                    budget_bytes: st.args.budget_bytes,
+                });
+            }
+            ManagerMsg::StopAdmitting(reply) => {
+                st.admitting = false;
+                let _ = reply.send(());
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(&self, _myself: ActorRef<Self::Msg>, evt: SupervisionEvent, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        let cell = match evt {
+            SupervisionEvent::ActorFailed(cell, err) => {
+                tracing::warn!(error = %err, "a session failed; its window is released");
+                cell
+            }
+            SupervisionEvent::ActorTerminated(cell, _, _) => cell,
+            _ => return Ok(()),
+        };
+        let id = st
+            .sessions
+            .iter()
+            .find(|(_, s)| s.0.get_id() == cell.get_id())
+            .map(|(&id, _)| id);
+        if let Some(id) = id {
+            st.release(id);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,149 @@
+//! The ProposerActor: owns the drafter on its own OS thread and drafts for many sessions at once.
+//! The scheduler orders block n+1 while block n is verified (pipelining); a draft that no longer
+//! applies is dropped by the scheduler. The injected proposer↔verifier round trip is paid here, once
+//! per block.
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use troupe_engine::drafter::{DraftRequest, Drafter};
+use troupe_engine::{SeqId, WindowSpec};
+
+use crate::faults::{ActorKind, FaultPlan};
+use crate::policy::{DraftOrder, DraftReply};
+use crate::scheduler::SchedulerMsg;
+use crate::worker::Worker;
+
+/// Messages of the proposer actor.
+pub enum ProposerMsg {
+    /// Start tracking a sequence.
+    Open {
+        /// Sequence.
+        seq: SeqId,
+        /// Window shape (a draft model keeps its own bounded window).
+        spec: WindowSpec,
+        /// Sampling seed.
+        seed: u64,
+    },
+    /// Stop tracking a sequence.
+    Close {
+        /// Sequence.
+        seq: SeqId,
+    },
+    /// Tokens now known to be in the sequence.
+    Observe {
+        /// Sequence.
+        seq: SeqId,
+        /// Tokens.
+        tokens: Vec<u32>,
+    },
+    /// Draft these blocks; the replies go to the scheduler as `Drafts`.
+    Draft(Vec<DraftOrder>),
+    /// The drafting thread panicked.
+    ThreadFailed(String),
+}
+
+/// Start-up arguments of the proposer actor.
+pub struct ProposerArgs {
+    /// The drafter, moved onto the actor's thread.
+    pub drafter: Box<dyn Drafter>,
+    /// Where drafts go.
+    pub scheduler: ActorRef<SchedulerMsg>,
+    /// Injected faults, delays and round trip.
+    pub faults: FaultPlan,
+}
+
+/// Work for the actor's thread.
+pub enum Job {
+    /// Open a sequence.
+    Open(SeqId, WindowSpec, u64),
+    /// Close a sequence.
+    Close(SeqId),
+    /// Observe tokens.
+    Observe(SeqId, Vec<u32>),
+    /// Draft blocks.
+    Draft(Vec<DraftOrder>),
+}
+
+/// The proposer actor.
+pub struct ProposerActor;
+
+impl Actor for ProposerActor {
+    type Msg = ProposerMsg;
+    type State = Worker<Job>;
+    type Arguments = ProposerArgs;
+
+    async fn pre_start(&self, myself: ActorRef<Self::Msg>, args: ProposerArgs) -> Result<Self::State, ActorProcessingErr> {
+        let ProposerArgs {
+            drafter,
+            scheduler,
+            faults,
+        } = args;
+        let me = myself.clone();
+        let worker = Worker::spawn(
+            "troupe-proposer",
+            drafter,
+            move |drafter: &mut Box<dyn Drafter>, job: Job| match job {
+                Job::Open(seq, spec, seed) => {
+                    let _ = drafter.open(seq, spec, seed);
+                }
+                Job::Close(seq) => drafter.close(seq),
+                Job::Observe(seq, tokens) => {
+                    let _ = drafter.observe(seq, &tokens);
+                }
+                Job::Draft(orders) => {
+                    let verdict = faults.check(ActorKind::Proposer, "draft");
+                    if verdict.drop {
+                        return;
+                    }
+                    let delay = verdict.delay + faults.rtt();
+                    if !delay.is_zero() {
+                        std::thread::sleep(delay);
+                    }
+                    if verdict.panic {
+                        panic!("injected proposer panic");
+                    }
+                    let span = tracing::info_span!("draft", seqs = orders.len());
+                    let _enter = span.enter();
+                    let requests: Vec<DraftRequest> = orders
+                        .iter()
+                        .map(|o| DraftRequest {
+                            seq: o.seq,
+                            assumed: o.assumed.clone(),
+                            k: o.k,
+                            params: o.params,
+                            hidden: Vec::new(),
+                        })
+                        .collect();
+                    match drafter.draft(&requests) {
+                        Ok(drafts) => {
+                            let replies = orders
+                                .into_iter()
+                                .zip(drafts)
+                                .map(|(order, draft)| DraftReply { order, draft })
+                                .collect();
+                            let _ = scheduler.cast(SchedulerMsg::Drafts(replies));
+                        }
+                        Err(e) => tracing::warn!(error = %e, "drafting failed; sequences decode plainly"),
+                    }
+                }
+            },
+            move |msg| {
+                let _ = me.cast(ProposerMsg::ThreadFailed(msg));
+            },
+        )?;
+        Ok(worker)
+    }
+
+    async fn handle(&self, _myself: ActorRef<Self::Msg>, msg: Self::Msg, worker: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        let job = match msg {
+            ProposerMsg::Open { seq, spec, seed } => Job::Open(seq, spec, seed),
+            ProposerMsg::Close { seq } => Job::Close(seq),
+            ProposerMsg::Observe { seq, tokens } => Job::Observe(seq, tokens),
+            ProposerMsg::Draft(orders) => Job::Draft(orders),
+            ProposerMsg::ThreadFailed(why) => return Err(format!("proposer thread panicked: {why}").into()),
+        };
+        if !worker.send(job) {
+            return Err("proposer thread has stopped".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,319 @@
+//! The public face of the runtime: a builder, the `Runtime`, and cloneable `SessionHandle`s.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), troupe_actors::RuntimeError> {
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use troupe_actors::{GenerateParams, RuntimeBuilder, SessionConfig, scripted::ScriptedModel};
+//! let runtime = RuntimeBuilder::new(Arc::new(|| Ok(Box::new(ScriptedModel::new(Duration::ZERO)) as _)))
+//!     .build()
+//!     .await?;
+//! let session = runtime.spawn_session(SessionConfig::default()).await?;
+//! let (tokens, stats) = session.generate(vec![1, 2, 3], GenerateParams::default())?.collect().await?;
+//! runtime.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorRef};
+use tokio::sync::mpsc;
+use troupe_engine::{Tokenizer, WindowSpec};
+
+use crate::error::RuntimeError;
+use crate::events::{SessionInfo, TurnStream};
+use crate::faults::FaultPlan;
+use crate::manager::{BudgetInfo, ManagerActor, ManagerArgs, ManagerMsg};
+use crate::policy::{SchedulerConfig, SchedulerStats};
+use crate::scheduler::{DrafterFactory, SchedulerActor, SchedulerArgs, SchedulerMsg, VerifierFactory};
+use crate::session::{GenerateParams, Prompt, SessionConfig, SessionMsg};
+use crate::SessionId;
+
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Builds a [`Runtime`].
+pub struct RuntimeBuilder {
+    verifier: VerifierFactory,
+    drafter: Option<DrafterFactory>,
+    tokenizer: Option<Arc<Tokenizer>>,
+    scheduler: SchedulerConfig,
+    kv_budget_bytes: u64,
+    max_sessions: usize,
+    default_window: WindowSpec,
+    max_prompt_tokens: usize,
+    faults: FaultPlan,
+    step_timeout: Duration,
+    max_restarts: u64,
+}
+
+impl RuntimeBuilder {
+    /// A runtime whose verifier `verifier` builds (called once now, and again after a failure).
+    pub fn new(verifier: VerifierFactory) -> Self {
+        Self {
+            verifier,
+            drafter: None,
+            tokenizer: None,
+            scheduler: SchedulerConfig::default(),
+            kv_budget_bytes: 8 << 30,
+            max_sessions: 4096,
+            default_window: WindowSpec::default(),
+            max_prompt_tokens: 32_768,
+            faults: FaultPlan::default(),
+            step_timeout: Duration::from_secs(120),
+            max_restarts: 8,
+        }
+    }
+
+    /// Drafts with what `drafter` builds; without one, decoding is plain.
+    pub fn drafter(mut self, drafter: DrafterFactory) -> Self {
+        self.drafter = Some(drafter);
+        self
+    }
+
+    /// Tokenizes text prompts and decodes streamed text.
+    pub fn tokenizer(mut self, tokenizer: Tokenizer) -> Self {
+        self.tokenizer = Some(Arc::new(tokenizer));
+        self
+    }
+
+    /// Scheduler limits and speculation policy.
+    pub fn scheduler(mut self, config: SchedulerConfig) -> Self {
+        self.scheduler = config;
+        self
+    }
+
+    /// The node's KV budget in bytes: the sum of all open sessions' windows stays under it.
+    pub fn kv_budget_bytes(mut self, bytes: u64) -> Self {
+        self.kv_budget_bytes = bytes;
+        self
+    }
+
+    /// Most sessions open at once.
+    pub fn max_sessions(mut self, n: usize) -> Self {
+        self.max_sessions = n;
+        self
+    }
+
+    /// The window of sessions that do not choose one.
+    pub fn default_window(mut self, spec: WindowSpec) -> Self {
+        self.default_window = spec;
+        self
+    }
+
+    /// Longest prompt a turn accepts, in tokens.
+    pub fn max_prompt_tokens(mut self, n: usize) -> Self {
+        self.max_prompt_tokens = n;
+        self
+    }
+
+    /// Injected faults and delays.
+    pub fn faults(mut self, plan: FaultPlan) -> Self {
+        self.faults = plan;
+        self
+    }
+
+    /// How long a verify step may take before the verifier is presumed lost and restarted.
+    pub fn step_timeout(mut self, t: Duration) -> Self {
+        self.step_timeout = t;
+        self
+    }
+
+    /// Restarts allowed per component.
+    pub fn max_restarts(mut self, n: u64) -> Self {
+        self.max_restarts = n;
+        self
+    }
+
+    /// Builds the verifier (and drafter) and starts the actors on the current tokio runtime.
+    pub async fn build(self) -> Result<Runtime, RuntimeError> {
+        let vf = self.verifier.clone();
+        let verifier = tokio::task::spawn_blocking(move || vf())
+            .await
+            .map_err(|e| RuntimeError::ActorUnavailable(e.to_string()))??;
+        let drafter = match &self.drafter {
+            Some(f) => {
+                let f = f.clone();
+                Some(
+                    tokio::task::spawn_blocking(move || f())
+                        .await
+                        .map_err(|e| RuntimeError::ActorUnavailable(e.to_string()))??,
+                )
+            }
+            None => None,
+        };
+        let slot_bytes = verifier.kv_bytes(WindowSpec { sink: 0, window: 1 });
+        let vocab_size = verifier.vocab_size();
+        let (scheduler, _) = Actor::spawn(
+            None,
+            SchedulerActor,
+            SchedulerArgs {
+                config: self.scheduler,
+                verifier,
+                verifier_factory: self.verifier,
+                drafter,
+                drafter_factory: self.drafter,
+                faults: self.faults.clone(),
+                step_timeout: self.step_timeout,
+                max_restarts: self.max_restarts,
+            },
+        )
+        .await?;
+        let (manager, _) = Actor::spawn(
+            None,
+            ManagerActor,
+            ManagerArgs {
+                scheduler: scheduler.clone(),
+                max_sessions: self.max_sessions,
+                budget_bytes: self.kv_budget_bytes,
+                slot_bytes,
+                default_window: self.default_window,
+                max_prompt_tokens: self.max_prompt_tokens,
+                vocab_size,
+                tokenizer: self.tokenizer.clone(),
+                faults: self.faults,
+            },
+        )
+        .await?;
+        Ok(Runtime {
+            inner: Arc::new(Inner {
+                manager,
+                scheduler,
+                slot_bytes,
+                tokenizer: self.tokenizer,
+            }),
+        })
+    }
+}
+
+struct Inner {
+    manager: ActorRef<ManagerMsg>,
+    scheduler: ActorRef<SchedulerMsg>,
+    slot_bytes: u64,
+    tokenizer: Option<Arc<Tokenizer>>,
+}
+
+/// A running troupe: one shared verifier serving many sessions. Cheap to clone.
+#[derive(Clone)]
+pub struct Runtime {
+    inner: Arc<Inner>,
+}
+
+async fn ask<M, T>(actor: &ActorRef<M>, what: &str, build: impl FnOnce(ractor::RpcReplyPort<T>) -> M) -> Result<T, RuntimeError>
+where
+    M: ractor::Message,
+    T: Send + 'static,
+{
+    match actor.call(build, Some(CALL_TIMEOUT)).await {
+        Ok(CallResult::Success(v)) => Ok(v),
+        Ok(CallResult::Timeout) => Err(RuntimeError::Timeout(what.into())),
+        Ok(CallResult::SenderError) | Err(_) => Err(RuntimeError::ActorUnavailable(what.into())),
+    }
+}
+
+impl Runtime {
+    /// Admits and starts a session. Refused with [`RuntimeError::AdmissionRefused`] past the
+    /// session cap or the KV budget.
+    pub async fn spawn_session(&self, config: SessionConfig) -> Result<SessionHandle, RuntimeError> {
+        let (id, actor, window) = ask(&self.inner.manager, "manager", |reply| ManagerMsg::Spawn { config, reply }).await??;
+        Ok(SessionHandle {
+            id,
+            window,
+            actor,
+            manager: self.inner.manager.clone(),
+        })
+    }
+
+    /// The handle of an open session.
+    pub async fn session(&self, id: SessionId) -> Result<SessionHandle, RuntimeError> {
+        let actor = ask(&self.inner.manager, "manager", |reply| ManagerMsg::Lookup { id, reply }).await??;
+        Ok(SessionHandle {
+            id,
+            window: WindowSpec::default(),
+            actor,
+            manager: self.inner.manager.clone(),
+        })
+    }
+
+    /// Bytes a session with `window` reserves.
+    pub fn kv_bytes_per_session(&self, window: WindowSpec) -> u64 {
+        self.inner.slot_bytes * window.capacity() as u64
+    }
+
+    /// Sessions open and bytes reserved.
+    pub async fn budget(&self) -> Result<BudgetInfo, RuntimeError> {
+        ask(&self.inner.manager, "manager", ManagerMsg::Budget).await
+    }
+
+    /// The scheduler's counters (steps, batch sizes, drafts, restarts).
+    pub async fn stats(&self) -> Result<SchedulerStats, RuntimeError> {
+        ask(&self.inner.scheduler, "scheduler", SchedulerMsg::Stats).await
+    }
+
+    /// The tokenizer, if the runtime has one.
+    pub fn tokenizer(&self) -> Option<&Tokenizer> {
+        self.inner.tokenizer.as_deref()
+    }
+
+    /// Stops admitting sessions, lets every active turn finish, then stops all actors.
+    pub async fn shutdown(&self) {
+        let _ = ask(&self.inner.manager, "manager", ManagerMsg::StopAdmitting).await;
+        let _ = self
+            .inner
+            .scheduler
+            .call(SchedulerMsg::Drain, Some(Duration::from_secs(600)))
+            .await;
+        self.inner.manager.stop_children(None);
+        self.inner.manager.stop(None);
+        self.inner.scheduler.stop_children(None);
+        self.inner.scheduler.stop(None);
+    }
+}
+
+/// A handle on one session. Clone it freely and send it anywhere.
+#[derive(Clone)]
+pub struct SessionHandle {
+    id: SessionId,
+    window: WindowSpec,
+    actor: ActorRef<SessionMsg>,
+    manager: ActorRef<ManagerMsg>,
+}
+
+impl SessionHandle {
+    /// The session's id.
+    pub fn id(&self) -> SessionId {
+        self.id
+    }
+
+    /// The session's window.
+    pub fn window(&self) -> WindowSpec {
+        self.window
+    }
+
+    /// Starts a turn (queued behind the session's earlier turns) and returns its event stream.
+    pub fn generate(&self, prompt: impl Into<Prompt>, params: GenerateParams) -> Result<TurnStream, RuntimeError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.actor
+            .cast(SessionMsg::Generate {
+                prompt: prompt.into(),
+                params,
+                events: tx,
+            })
+            .map_err(|_| RuntimeError::SessionClosed(self.id))?;
+        Ok(TurnStream::new(rx))
+    }
+
+    /// The session's counters and window.
+    pub async fn info(&self) -> Result<SessionInfo, RuntimeError> {
+        ask(&self.actor, "session", SessionMsg::Info)
+            .await
+            .map_err(|_| RuntimeError::SessionClosed(self.id))
+    }
+
+    /// Closes the session and returns its bytes to the budget.
+    pub async fn close(&self) -> Result<(), RuntimeError> {
+        let id = self.id;
+        ask(&self.manager, "manager", |reply| ManagerMsg::Close { id, reply }).await?
+    }
+}

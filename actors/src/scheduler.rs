@@ -1,0 +1,489 @@
+//! The SchedulerActor: gathers the work of all sessions into one verify step at a time, routes each
+//! outcome to its session and the proposer, and supervises the verifier and proposer actors. The
+//! decisions live in [`SchedulerState`](crate::policy::SchedulerState); this is the dispatcher.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use troupe_engine::drafter::Drafter;
+use troupe_engine::{EngineError, SeqId, Verifier, VerifyOutcome, WindowSpec};
+
+use crate::faults::{ActorKind, FaultPlan};
+use crate::policy::{DraftOrder, DraftReply, SchedulerConfig, SchedulerState, SchedulerStats, Turn};
+use crate::proposer::{ProposerActor, ProposerArgs, ProposerMsg};
+use crate::session::SessionMsg;
+use crate::verifier_actor::{VerifierActor, VerifierArgs, VerifierMsg};
+
+/// Builds a fresh verifier (after a failure).
+pub type VerifierFactory = Arc<dyn Fn() -> Result<Box<dyn Verifier>, EngineError> + Send + Sync>;
+/// Builds a fresh drafter (after a failure).
+pub type DrafterFactory = Arc<dyn Fn() -> Result<Box<dyn Drafter>, EngineError> + Send + Sync>;
+
+/// Messages of the scheduler.
+pub enum SchedulerMsg {
+    /// Register a session's sequence.
+    Open {
+        /// Sequence.
+        seq: SeqId,
+        /// Its window.
+        spec: WindowSpec,
+        /// Sampling seed.
+        seed: u64,
+        /// Where its tokens go.
+        session: ActorRef<SessionMsg>,
+    },
+    /// Start a turn.
+    Submit {
+        /// Sequence.
+        seq: SeqId,
+        /// New tokens (prompt).
+        tokens: Vec<u32>,
+        /// The turn.
+        turn: Turn,
+    },
+    /// Forget a sequence.
+    Close {
+        /// Sequence.
+        seq: SeqId,
+    },
+    /// A step finished on the verifier thread.
+    StepDone {
+        /// Step number.
+        id: u64,
+        /// Outcomes, or the engine's error.
+        result: Result<Vec<VerifyOutcome>, String>,
+        /// Seconds the forward took.
+        seconds: f64,
+    },
+    /// Drafts from the proposer.
+    Drafts(Vec<DraftReply>),
+    /// Re-check whether to dispatch (a draft wait ran out).
+    Tick,
+    /// A step's answer is overdue.
+    StepTimeout(u64),
+    /// Counters.
+    Stats(RpcReplyPort<SchedulerStats>),
+    /// Answer once no turn is active.
+    Drain(RpcReplyPort<()>),
+}
+
+/// Start-up arguments of the scheduler.
+pub struct SchedulerArgs {
+    /// Policy configuration.
+    pub config: SchedulerConfig,
+    /// The first verifier.
+    pub verifier: Box<dyn Verifier>,
+    /// Builds replacements.
+    pub verifier_factory: VerifierFactory,
+    /// The first drafter, if speculating.
+    pub drafter: Option<Box<dyn Drafter>>,
+    /// Builds replacements.
+    pub drafter_factory: Option<DrafterFactory>,
+    /// Injected faults.
+    pub faults: FaultPlan,
+    /// How long a step may take before the verifier is presumed lost.
+    pub step_timeout: Duration,
+    /// Restarts allowed per component before giving up.
+    pub max_restarts: u64,
+}
+
+struct SeqInfo {
+    spec: WindowSpec,
+    seed: u64,
+    session: ActorRef<SessionMsg>,
+}
+
+/// The scheduler's state: the policy plus the actor wiring.
+pub struct SchedulerActorState {
+    policy: SchedulerState,
+    verifier: Option<ActorRef<VerifierMsg>>,
+    proposer: Option<ActorRef<ProposerMsg>>,
+    verifier_factory: VerifierFactory,
+    drafter_factory: Option<DrafterFactory>,
+    faults: FaultPlan,
+    seqs: HashMap<SeqId, SeqInfo>,
+    step_timeout: Duration,
+    max_restarts: u64,
+    awaiting_since: Option<Instant>,
+    tick_pending: bool,
+    step_started: Instant,
+    submitted_at: HashMap<SeqId, Instant>,
+    drains: Vec<RpcReplyPort<()>>,
+}
+
+/// The scheduler actor.
+pub struct SchedulerActor;
+
+impl Actor for SchedulerActor {
+    type Msg = SchedulerMsg;
+    type State = SchedulerActorState;
+    type Arguments = SchedulerArgs;
+
+    async fn pre_start(&self, myself: ActorRef<Self::Msg>, args: SchedulerArgs) -> Result<Self::State, ActorProcessingErr> {
+        let (verifier, _) = Actor::spawn_linked(
+            None,
+            VerifierActor,
+            VerifierArgs {
+                model: args.verifier,
+                scheduler: myself.clone(),
+                faults: args.faults.clone(),
+            },
+            myself.get_cell(),
+        )
+        .await?;
+        let proposer = match args.drafter {
+            Some(d) if args.config.max_draft_len > 0 => Some(
+                Actor::spawn_linked(
+                    None,
+                    ProposerActor,
+                    ProposerArgs {
+                        drafter: d,
+                        scheduler: myself.clone(),
+                        faults: args.faults.clone(),
+                    },
+                    myself.get_cell(),
+                )
+                .await?
+                .0,
+            ),
+            _ => None,
+        };
+        Ok(SchedulerActorState {
+            policy: SchedulerState::new(args.config),
+            verifier: Some(verifier),
+            proposer,
+            verifier_factory: args.verifier_factory,
+            drafter_factory: args.drafter_factory,
+            faults: args.faults,
+            seqs: HashMap::new(),
+            step_timeout: args.step_timeout,
+            max_restarts: args.max_restarts,
+            awaiting_since: None,
+            tick_pending: false,
+            step_started: Instant::now(),
+            submitted_at: HashMap::new(),
+            drains: Vec::new(),
+        })
+    }
+
+    async fn handle(&self, myself: ActorRef<Self::Msg>, msg: Self::Msg, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SchedulerMsg::Open {
+                seq,
+                spec,
+                seed,
+                session,
+            } => {
+                st.policy.open(seq);
+                if let Some(v) = &st.verifier {
+                    let _ = v.cast(VerifierMsg::Open { seq, spec, seed });
+                }
+                if let Some(p) = &st.proposer {
+                    let _ = p.cast(ProposerMsg::Open { seq, spec, seed });
+                }
+                st.seqs.insert(seq, SeqInfo { spec, seed, session });
+            }
+            SchedulerMsg::Submit { seq, tokens, turn } => {
+                let verdict = st.faults.check(ActorKind::Scheduler, "submit");
+                if verdict.drop {
+                    return Ok(());
+                }
+                match st.policy.submit(seq, &tokens, turn) {
+                    Ok(()) => {
+                        st.submitted_at.insert(seq, Instant::now());
+                        if let Some(p) = &st.proposer {
+                            let _ = p.cast(ProposerMsg::Observe { seq, tokens });
+                        }
+                    }
+                    Err(e) => {
+                        if let Some(info) = st.seqs.get(&seq) {
+                            let _ = info.session.cast(SessionMsg::TurnFailed(e));
+                        }
+                    }
+                }
+                st.pump(&myself);
+            }
+            SchedulerMsg::Close { seq } => {
+                st.policy.close(seq);
+                st.seqs.remove(&seq);
+                if let Some(v) = &st.verifier {
+                    let _ = v.cast(VerifierMsg::Close { seq });
+                }
+                if let Some(p) = &st.proposer {
+                    let _ = p.cast(ProposerMsg::Close { seq });
+                }
+                st.pump(&myself);
+            }
+            SchedulerMsg::StepDone { id, result, seconds } => {
+                let verdict = st.faults.check(ActorKind::Scheduler, "step_done");
+                if !verdict.delay.is_zero() {
+                    tokio::time::sleep(verdict.delay).await;
+                }
+                st.step_done(&myself, id, result, seconds);
+            }
+            SchedulerMsg::Drafts(replies) => {
+                st.policy.on_drafts(replies);
+                st.pump(&myself);
+            }
+            SchedulerMsg::Tick => {
+                st.tick_pending = false;
+                st.pump(&myself);
+            }
+            SchedulerMsg::StepTimeout(id) => {
+                if st.policy.in_flight_id() == Some(id) {
+                    tracing::error!(step = id, "verify step overdue; restarting the verifier");
+                    if let Some(v) = st.verifier.take() {
+                        v.kill();
+                    }
+                    st.restart_verifier(&myself).await?;
+                }
+            }
+            SchedulerMsg::Stats(reply) => {
+                let _ = reply.send(st.policy.stats.clone());
+            }
+            SchedulerMsg::Drain(reply) => {
+                st.drains.push(reply);
+                st.check_drained();
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(&self, myself: ActorRef<Self::Msg>, evt: SupervisionEvent, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        let (cell, why) = match evt {
+            SupervisionEvent::ActorFailed(cell, err) => (cell, err.to_string()),
+            SupervisionEvent::ActorTerminated(cell, _, reason) => (cell, reason.unwrap_or_default()),
+            _ => return Ok(()),
+        };
+        let id = cell.get_id();
+        if st.verifier.as_ref().is_some_and(|v| v.get_id() == id) {
+            tracing::error!(reason = %why, "verifier failed; restarting it and replaying in-flight work");
+            st.verifier = None;
+            st.restart_verifier(&myself).await?;
+        } else if st.proposer.as_ref().is_some_and(|p| p.get_id() == id) {
+            tracing::error!(reason = %why, "proposer failed; restarting it");
+            st.proposer = None;
+            st.restart_proposer(&myself).await?;
+        }
+        Ok(())
+    }
+}
+
+impl SchedulerActorState {
+    /// Dispatches the next step if the verifier is free, there is work, and no draft is worth
+    /// waiting for any longer.
+    fn pump(&mut self, myself: &ActorRef<SchedulerMsg>) {
+        let Some(verifier) = self.verifier.clone() else { return };
+        if self.policy.busy() || !self.policy.has_work() {
+            self.check_drained();
+            return;
+        }
+        if self.proposer.is_some() && self.policy.awaiting_drafts() {
+            let since = *self.awaiting_since.get_or_insert_with(Instant::now);
+            let wait = Duration::from_secs_f64(self.policy.draft_wait());
+            let waited = since.elapsed();
+            if waited < wait {
+                if !self.tick_pending {
+                    self.tick_pending = true;
+                    myself.send_after(wait - waited, || SchedulerMsg::Tick);
+                }
+                return;
+            }
+        }
+        self.awaiting_since = None;
+        let span = tracing::info_span!("schedule", active = self.policy.active());
+        let step = {
+            let _enter = span.enter();
+            self.policy.plan_step()
+        };
+        let Some(step) = step else { return };
+        for w in &step.works {
+            if let Some(t) = self.submitted_at.remove(&w.seq) {
+                tracing::info!(
+                    target: "troupe::probe",
+                    stage = "queue_wait",
+                    seq = w.seq,
+                    ms = t.elapsed().as_secs_f64() * 1e3
+                );
+            }
+        }
+        tracing::debug!(step = step.id, seqs = step.works.len(), tokens = step.tokens, "dispatch");
+        self.step_started = Instant::now();
+        let id = step.id;
+        let _ = verifier.cast(VerifierMsg::Step {
+            id,
+            works: step.works,
+        });
+        myself.send_after(self.step_timeout, move || SchedulerMsg::StepTimeout(id));
+        let orders = self.policy.pipelined_orders();
+        self.send_orders(orders);
+    }
+
+    fn send_orders(&self, orders: Vec<DraftOrder>) {
+        if orders.is_empty() {
+            return;
+        }
+        if let Some(p) = &self.proposer {
+            let _ = p.cast(ProposerMsg::Draft(orders));
+        }
+    }
+
+    fn step_done(&mut self, myself: &ActorRef<SchedulerMsg>, id: u64, result: Result<Vec<VerifyOutcome>, String>, seconds: f64) {
+        if self.policy.in_flight_id() != Some(id) {
+            return; // a step from before a restart
+        }
+        let outcomes = match result {
+            Ok(o) => o,
+            Err(e) => {
+                // The engine refused the step: fail the turns in it, and rebuild their windows.
+                tracing::error!(step = id, error = %e, "verify step failed");
+                for seq in self.policy.in_flight_seqs() {
+                    self.policy.abort_turn(seq);
+                    if let Some(info) = self.seqs.get(&seq) {
+                        let _ = info.session.cast(SessionMsg::TurnFailed(e.clone()));
+                    }
+                }
+                if let Some(v) = self.verifier.take() {
+                    v.stop(Some("step failed".into()));
+                }
+                return;
+            }
+        };
+        let span = tracing::info_span!("accept", step = id, seqs = outcomes.len());
+        let _enter = span.enter();
+        let (emissions, orders) = self.policy.on_step_done(id, &outcomes, seconds);
+        for e in emissions {
+            if !e.tokens.is_empty() {
+                if let Some(p) = &self.proposer {
+                    let _ = p.cast(ProposerMsg::Observe {
+                        seq: e.seq,
+                        tokens: e.tokens.clone(),
+                    });
+                }
+            }
+            if let Some(info) = self.seqs.get(&e.seq) {
+                let _ = info.session.cast(SessionMsg::Emitted(e));
+            }
+        }
+        drop(_enter);
+        self.send_orders(orders);
+        let fresh = self.policy.fresh_orders();
+        self.send_orders(fresh);
+        self.pump(myself);
+    }
+
+    async fn restart_verifier(&mut self, myself: &ActorRef<SchedulerMsg>) -> Result<(), ActorProcessingErr> {
+        if self.policy.stats.verifier_restarts >= self.max_restarts {
+            self.fail_all("the verifier failed too often and was not restarted");
+            return Ok(());
+        }
+        self.policy.verifier_restarted();
+        let factory = self.verifier_factory.clone();
+        let model = match tokio::task::spawn_blocking(move || factory()).await {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => {
+                self.fail_all(&format!("the verifier could not be rebuilt: {e}"));
+                return Ok(());
+            }
+            Err(e) => {
+                self.fail_all(&format!("the verifier could not be rebuilt: {e}"));
+                return Ok(());
+            }
+        };
+        let (v, _) = Actor::spawn_linked(
+            None,
+            VerifierActor,
+            VerifierArgs {
+                model,
+                scheduler: myself.clone(),
+                faults: self.faults.clone(),
+            },
+            myself.get_cell(),
+        )
+        .await?;
+        for (&seq, info) in &self.seqs {
+            let _ = v.cast(VerifierMsg::Open {
+                seq,
+                spec: info.spec,
+                seed: info.seed,
+            });
+        }
+        self.verifier = Some(v);
+        self.pump(myself);
+        Ok(())
+    }
+
+    async fn restart_proposer(&mut self, myself: &ActorRef<SchedulerMsg>) -> Result<(), ActorProcessingErr> {
+        self.policy.proposer_restarted();
+        let Some(factory) = self.drafter_factory.clone() else {
+            return Ok(());
+        };
+        if self.policy.stats.proposer_restarts > self.max_restarts {
+            tracing::error!("the proposer failed too often; sessions decode without drafts");
+            self.pump(myself);
+            return Ok(());
+        }
+        let drafter = match tokio::task::spawn_blocking(move || factory()).await {
+            Ok(Ok(d)) => d,
+            _ => {
+                tracing::error!("the drafter could not be rebuilt; sessions decode without drafts");
+                self.pump(myself);
+                return Ok(());
+            }
+        };
+        let (p, _) = Actor::spawn_linked(
+            None,
+            ProposerActor,
+            ProposerArgs {
+                drafter,
+                scheduler: myself.clone(),
+                faults: self.faults.clone(),
+            },
+            myself.get_cell(),
+        )
+        .await?;
+        for (&seq, info) in &self.seqs {
+            let _ = p.cast(ProposerMsg::Open {
+                seq,
+                spec: info.spec,
+                seed: info.seed,
+            });
+            if let Some(e) = self.policy.seq(seq) {
+                if !e.history.is_empty() {
+                    let _ = p.cast(ProposerMsg::Observe {
+                        seq,
+                        tokens: e.history.clone(),
+                    });
+                }
+            }
+        }
+        self.proposer = Some(p);
+        let orders = self.policy.fresh_orders();
+        self.send_orders(orders);
+        self.pump(myself);
+        Ok(())
+    }
+
+    fn fail_all(&mut self, why: &str) {
+        tracing::error!(reason = why, "failing every active turn");
+        for seq in self.policy.seq_ids() {
+            if self.policy.seq(seq).is_some_and(|e| e.turn.is_some()) {
+                if let Some(info) = self.seqs.get(&seq) {
+                    let _ = info.session.cast(SessionMsg::TurnFailed(why.into()));
+                }
+                self.policy.abort_turn(seq);
+            }
+        }
+        self.check_drained();
+    }
+
+    fn check_drained(&mut self) {
+        if self.policy.active() == 0 {
+            for r in self.drains.drain(..) {
+                let _ = r.send(());
+            }
+        }
+    }
+}
