@@ -131,6 +131,8 @@ pub struct DraftOrder {
     pub k: usize,
     /// Sampling of the sequence.
     pub params: SamplingParams,
+    /// Drafted while the block before it is verified; its first token guesses the verifier's own.
+    pub pipelined: bool,
 }
 
 /// A draft the proposer made.
@@ -205,6 +207,7 @@ pub struct SchedulerState {
     /// Counters.
     pub stats: SchedulerStats,
     last_step_seqs: usize,
+    step_ema: Option<f64>,
 }
 
 impl SchedulerState {
@@ -219,6 +222,7 @@ impl SchedulerState {
             cost: CostModel::default(),
             stats: SchedulerStats::default(),
             last_step_seqs: 1,
+            step_ema: None,
         }
     }
 
@@ -295,10 +299,7 @@ impl SchedulerState {
     pub fn draft_wait(&self) -> f64 {
         match self.config.draft_wait_s {
             Some(s) => s,
-            None => self
-                .cost
-                .predict(self.last_step_seqs)
-                .clamp(0.0005, 1.0),
+            None => self.step_ema.unwrap_or(0.01).clamp(0.001, 1.0),
         }
     }
 
@@ -433,6 +434,7 @@ impl SchedulerState {
                 assumed: draft,
                 k: k + 1,
                 params: e.turn.as_ref().map(|t| t.params).unwrap_or_default(),
+                pipelined: true,
             };
             let e = self.seqs.get_mut(&seq).expect("present");
             e.pipe = Some(PipeRequest {
@@ -456,6 +458,10 @@ impl SchedulerState {
         }
         let step_tokens: usize = chosen.iter().map(|c| c.1 + c.2.len()).sum();
         self.cost.observe(step_tokens, seconds);
+        self.step_ema = Some(match self.step_ema {
+            Some(e) => 0.8 * e + 0.2 * seconds,
+            None => seconds,
+        });
         self.last_step_seqs = chosen.len();
         self.stats.steps += 1;
         self.stats.max_step_seqs = self.stats.max_step_seqs.max(chosen.len());
@@ -524,6 +530,7 @@ impl SchedulerState {
                 assumed: Vec::new(),
                 k,
                 params: e.turn.as_ref().map(|t| t.params).unwrap_or_default(),
+                pipelined: false,
             };
             let e = self.seqs.get_mut(&seq).expect("present");
             e.awaiting = Some(order.base_len);
@@ -560,6 +567,7 @@ impl SchedulerState {
                 assumed: Vec::new(),
                 k,
                 params: e.turn.as_ref().map(|t| t.params).unwrap_or_default(),
+                pipelined: false,
             });
             self.seqs.get_mut(&seq).expect("present").awaiting = Some(len);
         }
@@ -571,7 +579,7 @@ impl SchedulerState {
         for r in replies {
             let seq = r.order.seq;
             let Some(e) = self.seqs.get_mut(&seq) else { continue };
-            if r.order.assumed.is_empty() {
+            if !r.order.pipelined {
                 if r.order.base_len == e.history.len() && !r.draft.tokens.is_empty() {
                     e.ready = Some(ReadyDraft {
                         at: r.order.base_len,

@@ -203,7 +203,11 @@ impl Actor for SchedulerActor {
                         }
                     }
                 }
-                st.pump(&myself);
+                // Dispatch after the messages already queued, so a burst of turns shares a step.
+                if !st.tick_pending {
+                    st.tick_pending = true;
+                    let _ = myself.cast(SchedulerMsg::Tick);
+                }
             }
             SchedulerMsg::Close { seq } => {
                 st.policy.close(seq);

@@ -1,0 +1,217 @@
+//! Loading Hugging Face checkpoints: every variant's logits match the independent reference forward.
+
+mod common;
+
+use common::reference::{inv_freq, Reference};
+use common::*;
+use troupe_engine::{
+    generate, load_verifier, DeviceKind, Engine, GenerateOptions, ModelConfig, ModelSource, RopeScaling, Verifier,
+    WeightDtype, WindowSpec,
+};
+
+/// f32 end to end: only summation order differs from the reference.
+const TOL: f32 = 1e-3;
+
+/// Loads the checkpoint, runs one step over `tokens` in a window big enough to hold everything, and
+/// returns every row's logits.
+fn engine_logits(ck: &Checkpoint, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let mut engine = Engine::new(ck.load());
+    engine.open(1, WindowSpec::new(4, 256).unwrap(), 0).unwrap();
+    step_all(&mut engine, 1, tokens)
+}
+
+fn check(ck: &Checkpoint, seed: u64, n: usize) -> Vec<Vec<f32>> {
+    let parsed = ModelConfig::from_file(&ck.config_path()).unwrap();
+    assert_eq!(parsed, ck.weights.config, "config.json round trip");
+    let tokens = random_tokens(seed, n, parsed.vocab_size);
+    let got = engine_logits(ck, &tokens);
+    let want = Reference::new(&ck.weights).forward(&tokens);
+    assert_rows_close("engine vs reference", &got, &want, TOL);
+    got
+}
+
+#[test]
+fn qwen3_f32_single_file_matches_reference() {
+    let ck = Checkpoint::write(&qwen3_config(), 11, Format::F32);
+    let tokens = random_tokens(1, 24, 256);
+    let got = check(&ck, 1, 24);
+
+    // The check can fail: a reference that ignored Qwen3's q/k norms (weights reset to 1) is far off.
+    let mut plain = ck.weights.clone();
+    for (name, t) in plain.tensors.iter_mut() {
+        if name.ends_with("q_norm.weight") || name.ends_with("k_norm.weight") {
+            t.data.iter_mut().for_each(|x| *x = 1.0);
+        }
+    }
+    let off = max_rows_diff(&got, &Reference::new(&plain).forward(&tokens));
+    assert!(off > 10.0 * TOL, "q/k norms barely matter ({off}); the test would not notice them");
+}
+
+#[test]
+fn qwen3_bf16_checkpoint_matches_reference_on_rounded_weights() {
+    let ck = Checkpoint::write(&qwen3_config(), 12, Format::BF16);
+    assert_eq!(ck.weights.config.torch_dtype, "bfloat16");
+    let got = check(&ck, 2, 20);
+    // Against the unrounded weights the difference is much larger: the loader really read bf16.
+    let unrounded = random_weights(&qwen3_config(), 12);
+    let tokens = random_tokens(2, 20, 256);
+    let off = max_rows_diff(&got, &Reference::new(&unrounded).forward(&tokens));
+    assert!(off > TOL, "bf16 rounding invisible ({off})");
+}
+
+#[test]
+fn f16_checkpoint_matches_reference_on_rounded_weights() {
+    let ck = Checkpoint::write(&llama_config(), 15, Format::F16);
+    assert_eq!(ck.weights.config.torch_dtype, "float16");
+    check(&ck, 5, 12);
+}
+
+#[test]
+fn bf16_sharded_checkpoint_matches_reference() {
+    let ck = Checkpoint::write(&qwen3_config(), 16, Format { dtype: StoreDtype::Bf16, sharded: true });
+    check(&ck, 6, 9);
+}
+
+#[test]
+fn sharded_checkpoint_matches_reference() {
+    let ck = Checkpoint::write(&qwen3_config(), 13, Format::F32_SHARDED);
+    assert!(ck.path().join("model.safetensors.index.json").exists());
+    assert!(!ck.path().join("model.safetensors").exists());
+    check(&ck, 3, 17);
+}
+
+#[test]
+fn llama3_rope_scaling_untied_head_matches_reference() {
+    let config = llama_config();
+    let ck = Checkpoint::write(&config, 14, Format::F32);
+    assert!(ck.weights.tensors.contains_key("lm_head.weight"));
+    assert!(!ck.weights.tensors.keys().any(|n| n.contains("q_norm")));
+    let n = 48;
+    let got = check(&ck, 4, n);
+    let tokens = random_tokens(4, n, 256);
+
+    // The check can fail: plain RoPE frequencies, or a tied head, give clearly different logits.
+    let mut unscaled = Reference::new(&ck.weights);
+    unscaled.inv_freq = inv_freq(&ModelConfig { rope_scaling: RopeScaling::None, ..config.clone() });
+    let off = max_rows_diff(&got, &unscaled.forward(&tokens));
+    assert!(off > 10.0 * TOL, "llama3 scaling barely matters ({off})");
+    let mut tied = ck.weights.clone();
+    tied.tensors.remove("lm_head.weight");
+    let off = max_rows_diff(&got, &Reference::new(&tied).forward(&tokens));
+    assert!(off > 10.0 * TOL, "untied head barely matters ({off})");
+}
+
+/// `attention_bias: true` gives q, k, v and o projections a bias in transformers' Llama and Qwen3.
+#[test]
+fn attention_bias_checkpoints_match_reference() {
+    for (config, seed) in [(llama_config(), 19), (qwen3_config(), 20)] {
+        let config = ModelConfig { attention_bias: true, ..config };
+        let ck = Checkpoint::write(&config, seed, Format::F32);
+        assert!(ck.weights.tensors.contains_key("model.layers.1.self_attn.o_proj.bias"));
+        check(&ck, 9, 12);
+    }
+}
+
+#[test]
+fn engine_inverse_frequencies_match_the_hf_formula() {
+    for config in [qwen3_config(), llama_config()] {
+        let want = inv_freq(&config);
+        let got = troupe_engine::rope::inv_freq(&config);
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!((g - w).abs() <= 1e-12 * w.abs(), "{:?}: inv_freq[{i}] {g} vs {w}", config.architecture);
+        }
+    }
+    // All three llama3 bands occur in the test config, so the formula is exercised everywhere.
+    let c = llama_config();
+    let plain = inv_freq(&ModelConfig { rope_scaling: RopeScaling::None, ..c.clone() });
+    let scaled = inv_freq(&c);
+    let unchanged = plain.iter().zip(&scaled).filter(|(p, s)| p == s).count();
+    let divided = plain.iter().zip(&scaled).filter(|(p, s)| ((*p / 8.0) - *s).abs() < 1e-15).count();
+    assert!(unchanged > 0 && divided > 0 && unchanged + divided < plain.len(), "{plain:?} -> {scaled:?}");
+}
+
+#[test]
+fn config_accepts_top_level_rope_theta() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.json");
+    // transformers 4 style: rope_theta at the top, no rope_parameters.
+    let mut v = qwen3_config().to_hf_json();
+    let obj = v.as_object_mut().unwrap();
+    obj.remove("rope_parameters");
+    obj.insert("rope_theta".into(), 123_456.0.into());
+    std::fs::write(&path, serde_json::to_string(&v).unwrap()).unwrap();
+    let c = ModelConfig::from_file(&path).unwrap();
+    assert_eq!(c.rope_theta, 123_456.0);
+    assert_eq!(c.rope_scaling, RopeScaling::None);
+    assert_eq!(c, ModelConfig { rope_theta: 123_456.0, ..qwen3_config() });
+
+    // transformers 4 Llama 3.1: top-level rope_theta plus a `rope_scaling` object.
+    let mut v = llama_config().to_hf_json();
+    let obj = v.as_object_mut().unwrap();
+    let mut rope = obj.remove("rope_parameters").unwrap();
+    rope.as_object_mut().unwrap().remove("rope_theta");
+    obj.insert("rope_scaling".into(), rope);
+    obj.insert("rope_theta".into(), llama_config().rope_theta.into());
+    obj.remove("dtype");
+    obj.insert("torch_dtype".into(), "float32".into());
+    std::fs::write(&path, serde_json::to_string(&v).unwrap()).unwrap();
+    assert_eq!(ModelConfig::from_file(&path).unwrap(), llama_config());
+}
+
+/// Kept in bf16 on the device (`AsStored`), activations run in bf16 too: only a loose agreement is
+/// possible, but a wrong layout or a broken cast would be far outside it.
+#[test]
+fn bf16_weights_kept_as_stored_roughly_match_reference() {
+    let ck = Checkpoint::write(&qwen3_config(), 17, Format::BF16);
+    let config = ModelConfig::from_file(&ck.config_path()).unwrap();
+    let model = troupe_engine::load_model::<B>(ck.path(), &config, WeightDtype::AsStored, &Default::default()).unwrap();
+    assert_eq!(model.dtype, burn::tensor::DType::BF16);
+    let mut engine = Engine::new(model);
+    engine.open(1, WindowSpec::new(4, 256).unwrap(), 0).unwrap();
+    let tokens = random_tokens(7, 16, 256);
+    let got = step_all(&mut engine, 1, &tokens);
+    let want = Reference::new(&ck.weights).forward(&tokens);
+    // Observed: about 0.09 on logits of magnitude up to ~8.
+    assert_rows_close("bf16 activations", &got, &want, 0.25);
+    let agree = got.iter().zip(&want).filter(|(g, w)| argmax(g) == argmax(w)).count();
+    assert!(agree * 4 >= tokens.len() * 3, "argmax agrees on {agree} of {} rows", tokens.len());
+}
+
+/// The backend-free entry point loads the same model: `generate` through `load_verifier` gives the
+/// tokens of the directly loaded engine.
+#[test]
+fn load_verifier_from_a_directory() {
+    let ck = Checkpoint::write(&llama_config(), 18, Format::F32_SHARDED);
+    let mut boxed = load_verifier(&ModelSource::Dir(ck.path()), DeviceKind::Cpu, None).unwrap();
+    assert_eq!(boxed.vocab_size(), 256);
+    let opts = GenerateOptions { max_new_tokens: 8, draft_len: 0, ..Default::default() };
+    let prompt = random_tokens(8, 6, 256);
+    let a = generate(boxed.as_mut(), None, &prompt, &opts).unwrap().tokens;
+    let b = generate(&mut Engine::new(ck.load()), None, &prompt, &opts).unwrap().tokens;
+    assert_eq!(a, b);
+    let want: Vec<u32> = {
+        let mut seq = prompt.clone();
+        for _ in 0..8 {
+            let next = argmax(Reference::new(&ck.weights).forward(&seq).last().unwrap());
+            seq.push(next);
+        }
+        seq[prompt.len()..].to_vec()
+    };
+    assert_eq!(a, want, "greedy tokens vs the reference");
+}
+
+/// Random weights of a preset's shape load behind the same interface and decode.
+#[test]
+fn random_tiny_preset_generates() {
+    let config = ModelConfig::preset("tiny").unwrap();
+    let mut v = load_verifier(&ModelSource::Random(config, 3), DeviceKind::Cpu, None).unwrap();
+    assert_eq!(v.vocab_size(), 256);
+    let spec = WindowSpec::new(4, 60).unwrap();
+    assert_eq!(v.kv_bytes(spec), 2 * 2 * 2 * 16 * 64 * 4);
+    let opts = GenerateOptions { max_new_tokens: 5, draft_len: 0, window: spec, ..Default::default() };
+    let g = generate(v.as_mut(), None, &[1, 2, 3], &opts).unwrap();
+    assert_eq!(g.tokens.len(), 5);
+    assert!(g.tokens.iter().all(|&t| t < 256));
+    assert_eq!(g.stats.kv_bytes_per_session, v.kv_bytes(spec));
+}

@@ -1,0 +1,129 @@
+//! Admission and bad input: the KV budget and session cap refuse with typed errors that say by how
+//! much; closing returns bytes; unknown and closed sessions answer with errors, never a hang.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use troupe::actors::scripted::ScriptedModel;
+use troupe::actors::Limit;
+use troupe::{Event, GenerateParams, RuntimeBuilder, RuntimeError, SessionConfig, WindowSpec};
+
+fn scripted() -> RuntimeBuilder {
+    RuntimeBuilder::new(Arc::new(|| Ok(Box::new(ScriptedModel::new(Duration::ZERO).with_slot_bytes(1000)) as _)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kv_budget_refuses_with_the_shortfall_and_closing_returns_bytes() {
+    let window = WindowSpec::new(4, 96).unwrap(); // 100 slots x 1000 bytes
+    let rt = scripted()
+        .default_window(window)
+        .kv_budget_bytes(250_000)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(rt.kv_bytes_per_session(window), 100_000);
+    let a = rt.spawn_session(SessionConfig::default()).await.unwrap();
+    let _b = rt.spawn_session(SessionConfig::default()).await.unwrap();
+    let err = rt.spawn_session(SessionConfig::default()).await.err().unwrap();
+    assert_eq!(
+        err,
+        RuntimeError::AdmissionRefused {
+            limit: Limit::KvBytes,
+            requested: 100_000,
+            available: 50_000,
+            over: 50_000
+        }
+    );
+    assert_eq!(rt.budget().await.unwrap().used_bytes, 200_000);
+    a.close().await.unwrap();
+    assert_eq!(rt.budget().await.unwrap().used_bytes, 100_000);
+    rt.spawn_session(SessionConfig::default()).await.unwrap();
+    // A smaller window fits in what is left.
+    let small = SessionConfig {
+        window: Some(WindowSpec::new(0, 50).unwrap()),
+        ..Default::default()
+    };
+    rt.spawn_session(small).await.unwrap();
+    assert_eq!(rt.budget().await.unwrap().used_bytes, 250_000);
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_cap_refuses_the_next_session() {
+    let rt = scripted().max_sessions(2).build().await.unwrap();
+    rt.spawn_session(SessionConfig::default()).await.unwrap();
+    rt.spawn_session(SessionConfig::default()).await.unwrap();
+    match rt.spawn_session(SessionConfig::default()).await {
+        Err(RuntimeError::AdmissionRefused { limit: Limit::Sessions, over: 1, .. }) => {}
+        other => panic!("expected the session cap, got {:?}", other.map(|s| s.id())),
+    }
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_and_closed_sessions_answer_with_errors() {
+    let rt = scripted().build().await.unwrap();
+    assert_eq!(rt.session(999).await.err(), Some(RuntimeError::UnknownSession(999)));
+    let s = rt.spawn_session(SessionConfig::default()).await.unwrap();
+    let id = s.id();
+    assert!(rt.session(id).await.is_ok());
+    s.close().await.unwrap();
+    assert_eq!(s.close().await.err(), Some(RuntimeError::UnknownSession(id)));
+    assert_eq!(rt.session(id).await.err(), Some(RuntimeError::UnknownSession(id)));
+    // The actor is gone: generate and info fail fast instead of hanging.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let turn = tokio::time::timeout(Duration::from_secs(5), async {
+        match s.generate(vec![1, 2, 3], GenerateParams::default()) {
+            Err(e) => Err(e),
+            Ok(stream) => stream.collect().await.map(|_| ()),
+        }
+    })
+    .await
+    .expect("no hang");
+    assert!(turn.is_err());
+    let info = tokio::time::timeout(Duration::from_secs(5), s.info()).await.expect("no hang");
+    assert_eq!(info.err(), Some(RuntimeError::SessionClosed(id)));
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_prompts_fail_the_turn_and_the_session_lives_on() {
+    let rt = scripted().max_prompt_tokens(8).build().await.unwrap();
+    let s = rt.spawn_session(SessionConfig::default()).await.unwrap();
+    let long: Vec<u32> = (0..9).map(|i| 40 + i).collect();
+    let err = s.generate(long, GenerateParams::default()).unwrap().collect().await.err();
+    assert_eq!(err, Some(RuntimeError::PromptTooLong { tokens: 9, limit: 8 }));
+    let err = s.generate(vec![300], GenerateParams::default()).unwrap().collect().await.err();
+    assert!(matches!(err, Some(RuntimeError::Engine(m)) if m.contains("300")));
+    let err = s.generate("text", GenerateParams::default()).unwrap().collect().await.err();
+    assert_eq!(err, Some(RuntimeError::NoTokenizer));
+    let bad = GenerateParams {
+        temperature: -1.0,
+        ..Default::default()
+    };
+    assert!(s.generate(vec![40], bad).unwrap().collect().await.is_err());
+    // The session still works, and a turn streams tokens before its stats.
+    let params = GenerateParams {
+        max_new_tokens: 5,
+        ..Default::default()
+    };
+    let mut stream = s.generate(vec![40, 41, 42], params).unwrap();
+    use futures::StreamExt;
+    let mut tokens = 0;
+    let mut done = false;
+    while let Some(ev) = stream.next().await {
+        match ev {
+            Event::Tokens { ids, .. } => tokens += ids.len(),
+            Event::Done(stats) => {
+                assert_eq!(stats.tokens, 5);
+                done = true;
+            }
+            Event::Error(e) => panic!("{e}"),
+        }
+    }
+    assert!(done && tokens == 5);
+    let info = s.info().await.unwrap();
+    assert_eq!(info.turns, 1);
+    assert_eq!(info.kv_bytes_bound, rt.kv_bytes_per_session(WindowSpec::default()));
+    rt.shutdown().await;
+}

@@ -1,0 +1,66 @@
+//! Greedy output of every one of 64 concurrent sessions (a real small model, speculative decoding,
+//! pipelined drafts, eviction in the window) is token-exact to that session run alone.
+
+mod common;
+
+use futures::future::join_all;
+use troupe::{GenerateParams, RuntimeBuilder, SchedulerConfig, SessionConfig, WindowSpec};
+
+async fn run_concurrent(config: SchedulerConfig, n: usize, new_tokens: usize) {
+    let dir = common::tiny_model(11, 2);
+    let window = WindowSpec::new(4, 40).unwrap();
+    let rt = RuntimeBuilder::new(common::verifier_factory(dir.path()))
+        .drafter(common::ngram_factory())
+        .default_window(window)
+        .scheduler(config)
+        .build()
+        .await
+        .unwrap();
+    let prompts = common::repetitive_prompts(n);
+    let mut sessions = Vec::new();
+    for _ in 0..n {
+        sessions.push(rt.spawn_session(SessionConfig::default()).await.unwrap());
+    }
+    let params = GenerateParams {
+        max_new_tokens: new_tokens,
+        ..Default::default()
+    };
+    let turns = sessions
+        .iter()
+        .zip(&prompts)
+        .map(|(s, p)| s.generate(p.clone(), params).unwrap().collect());
+    let outputs: Vec<_> = join_all(turns).await.into_iter().map(|r| r.unwrap()).collect();
+    let stats = rt.stats().await.unwrap();
+    for (i, ((tokens, turn), prompt)) in outputs.iter().zip(&prompts).enumerate() {
+        let alone = common::run_alone(dir.path(), prompt, new_tokens, window);
+        assert_eq!(tokens, &alone, "session {i} differs from its run alone");
+        assert_eq!(turn.tokens, new_tokens);
+    }
+    assert!(stats.max_step_seqs > n / 2, "steps did not batch: {stats:?}");
+    assert!(stats.drafted > 0 && stats.accepted > 0, "no speculation happened: {stats:?}");
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_sessions_pipelined_speculation_is_lossless() {
+    let config = SchedulerConfig {
+        max_draft_len: 4,
+        adaptive: false,
+        pipelined: true,
+        ..Default::default()
+    };
+    run_concurrent(config, 64, 24).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adaptive_speculation_under_a_tight_token_budget_is_lossless() {
+    let config = SchedulerConfig {
+        max_step_tokens: 48,
+        prefill_chunk: 16,
+        max_draft_len: 6,
+        adaptive: true,
+        pipelined: true,
+        ..Default::default()
+    };
+    run_concurrent(config, 24, 20).await;
+}
