@@ -9,7 +9,7 @@ pub use troupe_engine as engine;
 pub use troupe_kernels as kernels;
 
 pub use troupe_actors::{
-    ActorKind, Event, FaultPlan, GenerateParams, Persona, Prompt, Runtime, RuntimeBuilder, RuntimeError,
-    SchedulerConfig, SessionConfig, SessionHandle, SessionInfo, TurnStats,
+    ActorKind, Event, FaultPlan, GenerateParams, Persona, Prompt, Runtime, RuntimeBuilder,
+    RuntimeError, SchedulerConfig, SessionConfig, SessionHandle, SessionInfo, TurnStats,
 };
 pub use troupe_engine::{DeviceKind, ModelConfig, Tokenizer, WindowSpec};

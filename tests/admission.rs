@@ -9,7 +9,9 @@ use troupe::actors::Limit;
 use troupe::{Event, GenerateParams, RuntimeBuilder, RuntimeError, SessionConfig, WindowSpec};
 
 fn scripted() -> RuntimeBuilder {
-    RuntimeBuilder::new(Arc::new(|| Ok(Box::new(ScriptedModel::new(Duration::ZERO).with_slot_bytes(1000)) as _)))
+    RuntimeBuilder::new(Arc::new(|| {
+        Ok(Box::new(ScriptedModel::new(Duration::ZERO).with_slot_bytes(1000)) as _)
+    }))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -24,7 +26,11 @@ async fn the_kv_budget_refuses_with_the_shortfall_and_closing_returns_bytes() {
     assert_eq!(rt.kv_bytes_per_session(window), 100_000);
     let a = rt.spawn_session(SessionConfig::default()).await.unwrap();
     let _b = rt.spawn_session(SessionConfig::default()).await.unwrap();
-    let err = rt.spawn_session(SessionConfig::default()).await.err().unwrap();
+    let err = rt
+        .spawn_session(SessionConfig::default())
+        .await
+        .err()
+        .unwrap();
     assert_eq!(
         err,
         RuntimeError::AdmissionRefused {
@@ -54,7 +60,11 @@ async fn the_session_cap_refuses_the_next_session() {
     rt.spawn_session(SessionConfig::default()).await.unwrap();
     rt.spawn_session(SessionConfig::default()).await.unwrap();
     match rt.spawn_session(SessionConfig::default()).await {
-        Err(RuntimeError::AdmissionRefused { limit: Limit::Sessions, over: 1, .. }) => {}
+        Err(RuntimeError::AdmissionRefused {
+            limit: Limit::Sessions,
+            over: 1,
+            ..
+        }) => {}
         other => panic!("expected the session cap, got {:?}", other.map(|s| s.id())),
     }
     rt.shutdown().await;
@@ -63,13 +73,22 @@ async fn the_session_cap_refuses_the_next_session() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_and_closed_sessions_answer_with_errors() {
     let rt = scripted().build().await.unwrap();
-    assert_eq!(rt.session(999).await.err(), Some(RuntimeError::UnknownSession(999)));
+    assert_eq!(
+        rt.session(999).await.err(),
+        Some(RuntimeError::UnknownSession(999))
+    );
     let s = rt.spawn_session(SessionConfig::default()).await.unwrap();
     let id = s.id();
     assert!(rt.session(id).await.is_ok());
     s.close().await.unwrap();
-    assert_eq!(s.close().await.err(), Some(RuntimeError::UnknownSession(id)));
-    assert_eq!(rt.session(id).await.err(), Some(RuntimeError::UnknownSession(id)));
+    assert_eq!(
+        s.close().await.err(),
+        Some(RuntimeError::UnknownSession(id))
+    );
+    assert_eq!(
+        rt.session(id).await.err(),
+        Some(RuntimeError::UnknownSession(id))
+    );
     // The actor is gone: generate and info fail fast instead of hanging.
     tokio::time::sleep(Duration::from_millis(50)).await;
     let turn = tokio::time::timeout(Duration::from_secs(5), async {
@@ -81,7 +100,9 @@ async fn unknown_and_closed_sessions_answer_with_errors() {
     .await
     .expect("no hang");
     assert!(turn.is_err());
-    let info = tokio::time::timeout(Duration::from_secs(5), s.info()).await.expect("no hang");
+    let info = tokio::time::timeout(Duration::from_secs(5), s.info())
+        .await
+        .expect("no hang");
     assert_eq!(info.err(), Some(RuntimeError::SessionClosed(id)));
     rt.shutdown().await;
 }
@@ -91,11 +112,32 @@ async fn bad_prompts_fail_the_turn_and_the_session_lives_on() {
     let rt = scripted().max_prompt_tokens(8).build().await.unwrap();
     let s = rt.spawn_session(SessionConfig::default()).await.unwrap();
     let long: Vec<u32> = (0..9).map(|i| 40 + i).collect();
-    let err = s.generate(long, GenerateParams::default()).unwrap().collect().await.err();
-    assert_eq!(err, Some(RuntimeError::PromptTooLong { tokens: 9, limit: 8 }));
-    let err = s.generate(vec![300], GenerateParams::default()).unwrap().collect().await.err();
+    let err = s
+        .generate(long, GenerateParams::default())
+        .unwrap()
+        .collect()
+        .await
+        .err();
+    assert_eq!(
+        err,
+        Some(RuntimeError::PromptTooLong {
+            tokens: 9,
+            limit: 8
+        })
+    );
+    let err = s
+        .generate(vec![300], GenerateParams::default())
+        .unwrap()
+        .collect()
+        .await
+        .err();
     assert!(matches!(err, Some(RuntimeError::Engine(m)) if m.contains("300")));
-    let err = s.generate("text", GenerateParams::default()).unwrap().collect().await.err();
+    let err = s
+        .generate("text", GenerateParams::default())
+        .unwrap()
+        .collect()
+        .await
+        .err();
     assert_eq!(err, Some(RuntimeError::NoTokenizer));
     let bad = GenerateParams {
         temperature: -1.0,
@@ -124,6 +166,9 @@ async fn bad_prompts_fail_the_turn_and_the_session_lives_on() {
     assert!(done && tokens == 5);
     let info = s.info().await.unwrap();
     assert_eq!(info.turns, 1);
-    assert_eq!(info.kv_bytes_bound, rt.kv_bytes_per_session(WindowSpec::default()));
+    assert_eq!(
+        info.kv_bytes_bound,
+        rt.kv_bytes_per_session(WindowSpec::default())
+    );
     rt.shutdown().await;
 }

@@ -6,24 +6,34 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use troupe::actors::scripted::{ScriptedDrafter, ScriptedModel};
-use troupe::{ActorKind, FaultPlan, GenerateParams, RuntimeBuilder, SchedulerConfig, SessionConfig};
+use troupe::{
+    ActorKind, FaultPlan, GenerateParams, RuntimeBuilder, SchedulerConfig, SessionConfig,
+};
 
 const DELAY_MS: f64 = 50.0;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_sessions_with_a_50ms_verifier_all_complete_and_batch() {
-    let plan = FaultPlan::default().delay(ActorKind::Verifier, "step", Duration::from_millis(DELAY_MS as u64));
-    let rt = RuntimeBuilder::new(Arc::new(|| Ok(Box::new(ScriptedModel::new(Duration::ZERO)) as _)))
-        .drafter(Arc::new(|| Ok(Box::new(ScriptedDrafter::new(150, Duration::ZERO)) as _)))
-        .faults(plan)
-        // The scripted model has no cost per token: let every prefill fit in one step.
-        .scheduler(SchedulerConfig {
-            max_step_tokens: 8192,
-            ..Default::default()
-        })
-        .build()
-        .await
-        .unwrap();
+    let plan = FaultPlan::default().delay(
+        ActorKind::Verifier,
+        "step",
+        Duration::from_millis(DELAY_MS as u64),
+    );
+    let rt = RuntimeBuilder::new(Arc::new(|| {
+        Ok(Box::new(ScriptedModel::new(Duration::ZERO)) as _)
+    }))
+    .drafter(Arc::new(|| {
+        Ok(Box::new(ScriptedDrafter::new(150, Duration::ZERO)) as _)
+    }))
+    .faults(plan)
+    // The scripted model has no cost per token: let every prefill fit in one step.
+    .scheduler(SchedulerConfig {
+        max_step_tokens: 8192,
+        ..Default::default()
+    })
+    .build()
+    .await
+    .unwrap();
     let mut sessions = Vec::new();
     for _ in 0..64 {
         sessions.push(rt.spawn_session(SessionConfig::default()).await.unwrap());
@@ -34,7 +44,10 @@ async fn sixty_four_sessions_with_a_50ms_verifier_all_complete_and_batch() {
     };
     for round in 0..2 {
         let turns = sessions.iter().enumerate().map(|(i, s)| {
-            let prompt: Vec<u32> = format!("persona {i} says hello in round {round}").bytes().map(u32::from).collect();
+            let prompt: Vec<u32> = format!("persona {i} says hello in round {round}")
+                .bytes()
+                .map(u32::from)
+                .collect();
             s.generate(prompt, params).unwrap().collect()
         });
         let results: Vec<_> = join_all(turns).await;
@@ -51,11 +64,21 @@ async fn sixty_four_sessions_with_a_50ms_verifier_all_complete_and_batch() {
         // Stated bound: a turn waits at most one step already in flight when it arrives (50 ms),
         // plus the runtime's own work, which must stay under 40 ms at the median and 60 ms at worst
         // on a loaded 2-core machine.
-        assert!(median < DELAY_MS + 40.0, "median overhead {median:.1} ms, all: {overheads:?}");
-        assert!(max < DELAY_MS + 60.0, "max overhead {max:.1} ms, all: {overheads:?}");
+        assert!(
+            median < DELAY_MS + 40.0,
+            "median overhead {median:.1} ms, all: {overheads:?}"
+        );
+        assert!(
+            max < DELAY_MS + 60.0,
+            "max overhead {max:.1} ms, all: {overheads:?}"
+        );
     }
     let stats = rt.stats().await.unwrap();
-    assert!(stats.max_step_seqs >= 48, "largest step had {} sequences", stats.max_step_seqs);
+    assert!(
+        stats.max_step_seqs >= 48,
+        "largest step had {} sequences",
+        stats.max_step_seqs
+    );
     assert!(stats.accepted > 0);
     rt.shutdown().await;
 }

@@ -29,15 +29,25 @@ async fn run_concurrent(config: SchedulerConfig, n: usize, new_tokens: usize) {
         .iter()
         .zip(&prompts)
         .map(|(s, p)| s.generate(p.clone(), params).unwrap().collect());
-    let outputs: Vec<_> = join_all(turns).await.into_iter().map(|r| r.unwrap()).collect();
+    let outputs: Vec<_> = join_all(turns)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
     let stats = rt.stats().await.unwrap();
     for (i, ((tokens, turn), prompt)) in outputs.iter().zip(&prompts).enumerate() {
         let alone = common::run_alone(dir.path(), prompt, new_tokens, window);
         assert_eq!(tokens, &alone, "session {i} differs from its run alone");
         assert_eq!(turn.tokens, new_tokens);
     }
-    assert!(stats.max_step_seqs > n / 2, "steps did not batch: {stats:?}");
-    assert!(stats.drafted > 0 && stats.accepted > 0, "no speculation happened: {stats:?}");
+    assert!(
+        stats.max_step_seqs > n / 2,
+        "steps did not batch: {stats:?}"
+    );
+    assert!(
+        stats.drafted > 0 && stats.accepted > 0,
+        "no speculation happened: {stats:?}"
+    );
     rt.shutdown().await;
 }
 
@@ -47,6 +57,8 @@ async fn sixty_four_sessions_pipelined_speculation_is_lossless() {
         max_draft_len: 4,
         adaptive: false,
         pipelined: true,
+        // Wait for drafts however loaded the machine is, so speculation surely happens.
+        draft_wait_s: Some(10.0),
         ..Default::default()
     };
     run_concurrent(config, 64, 24).await;
@@ -60,6 +72,8 @@ async fn adaptive_speculation_under_a_tight_token_budget_is_lossless() {
         max_draft_len: 6,
         adaptive: true,
         pipelined: true,
+        // Wait for drafts however loaded the machine is, so speculation surely happens.
+        draft_wait_s: Some(10.0),
         ..Default::default()
     };
     run_concurrent(config, 24, 20).await;

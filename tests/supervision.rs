@@ -6,9 +6,21 @@ mod common;
 use std::time::Duration;
 
 use futures::future::join_all;
-use troupe::{ActorKind, FaultPlan, GenerateParams, RuntimeBuilder, SchedulerConfig, SessionConfig, WindowSpec};
+use troupe::{
+    ActorKind, FaultPlan, GenerateParams, RuntimeBuilder, SchedulerConfig, SessionConfig,
+    WindowSpec,
+};
 
-async fn run_with(plan: FaultPlan, step_timeout: Duration) -> (Vec<Vec<u32>>, troupe::actors::SchedulerStats, Vec<Vec<u32>>, std::path::PathBuf, tempfile::TempDir) {
+async fn run_with(
+    plan: FaultPlan,
+    step_timeout: Duration,
+) -> (
+    Vec<Vec<u32>>,
+    troupe::actors::SchedulerStats,
+    Vec<Vec<u32>>,
+    std::path::PathBuf,
+    tempfile::TempDir,
+) {
     let dir = common::tiny_model(5, 2);
     let window = WindowSpec::new(4, 32).unwrap();
     let rt = RuntimeBuilder::new(common::verifier_factory(dir.path()))
@@ -17,6 +29,8 @@ async fn run_with(plan: FaultPlan, step_timeout: Duration) -> (Vec<Vec<u32>>, tr
         .scheduler(SchedulerConfig {
             max_draft_len: 3,
             adaptive: false,
+            // Wait for drafts however loaded the machine is, so speculation surely happens.
+            draft_wait_s: Some(10.0),
             ..Default::default()
         })
         .faults(plan)
@@ -33,13 +47,24 @@ async fn run_with(plan: FaultPlan, step_timeout: Duration) -> (Vec<Vec<u32>>, tr
         max_new_tokens: 30,
         ..Default::default()
     };
-    let turns = sessions.iter().zip(&prompts).map(|(s, p)| s.generate(p.clone(), params).unwrap().collect());
+    let turns = sessions
+        .iter()
+        .zip(&prompts)
+        .map(|(s, p)| s.generate(p.clone(), params).unwrap().collect());
     let outputs = join_all(turns)
         .await
         .into_iter()
         .map(|r| r.expect("every session finishes").0)
         .collect();
-    let stats = rt.stats().await.unwrap();
+    // A restart is reported asynchronously; give it a moment to land after the last turn.
+    let mut stats = rt.stats().await.unwrap();
+    for _ in 0..50 {
+        if stats.verifier_restarts + stats.proposer_restarts > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        stats = rt.stats().await.unwrap();
+    }
     rt.shutdown().await;
     let path = dir.path().to_path_buf();
     (outputs, stats, prompts, path, dir)

@@ -57,7 +57,11 @@ impl CostModel {
         if var < 1e-9 {
             return; // every step had the same size: the slope is unknown, keep the last fit
         }
-        let cov = self.samples.iter().map(|s| (s.0 - mx) * (s.1 - my)).sum::<f64>();
+        let cov = self
+            .samples
+            .iter()
+            .map(|s| (s.0 - mx) * (s.1 - my))
+            .sum::<f64>();
         self.b = (cov / var).max(0.0);
         self.a = (my - self.b * mx).max(0.0);
         self.fitted = true;

@@ -26,7 +26,9 @@ impl std::fmt::Display for Limit {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum RuntimeError {
     /// Admission control refused a new session: `requested` would exceed `limit` by `over`.
-    #[error("admission refused by the {limit}: needs {requested}, {available} available ({over} over)")]
+    #[error(
+        "admission refused by the {limit}: needs {requested}, {available} available ({over} over)"
+    )]
     AdmissionRefused {
         /// The limit that refused.
         limit: Limit,

@@ -64,7 +64,9 @@ impl TurnStream {
                 Event::Error(e) => return Err(e),
             }
         }
-        Err(RuntimeError::ActorUnavailable("the session stopped mid-turn".into()))
+        Err(RuntimeError::ActorUnavailable(
+            "the session stopped mid-turn".into(),
+        ))
     }
 }
 

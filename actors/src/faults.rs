@@ -108,7 +108,13 @@ impl FaultPlan {
     }
 
     /// Delays every matching message by `fixed` plus up to `jitter`.
-    pub fn jittered_delay(self, actor: ActorKind, message: &str, fixed: Duration, jitter: Duration) -> Self {
+    pub fn jittered_delay(
+        self,
+        actor: ActorKind,
+        message: &str,
+        fixed: Duration,
+        jitter: Duration,
+    ) -> Self {
         self.rule(FaultRule {
             actor,
             message: message.into(),
@@ -121,7 +127,9 @@ impl FaultPlan {
         self.rule(FaultRule {
             actor,
             message: message.into(),
-            action: FaultAction::Drop { every: every.max(1) },
+            action: FaultAction::Drop {
+                every: every.max(1),
+            },
         })
     }
 
@@ -130,7 +138,9 @@ impl FaultPlan {
         self.rule(FaultRule {
             actor,
             message: message.into(),
-            action: FaultAction::PanicAfter { after: after.max(1) },
+            action: FaultAction::PanicAfter {
+                after: after.max(1),
+            },
         })
     }
 
@@ -157,7 +167,11 @@ impl FaultPlan {
             return verdict;
         }
         let n = {
-            let mut c = self.state.counters.lock().unwrap_or_else(|e| e.into_inner());
+            let mut c = self
+                .state
+                .counters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             let n = c.entry((actor, message.to_owned())).or_insert(0);
             *n += 1;
             *n
@@ -198,11 +212,18 @@ mod tests {
         let plan = FaultPlan::default()
             .panic_after(ActorKind::Verifier, "step", 3)
             .drop_every(ActorKind::Proposer, "draft", 2);
-        let panics: Vec<bool> = (0..6).map(|_| plan.check(ActorKind::Verifier, "step").panic).collect();
+        let panics: Vec<bool> = (0..6)
+            .map(|_| plan.check(ActorKind::Verifier, "step").panic)
+            .collect();
         assert_eq!(panics, vec![false, false, true, false, false, false]);
-        let drops: Vec<bool> = (0..4).map(|_| plan.check(ActorKind::Proposer, "draft").drop).collect();
+        let drops: Vec<bool> = (0..4)
+            .map(|_| plan.check(ActorKind::Proposer, "draft").drop)
+            .collect();
         assert_eq!(drops, vec![false, true, false, true]);
-        assert_eq!(plan.check(ActorKind::Session, "generate"), Verdict::default());
+        assert_eq!(
+            plan.check(ActorKind::Session, "generate"),
+            Verdict::default()
+        );
     }
 
     #[test]
@@ -215,7 +236,10 @@ mod tests {
         );
         for _ in 0..50 {
             let d = plan.check(ActorKind::Verifier, "step").delay;
-            assert!(d >= Duration::from_millis(10) && d <= Duration::from_millis(15), "{d:?}");
+            assert!(
+                d >= Duration::from_millis(10) && d <= Duration::from_millis(15),
+                "{d:?}"
+            );
         }
     }
 }

@@ -28,14 +28,24 @@ pub struct BudgetInfo {
     pub budget_bytes: u64,
 }
 
+/// A session the manager has just started.
+pub struct Spawned {
+    /// Its id.
+    pub id: SessionId,
+    /// Its actor.
+    pub actor: ActorRef<SessionMsg>,
+    /// Its window.
+    pub window: WindowSpec,
+}
+
 /// Messages of the manager.
 pub enum ManagerMsg {
     /// Admit and spawn a session.
     Spawn {
         /// Its configuration.
         config: SessionConfig,
-        /// Id, actor and window of the new session.
-        reply: RpcReplyPort<Result<(SessionId, ActorRef<SessionMsg>, WindowSpec), RuntimeError>>,
+        /// The new session.
+        reply: RpcReplyPort<Result<Spawned, RuntimeError>>,
     },
     /// Close a session and return its bytes.
     Close {
@@ -136,7 +146,11 @@ impl Actor for ManagerActor {
     type State = ManagerState;
     type Arguments = ManagerArgs;
 
-    async fn pre_start(&self, _myself: ActorRef<Self::Msg>, args: ManagerArgs) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: ManagerArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
         Ok(ManagerState {
             args,
             next_id: 1,
@@ -146,7 +160,12 @@ impl Actor for ManagerActor {
         })
     }
 
-    async fn handle(&self, myself: ActorRef<Self::Msg>, msg: Self::Msg, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             ManagerMsg::Spawn { config, reply } => {
                 let window = config.window.unwrap_or(st.args.default_window);
@@ -167,11 +186,12 @@ impl Actor for ManagerActor {
                             scheduler: st.args.scheduler.clone(),
                             faults: st.args.faults.clone(),
                         };
-                        match Actor::spawn_linked(None, SessionActor, args, myself.get_cell()).await {
+                        match Actor::spawn_linked(None, SessionActor, args, myself.get_cell()).await
+                        {
                             Ok((actor, _)) => {
                                 st.sessions.insert(id, (actor.clone(), bytes));
                                 st.used += bytes;
-                                Ok((id, actor, window))
+                                Ok(Spawned { id, actor, window })
                             }
                             Err(e) => Err(RuntimeError::from(e)),
                         }
@@ -215,7 +235,12 @@ impl Actor for ManagerActor {
         Ok(())
     }
 
-    async fn handle_supervisor_evt(&self, _myself: ActorRef<Self::Msg>, evt: SupervisionEvent, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        evt: SupervisionEvent,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         let cell = match evt {
             SupervisionEvent::ActorFailed(cell, err) => {
                 tracing::warn!(error = %err, "a session failed; its window is released");

@@ -193,6 +193,9 @@ pub struct SchedulerStats {
     pub proposer_restarts: u64,
 }
 
+/// A sequence's place in a step: (sequence, tokens fed, drafted tokens).
+type Chosen = (SeqId, usize, Vec<u32>);
+
 /// The scheduler's state.
 #[derive(Debug)]
 pub struct SchedulerState {
@@ -200,7 +203,7 @@ pub struct SchedulerState {
     pub config: SchedulerConfig,
     seqs: BTreeMap<SeqId, SeqEntry>,
     rr: u64,
-    in_flight: Option<(u64, Vec<(SeqId, usize, Vec<u32>)>)>,
+    in_flight: Option<(u64, Vec<Chosen>)>,
     next_id: u64,
     /// Step-time model.
     pub cost: CostModel,
@@ -258,7 +261,10 @@ impl SchedulerState {
 
     /// Starts a turn: `tokens` join the sequence's history and will be prefilled.
     pub fn submit(&mut self, seq: SeqId, tokens: &[u32], turn: Turn) -> Result<(), String> {
-        let e = self.seqs.get_mut(&seq).ok_or_else(|| format!("unknown sequence {seq}"))?;
+        let e = self
+            .seqs
+            .get_mut(&seq)
+            .ok_or_else(|| format!("unknown sequence {seq}"))?;
         if e.turn.is_some() {
             return Err(format!("sequence {seq} already has a turn in progress"));
         }
@@ -342,18 +348,30 @@ impl SchedulerState {
         let order: Vec<SeqId> = ids[start..].iter().chain(&ids[..start]).copied().collect();
         let cfg = self.config.clone();
         let mut budget = cfg.max_step_tokens.max(1);
-        let mut chosen: Vec<(SeqId, usize, Vec<u32>)> = Vec::new(); // (seq, fed, draft)
+        let mut chosen: Vec<Chosen> = Vec::new();
 
         let prefill_waiting = order.iter().any(|id| self.seqs[id].pending() > 1);
-        let reserve = if prefill_waiting { cfg.prefill_chunk.min(budget / 4).max(1) } else { 0 };
+        let reserve = if prefill_waiting {
+            cfg.prefill_chunk.min(budget / 4).max(1)
+        } else {
+            0
+        };
+        // A waiting prompt also keeps one seat, or decoders filling `max_step_seqs` would starve it.
+        let seat = usize::from(prefill_waiting && cfg.max_step_seqs > 1);
         // Decoding sequences first: one token each.
         for &id in &order {
             let e = &self.seqs[&id];
-            if e.pending() == 1 && chosen.len() < cfg.max_step_seqs && budget > reserve {
+            if e.pending() == 1 && chosen.len() + seat < cfg.max_step_seqs && budget > reserve {
                 chosen.push((id, 1, Vec::new()));
                 budget -= 1;
             }
         }
+        let decoders = chosen.len();
+        let decoders_left_out = order
+            .iter()
+            .filter(|id| self.seqs[*id].pending() == 1)
+            .count()
+            > decoders;
         // Then prefill chunks with what is left.
         for &id in &order {
             let e = &self.seqs[&id];
@@ -366,10 +384,16 @@ impl SchedulerState {
         if chosen.is_empty() {
             return None;
         }
-        // Drafts fill the rest, each truncated to what the budget still allows.
+        // Drafts fill the rest, each truncated to what the budget still allows. Only a chunk that
+        // reaches the end of the history samples, so only it can carry a draft.
         for c in chosen.iter_mut().filter(|c| c.1 == 1) {
             let e = &self.seqs[&c.0];
-            if let Some(r) = e.ready.as_ref().filter(|r| r.at == e.history.len()) {
+            let at_end = e.committed + c.1 == e.history.len();
+            if let Some(r) = e
+                .ready
+                .as_ref()
+                .filter(|r| at_end && r.at == e.history.len())
+            {
                 let remaining = e.turn.as_ref().map_or(0, |t| t.remaining);
                 let n = r.tokens.len().min(budget).min(remaining.saturating_sub(1));
                 c.2 = r.tokens[..n].to_vec();
@@ -378,16 +402,30 @@ impl SchedulerState {
         }
         let id = self.next_id;
         self.next_id += 1;
-        self.rr = chosen.first().map(|c| c.0 + 1).unwrap_or(0);
+        // When decoders were left out, the next step starts after the last one served (round
+        // robin); otherwise after the first, which rotates who gets draft budget first.
+        let last = if decoders_left_out && decoders > 0 {
+            chosen.get(decoders - 1)
+        } else {
+            chosen.first()
+        };
+        self.rr = last.map(|c| c.0 + 1).unwrap_or(0);
         let mut works = Vec::with_capacity(chosen.len());
         let mut tokens = 0;
         for (seq, fed, draft) in &chosen {
             let e = self.seqs.get_mut(seq).expect("chosen from the map");
             e.in_step = true;
-            let turn = e.turn.as_ref().expect("only sequences with a turn are chosen");
+            let turn = e
+                .turn
+                .as_ref()
+                .expect("only sequences with a turn are chosen");
             let fed_tokens = e.history[e.committed..e.committed + fed].to_vec();
             let sample = e.committed + fed == e.history.len();
-            let probs = e.ready.take().and_then(|r| r.probs).map(|p| p[..draft.len()].to_vec());
+            let probs = e
+                .ready
+                .take()
+                .and_then(|r| r.probs)
+                .map(|p| p[..draft.len()].to_vec());
             tokens += fed + draft.len();
             works.push(VerifyWork {
                 seq: *seq,
@@ -424,7 +462,9 @@ impl SchedulerState {
                 .turn
                 .as_ref()
                 .map_or(0, |t| t.remaining.saturating_sub(draft.len() + 1));
-            let k = self.draft_len(e, decoding).min(remaining_after.saturating_sub(1));
+            let k = self
+                .draft_len(e, decoding)
+                .min(remaining_after.saturating_sub(1));
             if k == 0 {
                 continue;
             }
@@ -448,7 +488,12 @@ impl SchedulerState {
     }
 
     /// Applies a finished step. Returns what each sequence emitted and the fresh drafts to order.
-    pub fn on_step_done(&mut self, id: u64, outcomes: &[VerifyOutcome], seconds: f64) -> (Vec<Emission>, Vec<DraftOrder>) {
+    pub fn on_step_done(
+        &mut self,
+        id: u64,
+        outcomes: &[VerifyOutcome],
+        seconds: f64,
+    ) -> (Vec<Emission>, Vec<DraftOrder>) {
         let Some((fid, chosen)) = self.in_flight.take() else {
             return (Vec::new(), Vec::new());
         };
@@ -469,7 +514,9 @@ impl SchedulerState {
         self.stats.tokens += step_tokens as u64;
         let mut emissions = Vec::new();
         for (o, (seq, fed, draft)) in outcomes.iter().zip(&chosen) {
-            let Some(e) = self.seqs.get_mut(seq) else { continue };
+            let Some(e) = self.seqs.get_mut(seq) else {
+                continue;
+            };
             e.in_step = false;
             debug_assert_eq!(o.seq, *seq);
             let accepted = o.accepted.min(draft.len());
@@ -513,7 +560,9 @@ impl SchedulerState {
         let ids: Vec<SeqId> = chosen.iter().map(|c| c.0).collect();
         for seq in ids {
             self.promote(seq);
-            let Some(e) = self.seqs.get(&seq) else { continue };
+            let Some(e) = self.seqs.get(&seq) else {
+                continue;
+            };
             if !e.is_decoding() || e.ready.as_ref().is_some_and(|r| r.at == e.history.len()) {
                 continue;
             }
@@ -578,7 +627,9 @@ impl SchedulerState {
     pub fn on_drafts(&mut self, replies: Vec<DraftReply>) {
         for r in replies {
             let seq = r.order.seq;
-            let Some(e) = self.seqs.get_mut(&seq) else { continue };
+            let Some(e) = self.seqs.get_mut(&seq) else {
+                continue;
+            };
             if !r.order.pipelined {
                 if r.order.base_len == e.history.len() && !r.draft.tokens.is_empty() {
                     e.ready = Some(ReadyDraft {
@@ -590,7 +641,11 @@ impl SchedulerState {
                 if e.awaiting == Some(r.order.base_len) {
                     e.awaiting = None;
                 }
-            } else if e.pipe.as_ref().is_some_and(|p| p.base_len == r.order.base_len && p.assumed == r.order.assumed) {
+            } else if e
+                .pipe
+                .as_ref()
+                .is_some_and(|p| p.base_len == r.order.base_len && p.assumed == r.order.assumed)
+            {
                 let req = e.pipe.clone().expect("checked");
                 e.pipe_reply = Some((req, r.draft));
                 self.promote(seq);
@@ -601,11 +656,15 @@ impl SchedulerState {
     /// Turns a pipelined draft into a ready one if its block was accepted whole and its first token
     /// guessed the verifier's own token.
     fn promote(&mut self, seq: SeqId) {
-        let Some(e) = self.seqs.get_mut(&seq) else { return };
+        let Some(e) = self.seqs.get_mut(&seq) else {
+            return;
+        };
         if e.in_step {
             return;
         }
-        let Some((req, draft)) = e.pipe_reply.take() else { return };
+        let Some((req, draft)) = e.pipe_reply.take() else {
+            return;
+        };
         e.pipe = None;
         let end = req.base_len + req.assumed.len();
         let hit = e.history.len() == end + 1
@@ -655,3 +714,7 @@ impl SchedulerState {
             .unwrap_or_default()
     }
 }
+
+#[cfg(test)]
+#[path = "policy_tests.rs"]
+mod tests;

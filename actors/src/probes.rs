@@ -14,7 +14,7 @@ pub fn init_json(path: &Path) -> bool {
     tracing_subscriber::fmt()
         .json()
         .with_span_events(FmtSpan::CLOSE)
-        .with_current_span(false)
+        .with_current_span(true)
         .with_writer(std::sync::Mutex::new(file))
         .with_max_level(tracing::Level::INFO)
         .try_init()

@@ -71,7 +71,11 @@ impl Actor for ProposerActor {
     type State = Worker<Job>;
     type Arguments = ProposerArgs;
 
-    async fn pre_start(&self, myself: ActorRef<Self::Msg>, args: ProposerArgs) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: ProposerArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
         let ProposerArgs {
             drafter,
             scheduler,
@@ -122,7 +126,9 @@ impl Actor for ProposerActor {
                                 .collect();
                             let _ = scheduler.cast(SchedulerMsg::Drafts(replies));
                         }
-                        Err(e) => tracing::warn!(error = %e, "drafting failed; sequences decode plainly"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "drafting failed; sequences decode plainly")
+                        }
                     }
                 }
             },
@@ -133,13 +139,20 @@ impl Actor for ProposerActor {
         Ok(worker)
     }
 
-    async fn handle(&self, _myself: ActorRef<Self::Msg>, msg: Self::Msg, worker: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        worker: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         let job = match msg {
             ProposerMsg::Open { seq, spec, seed } => Job::Open(seq, spec, seed),
             ProposerMsg::Close { seq } => Job::Close(seq),
             ProposerMsg::Observe { seq, tokens } => Job::Observe(seq, tokens),
             ProposerMsg::Draft(orders) => Job::Draft(orders),
-            ProposerMsg::ThreadFailed(why) => return Err(format!("proposer thread panicked: {why}").into()),
+            ProposerMsg::ThreadFailed(why) => {
+                return Err(format!("proposer thread panicked: {why}").into())
+            }
         };
         if !worker.send(job) {
             return Err("proposer thread has stopped".into());

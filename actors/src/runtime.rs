@@ -25,9 +25,11 @@ use troupe_engine::{Tokenizer, WindowSpec};
 use crate::error::RuntimeError;
 use crate::events::{SessionInfo, TurnStream};
 use crate::faults::FaultPlan;
-use crate::manager::{BudgetInfo, ManagerActor, ManagerArgs, ManagerMsg};
+use crate::manager::{BudgetInfo, ManagerActor, ManagerArgs, ManagerMsg, Spawned};
 use crate::policy::{SchedulerConfig, SchedulerStats};
-use crate::scheduler::{DrafterFactory, SchedulerActor, SchedulerArgs, SchedulerMsg, VerifierFactory};
+use crate::scheduler::{
+    DrafterFactory, SchedulerActor, SchedulerArgs, SchedulerMsg, VerifierFactory,
+};
 use crate::session::{GenerateParams, Prompt, SessionConfig, SessionMsg};
 use crate::SessionId;
 
@@ -200,7 +202,11 @@ pub struct Runtime {
     inner: Arc<Inner>,
 }
 
-async fn ask<M, T>(actor: &ActorRef<M>, what: &str, build: impl FnOnce(ractor::RpcReplyPort<T>) -> M) -> Result<T, RuntimeError>
+async fn ask<M, T>(
+    actor: &ActorRef<M>,
+    what: &str,
+    build: impl FnOnce(ractor::RpcReplyPort<T>) -> M,
+) -> Result<T, RuntimeError>
 where
     M: ractor::Message,
     T: Send + 'static,
@@ -215,8 +221,14 @@ where
 impl Runtime {
     /// Admits and starts a session. Refused with [`RuntimeError::AdmissionRefused`] past the
     /// session cap or the KV budget.
-    pub async fn spawn_session(&self, config: SessionConfig) -> Result<SessionHandle, RuntimeError> {
-        let (id, actor, window) = ask(&self.inner.manager, "manager", |reply| ManagerMsg::Spawn { config, reply }).await??;
+    pub async fn spawn_session(
+        &self,
+        config: SessionConfig,
+    ) -> Result<SessionHandle, RuntimeError> {
+        let Spawned { id, actor, window } = ask(&self.inner.manager, "manager", |reply| {
+            ManagerMsg::Spawn { config, reply }
+        })
+        .await??;
         Ok(SessionHandle {
             id,
             window,
@@ -227,7 +239,11 @@ impl Runtime {
 
     /// The handle of an open session.
     pub async fn session(&self, id: SessionId) -> Result<SessionHandle, RuntimeError> {
-        let actor = ask(&self.inner.manager, "manager", |reply| ManagerMsg::Lookup { id, reply }).await??;
+        let actor = ask(&self.inner.manager, "manager", |reply| ManagerMsg::Lookup {
+            id,
+            reply,
+        })
+        .await??;
         Ok(SessionHandle {
             id,
             window: WindowSpec::default(),
@@ -292,7 +308,11 @@ impl SessionHandle {
     }
 
     /// Starts a turn (queued behind the session's earlier turns) and returns its event stream.
-    pub fn generate(&self, prompt: impl Into<Prompt>, params: GenerateParams) -> Result<TurnStream, RuntimeError> {
+    pub fn generate(
+        &self,
+        prompt: impl Into<Prompt>,
+        params: GenerateParams,
+    ) -> Result<TurnStream, RuntimeError> {
         let (tx, rx) = mpsc::unbounded_channel();
         self.actor
             .cast(SessionMsg::Generate {
@@ -314,6 +334,10 @@ impl SessionHandle {
     /// Closes the session and returns its bytes to the budget.
     pub async fn close(&self) -> Result<(), RuntimeError> {
         let id = self.id;
-        ask(&self.manager, "manager", |reply| ManagerMsg::Close { id, reply }).await?
+        ask(&self.manager, "manager", |reply| ManagerMsg::Close {
+            id,
+            reply,
+        })
+        .await?
     }
 }

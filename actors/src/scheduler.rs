@@ -11,7 +11,9 @@ use troupe_engine::drafter::Drafter;
 use troupe_engine::{EngineError, SeqId, Verifier, VerifyOutcome, WindowSpec};
 
 use crate::faults::{ActorKind, FaultPlan};
-use crate::policy::{DraftOrder, DraftReply, SchedulerConfig, SchedulerState, SchedulerStats, Turn};
+use crate::policy::{
+    DraftOrder, DraftReply, SchedulerConfig, SchedulerState, SchedulerStats, Turn,
+};
 use crate::proposer::{ProposerActor, ProposerArgs, ProposerMsg};
 use crate::session::SessionMsg;
 use crate::verifier_actor::{VerifierActor, VerifierArgs, VerifierMsg};
@@ -121,7 +123,11 @@ impl Actor for SchedulerActor {
     type State = SchedulerActorState;
     type Arguments = SchedulerArgs;
 
-    async fn pre_start(&self, myself: ActorRef<Self::Msg>, args: SchedulerArgs) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: SchedulerArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
         let (verifier, _) = Actor::spawn_linked(
             None,
             VerifierActor,
@@ -168,7 +174,12 @@ impl Actor for SchedulerActor {
         })
     }
 
-    async fn handle(&self, myself: ActorRef<Self::Msg>, msg: Self::Msg, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             SchedulerMsg::Open {
                 seq,
@@ -183,7 +194,14 @@ impl Actor for SchedulerActor {
                 if let Some(p) = &st.proposer {
                     let _ = p.cast(ProposerMsg::Open { seq, spec, seed });
                 }
-                st.seqs.insert(seq, SeqInfo { spec, seed, session });
+                st.seqs.insert(
+                    seq,
+                    SeqInfo {
+                        spec,
+                        seed,
+                        session,
+                    },
+                );
             }
             SchedulerMsg::Submit { seq, tokens, turn } => {
                 let verdict = st.faults.check(ActorKind::Scheduler, "submit");
@@ -220,7 +238,11 @@ impl Actor for SchedulerActor {
                 }
                 st.pump(&myself);
             }
-            SchedulerMsg::StepDone { id, result, seconds } => {
+            SchedulerMsg::StepDone {
+                id,
+                result,
+                seconds,
+            } => {
                 let verdict = st.faults.check(ActorKind::Scheduler, "step_done");
                 if !verdict.delay.is_zero() {
                     tokio::time::sleep(verdict.delay).await;
@@ -255,10 +277,17 @@ impl Actor for SchedulerActor {
         Ok(())
     }
 
-    async fn handle_supervisor_evt(&self, myself: ActorRef<Self::Msg>, evt: SupervisionEvent, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        evt: SupervisionEvent,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         let (cell, why) = match evt {
             SupervisionEvent::ActorFailed(cell, err) => (cell, err.to_string()),
-            SupervisionEvent::ActorTerminated(cell, _, reason) => (cell, reason.unwrap_or_default()),
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                (cell, reason.unwrap_or_default())
+            }
             _ => return Ok(()),
         };
         let id = cell.get_id();
@@ -279,7 +308,11 @@ impl SchedulerActorState {
     /// Dispatches the next step if the verifier is free, there is work, and no draft is worth
     /// waiting for any longer.
     fn pump(&mut self, myself: &ActorRef<SchedulerMsg>) {
-        let Some(verifier) = self.verifier.clone() else { return };
+        let Some(verifier) = self.verifier.clone() else {
+            // Restarts happen inside one message, so no verifier here means none is coming back.
+            self.fail_all("no verifier is running");
+            return;
+        };
         if self.policy.busy() || !self.policy.has_work() {
             self.check_drained();
             return;
@@ -313,7 +346,12 @@ impl SchedulerActorState {
                 );
             }
         }
-        tracing::debug!(step = step.id, seqs = step.works.len(), tokens = step.tokens, "dispatch");
+        tracing::debug!(
+            step = step.id,
+            seqs = step.works.len(),
+            tokens = step.tokens,
+            "dispatch"
+        );
         self.step_started = Instant::now();
         let id = step.id;
         let _ = verifier.cast(VerifierMsg::Step {
@@ -334,7 +372,13 @@ impl SchedulerActorState {
         }
     }
 
-    fn step_done(&mut self, myself: &ActorRef<SchedulerMsg>, id: u64, result: Result<Vec<VerifyOutcome>, String>, seconds: f64) {
+    fn step_done(
+        &mut self,
+        myself: &ActorRef<SchedulerMsg>,
+        id: u64,
+        result: Result<Vec<VerifyOutcome>, String>,
+        seconds: f64,
+    ) {
         if self.policy.in_flight_id() != Some(id) {
             return; // a step from before a restart
         }
@@ -349,7 +393,8 @@ impl SchedulerActorState {
                         let _ = info.session.cast(SessionMsg::TurnFailed(e.clone()));
                     }
                 }
-                if let Some(v) = self.verifier.take() {
+                // Stopping it makes the supervisor event restart it and rebuild every window.
+                if let Some(v) = &self.verifier {
                     v.stop(Some("step failed".into()));
                 }
                 return;
@@ -378,8 +423,12 @@ impl SchedulerActorState {
         self.pump(myself);
     }
 
-    async fn restart_verifier(&mut self, myself: &ActorRef<SchedulerMsg>) -> Result<(), ActorProcessingErr> {
+    async fn restart_verifier(
+        &mut self,
+        myself: &ActorRef<SchedulerMsg>,
+    ) -> Result<(), ActorProcessingErr> {
         if self.policy.stats.verifier_restarts >= self.max_restarts {
+            self.policy.verifier_restarted();
             self.fail_all("the verifier failed too often and was not restarted");
             return Ok(());
         }
@@ -388,10 +437,12 @@ impl SchedulerActorState {
         let model = match tokio::task::spawn_blocking(move || factory()).await {
             Ok(Ok(m)) => m,
             Ok(Err(e)) => {
+                self.policy.verifier_restarted();
                 self.fail_all(&format!("the verifier could not be rebuilt: {e}"));
                 return Ok(());
             }
             Err(e) => {
+                self.policy.verifier_restarted();
                 self.fail_all(&format!("the verifier could not be rebuilt: {e}"));
                 return Ok(());
             }
@@ -419,7 +470,10 @@ impl SchedulerActorState {
         Ok(())
     }
 
-    async fn restart_proposer(&mut self, myself: &ActorRef<SchedulerMsg>) -> Result<(), ActorProcessingErr> {
+    async fn restart_proposer(
+        &mut self,
+        myself: &ActorRef<SchedulerMsg>,
+    ) -> Result<(), ActorProcessingErr> {
         self.policy.proposer_restarted();
         let Some(factory) = self.drafter_factory.clone() else {
             return Ok(());
@@ -471,7 +525,9 @@ impl SchedulerActorState {
     }
 
     fn fail_all(&mut self, why: &str) {
-        tracing::error!(reason = why, "failing every active turn");
+        if self.policy.active() > 0 {
+            tracing::error!(reason = why, "failing every active turn");
+        }
         for seq in self.policy.seq_ids() {
             if self.policy.seq(seq).is_some_and(|e| e.turn.is_some()) {
                 if let Some(info) = self.seqs.get(&seq) {

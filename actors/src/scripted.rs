@@ -23,7 +23,11 @@ pub const DEFAULT_SLOT_BYTES: u64 = 2 * 28 * 8 * 128 * 2;
 /// readable, and depends on two tokens, so an n-gram drafter can learn it.
 pub fn next_token(a: u32, b: u32, vocab: u32) -> u32 {
     let span = vocab.saturating_sub(32).max(1);
-    32 + (a.wrapping_mul(31).wrapping_add(b.wrapping_mul(17)).wrapping_add(7)) % span
+    32 + (a
+        .wrapping_mul(31)
+        .wrapping_add(b.wrapping_mul(17))
+        .wrapping_add(7))
+        % span
 }
 
 #[derive(Debug, Clone)]
@@ -137,7 +141,10 @@ impl Verifier for ScriptedModel {
                     .get_mut(&w.seq)
                     .ok_or(EngineError::UnknownSequence(w.seq))?;
                 if w.fed.is_empty() {
-                    return Err(EngineError::InvalidStep(format!("sequence {} has no tokens", w.seq)));
+                    return Err(EngineError::InvalidStep(format!(
+                        "sequence {} has no tokens",
+                        w.seq
+                    )));
                 }
                 if let Some(&t) = w.fed.iter().chain(&w.draft).find(|&&t| t as usize >= vocab) {
                     return Err(EngineError::TokenOutOfRange { token: t, vocab });
@@ -156,10 +163,19 @@ impl Verifier for ScriptedModel {
                         }
                     }
                     let acc = if w.params.is_greedy() {
-                        let argmaxes: Vec<u32> = rows.iter().map(|r| troupe_engine::sampling::argmax(r)).collect();
+                        let argmaxes: Vec<u32> = rows
+                            .iter()
+                            .map(|r| troupe_engine::sampling::argmax(r))
+                            .collect();
                         accept_greedy(&w.draft, &argmaxes)
                     } else {
-                        accept_sampled(&w.draft, w.draft_probs.as_deref(), &rows, &w.params, &mut track.rng)
+                        accept_sampled(
+                            &w.draft,
+                            w.draft_probs.as_deref(),
+                            &rows,
+                            &w.params,
+                            &mut track.rng,
+                        )
                     }
                     .stop_at(w.stop);
                     accepted = acc.accepted;
@@ -230,7 +246,10 @@ impl Drafter for ScriptedDrafter {
     }
 
     fn observe(&mut self, seq: SeqId, tokens: &[u32]) -> Result<()> {
-        let h = self.history.get_mut(&seq).ok_or(EngineError::UnknownSequence(seq))?;
+        let h = self
+            .history
+            .get_mut(&seq)
+            .ok_or(EngineError::UnknownSequence(seq))?;
         h.extend_from_slice(tokens);
         if h.len() > 64 {
             h.drain(..h.len() - 2);
@@ -245,7 +264,10 @@ impl Drafter for ScriptedDrafter {
         requests
             .iter()
             .map(|r| {
-                let h = self.history.get(&r.seq).ok_or(EngineError::UnknownSequence(r.seq))?;
+                let h = self
+                    .history
+                    .get(&r.seq)
+                    .ok_or(EngineError::UnknownSequence(r.seq))?;
                 let mut ctx: Vec<u32> = h.iter().rev().take(2).rev().copied().collect();
                 ctx.extend_from_slice(&r.assumed);
                 let mut tokens = Vec::with_capacity(r.k);
@@ -263,7 +285,10 @@ impl Drafter for ScriptedDrafter {
                     tokens.push(t);
                     ctx.push(t);
                 }
-                Ok(Draft { tokens, probs: None })
+                Ok(Draft {
+                    tokens,
+                    probs: None,
+                })
             })
             .collect()
     }
@@ -286,7 +311,10 @@ mod tests {
         let mut m = ScriptedModel::new(Duration::ZERO);
         let plain = generate(&mut m, None, &prompt, &opts).unwrap();
         let mut d = ScriptedDrafter::new(200, Duration::ZERO);
-        let spec = GenerateOptions { draft_len: 4, ..opts };
+        let spec = GenerateOptions {
+            draft_len: 4,
+            ..opts
+        };
         let fast = generate(&mut m, Some(&mut d), &prompt, &spec).unwrap();
         assert_eq!(plain.tokens, fast.tokens);
         assert!(fast.stats.accepted > 0 && fast.stats.accepted < fast.stats.drafted);

@@ -161,7 +161,11 @@ impl Actor for SessionActor {
     type State = SessionState;
     type Arguments = SessionArgs;
 
-    async fn pre_start(&self, myself: ActorRef<Self::Msg>, args: SessionArgs) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: SessionArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
         args.scheduler.cast(SchedulerMsg::Open {
             seq: args.id,
             spec: args.window,
@@ -180,7 +184,12 @@ impl Actor for SessionActor {
         })
     }
 
-    async fn handle(&self, _myself: ActorRef<Self::Msg>, msg: Self::Msg, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         let name = match &msg {
             SessionMsg::Generate { .. } => "generate",
             SessionMsg::Emitted(_) => "tokens",
@@ -227,7 +236,11 @@ impl SessionState {
             Prompt::Tokens(t) => return Ok(t),
             Prompt::Text(t) => t,
         };
-        let tok = self.args.tokenizer.as_ref().ok_or(RuntimeError::NoTokenizer)?;
+        let tok = self
+            .args
+            .tokenizer
+            .as_ref()
+            .ok_or(RuntimeError::NoTokenizer)?;
         let mut full = String::new();
         match &self.args.config.persona {
             Some(p) => {
@@ -247,7 +260,9 @@ impl SessionState {
 
     fn start_next(&mut self) {
         while self.active.is_none() {
-            let Some((prompt, params, events)) = self.queue.pop_front() else { return };
+            let Some((prompt, params, events)) = self.queue.pop_front() else {
+                return;
+            };
             let started = Instant::now();
             let checked = self.tokens_of(prompt).and_then(|tokens| {
                 let sampling = SamplingParams {
@@ -263,10 +278,14 @@ impl SessionState {
                 }
                 let vocab = self.args.vocab_size;
                 if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab) {
-                    return Err(troupe_engine::EngineError::TokenOutOfRange { token: t, vocab }.into());
+                    return Err(
+                        troupe_engine::EngineError::TokenOutOfRange { token: t, vocab }.into(),
+                    );
                 }
                 if tokens.is_empty() && self.tokens_seen == 0 {
-                    return Err(RuntimeError::Engine("the first turn of a session needs a prompt".into()));
+                    return Err(RuntimeError::Engine(
+                        "the first turn of a session needs a prompt".into(),
+                    ));
                 }
                 Ok((tokens, sampling))
             });
@@ -292,7 +311,9 @@ impl SessionState {
                 },
             });
             if sent.is_err() {
-                let _ = events.send(Event::Error(RuntimeError::ActorUnavailable("scheduler".into())));
+                let _ = events.send(Event::Error(RuntimeError::ActorUnavailable(
+                    "scheduler".into(),
+                )));
                 continue;
             }
             self.active = Some(Active {
@@ -309,7 +330,9 @@ impl SessionState {
     }
 
     fn emitted(&mut self, e: Emission) {
-        let Some(a) = self.active.as_mut() else { return };
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
         let span = tracing::info_span!("stream", seq = e.seq, tokens = e.tokens.len());
         let _enter = span.enter();
         a.steps += 1;
@@ -345,7 +368,11 @@ impl SessionState {
             }
             self.latencies.push_back(latency);
             self.turns += 1;
-            let text = self.args.tokenizer.as_ref().and_then(|t| t.decode(&a.ids).ok());
+            let text = self
+                .args
+                .tokenizer
+                .as_ref()
+                .and_then(|t| t.decode(&a.ids).ok());
             let _ = a.events.send(Event::Done(TurnStats {
                 tokens: a.ids.len(),
                 drafted: a.drafted,

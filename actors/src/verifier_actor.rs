@@ -66,7 +66,11 @@ impl Actor for VerifierActor {
     type State = Worker<Job>;
     type Arguments = VerifierArgs;
 
-    async fn pre_start(&self, myself: ActorRef<Self::Msg>, args: VerifierArgs) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: VerifierArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
         let VerifierArgs {
             model,
             scheduler,
@@ -102,7 +106,11 @@ impl Actor for VerifierActor {
                     let start = Instant::now();
                     let result = model.verify(&works).map_err(|e| e.to_string());
                     let seconds = start.elapsed().as_secs_f64();
-                    let _ = scheduler.cast(SchedulerMsg::StepDone { id, result, seconds });
+                    let _ = scheduler.cast(SchedulerMsg::StepDone {
+                        id,
+                        result,
+                        seconds,
+                    });
                 }
             },
             move |msg| {
@@ -112,12 +120,19 @@ impl Actor for VerifierActor {
         Ok(worker)
     }
 
-    async fn handle(&self, _myself: ActorRef<Self::Msg>, msg: Self::Msg, worker: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        worker: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         let job = match msg {
             VerifierMsg::Open { seq, spec, seed } => Job::Open(seq, spec, seed),
             VerifierMsg::Close { seq } => Job::Close(seq),
             VerifierMsg::Step { id, works } => Job::Step(id, works),
-            VerifierMsg::ThreadFailed(why) => return Err(format!("verifier thread panicked: {why}").into()),
+            VerifierMsg::ThreadFailed(why) => {
+                return Err(format!("verifier thread panicked: {why}").into())
+            }
         };
         if !worker.send(job) {
             return Err("verifier thread has stopped".into());

@@ -15,21 +15,28 @@ pub struct Worker<J> {
 
 impl<J: Send + 'static> Worker<J> {
     /// Starts a thread named `name` that runs `run(&mut state, job)` for each job.
-    pub fn spawn<S, R, P>(name: &str, mut state: S, mut run: R, on_panic: P) -> std::io::Result<Self>
+    pub fn spawn<S, R, P>(
+        name: &str,
+        mut state: S,
+        mut run: R,
+        on_panic: P,
+    ) -> std::io::Result<Self>
     where
         S: Send + 'static,
         R: FnMut(&mut S, J) + Send + 'static,
         P: FnOnce(String) + Send + 'static,
     {
         let (tx, rx) = unbounded::<J>();
-        let handle = std::thread::Builder::new().name(name.into()).spawn(move || {
-            for job in rx {
-                if let Err(panic) = catch_unwind(AssertUnwindSafe(|| run(&mut state, job))) {
-                    on_panic(panic_message(panic.as_ref()));
-                    return;
+        let handle = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                for job in rx {
+                    if let Err(panic) = catch_unwind(AssertUnwindSafe(|| run(&mut state, job))) {
+                        on_panic(panic_message(panic.as_ref()));
+                        return;
+                    }
                 }
-            }
-        })?;
+            })?;
         Ok(Self {
             tx,
             handle: Some(handle),

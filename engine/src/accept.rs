@@ -84,7 +84,10 @@ pub fn accept_sampled<R: Rng + ?Sized>(
             sample(&p, rng)
         };
         tokens.push(token);
-        return Acceptance { accepted: i, tokens };
+        return Acceptance {
+            accepted: i,
+            tokens,
+        };
     }
     let p = distribution(&target_logits[draft.len()], params);
     tokens.push(sample(&p, rng));
@@ -102,17 +105,41 @@ mod tests {
     #[test]
     fn greedy_takes_the_matching_prefix_and_the_correction() {
         let a = accept_greedy(&[5, 6, 7], &[5, 6, 9, 1]);
-        assert_eq!(a, Acceptance { accepted: 2, tokens: vec![5, 6, 9] });
+        assert_eq!(
+            a,
+            Acceptance {
+                accepted: 2,
+                tokens: vec![5, 6, 9]
+            }
+        );
         let all = accept_greedy(&[5, 6], &[5, 6, 8]);
-        assert_eq!(all, Acceptance { accepted: 2, tokens: vec![5, 6, 8] });
+        assert_eq!(
+            all,
+            Acceptance {
+                accepted: 2,
+                tokens: vec![5, 6, 8]
+            }
+        );
         let none = accept_greedy(&[], &[3]);
-        assert_eq!(none, Acceptance { accepted: 0, tokens: vec![3] });
+        assert_eq!(
+            none,
+            Acceptance {
+                accepted: 0,
+                tokens: vec![3]
+            }
+        );
     }
 
     #[test]
     fn a_stop_token_ends_the_block() {
         let a = accept_greedy(&[5, 0, 7], &[5, 0, 7, 9]).stop_at(Some(0));
-        assert_eq!(a, Acceptance { accepted: 1, tokens: vec![5, 0] });
+        assert_eq!(
+            a,
+            Acceptance {
+                accepted: 1,
+                tokens: vec![5, 0]
+            }
+        );
         let untouched = accept_greedy(&[5, 6], &[5, 6, 8]).stop_at(Some(0));
         assert_eq!(untouched.tokens, vec![5, 6, 8]);
     }
@@ -122,7 +149,10 @@ mod tests {
     #[test]
     fn rejection_sampling_preserves_the_target_distribution() {
         let target = vec![1.0f32, 0.0, -1.0, 0.5];
-        let params = SamplingParams { temperature: 1.0, top_p: 1.0 };
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+        };
         let p = distribution(&target, &params);
         let q = vec![0.1f32, 0.6, 0.2, 0.1];
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
@@ -130,7 +160,13 @@ mod tests {
         let mut counts = [0usize; 4];
         for _ in 0..n {
             let d = sample(&q, &mut rng);
-            let a = accept_sampled(&[d], Some(&[q.clone()]), &[target.clone(), target.clone()], &params, &mut rng);
+            let a = accept_sampled(
+                &[d],
+                Some(std::slice::from_ref(&q)),
+                &[target.clone(), target.clone()],
+                &params,
+                &mut rng,
+            );
             counts[a.tokens[0] as usize] += 1;
         }
         let chi2: f64 = (0..4)

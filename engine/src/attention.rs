@@ -35,7 +35,13 @@ pub struct SeqPlan<B: Backend> {
 
 impl<B: Backend> SeqPlan<B> {
     /// Plans a step of `q_len` new tokens for a sequence holding `window` (before the step is appended).
-    pub fn new(window: &KvWindow<B>, q_len: usize, c: &ModelConfig, table: &mut RopeTable<B>, device: &B::Device) -> Self {
+    pub fn new(
+        window: &KvWindow<B>,
+        q_len: usize,
+        c: &ModelConfig,
+        table: &mut RopeTable<B>,
+        device: &B::Device,
+    ) -> Self {
         let spec = window.spec();
         let slot_list = window.logical_slots();
         let n_slots = slot_list.len();
@@ -53,7 +59,9 @@ impl<B: Backend> SeqPlan<B> {
             0
         };
         let q_sink_rope = (sink_split > 0).then(|| {
-            let pos: Vec<i64> = (prior..prior + q_len).map(|p| p.min(full - 1) as i64).collect();
+            let pos: Vec<i64> = (prior..prior + q_len)
+                .map(|p| p.min(full - 1) as i64)
+                .collect();
             table.gather(Tensor::from_data(TensorData::new(pos, [q_len]), device))
         });
 
@@ -88,7 +96,13 @@ impl<B: Backend> SeqPlan<B> {
 
 /// Attention of `q` (`[heads, q_len, head_dim]`, before RoPE) over the context keys and values
 /// (`[kv_heads, n_keys, head_dim]`, keys before RoPE). Returns `[q_len, heads * head_dim]`.
-pub fn attend<B: Backend>(q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>, plan: &SeqPlan<B>, c: &ModelConfig) -> Tensor<B, 2> {
+pub fn attend<B: Backend>(
+    q: Tensor<B, 3>,
+    k: Tensor<B, 3>,
+    v: Tensor<B, 3>,
+    plan: &SeqPlan<B>,
+    c: &ModelConfig,
+) -> Tensor<B, 2> {
     let (h, kvh, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
     let (ql, n) = (plan.q_len, plan.n_keys);
     let group = h / kvh;
@@ -112,5 +126,7 @@ pub fn attend<B: Backend>(q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>, pla
     let scores = to_f32(scores).mul_scalar(scale) + plan.mask.clone();
     let probs = softmax(scores, 2).cast(dtype);
     let out = probs.matmul(v); // [kvh, group * ql, hd]
-    out.reshape([h, ql, hd]).swap_dims(0, 1).reshape([ql, h * hd])
+    out.reshape([h, ql, hd])
+        .swap_dims(0, 1)
+        .reshape([ql, h * hd])
 }

@@ -124,7 +124,11 @@ impl ModelConfig {
             .and_then(|a| a.get(0))
             .and_then(Value::as_str)
             .map(str::to_owned)
-            .or_else(|| v.get("model_type").and_then(Value::as_str).map(str::to_owned))
+            .or_else(|| {
+                v.get("model_type")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            })
             .ok_or_else(|| bad("neither `architectures` nor `model_type` is set".into()))?;
         let architecture = match arch_name.as_str() {
             "Qwen3ForCausalLM" | "qwen3" => Architecture::Qwen3,
@@ -154,7 +158,10 @@ impl ModelConfig {
         let rope_theta = v
             .get("rope_theta")
             .and_then(Value::as_f64)
-            .or_else(|| rope.and_then(|r| r.get("rope_theta")).and_then(Value::as_f64))
+            .or_else(|| {
+                rope.and_then(|r| r.get("rope_theta"))
+                    .and_then(Value::as_f64)
+            })
             .unwrap_or(10_000.0);
         let rope_scaling = parse_rope_scaling(rope).map_err(bad)?;
         let token = |key: &str| -> Option<u32> {
@@ -177,7 +184,10 @@ impl ModelConfig {
                 .map(|x| x as usize)
                 .unwrap_or(num_heads),
             head_dim,
-            rms_norm_eps: v.get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6),
+            rms_norm_eps: v
+                .get("rms_norm_eps")
+                .and_then(Value::as_f64)
+                .unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
             tie_word_embeddings: v
@@ -214,10 +224,10 @@ impl ModelConfig {
         if self.num_heads == 0 || self.num_kv_heads == 0 || self.head_dim == 0 {
             return fail("heads and head_dim must be positive");
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return fail("num_attention_heads must be a multiple of num_key_value_heads");
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return fail("head_dim must be even for RoPE");
         }
         Ok(())
@@ -277,7 +287,11 @@ impl ModelConfig {
         if self.architecture == Architecture::Qwen3 {
             layer += 2 * hd;
         }
-        let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * h };
+        let head = if self.tie_word_embeddings {
+            0
+        } else {
+            self.vocab_size * h
+        };
         self.vocab_size * h + self.num_layers * layer + h + head
     }
 
@@ -347,19 +361,20 @@ impl ModelConfig {
                 torch_dtype: "float32".into(),
                 ..qwen3(0, 0, 0, 0, 0)
             },
-            _ => {
-                return Err(EngineError::UnknownPreset(
-                    name.into(),
-                    PRESETS.join(", "),
-                ))
-            }
+            _ => return Err(EngineError::UnknownPreset(name.into(), PRESETS.join(", "))),
         };
         Ok(config)
     }
 }
 
 /// Names accepted by [`ModelConfig::preset`].
-pub const PRESETS: &[&str] = &["qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "llama-3.2-1b", "tiny"];
+pub const PRESETS: &[&str] = &[
+    "qwen3-0.6b",
+    "qwen3-1.7b",
+    "qwen3-4b",
+    "llama-3.2-1b",
+    "tiny",
+];
 
 fn parse_rope_scaling(rope: Option<&Value>) -> std::result::Result<RopeScaling, String> {
     let Some(r) = rope.filter(|r| r.is_object()) else {
@@ -377,7 +392,9 @@ fn parse_rope_scaling(rope: Option<&Value>) -> std::result::Result<RopeScaling, 
     };
     match kind {
         "default" => Ok(RopeScaling::None),
-        "linear" => Ok(RopeScaling::Linear { factor: f("factor")? }),
+        "linear" => Ok(RopeScaling::Linear {
+            factor: f("factor")?,
+        }),
         "llama3" => Ok(RopeScaling::Llama3 {
             factor: f("factor")?,
             low_freq_factor: f("low_freq_factor")?,

@@ -1,6 +1,9 @@
 //! Picking a backend at run time among those compiled in, and loading models onto it behind the
 //! backend-free [`Verifier`] and [`Drafter`] traits.
-#![cfg_attr(not(any(feature = "cpu", feature = "wgpu", feature = "cuda")), allow(unused))]
+#![cfg_attr(
+    not(any(feature = "cpu", feature = "wgpu", feature = "cuda")),
+    allow(unused)
+)]
 
 use std::path::Path;
 use std::str::FromStr;
@@ -107,7 +110,11 @@ fn probe<B: Backend>(kind: DeviceKind) -> Result<B::Device> {
     Ok(device)
 }
 
-fn build<B: Backend>(source: &ModelSource<'_>, kind: DeviceKind, dtype: Option<WeightDtype>) -> Result<Model<B>> {
+fn build<B: Backend>(
+    source: &ModelSource<'_>,
+    kind: DeviceKind,
+    dtype: Option<WeightDtype>,
+) -> Result<Model<B>> {
     let device = probe::<B>(kind)?;
     let wd = dtype.unwrap_or(kind.default_weights());
     match source {
@@ -152,7 +159,11 @@ macro_rules! dispatch {
 }
 
 /// Loads a verifier on the chosen device.
-pub fn load_verifier(source: &ModelSource<'_>, kind: DeviceKind, dtype: Option<WeightDtype>) -> Result<Box<dyn Verifier>> {
+pub fn load_verifier(
+    source: &ModelSource<'_>,
+    kind: DeviceKind,
+    dtype: Option<WeightDtype>,
+) -> Result<Box<dyn Verifier>> {
     dispatch!(kind, |B| {
         let model = build::<B>(source, kind, dtype)?;
         Ok(Box::new(Engine::new(model)) as Box<dyn Verifier>)
@@ -160,7 +171,11 @@ pub fn load_verifier(source: &ModelSource<'_>, kind: DeviceKind, dtype: Option<W
 }
 
 /// Loads a draft model on the chosen device.
-pub fn load_model_drafter(source: &ModelSource<'_>, kind: DeviceKind, dtype: Option<WeightDtype>) -> Result<Box<dyn Drafter>> {
+pub fn load_model_drafter(
+    source: &ModelSource<'_>,
+    kind: DeviceKind,
+    dtype: Option<WeightDtype>,
+) -> Result<Box<dyn Drafter>> {
     dispatch!(kind, |B| {
         let model = build::<B>(source, kind, dtype)?;
         Ok(Box::new(ModelDrafter::new(Engine::new(model))) as Box<dyn Drafter>)

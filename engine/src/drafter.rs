@@ -186,6 +186,9 @@ mod tests {
         };
         let out = d.draft(&[req]).unwrap();
         assert_eq!(out[0].tokens, vec![12, 13]);
-        assert!(matches!(d.observe(2, &[1]), Err(EngineError::UnknownSequence(2))));
+        assert!(matches!(
+            d.observe(2, &[1]),
+            Err(EngineError::UnknownSequence(2))
+        ));
     }
 }

@@ -113,8 +113,15 @@ impl<B: Backend> Engine<B> {
         result
     }
 
-    fn step_inner(&mut self, items: &[StepItem], states: &mut [SeqState<B>]) -> Result<StepResult<B>> {
-        let tokens: Vec<u32> = items.iter().flat_map(|i| i.tokens.iter().copied()).collect();
+    fn step_inner(
+        &mut self,
+        items: &[StepItem],
+        states: &mut [SeqState<B>],
+    ) -> Result<StepResult<B>> {
+        let tokens: Vec<u32> = items
+            .iter()
+            .flat_map(|i| i.tokens.iter().copied())
+            .collect();
         let mut inputs: Vec<SeqInput<'_, B>> = states
             .iter_mut()
             .zip(items)
@@ -163,10 +170,14 @@ impl<B: Backend> Engine<B> {
                 return Err(EngineError::UnknownSequence(seq));
             }
             if !seen.insert(seq) {
-                return Err(EngineError::InvalidStep(format!("sequence {seq} appears twice in one step")));
+                return Err(EngineError::InvalidStep(format!(
+                    "sequence {seq} appears twice in one step"
+                )));
             }
             if tokens.is_empty() {
-                return Err(EngineError::InvalidStep(format!("sequence {seq} has no tokens")));
+                return Err(EngineError::InvalidStep(format!(
+                    "sequence {seq} has no tokens"
+                )));
             }
             if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab) {
                 return Err(EngineError::TokenOutOfRange { token: t, vocab });
@@ -187,7 +198,9 @@ pub fn logits_to_host<B: Backend>(logits: Tensor<B, 2>) -> Result<Vec<Vec<f32>>>
         .convert::<f32>()
         .into_vec::<f32>()
         .map_err(|e| EngineError::Backend(format!("{e:?}")))?;
-    Ok((0..rows).map(|r| flat[r * vocab..(r + 1) * vocab].to_vec()).collect())
+    Ok((0..rows)
+        .map(|r| flat[r * vocab..(r + 1) * vocab].to_vec())
+        .collect())
 }
 
 /// Row-wise argmax on the device; only the indices cross to the host.
@@ -306,7 +319,13 @@ where
 
     fn kv_bytes(&self, spec: WindowSpec) -> u64 {
         let c = &self.model.config;
-        crate::window::window_bytes(c.num_layers, c.num_kv_heads, c.head_dim, spec, self.model.dtype)
+        crate::window::window_bytes(
+            c.num_layers,
+            c.num_kv_heads,
+            c.head_dim,
+            spec,
+            self.model.dtype,
+        )
     }
 
     fn vocab_size(&self) -> usize {
@@ -318,17 +337,25 @@ where
     }
 
     fn window_fill(&self, seq: SeqId) -> Option<(u64, usize)> {
-        self.seqs.get(&seq).map(|s| (s.window.seen(), s.window.len()))
+        self.seqs
+            .get(&seq)
+            .map(|s| (s.window.seen(), s.window.len()))
     }
 }
 
 /// Sampling parameters that cannot be honoured.
 pub fn check_params(params: &SamplingParams) -> Result<()> {
     if !(params.temperature >= 0.0 && params.temperature.is_finite()) {
-        return Err(EngineError::InvalidStep(format!("temperature {} is not a finite non-negative number", params.temperature)));
+        return Err(EngineError::InvalidStep(format!(
+            "temperature {} is not a finite non-negative number",
+            params.temperature
+        )));
     }
     if !(params.top_p > 0.0 && params.top_p <= 1.0) {
-        return Err(EngineError::InvalidStep(format!("top_p {} is outside (0, 1]", params.top_p)));
+        return Err(EngineError::InvalidStep(format!(
+            "top_p {} is outside (0, 1]",
+            params.top_p
+        )));
     }
     Ok(())
 }

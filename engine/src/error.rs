@@ -68,7 +68,9 @@ pub enum EngineError {
         dtype: String,
     },
     /// `config.json` names an architecture this engine does not implement.
-    #[error("unknown architecture {found:?} in {path}; supported: Qwen3ForCausalLM, LlamaForCausalLM")]
+    #[error(
+        "unknown architecture {found:?} in {path}; supported: Qwen3ForCausalLM, LlamaForCausalLM"
+    )]
     UnknownArchitecture {
         /// The config file.
         path: PathBuf,

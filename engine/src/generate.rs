@@ -177,7 +177,9 @@ fn run<'d>(
                 emitted.truncate(p + 1);
             }
         }
-        last = *emitted.last().ok_or_else(|| EngineError::Backend("verify emitted no token".into()))?;
+        last = *emitted
+            .last()
+            .ok_or_else(|| EngineError::Backend("verify emitted no token".into()))?;
         if let Some(d) = drafter.as_deref_mut() {
             d.observe(seq, &emitted)?;
         }

@@ -7,6 +7,7 @@
 
 pub mod accept;
 pub mod attention;
+pub mod causal;
 pub mod config;
 pub mod device;
 pub mod drafter;
@@ -20,6 +21,7 @@ pub mod rope;
 pub mod sampling;
 pub mod save;
 pub mod tokenizer;
+pub mod train;
 pub mod verifier;
 pub mod window;
 

@@ -49,12 +49,13 @@ impl Checkpoint {
                 path: index.clone(),
                 reason: e.to_string(),
             })?;
-            let map = v.get("weight_map").and_then(Value::as_object).ok_or_else(|| {
-                EngineError::InvalidJson {
+            let map = v
+                .get("weight_map")
+                .and_then(Value::as_object)
+                .ok_or_else(|| EngineError::InvalidJson {
                     path: index.clone(),
                     reason: "no `weight_map` object".into(),
-                }
-            })?;
+                })?;
             for (name, file) in map {
                 let file = file.as_str().ok_or_else(|| EngineError::InvalidJson {
                     path: index.clone(),
@@ -89,7 +90,12 @@ impl Checkpoint {
         };
         if ckpt.location.is_empty() {
             // A single file: learn its tensor names from its header.
-            let names: Vec<String> = ckpt.parse(0)?.names().into_iter().map(str::to_owned).collect();
+            let names: Vec<String> = ckpt
+                .parse(0)?
+                .names()
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
             for n in names {
                 ckpt.location.insert(n, 0);
             }
@@ -125,10 +131,13 @@ impl Checkpoint {
 
     /// Reads one tensor as f32 or bf16 values, checking its shape.
     pub fn read(&mut self, name: &str, expected: &[usize], keep_bf16: bool) -> Result<HostTensor> {
-        let file = *self.location.get(name).ok_or_else(|| EngineError::MissingTensor {
-            tensor: name.into(),
-            dir: self.dir.clone(),
-        })?;
+        let file = *self
+            .location
+            .get(name)
+            .ok_or_else(|| EngineError::MissingTensor {
+                tensor: name.into(),
+                dir: self.dir.clone(),
+            })?;
         let path = self.files[file].clone();
         let st = self.parse(file)?;
         let view = st.tensor(name).map_err(|_| EngineError::MissingTensor {
@@ -203,16 +212,29 @@ impl HostTensor {
         }
     }
 
-    fn to_device<B: Backend, const D: usize>(self, shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
+    fn into_device<B: Backend, const D: usize>(
+        self,
+        shape: [usize; D],
+        device: &B::Device,
+    ) -> Tensor<B, D> {
         match self {
-            HostTensor::F32(v) => Tensor::from_data(TensorData::new(v, shape), (device, DType::F32)),
-            HostTensor::Bf16(v) => Tensor::from_data(TensorData::new(v, shape), (device, DType::BF16)),
+            HostTensor::F32(v) => {
+                Tensor::from_data(TensorData::new(v, shape), (device, DType::F32))
+            }
+            HostTensor::Bf16(v) => {
+                Tensor::from_data(TensorData::new(v, shape), (device, DType::BF16))
+            }
         }
     }
 }
 
 /// Loads the weights of `config`'s architecture from `dir`.
-pub fn load_model<B: Backend>(dir: &Path, config: &ModelConfig, dtype: WeightDtype, device: &B::Device) -> Result<Model<B>> {
+pub fn load_model<B: Backend>(
+    dir: &Path,
+    config: &ModelConfig,
+    dtype: WeightDtype,
+    device: &B::Device,
+) -> Result<Model<B>> {
     let mut ckpt = Checkpoint::open(dir)?;
     let keep_bf16 = match dtype {
         WeightDtype::F32 => false,
@@ -225,16 +247,24 @@ pub fn load_model<B: Backend>(dir: &Path, config: &ModelConfig, dtype: WeightDty
     let as_dtype = |t: HostTensor| if keep_bf16 { to_bf16(t) } else { t };
 
     let vector = |ckpt: &mut Checkpoint, name: &str, n: usize| -> Result<Tensor<B, 1>> {
-        Ok(as_dtype(ckpt.read(name, &[n], keep_bf16)?).to_device([n], device))
+        Ok(as_dtype(ckpt.read(name, &[n], keep_bf16)?).into_device([n], device))
     };
     let embed = as_dtype(ckpt.read("model.embed_tokens.weight", &[c.vocab_size, h], keep_bf16)?)
-        .to_device([c.vocab_size, h], device);
-    let linear = |ckpt: &mut Checkpoint, name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear<B>> {
+        .into_device([c.vocab_size, h], device);
+    let linear = |ckpt: &mut Checkpoint,
+                  name: &str,
+                  out: usize,
+                  inp: usize,
+                  bias: bool|
+     -> Result<Linear<B>> {
         let w = as_dtype(ckpt.read(&format!("{name}.weight"), &[out, inp], keep_bf16)?)
             .transpose(out, inp)
-            .to_device([inp, out], device);
+            .into_device([inp, out], device);
         let bias = if bias {
-            Some(as_dtype(ckpt.read(&format!("{name}.bias"), &[out], keep_bf16)?).to_device([out], device))
+            Some(
+                as_dtype(ckpt.read(&format!("{name}.bias"), &[out], keep_bf16)?)
+                    .into_device([out], device),
+            )
         } else {
             None
         };
@@ -246,13 +276,57 @@ pub fn load_model<B: Backend>(dir: &Path, config: &ModelConfig, dtype: WeightDty
         let qwen = c.architecture == Architecture::Qwen3;
         layers.push(DecoderLayer {
             input_norm: vector(&mut ckpt, &format!("{p}.input_layernorm.weight"), h)?,
-            q_proj: linear(&mut ckpt, &format!("{p}.self_attn.q_proj"), qd, h, c.attention_bias)?,
-            k_proj: linear(&mut ckpt, &format!("{p}.self_attn.k_proj"), kvd, h, c.attention_bias)?,
-            v_proj: linear(&mut ckpt, &format!("{p}.self_attn.v_proj"), kvd, h, c.attention_bias)?,
-            o_proj: linear(&mut ckpt, &format!("{p}.self_attn.o_proj"), h, qd, c.attention_bias)?,
-            q_norm: if qwen { Some(vector(&mut ckpt, &format!("{p}.self_attn.q_norm.weight"), hd)?) } else { None },
-            k_norm: if qwen { Some(vector(&mut ckpt, &format!("{p}.self_attn.k_norm.weight"), hd)?) } else { None },
-            post_norm: vector(&mut ckpt, &format!("{p}.post_attention_layernorm.weight"), h)?,
+            q_proj: linear(
+                &mut ckpt,
+                &format!("{p}.self_attn.q_proj"),
+                qd,
+                h,
+                c.attention_bias,
+            )?,
+            k_proj: linear(
+                &mut ckpt,
+                &format!("{p}.self_attn.k_proj"),
+                kvd,
+                h,
+                c.attention_bias,
+            )?,
+            v_proj: linear(
+                &mut ckpt,
+                &format!("{p}.self_attn.v_proj"),
+                kvd,
+                h,
+                c.attention_bias,
+            )?,
+            o_proj: linear(
+                &mut ckpt,
+                &format!("{p}.self_attn.o_proj"),
+                h,
+                qd,
+                c.attention_bias,
+            )?,
+            q_norm: if qwen {
+                Some(vector(
+                    &mut ckpt,
+                    &format!("{p}.self_attn.q_norm.weight"),
+                    hd,
+                )?)
+            } else {
+                None
+            },
+            k_norm: if qwen {
+                Some(vector(
+                    &mut ckpt,
+                    &format!("{p}.self_attn.k_norm.weight"),
+                    hd,
+                )?)
+            } else {
+                None
+            },
+            post_norm: vector(
+                &mut ckpt,
+                &format!("{p}.post_attention_layernorm.weight"),
+                h,
+            )?,
             gate_proj: linear(&mut ckpt, &format!("{p}.mlp.gate_proj"), i, h, false)?,
             up_proj: linear(&mut ckpt, &format!("{p}.mlp.up_proj"), i, h, false)?,
             down_proj: linear(&mut ckpt, &format!("{p}.mlp.down_proj"), h, i, false)?,
@@ -265,7 +339,14 @@ pub fn load_model<B: Backend>(dir: &Path, config: &ModelConfig, dtype: WeightDty
         Some(linear(&mut ckpt, "lm_head", c.vocab_size, h, false)?.weight)
     };
     ckpt.release();
-    Ok(Model::from_parts(config.clone(), embed, layers, norm, lm_head, device.clone()))
+    Ok(Model::from_parts(
+        config.clone(),
+        embed,
+        layers,
+        norm,
+        lm_head,
+        device.clone(),
+    ))
 }
 
 fn to_bf16(t: HostTensor) -> HostTensor {
@@ -276,7 +357,12 @@ fn to_bf16(t: HostTensor) -> HostTensor {
 }
 
 /// A model of `config`'s shape with random weights (normal, std 0.02; norms at one), for benchmarks.
-pub fn random_model<B: Backend>(config: &ModelConfig, dtype: DType, seed: u64, device: &B::Device) -> Model<B> {
+pub fn random_model<B: Backend>(
+    config: &ModelConfig,
+    dtype: DType,
+    seed: u64,
+    device: &B::Device,
+) -> Model<B> {
     B::seed(device, seed);
     let c = config;
     let (h, i, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
@@ -307,5 +393,12 @@ pub fn random_model<B: Backend>(config: &ModelConfig, dtype: DType, seed: u64, d
         .collect();
     let embed = normal([c.vocab_size, h]);
     let lm_head = (!c.tie_word_embeddings).then(|| normal([h, c.vocab_size]));
-    Model::from_parts(config.clone(), embed, layers, ones(h), lm_head, device.clone())
+    Model::from_parts(
+        config.clone(),
+        embed,
+        layers,
+        ones(h),
+        lm_head,
+        device.clone(),
+    )
 }

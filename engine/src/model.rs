@@ -33,7 +33,11 @@ impl<B: Backend> Linear<B> {
 }
 
 /// RMSNorm over the last dimension, computed in f32 whatever the activations' dtype.
-pub fn rms_norm<B: Backend, const D: usize>(x: Tensor<B, D>, weight: &Tensor<B, 1>, eps: f64) -> Tensor<B, D> {
+pub fn rms_norm<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: &Tensor<B, 1>,
+    eps: f64,
+) -> Tensor<B, D> {
     let dtype = x.dtype();
     let x = to_f32(x);
     let rms = x.clone().square().mean_dim(D - 1).add_scalar(eps).sqrt();
@@ -143,13 +147,25 @@ impl<B: Backend> Model<B> {
     /// A fresh window for one sequence, on this model's device and in its dtype.
     pub fn new_window(&self, spec: crate::window::WindowSpec) -> KvWindow<B> {
         let c = &self.config;
-        KvWindow::new(spec, c.num_layers, c.num_kv_heads, c.head_dim, self.dtype, &self.device)
+        KvWindow::new(
+            spec,
+            c.num_layers,
+            c.num_kv_heads,
+            c.head_dim,
+            self.dtype,
+            &self.device,
+        )
     }
 
     /// One forward over many sequences at once. `tokens` holds each sequence's new tokens back to back,
     /// in the order of `seqs`; every sequence attends to its own window plus its earlier tokens in the
     /// step. The step's keys and values are appended to each window's scratch.
-    pub fn forward(&mut self, tokens: &[u32], seqs: &mut [SeqInput<'_, B>], capture: &[usize]) -> ForwardOutput<B> {
+    pub fn forward(
+        &mut self,
+        tokens: &[u32],
+        seqs: &mut [SeqInput<'_, B>],
+        capture: &[usize],
+    ) -> ForwardOutput<B> {
         let c = self.config.clone();
         let total = tokens.len();
         let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();

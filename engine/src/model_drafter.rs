@@ -79,7 +79,10 @@ where
         // Feeds per request: first the unfed history plus the assumed tokens, then one draft at a time.
         let mut feeds: Vec<Vec<u32>> = Vec::with_capacity(requests.len());
         for r in requests {
-            let t = self.tracks.get(&r.seq).ok_or(EngineError::UnknownSequence(r.seq))?;
+            let t = self
+                .tracks
+                .get(&r.seq)
+                .ok_or(EngineError::UnknownSequence(r.seq))?;
             let mut feed = t.unfed.clone();
             feed.extend_from_slice(&r.assumed);
             feeds.push(feed);

@@ -91,7 +91,11 @@ impl<B: Backend> RopeTable<B> {
     }
 }
 
-fn build<B: Backend>(inv_freq: &[f64], len: usize, device: &B::Device) -> (Tensor<B, 2>, Tensor<B, 2>) {
+fn build<B: Backend>(
+    inv_freq: &[f64],
+    len: usize,
+    device: &B::Device,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
     let half = inv_freq.len();
     let mut cos = Vec::with_capacity(len * half * 2);
     let mut sin = Vec::with_capacity(len * half * 2);

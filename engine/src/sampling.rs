@@ -116,7 +116,10 @@ mod tests {
             top_p: 0.5,
         };
         let p = distribution(&logits, &params);
-        assert!((p[0] - 1.0).abs() < 1e-6 && p[1] == 0.0 && p[2] == 0.0, "{p:?}");
+        assert!(
+            (p[0] - 1.0).abs() < 1e-6 && p[1] == 0.0 && p[2] == 0.0,
+            "{p:?}"
+        );
         let params = SamplingParams {
             temperature: 1.0,
             top_p: 0.7,

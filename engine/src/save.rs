@@ -17,59 +17,70 @@ struct Entry {
     dtype: StDtype,
 }
 
-fn host<B: Backend, const D: usize>(t: &Tensor<B, D>, bf16: bool) -> Result<(Vec<u8>, StDtype)> {
-    let data = t.clone().into_data();
-    if bf16 {
+fn entry<B: Backend, const D: usize>(name: String, t: Tensor<B, D>, bf16: bool) -> Result<Entry> {
+    let shape = t.dims().to_vec();
+    let data = t.into_data();
+    let backend = |e| EngineError::Backend(format!("{name}: {e:?}"));
+    let (bytes, dtype) = if bf16 {
         let v = data
             .convert::<half::bf16>()
             .into_vec::<half::bf16>()
-            .map_err(|e| EngineError::Backend(format!("{e:?}")))?;
-        Ok((bytemuck::cast_slice(&v).to_vec(), StDtype::BF16))
+            .map_err(backend)?;
+        (bytemuck::cast_slice(&v).to_vec(), StDtype::BF16)
     } else {
-        let v = data
-            .convert::<f32>()
-            .into_vec::<f32>()
-            .map_err(|e| EngineError::Backend(format!("{e:?}")))?;
-        Ok((bytemuck::cast_slice(&v).to_vec(), StDtype::F32))
+        let v = data.convert::<f32>().into_vec::<f32>().map_err(backend)?;
+        (bytemuck::cast_slice(&v).to_vec(), StDtype::F32)
+    };
+    Ok(Entry {
+        name,
+        shape,
+        bytes,
+        dtype,
+    })
+}
+
+/// A projection as HF stores it: `weight` `[out, in]`, and `bias` when present.
+fn linear<B: Backend>(name: &str, l: &Linear<B>, bf16: bool, out: &mut Vec<Entry>) -> Result<()> {
+    out.push(entry(
+        format!("{name}.weight"),
+        l.weight.clone().transpose(),
+        bf16,
+    )?);
+    if let Some(b) = &l.bias {
+        out.push(entry(format!("{name}.bias"), b.clone(), bf16)?);
     }
+    Ok(())
 }
 
 /// Saves `model` to `dir` (created if needed), in f32 or bf16.
-pub fn save_pretrained<B: Backend>(model: &Model<B>, dir: &Path, bf16: bool, tokenizer_json: Option<&str>) -> Result<()> {
+pub fn save_pretrained<B: Backend>(
+    model: &Model<B>,
+    dir: &Path,
+    bf16: bool,
+    tokenizer_json: Option<&str>,
+) -> Result<()> {
     let io = |path: &Path, source| EngineError::Io {
         path: path.into(),
         source,
     };
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
-    let mut entries: Vec<Entry> = Vec::new();
-    let mut push = |name: String, t: Tensor<B, 2>, entries: &mut Vec<Entry>| -> Result<()> {
-        let shape = t.dims().to_vec();
-        let (bytes, dtype) = host(&t, bf16)?;
-        entries.push(Entry { name, shape, bytes, dtype });
-        Ok(())
-    };
-    let vec1 = |name: String, t: &Tensor<B, 1>, entries: &mut Vec<Entry>| -> Result<()> {
-        let (bytes, dtype) = host(t, bf16)?;
-        entries.push(Entry {
-            name,
-            shape: t.dims().to_vec(),
-            bytes,
-            dtype,
-        });
-        Ok(())
-    };
-    let linear = |name: String, l: &Linear<B>, entries: &mut Vec<Entry>, push: &mut dyn FnMut(String, Tensor<B, 2>, &mut Vec<Entry>) -> Result<()>| -> Result<()> {
-        push(format!("{name}.weight"), l.weight.clone().transpose(), entries)?;
-        if let Some(b) = &l.bias {
-            vec1(format!("{name}.bias"), b, entries)?;
-        }
-        Ok(())
-    };
-    push("model.embed_tokens.weight".into(), model.embed.clone(), &mut entries)?;
+    let mut entries = vec![entry(
+        "model.embed_tokens.weight".into(),
+        model.embed.clone(),
+        bf16,
+    )?];
     for (i, layer) in model.layers.iter().enumerate() {
         let p = format!("model.layers.{i}");
-        vec1(format!("{p}.input_layernorm.weight"), &layer.input_norm, &mut entries)?;
-        vec1(format!("{p}.post_attention_layernorm.weight"), &layer.post_norm, &mut entries)?;
+        entries.push(entry(
+            format!("{p}.input_layernorm.weight"),
+            layer.input_norm.clone(),
+            bf16,
+        )?);
+        entries.push(entry(
+            format!("{p}.post_attention_layernorm.weight"),
+            layer.post_norm.clone(),
+            bf16,
+        )?);
         for (n, l) in [
             ("self_attn.q_proj", &layer.q_proj),
             ("self_attn.k_proj", &layer.k_proj),
@@ -79,16 +90,24 @@ pub fn save_pretrained<B: Backend>(model: &Model<B>, dir: &Path, bf16: bool, tok
             ("mlp.up_proj", &layer.up_proj),
             ("mlp.down_proj", &layer.down_proj),
         ] {
-            linear(format!("{p}.{n}"), l, &mut entries, &mut push)?;
+            linear(&format!("{p}.{n}"), l, bf16, &mut entries)?;
         }
         if let (Some(q), Some(k)) = (&layer.q_norm, &layer.k_norm) {
-            vec1(format!("{p}.self_attn.q_norm.weight"), q, &mut entries)?;
-            vec1(format!("{p}.self_attn.k_norm.weight"), k, &mut entries)?;
+            entries.push(entry(
+                format!("{p}.self_attn.q_norm.weight"),
+                q.clone(),
+                bf16,
+            )?);
+            entries.push(entry(
+                format!("{p}.self_attn.k_norm.weight"),
+                k.clone(),
+                bf16,
+            )?);
         }
     }
-    vec1("model.norm.weight".into(), &model.norm, &mut entries)?;
+    entries.push(entry("model.norm.weight".into(), model.norm.clone(), bf16)?);
     if let Some(h) = &model.lm_head {
-        push("lm_head.weight".into(), h.clone().transpose(), &mut entries)?;
+        entries.push(entry("lm_head.weight".into(), h.clone().transpose(), bf16)?);
     }
     let views: Vec<(String, TensorView<'_>)> = entries
         .iter()
@@ -99,9 +118,11 @@ pub fn save_pretrained<B: Backend>(model: &Model<B>, dir: &Path, bf16: bool, tok
         })
         .collect::<Result<_>>()?;
     let st_path = dir.join("model.safetensors");
-    safetensors::tensor::serialize_to_file(views, None, &st_path).map_err(|e| EngineError::CorruptCheckpoint {
-        path: st_path.clone(),
-        reason: e.to_string(),
+    safetensors::tensor::serialize_to_file(views, None, &st_path).map_err(|e| {
+        EngineError::CorruptCheckpoint {
+            path: st_path.clone(),
+            reason: e.to_string(),
+        }
     })?;
     let mut config = model.config.clone();
     config.torch_dtype = if bf16 { "bfloat16" } else { "float32" }.into();

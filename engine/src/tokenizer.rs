@@ -25,28 +25,35 @@ impl Tokenizer {
 
     /// Parses a tokenizer from JSON text.
     pub fn from_json(json: &str) -> Result<Self> {
-        let inner = json.parse::<tokenizers::Tokenizer>().map_err(|e| EngineError::Tokenizer {
-            path: "<memory>".into(),
-            reason: e.to_string(),
-        })?;
+        let inner = json
+            .parse::<tokenizers::Tokenizer>()
+            .map_err(|e| EngineError::Tokenizer {
+                path: "<memory>".into(),
+                reason: e.to_string(),
+            })?;
         Ok(Self { inner })
     }
 
     /// Token ids of `text`, without special tokens.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(|e| EngineError::Tokenizer {
-            path: "<encode>".into(),
-            reason: e.to_string(),
-        })?;
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| EngineError::Tokenizer {
+                path: "<encode>".into(),
+                reason: e.to_string(),
+            })?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Text of `ids`.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, false).map_err(|e| EngineError::Tokenizer {
-            path: "<decode>".into(),
-            reason: e.to_string(),
-        })
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| EngineError::Tokenizer {
+                path: "<decode>".into(),
+                reason: e.to_string(),
+            })
     }
 
     /// Vocabulary size, special tokens included.
@@ -60,7 +67,8 @@ pub fn byte_to_char() -> [char; 256] {
     let mut out = ['\0'; 256];
     let mut extra = 0u32;
     for b in 0..256u32 {
-        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let printable =
+            (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
         out[b as usize] = if printable {
             char::from_u32(b).expect("latin-1 is valid")
         } else {

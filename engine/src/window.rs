@@ -59,7 +59,13 @@ impl Default for WindowSpec {
 }
 
 /// Bytes of one session's window: `2 × layers × kv_heads × head_dim × (sink + window) × bytes/element`.
-pub fn window_bytes(layers: usize, kv_heads: usize, head_dim: usize, spec: WindowSpec, dtype: DType) -> u64 {
+pub fn window_bytes(
+    layers: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    spec: WindowSpec,
+    dtype: DType,
+) -> u64 {
     2 * (layers * kv_heads * head_dim * spec.capacity()) as u64 * dtype.size() as u64
 }
 
@@ -155,7 +161,12 @@ impl<B: Backend> KvWindow<B> {
 
     /// Keys and values of layer `layer` for the held tokens plus the scratch, in stream order, gathered
     /// through `slots` (from [`Self::logical_slots`]); `None` when there is nothing yet.
-    pub fn context(&self, layer: usize, slots: &Tensor<B, 1, Int>, n_slots: usize) -> Option<(Tensor<B, 3>, Tensor<B, 3>)> {
+    pub fn context(
+        &self,
+        layer: usize,
+        slots: &Tensor<B, 1, Int>,
+        n_slots: usize,
+    ) -> Option<(Tensor<B, 3>, Tensor<B, 3>)> {
         let l = &self.layers[layer];
         let mut ks = Vec::with_capacity(2);
         let mut vs = Vec::with_capacity(2);
@@ -268,13 +279,22 @@ mod tests {
 
     #[test]
     fn zero_window_is_refused() {
-        assert!(matches!(WindowSpec::new(4, 0), Err(EngineError::InvalidWindow(_))));
+        assert!(matches!(
+            WindowSpec::new(4, 0),
+            Err(EngineError::InvalidWindow(_))
+        ));
     }
 
     #[test]
     fn bytes_follow_the_formula() {
         let spec = WindowSpec::new(4, 60).unwrap();
-        assert_eq!(window_bytes(2, 2, 16, spec, DType::F32), 2 * 2 * 2 * 16 * 64 * 4);
-        assert_eq!(window_bytes(28, 8, 128, spec, DType::BF16), 2 * 28 * 8 * 128 * 64 * 2);
+        assert_eq!(
+            window_bytes(2, 2, 16, spec, DType::F32),
+            2 * 2 * 2 * 16 * 64 * 4
+        );
+        assert_eq!(
+            window_bytes(28, 8, 128, spec, DType::BF16),
+            2 * 28 * 8 * 128 * 64 * 2
+        );
     }
 }

@@ -6,7 +6,8 @@ use common::reference::Reference;
 use common::*;
 use troupe_engine::engine::{logits_to_host, StepItem};
 use troupe_engine::{
-    generate, DraftRequest, Drafter, Engine, GenerateOptions, NgramDrafter, SamplingParams, Verifier, WindowSpec,
+    generate, DraftRequest, Drafter, Engine, GenerateOptions, NgramDrafter, SamplingParams,
+    Verifier, WindowSpec,
 };
 
 /// Batched and single-sequence steps differ only in how the backend orders sums.
@@ -20,7 +21,11 @@ fn big_window() -> WindowSpec {
 fn batched_step_logits_match_each_session_alone() {
     let ck = Checkpoint::write(&qwen3_config(), 21, Format::F32);
     let model = ck.load();
-    let prompts: Vec<Vec<u32>> = [1usize, 6, 13].iter().enumerate().map(|(i, &n)| random_tokens(100 + i as u64, n, 256)).collect();
+    let prompts: Vec<Vec<u32>> = [1usize, 6, 13]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| random_tokens(100 + i as u64, n, 256))
+        .collect();
 
     // Each session alone, in its own engine.
     let mut alone: Vec<Engine<B>> = prompts.iter().map(|_| Engine::new(model.clone())).collect();
@@ -41,7 +46,11 @@ fn batched_step_logits_match_each_session_alone() {
     let items: Vec<StepItem> = prompts
         .iter()
         .enumerate()
-        .map(|(i, p)| StepItem { seq: i as u64 + 1, tokens: p.clone(), logit_rows: p.len() })
+        .map(|(i, p)| StepItem {
+            seq: i as u64 + 1,
+            tokens: p.clone(),
+            logit_rows: p.len(),
+        })
         .collect();
     let out = engine.step(&items).unwrap();
     assert_eq!(out.row_offsets, vec![0, 1, 7]);
@@ -50,23 +59,45 @@ fn batched_step_logits_match_each_session_alone() {
     for (i, p) in prompts.iter().enumerate() {
         let off = out.row_offsets[i];
         let got = &rows[off..off + p.len()];
-        assert_rows_close(&format!("session {i} batched vs alone"), got, &alone_rows[i], TOL);
+        assert_rows_close(
+            &format!("session {i} batched vs alone"),
+            got,
+            &alone_rows[i],
+            TOL,
+        );
         let want = Reference::new(&ck.weights).forward(p);
-        assert_rows_close(&format!("session {i} batched vs reference"), got, &want, 1e-3);
+        assert_rows_close(
+            &format!("session {i} batched vs reference"),
+            got,
+            &want,
+            1e-3,
+        );
         engine.resolve(i as u64 + 1, p.len()).unwrap();
     }
 
     // A second, ragged step: a new session joins, and sessions ask for different numbers of rows.
-    let more: Vec<Vec<u32>> = [3usize, 1, 2].iter().enumerate().map(|(i, &n)| random_tokens(200 + i as u64, n, 256)).collect();
+    let more: Vec<Vec<u32>> = [3usize, 1, 2]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| random_tokens(200 + i as u64, n, 256))
+        .collect();
     let newcomer = random_tokens(300, 5, 256);
     engine.open(4, big_window(), 0).unwrap();
     let want_rows = [1usize, 1, 0];
     let mut items: Vec<StepItem> = more
         .iter()
         .enumerate()
-        .map(|(i, t)| StepItem { seq: i as u64 + 1, tokens: t.clone(), logit_rows: want_rows[i] })
+        .map(|(i, t)| StepItem {
+            seq: i as u64 + 1,
+            tokens: t.clone(),
+            logit_rows: want_rows[i],
+        })
         .collect();
-    items.push(StepItem { seq: 4, tokens: newcomer.clone(), logit_rows: newcomer.len() });
+    items.push(StepItem {
+        seq: 4,
+        tokens: newcomer.clone(),
+        logit_rows: newcomer.len(),
+    });
     let out = engine.step(&items).unwrap();
     assert_eq!(out.row_offsets, vec![0, 1, 2, 2]);
     let rows = logits_to_host(out.logits.unwrap()).unwrap();
@@ -75,22 +106,40 @@ fn batched_step_logits_match_each_session_alone() {
         let expect = step_rows(&mut alone[i], 7, t, want_rows[i].max(1));
         if want_rows[i] > 0 {
             let off = out.row_offsets[i];
-            assert_rows_close(&format!("session {i}, second step"), &rows[off..off + 1], &expect, TOL);
+            assert_rows_close(
+                &format!("session {i}, second step"),
+                &rows[off..off + 1],
+                &expect,
+                TOL,
+            );
         }
         let full: Vec<u32> = prompts[i].iter().chain(t).copied().collect();
         let reference = Reference::new(&ck.weights).forward(&full);
-        assert_rows_close(&format!("session {i}, second step alone vs reference"), &expect, &reference[full.len() - 1..], 1e-3);
+        assert_rows_close(
+            &format!("session {i}, second step alone vs reference"),
+            &expect,
+            &reference[full.len() - 1..],
+            1e-3,
+        );
     }
     let mut fresh = Engine::new(model);
     fresh.open(1, big_window(), 0).unwrap();
-    assert_rows_close("newcomer", &rows[2..], &step_all(&mut fresh, 1, &newcomer), TOL);
+    assert_rows_close(
+        "newcomer",
+        &rows[2..],
+        &step_all(&mut fresh, 1, &newcomer),
+        TOL,
+    );
 }
 
 #[test]
 fn batched_decoding_matches_each_session_generated_alone() {
     // Untied heads: with a tied head a random model mostly repeats its last token, which would make
     // token-exact agreement a weak check.
-    let qwen3_untied = troupe_engine::ModelConfig { tie_word_embeddings: false, ..qwen3_config() };
+    let qwen3_untied = troupe_engine::ModelConfig {
+        tie_word_embeddings: false,
+        ..qwen3_config()
+    };
     for (config, seed) in [(llama_config(), 22), (qwen3_untied, 23)] {
         batched_decoding_case(&config, seed);
     }
@@ -169,13 +218,26 @@ fn batched_decoding_case(config: &troupe_engine::ModelConfig, seed: u64) {
             let remaining = max_new - out[i].len();
             let k = (*draft_len).min(remaining - 1);
             let draft = if k > 0 {
-                let req = DraftRequest { seq, assumed: vec![], k, params: *params, hidden: vec![] };
+                let req = DraftRequest {
+                    seq,
+                    assumed: vec![],
+                    k,
+                    params: *params,
+                    hidden: vec![],
+                };
                 ngram.draft(&[req]).unwrap().pop().unwrap().tokens
             } else {
                 vec![]
             };
             drafted += draft.len();
-            works.push(work(seq, vec![*out[i].last().unwrap()], draft, None, true, *params));
+            works.push(work(
+                seq,
+                vec![*out[i].last().unwrap()],
+                draft,
+                None,
+                true,
+                *params,
+            ));
         }
         if works.is_empty() {
             break;
@@ -200,8 +262,15 @@ fn batched_decoding_case(config: &troupe_engine::ModelConfig, seed: u64) {
     assert!(drafted > 0, "no drafts were verified in the batch");
     for i in 0..n {
         let distinct: std::collections::BTreeSet<u32> = alone[i].iter().copied().collect();
-        assert!(distinct.len() > 3, "session {i}: degenerate continuation {:?}", alone[i]);
-        assert_eq!(out[i], alone[i], "session {i}: batched tokens differ from generating alone");
+        assert!(
+            distinct.len() > 3,
+            "session {i}: degenerate continuation {:?}",
+            alone[i]
+        );
+        assert_eq!(
+            out[i], alone[i],
+            "session {i}: batched tokens differ from generating alone"
+        );
     }
 }
 
@@ -222,7 +291,10 @@ fn captured_hidden_states_match_the_reference() {
     engine.open(2, big_window(), 0).unwrap();
     let greedy = SamplingParams::greedy();
     let outcomes = engine
-        .verify(&[greedy_work(1, p1.clone()), work(2, p2.clone(), vec![right, wrong], None, true, greedy)])
+        .verify(&[
+            greedy_work(1, p1.clone()),
+            work(2, p2.clone(), vec![right, wrong], None, true, greedy),
+        ])
         .unwrap();
     let mut histories = vec![p1, p2];
     histories[1].extend_from_slice(&[right, wrong][..outcomes[1].accepted]);
@@ -248,9 +320,18 @@ fn captured_hidden_states_match_the_reference() {
             assert_eq!(o.hidden.len(), 2, "one entry per captured layer");
             let committed = if step == 0 { h.len() } else { 1 };
             for (slot, layer) in [1usize, 0].into_iter().enumerate() {
-                assert_eq!(o.hidden[slot].len(), committed, "session {i}, step {step}: rows of layer {layer}");
+                assert_eq!(
+                    o.hidden[slot].len(),
+                    committed,
+                    "session {i}, step {step}: rows of layer {layer}"
+                );
                 let want = &hidden[layer][h.len() - committed..];
-                assert_rows_close(&format!("session {i}, step {step}, layer {layer}"), &o.hidden[slot], want, 1e-3);
+                assert_rows_close(
+                    &format!("session {i}, step {step}, layer {layer}"),
+                    &o.hidden[slot],
+                    want,
+                    1e-3,
+                );
             }
         }
     }

@@ -8,8 +8,8 @@ use common::*;
 use safetensors::Dtype;
 use troupe_engine::engine::StepItem;
 use troupe_engine::{
-    generate, load_model, load_verifier, DeviceKind, Engine, EngineError, GenerateOptions, ModelConfig, ModelSource,
-    Result, SamplingParams, Verifier, WeightDtype, WindowSpec,
+    generate, load_model, load_verifier, DeviceKind, Engine, EngineError, GenerateOptions,
+    ModelConfig, ModelSource, Result, SamplingParams, Verifier, WeightDtype, WindowSpec,
 };
 
 /// The error of a call that must fail.
@@ -39,13 +39,19 @@ fn missing_files() {
         EngineError::MissingFile { path } => assert!(path.ends_with("config.json"), "{path:?}"),
         e => panic!("wrong error {e:?}"),
     }
-    match err(load_verifier(&ModelSource::Dir(dir.path()), DeviceKind::Cpu, None)) {
+    match err(load_verifier(
+        &ModelSource::Dir(dir.path()),
+        DeviceKind::Cpu,
+        None,
+    )) {
         EngineError::MissingFile { path } => assert!(path.ends_with("config.json"), "{path:?}"),
         e => panic!("wrong error {e:?}"),
     }
     write_config(dir.path(), &qwen3_config());
     match err(load(dir.path())) {
-        EngineError::MissingFile { path } => assert!(path.ends_with("model.safetensors"), "{path:?}"),
+        EngineError::MissingFile { path } => {
+            assert!(path.ends_with("model.safetensors"), "{path:?}")
+        }
         e => panic!("wrong error {e:?}"),
     }
 }
@@ -55,13 +61,18 @@ fn corrupt_safetensors() {
     let ck = Checkpoint::write(&qwen3_config(), 62, Format::F32);
     let file = ck.path().join("model.safetensors");
     let bytes = std::fs::read(&file).unwrap();
-    let garbage: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let garbage: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("truncated data", bytes[..bytes.len() / 2].to_vec()),
         ("truncated header", bytes[..20].to_vec()),
         ("empty", vec![]),
         ("garbage", garbage),
-        ("header length past the end", [u64::MAX.to_le_bytes().to_vec(), b"{}".to_vec()].concat()),
+        (
+            "header length past the end",
+            [u64::MAX.to_le_bytes().to_vec(), b"{}".to_vec()].concat(),
+        ),
     ];
     for (what, data) in cases {
         std::fs::write(&file, &data).unwrap();
@@ -92,7 +103,10 @@ fn missing_tensor_is_named() {
     ] {
         let dir = tempfile::tempdir().unwrap();
         let mut w = random_weights(&config, 64);
-        assert!(w.tensors.remove(name).is_some(), "{name} is not in the checkpoint");
+        assert!(
+            w.tensors.remove(name).is_some(),
+            "{name} is not in the checkpoint"
+        );
         write_model_dir(dir.path(), &w, Format::F32);
         match err(load(dir.path())) {
             EngineError::MissingTensor { tensor, .. } => assert_eq!(tensor, name),
@@ -103,7 +117,8 @@ fn missing_tensor_is_named() {
     // A sharded index that maps a tensor to a shard that does not hold it.
     let ck = Checkpoint::write(&qwen3_config(), 65, Format::F32_SHARDED);
     let index_path = ck.path().join("model.safetensors.index.json");
-    let mut index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index_path).unwrap()).unwrap();
+    let mut index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&index_path).unwrap()).unwrap();
     let map = index["weight_map"].as_object_mut().unwrap();
     let name = "model.layers.0.mlp.gate_proj.weight";
     let other = match map[name].as_str().unwrap() {
@@ -128,7 +143,12 @@ fn mis_shaped_and_mistyped_tensors() {
     w.tensors.get_mut(name).unwrap().shape = vec![c.hidden_size, c.num_kv_heads * c.head_dim];
     write_model_dir(dir.path(), &w, Format::F32);
     match err(load(dir.path())) {
-        EngineError::ShapeMismatch { tensor, found, expected, .. } => {
+        EngineError::ShapeMismatch {
+            tensor,
+            found,
+            expected,
+            ..
+        } => {
             assert_eq!(tensor, name);
             assert_eq!(found, vec![64, 32]);
             assert_eq!(expected, vec![32, 64]);
@@ -138,8 +158,16 @@ fn mis_shaped_and_mistyped_tensors() {
 
     // A config that does not fit the checkpoint is a shape mismatch too.
     let ck = Checkpoint::write(&c, 67, Format::F32);
-    let wider = ModelConfig { intermediate_size: 128, ..c.clone() };
-    match err(load_model::<B>(ck.path(), &wider, WeightDtype::F32, &Default::default())) {
+    let wider = ModelConfig {
+        intermediate_size: 128,
+        ..c.clone()
+    };
+    match err(load_model::<B>(
+        ck.path(),
+        &wider,
+        WeightDtype::F32,
+        &Default::default(),
+    )) {
         EngineError::ShapeMismatch { tensor, .. } => assert!(tensor.contains("mlp"), "{tensor}"),
         e => panic!("wrong error {e:?}"),
     }
@@ -155,13 +183,21 @@ fn mis_shaped_and_mistyped_tensors() {
             let mut r = RawTensor::encode(t, StoreDtype::F32);
             if n == "model.norm.weight" {
                 r.dtype = Dtype::F64;
-                r.bytes = t.data.iter().flat_map(|x| (*x as f64).to_le_bytes()).collect();
+                r.bytes = t
+                    .data
+                    .iter()
+                    .flat_map(|x| (*x as f64).to_le_bytes())
+                    .collect();
             }
             (n.clone(), r)
         })
         .collect();
-    safetensors::serialize_to_file(raw.iter().map(|(n, r)| (n.as_str(), r)), None, &dir.path().join("model.safetensors"))
-        .unwrap();
+    safetensors::serialize_to_file(
+        raw.iter().map(|(n, r)| (n.as_str(), r)),
+        None,
+        &dir.path().join("model.safetensors"),
+    )
+    .unwrap();
     match err(load(dir.path())) {
         EngineError::UnsupportedDtype { tensor, dtype, .. } => {
             assert_eq!(tensor, "model.norm.weight");
@@ -184,22 +220,33 @@ fn bad_configs() {
         e => panic!("wrong error {e:?}"),
     }
     std::fs::write(&path, "{ not json").unwrap();
-    assert!(matches!(err(ModelConfig::from_file(&path)), EngineError::InvalidJson { .. }));
+    assert!(matches!(
+        err(ModelConfig::from_file(&path)),
+        EngineError::InvalidJson { .. }
+    ));
     let mut v = qwen3_config().to_hf_json();
     v.as_object_mut().unwrap().remove("vocab_size");
     std::fs::write(&path, v.to_string()).unwrap();
     match err(ModelConfig::from_file(&path)) {
-        EngineError::InvalidJson { reason, .. } => assert!(reason.contains("vocab_size"), "{reason}"),
+        EngineError::InvalidJson { reason, .. } => {
+            assert!(reason.contains("vocab_size"), "{reason}")
+        }
         e => panic!("wrong error {e:?}"),
     }
     let mut v = qwen3_config().to_hf_json();
     v["num_key_value_heads"] = 3.into();
     std::fs::write(&path, v.to_string()).unwrap();
-    assert!(matches!(err(ModelConfig::from_file(&path)), EngineError::InvalidConfig(_)));
+    assert!(matches!(
+        err(ModelConfig::from_file(&path)),
+        EngineError::InvalidConfig(_)
+    ));
     let mut v = qwen3_config().to_hf_json();
     v["rope_parameters"]["rope_type"] = "yarn".into();
     std::fs::write(&path, v.to_string()).unwrap();
-    assert!(matches!(err(ModelConfig::from_file(&path)), EngineError::InvalidJson { .. }));
+    assert!(matches!(
+        err(ModelConfig::from_file(&path)),
+        EngineError::InvalidJson { .. }
+    ));
 
     match err(ModelConfig::preset("qwen9-700b")) {
         EngineError::UnknownPreset(name, known) => {
@@ -209,8 +256,14 @@ fn bad_configs() {
         e => panic!("wrong error {e:?}"),
     }
     assert!(ModelConfig::preset("tiny").is_ok());
-    assert!(matches!(err("tpu".parse::<DeviceKind>()), EngineError::UnknownDevice(_)));
-    assert!(matches!(err(WindowSpec::new(4, 0)), EngineError::InvalidWindow(_)));
+    assert!(matches!(
+        err("tpu".parse::<DeviceKind>()),
+        EngineError::UnknownDevice(_)
+    ));
+    assert!(matches!(
+        err(WindowSpec::new(4, 0)),
+        EngineError::InvalidWindow(_)
+    ));
 }
 
 #[test]
@@ -223,8 +276,15 @@ fn sharded_index_naming_a_missing_shard() {
         e => panic!("wrong error {e:?}"),
     }
     // An index without a weight_map.
-    std::fs::write(ck.path().join("model.safetensors.index.json"), "{\"metadata\": {}}").unwrap();
-    assert!(matches!(err(load(ck.path())), EngineError::InvalidJson { .. }));
+    std::fs::write(
+        ck.path().join("model.safetensors.index.json"),
+        "{\"metadata\": {}}",
+    )
+    .unwrap();
+    assert!(matches!(
+        err(load(ck.path())),
+        EngineError::InvalidJson { .. }
+    ));
 }
 
 #[test]
@@ -232,18 +292,34 @@ fn bad_steps_leave_the_engine_usable() {
     let (_ck, mut e) = engine();
     let spec = WindowSpec::new(2, 8).unwrap();
     e.open(1, spec, 0).unwrap();
-    assert!(matches!(err(e.open(1, spec, 0)), EngineError::DuplicateSequence(1)));
+    assert!(matches!(
+        err(e.open(1, spec, 0)),
+        EngineError::DuplicateSequence(1)
+    ));
     let tokens = random_tokens(70, 5, 256);
     let greedy = SamplingParams::greedy();
 
     // Unknown sequence, alone or beside a valid one.
-    assert!(matches!(err(e.verify(&[greedy_work(99, vec![1])])), EngineError::UnknownSequence(99)));
+    assert!(matches!(
+        err(e.verify(&[greedy_work(99, vec![1])])),
+        EngineError::UnknownSequence(99)
+    ));
     assert!(matches!(
         err(e.verify(&[greedy_work(1, tokens.clone()), greedy_work(99, vec![1])])),
         EngineError::UnknownSequence(99)
     ));
-    assert!(matches!(err(e.step(&[StepItem { seq: 98, tokens: vec![1], logit_rows: 1 }])), EngineError::UnknownSequence(98)));
-    assert!(matches!(err(e.resolve(97, 0)), EngineError::UnknownSequence(97)));
+    assert!(matches!(
+        err(e.step(&[StepItem {
+            seq: 98,
+            tokens: vec![1],
+            logit_rows: 1
+        }])),
+        EngineError::UnknownSequence(98)
+    ));
+    assert!(matches!(
+        err(e.resolve(97, 0)),
+        EngineError::UnknownSequence(97)
+    ));
     assert!(matches!(err(e.close(96)), EngineError::UnknownSequence(96)));
 
     // Tokens outside the vocabulary: fed, drafted, or in a step.
@@ -252,21 +328,48 @@ fn bad_steps_leave_the_engine_usable() {
         e => panic!("wrong error {e:?}"),
     }
     let w = work(1, vec![3], vec![1000], None, true, greedy);
-    assert!(matches!(err(e.verify(&[w])), EngineError::TokenOutOfRange { token: 1000, .. }));
     assert!(matches!(
-        err(e.step(&[StepItem { seq: 1, tokens: vec![u32::MAX], logit_rows: 1 }])),
+        err(e.verify(&[w])),
+        EngineError::TokenOutOfRange { token: 1000, .. }
+    ));
+    assert!(matches!(
+        err(e.step(&[StepItem {
+            seq: 1,
+            tokens: vec![u32::MAX],
+            logit_rows: 1
+        }])),
         EngineError::TokenOutOfRange { .. }
     ));
 
     // Malformed steps.
     assert!(matches!(err(e.step(&[])), EngineError::InvalidStep(_)));
-    assert!(matches!(err(e.verify(&[greedy_work(1, vec![])])), EngineError::InvalidStep(_)));
-    assert!(matches!(err(e.step(&[StepItem { seq: 1, tokens: vec![1], logit_rows: 2 }])), EngineError::InvalidStep(_)));
+    assert!(matches!(
+        err(e.verify(&[greedy_work(1, vec![])])),
+        EngineError::InvalidStep(_)
+    ));
+    assert!(matches!(
+        err(e.step(&[StepItem {
+            seq: 1,
+            tokens: vec![1],
+            logit_rows: 2
+        }])),
+        EngineError::InvalidStep(_)
+    ));
     assert!(matches!(
         err(e.verify(&[greedy_work(1, vec![1]), greedy_work(1, vec![2])])),
         EngineError::InvalidStep(_)
     ));
-    let w = work(1, vec![1], vec![2, 3], Some(vec![vec![0.125; 256]]), true, SamplingParams { temperature: 1.0, top_p: 1.0 });
+    let w = work(
+        1,
+        vec![1],
+        vec![2, 3],
+        Some(vec![vec![0.125; 256]]),
+        true,
+        SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+        },
+    );
     assert!(matches!(err(e.verify(&[w])), EngineError::InvalidStep(_)));
     let w = work(1, vec![1], vec![2], None, false, greedy);
     assert!(matches!(err(e.verify(&[w])), EngineError::InvalidStep(_)));
@@ -278,18 +381,43 @@ fn bad_steps_leave_the_engine_usable() {
     let mut fresh = Engine::new(e.model().clone());
     fresh.open(1, spec, 0).unwrap();
     assert_rows_close("after errors", &got, &step_all(&mut fresh, 1, &tokens), 0.0);
-    assert!(matches!(err(e.resolve(1, 1)), EngineError::InvalidStep(_)), "resolving past the scratch");
+    assert!(
+        matches!(err(e.resolve(1, 1)), EngineError::InvalidStep(_)),
+        "resolving past the scratch"
+    );
 }
 
 #[test]
 fn generate_rejects_bad_requests() {
     let (_ck, mut e) = engine();
-    let opts = GenerateOptions { max_new_tokens: 4, draft_len: 0, ..Default::default() };
-    assert!(matches!(err(generate(&mut e, None, &[], &opts)), EngineError::InvalidStep(_)));
-    assert!(matches!(err(generate(&mut e, None, &[1, 2, 300], &opts)), EngineError::TokenOutOfRange { token: 300, .. }));
+    let opts = GenerateOptions {
+        max_new_tokens: 4,
+        draft_len: 0,
+        ..Default::default()
+    };
+    assert!(matches!(
+        err(generate(&mut e, None, &[], &opts)),
+        EngineError::InvalidStep(_)
+    ));
+    assert!(matches!(
+        err(generate(&mut e, None, &[1, 2, 300], &opts)),
+        EngineError::TokenOutOfRange { token: 300, .. }
+    ));
     for (t, p) in [(f32::NAN, 1.0), (-1.0, 1.0), (1.0, 0.0), (1.0, 1.5)] {
-        let bad = GenerateOptions { params: SamplingParams { temperature: t, top_p: p }, ..opts.clone() };
-        assert!(matches!(err(generate(&mut e, None, &[1], &bad)), EngineError::InvalidStep(_)), "t {t}, top_p {p}");
+        let bad = GenerateOptions {
+            params: SamplingParams {
+                temperature: t,
+                top_p: p,
+            },
+            ..opts.clone()
+        };
+        assert!(
+            matches!(
+                err(generate(&mut e, None, &[1], &bad)),
+                EngineError::InvalidStep(_)
+            ),
+            "t {t}, top_p {p}"
+        );
     }
     // The failed calls closed their sequence: the verifier still generates.
     let g = generate(&mut e, None, &[1, 2, 3], &opts).unwrap();

@@ -5,8 +5,8 @@ mod common;
 use common::reference::{inv_freq, Reference};
 use common::*;
 use troupe_engine::{
-    generate, load_verifier, DeviceKind, Engine, GenerateOptions, ModelConfig, ModelSource, RopeScaling, Verifier,
-    WeightDtype, WindowSpec,
+    generate, load_verifier, DeviceKind, Engine, GenerateOptions, ModelConfig, ModelSource,
+    RopeScaling, Verifier, WeightDtype, WindowSpec,
 };
 
 /// f32 end to end: only summation order differs from the reference.
@@ -44,7 +44,10 @@ fn qwen3_f32_single_file_matches_reference() {
         }
     }
     let off = max_rows_diff(&got, &Reference::new(&plain).forward(&tokens));
-    assert!(off > 10.0 * TOL, "q/k norms barely matter ({off}); the test would not notice them");
+    assert!(
+        off > 10.0 * TOL,
+        "q/k norms barely matter ({off}); the test would not notice them"
+    );
 }
 
 #[test]
@@ -68,7 +71,14 @@ fn f16_checkpoint_matches_reference_on_rounded_weights() {
 
 #[test]
 fn bf16_sharded_checkpoint_matches_reference() {
-    let ck = Checkpoint::write(&qwen3_config(), 16, Format { dtype: StoreDtype::Bf16, sharded: true });
+    let ck = Checkpoint::write(
+        &qwen3_config(),
+        16,
+        Format {
+            dtype: StoreDtype::Bf16,
+            sharded: true,
+        },
+    );
     check(&ck, 6, 9);
 }
 
@@ -92,7 +102,10 @@ fn llama3_rope_scaling_untied_head_matches_reference() {
 
     // The check can fail: plain RoPE frequencies, or a tied head, give clearly different logits.
     let mut unscaled = Reference::new(&ck.weights);
-    unscaled.inv_freq = inv_freq(&ModelConfig { rope_scaling: RopeScaling::None, ..config.clone() });
+    unscaled.inv_freq = inv_freq(&ModelConfig {
+        rope_scaling: RopeScaling::None,
+        ..config.clone()
+    });
     let off = max_rows_diff(&got, &unscaled.forward(&tokens));
     assert!(off > 10.0 * TOL, "llama3 scaling barely matters ({off})");
     let mut tied = ck.weights.clone();
@@ -105,9 +118,15 @@ fn llama3_rope_scaling_untied_head_matches_reference() {
 #[test]
 fn attention_bias_checkpoints_match_reference() {
     for (config, seed) in [(llama_config(), 19), (qwen3_config(), 20)] {
-        let config = ModelConfig { attention_bias: true, ..config };
+        let config = ModelConfig {
+            attention_bias: true,
+            ..config
+        };
         let ck = Checkpoint::write(&config, seed, Format::F32);
-        assert!(ck.weights.tensors.contains_key("model.layers.1.self_attn.o_proj.bias"));
+        assert!(ck
+            .weights
+            .tensors
+            .contains_key("model.layers.1.self_attn.o_proj.bias"));
         check(&ck, 9, 12);
     }
 }
@@ -119,16 +138,30 @@ fn engine_inverse_frequencies_match_the_hf_formula() {
         let got = troupe_engine::rope::inv_freq(&config);
         assert_eq!(got.len(), want.len());
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert!((g - w).abs() <= 1e-12 * w.abs(), "{:?}: inv_freq[{i}] {g} vs {w}", config.architecture);
+            assert!(
+                (g - w).abs() <= 1e-12 * w.abs(),
+                "{:?}: inv_freq[{i}] {g} vs {w}",
+                config.architecture
+            );
         }
     }
     // All three llama3 bands occur in the test config, so the formula is exercised everywhere.
     let c = llama_config();
-    let plain = inv_freq(&ModelConfig { rope_scaling: RopeScaling::None, ..c.clone() });
+    let plain = inv_freq(&ModelConfig {
+        rope_scaling: RopeScaling::None,
+        ..c.clone()
+    });
     let scaled = inv_freq(&c);
     let unchanged = plain.iter().zip(&scaled).filter(|(p, s)| p == s).count();
-    let divided = plain.iter().zip(&scaled).filter(|(p, s)| ((*p / 8.0) - *s).abs() < 1e-15).count();
-    assert!(unchanged > 0 && divided > 0 && unchanged + divided < plain.len(), "{plain:?} -> {scaled:?}");
+    let divided = plain
+        .iter()
+        .zip(&scaled)
+        .filter(|(p, s)| ((*p / 8.0) - *s).abs() < 1e-15)
+        .count();
+    assert!(
+        unchanged > 0 && divided > 0 && unchanged + divided < plain.len(),
+        "{plain:?} -> {scaled:?}"
+    );
 }
 
 #[test]
@@ -144,7 +177,13 @@ fn config_accepts_top_level_rope_theta() {
     let c = ModelConfig::from_file(&path).unwrap();
     assert_eq!(c.rope_theta, 123_456.0);
     assert_eq!(c.rope_scaling, RopeScaling::None);
-    assert_eq!(c, ModelConfig { rope_theta: 123_456.0, ..qwen3_config() });
+    assert_eq!(
+        c,
+        ModelConfig {
+            rope_theta: 123_456.0,
+            ..qwen3_config()
+        }
+    );
 
     // transformers 4 Llama 3.1: top-level rope_theta plus a `rope_scaling` object.
     let mut v = llama_config().to_hf_json();
@@ -165,7 +204,13 @@ fn config_accepts_top_level_rope_theta() {
 fn bf16_weights_kept_as_stored_roughly_match_reference() {
     let ck = Checkpoint::write(&qwen3_config(), 17, Format::BF16);
     let config = ModelConfig::from_file(&ck.config_path()).unwrap();
-    let model = troupe_engine::load_model::<B>(ck.path(), &config, WeightDtype::AsStored, &Default::default()).unwrap();
+    let model = troupe_engine::load_model::<B>(
+        ck.path(),
+        &config,
+        WeightDtype::AsStored,
+        &Default::default(),
+    )
+    .unwrap();
     assert_eq!(model.dtype, burn::tensor::DType::BF16);
     let mut engine = Engine::new(model);
     engine.open(1, WindowSpec::new(4, 256).unwrap(), 0).unwrap();
@@ -174,8 +219,16 @@ fn bf16_weights_kept_as_stored_roughly_match_reference() {
     let want = Reference::new(&ck.weights).forward(&tokens);
     // Observed: about 0.09 on logits of magnitude up to ~8.
     assert_rows_close("bf16 activations", &got, &want, 0.25);
-    let agree = got.iter().zip(&want).filter(|(g, w)| argmax(g) == argmax(w)).count();
-    assert!(agree * 4 >= tokens.len() * 3, "argmax agrees on {agree} of {} rows", tokens.len());
+    let agree = got
+        .iter()
+        .zip(&want)
+        .filter(|(g, w)| argmax(g) == argmax(w))
+        .count();
+    assert!(
+        agree * 4 >= tokens.len() * 3,
+        "argmax agrees on {agree} of {} rows",
+        tokens.len()
+    );
 }
 
 /// The backend-free entry point loads the same model: `generate` through `load_verifier` gives the
@@ -185,10 +238,18 @@ fn load_verifier_from_a_directory() {
     let ck = Checkpoint::write(&llama_config(), 18, Format::F32_SHARDED);
     let mut boxed = load_verifier(&ModelSource::Dir(ck.path()), DeviceKind::Cpu, None).unwrap();
     assert_eq!(boxed.vocab_size(), 256);
-    let opts = GenerateOptions { max_new_tokens: 8, draft_len: 0, ..Default::default() };
+    let opts = GenerateOptions {
+        max_new_tokens: 8,
+        draft_len: 0,
+        ..Default::default()
+    };
     let prompt = random_tokens(8, 6, 256);
-    let a = generate(boxed.as_mut(), None, &prompt, &opts).unwrap().tokens;
-    let b = generate(&mut Engine::new(ck.load()), None, &prompt, &opts).unwrap().tokens;
+    let a = generate(boxed.as_mut(), None, &prompt, &opts)
+        .unwrap()
+        .tokens;
+    let b = generate(&mut Engine::new(ck.load()), None, &prompt, &opts)
+        .unwrap()
+        .tokens;
     assert_eq!(a, b);
     let want: Vec<u32> = {
         let mut seq = prompt.clone();
@@ -209,7 +270,12 @@ fn random_tiny_preset_generates() {
     assert_eq!(v.vocab_size(), 256);
     let spec = WindowSpec::new(4, 60).unwrap();
     assert_eq!(v.kv_bytes(spec), 2 * 2 * 2 * 16 * 64 * 4);
-    let opts = GenerateOptions { max_new_tokens: 5, draft_len: 0, window: spec, ..Default::default() };
+    let opts = GenerateOptions {
+        max_new_tokens: 5,
+        draft_len: 0,
+        window: spec,
+        ..Default::default()
+    };
     let g = generate(v.as_mut(), None, &[1, 2, 3], &opts).unwrap();
     assert_eq!(g.tokens.len(), 5);
     assert!(g.tokens.iter().all(|&t| t < 256));

@@ -6,8 +6,8 @@ mod common;
 use common::reference::{softmax, Reference};
 use common::*;
 use troupe_engine::{
-    generate, Drafter, Engine, GenerateOptions, Generation, ModelConfig, ModelDrafter, NgramDrafter,
-    SamplingParams, WindowSpec,
+    generate, Drafter, Engine, GenerateOptions, Generation, ModelConfig, ModelDrafter,
+    NgramDrafter, SamplingParams, WindowSpec,
 };
 
 fn run(
@@ -22,14 +22,27 @@ fn run(
 
 /// Untied heads keep random models from just repeating their last token.
 fn verifier_configs() -> [(ModelConfig, u64); 2] {
-    [(llama_config(), 41), (ModelConfig { tie_word_embeddings: false, ..qwen3_config() }, 42)]
+    [
+        (llama_config(), 41),
+        (
+            ModelConfig {
+                tie_word_embeddings: false,
+                ..qwen3_config()
+            },
+            42,
+        ),
+    ]
 }
 
 #[test]
 fn greedy_speculative_decoding_emits_plain_greedy_tokens() {
     // A small window, so tokens are evicted while generating (prompt + 32 new > 2 + 12).
     let window = WindowSpec::new(2, 12).unwrap();
-    let prompts: Vec<Vec<u32>> = vec![[10u32, 20, 30, 40, 50].repeat(4), random_tokens(3, 7, 256), vec![9]];
+    let prompts: Vec<Vec<u32>> = vec![
+        [10u32, 20, 30, 40, 50].repeat(4),
+        random_tokens(3, 7, 256),
+        vec![9],
+    ];
     let draft_ck = Checkpoint::write(&small_qwen3_config(), 40, Format::F32);
     for (config, seed) in verifier_configs() {
         let ck = Checkpoint::write(&config, seed, Format::F32);
@@ -37,15 +50,29 @@ fn greedy_speculative_decoding_emits_plain_greedy_tokens() {
         let mut ngram = NgramDrafter::default();
         let mut small = ModelDrafter::new(Engine::new(draft_ck.load()));
         let mut same = ModelDrafter::new(Engine::new(ck.load()));
-        let (mut ngram_accepted, mut small_drafted, mut same_drafted, mut same_accepted) = (0, 0, 0, 0);
+        let (mut ngram_accepted, mut small_drafted, mut same_drafted, mut same_accepted) =
+            (0, 0, 0, 0);
         for prompt in &prompts {
-            let base = GenerateOptions { max_new_tokens: 32, draft_len: 0, window, ..Default::default() };
+            let base = GenerateOptions {
+                max_new_tokens: 32,
+                draft_len: 0,
+                window,
+                ..Default::default()
+            };
             let plain = run(&model, None, prompt, &base);
             assert_eq!(plain.tokens.len(), 32);
             assert_eq!(plain.stats.drafted, 0);
             for k in [1usize, 3, 5] {
-                let opts = GenerateOptions { draft_len: k, ..base.clone() };
-                let what = |d: &str| format!("{:?}, prompt {prompt:?}, {d} drafter, draft_len {k}", config.architecture);
+                let opts = GenerateOptions {
+                    draft_len: k,
+                    ..base.clone()
+                };
+                let what = |d: &str| {
+                    format!(
+                        "{:?}, prompt {prompt:?}, {d} drafter, draft_len {k}",
+                        config.architecture
+                    )
+                };
                 let g = run(&model, Some(&mut ngram), prompt, &opts);
                 assert_eq!(g.tokens, plain.tokens, "{}", what("ngram"));
                 ngram_accepted += g.stats.accepted;
@@ -56,14 +83,24 @@ fn greedy_speculative_decoding_emits_plain_greedy_tokens() {
                 // accepted, including across evictions.
                 let g = run(&model, Some(&mut same), prompt, &opts);
                 assert_eq!(g.tokens, plain.tokens, "{}", what("same model"));
-                assert!(g.stats.verify_steps < plain.stats.verify_steps, "{}: no speed-up", what("same model"));
+                assert!(
+                    g.stats.verify_steps < plain.stats.verify_steps,
+                    "{}: no speed-up",
+                    what("same model")
+                );
                 same_drafted += g.stats.drafted;
                 same_accepted += g.stats.accepted;
             }
         }
-        assert!(ngram_accepted > 0, "the n-gram drafter never had a token accepted");
+        assert!(
+            ngram_accepted > 0,
+            "the n-gram drafter never had a token accepted"
+        );
         assert!(small_drafted > 0, "the draft model drafted nothing");
-        assert!(same_accepted * 10 >= same_drafted * 9, "self-drafting accepted {same_accepted} of {same_drafted}");
+        assert!(
+            same_accepted * 10 >= same_drafted * 9,
+            "self-drafting accepted {same_accepted} of {same_drafted}"
+        );
     }
 }
 
@@ -74,7 +111,11 @@ const RUNS: u64 = 1500;
 const NEW: usize = 4;
 
 fn tiny_vocab(config: ModelConfig) -> ModelConfig {
-    ModelConfig { vocab_size: 8, head_dim: 8, ..config }
+    ModelConfig {
+        vocab_size: 8,
+        head_dim: 8,
+        ..config
+    }
 }
 
 /// Exact distribution of the first `NEW - 1` generated tokens (joint, as a map from token tuple to
@@ -149,7 +190,10 @@ fn chi_square(counts: &[usize], expected: &[f64], n: usize) -> (f64, usize) {
         stat += (pool_c - pool_e).powi(2) / pool_e;
         bins += 1;
     } else if pool_e > 0.0 {
-        assert!(pool_c <= 3.0, "{pool_c} samples in bins of total expected count {pool_e}");
+        assert!(
+            pool_c <= 3.0,
+            "{pool_c} samples in bins of total expected count {pool_e}"
+        );
     } else {
         assert_eq!(pool_c, 0.0, "samples of tokens with probability zero");
     }
@@ -192,22 +236,37 @@ fn sampled_speculative_decoding_preserves_the_verifier_distribution() {
     let draft_exact = exact_joint(&draft_ck.weights, &prompt, depth, 1.0);
     const TOP_P: f32 = 0.8;
     let exact_top_p = exact_joint(&ck.weights, &prompt, depth, TOP_P as f64);
-    assert!(exact_top_p.iter().filter(|(_, p)| *p == 0.0).count() > 0, "top-p cuts nothing");
+    assert!(
+        exact_top_p.iter().filter(|(_, p)| *p == 0.0).count() > 0,
+        "top-p cuts nothing"
+    );
 
     // The check can fail: the verifier is not nearly deterministic, and the draft model's second token
     // is distributed far from the verifier's, so acceptance that leaned towards the drafts (accepting
     // too often, or a wrong residual) would shift the counts well past the bound.
     for pos in 0..depth {
         let p = marginal(&exact, pos, vocab);
-        assert!(p.iter().cloned().fold(0.0, f64::max) < 0.8, "verifier too peaked at {pos}: {p:?}");
+        assert!(
+            p.iter().cloned().fold(0.0, f64::max) < 0.8,
+            "verifier too peaked at {pos}: {p:?}"
+        );
     }
     let q1 = marginal(&draft_exact, 1, vocab);
     let p1 = marginal(&exact, 1, vocab);
-    let counts: Vec<usize> = q1.iter().map(|q| (q * RUNS as f64).round() as usize).collect();
+    let counts: Vec<usize> = q1
+        .iter()
+        .map(|q| (q * RUNS as f64).round() as usize)
+        .collect();
     let (stat, df) = chi_square(&counts, &p1, RUNS as usize);
-    assert!(stat > 3.0 * critical(df), "draft and verifier distributions too close ({stat})");
+    assert!(
+        stat > 3.0 * critical(df),
+        "draft and verifier distributions too close ({stat})"
+    );
 
-    let params = SamplingParams { temperature: TEMPERATURE, top_p: 1.0 };
+    let params = SamplingParams {
+        temperature: TEMPERATURE,
+        top_p: 1.0,
+    };
     let base = GenerateOptions {
         max_new_tokens: NEW,
         draft_len: 0,
@@ -219,17 +278,32 @@ fn sampled_speculative_decoding_preserves_the_verifier_distribution() {
     let mut small = ModelDrafter::new(Engine::new(draft_ck.load()));
     // (name, draft_len, top_p): a nucleus changes both the verifier's and the draft model's
     // distributions, and tokens outside it must never appear.
-    let cases: [(&str, usize, f32); 5] =
-        [("plain", 0, 1.0), ("ngram", 3, 1.0), ("model", 3, 1.0), ("model", 2, TOP_P), ("ngram", 2, TOP_P)];
+    let cases: [(&str, usize, f32); 5] = [
+        ("plain", 0, 1.0),
+        ("ngram", 3, 1.0),
+        ("model", 3, 1.0),
+        ("model", 2, TOP_P),
+        ("ngram", 2, TOP_P),
+    ];
     for (name, k, top_p) in cases {
         let exact = if top_p < 1.0 { &exact_top_p } else { &exact };
         let name = format!("{name}, top_p {top_p}");
-        let opts = GenerateOptions { draft_len: k, params: SamplingParams { temperature: TEMPERATURE, top_p }, ..base.clone() };
+        let opts = GenerateOptions {
+            draft_len: k,
+            params: SamplingParams {
+                temperature: TEMPERATURE,
+                top_p,
+            },
+            ..base.clone()
+        };
         let mut counts = vec![vec![0usize; vocab]; depth];
         let mut pair_counts = vec![0usize; vocab * vocab];
         let (mut drafted, mut accepted) = (0, 0);
         for seed in 0..RUNS {
-            let opts = GenerateOptions { seed, ..opts.clone() };
+            let opts = GenerateOptions {
+                seed,
+                ..opts.clone()
+            };
             let drafter: Option<&mut dyn Drafter> = match &name[..5] {
                 "ngram" => Some(&mut ngram),
                 "model" => Some(&mut small),
@@ -245,7 +319,10 @@ fn sampled_speculative_decoding_preserves_the_verifier_distribution() {
             accepted += g.stats.accepted;
         }
         if k > 0 {
-            assert!(accepted > 0 && accepted < drafted, "{name}: accepted {accepted} of {drafted} drafts");
+            assert!(
+                accepted > 0 && accepted < drafted,
+                "{name}: accepted {accepted} of {drafted} drafts"
+            );
         }
         for pos in 0..depth {
             let p = marginal(exact, pos, vocab);
@@ -255,7 +332,9 @@ fn sampled_speculative_decoding_preserves_the_verifier_distribution() {
                 "{name}: token {pos}: chi2 {stat:.1} > {:.1} (df {df}); counts {:?}, expected {:?}",
                 critical(df),
                 counts[pos],
-                p.iter().map(|x| (x * RUNS as f64).round()).collect::<Vec<_>>()
+                p.iter()
+                    .map(|x| (x * RUNS as f64).round())
+                    .collect::<Vec<_>>()
             );
         }
         // The joint of the first two tokens: the second is drawn from a verified block.
@@ -264,7 +343,11 @@ fn sampled_speculative_decoding_preserves_the_verifier_distribution() {
             pair[(toks[0] * vocab as u32 + toks[1]) as usize] += p;
         }
         let (stat, df) = chi_square(&pair_counts, &pair, RUNS as usize);
-        assert!(stat < critical(df), "{name}: first two tokens jointly: chi2 {stat:.1} > {:.1} (df {df})", critical(df));
+        assert!(
+            stat < critical(df),
+            "{name}: first two tokens jointly: chi2 {stat:.1} > {:.1} (df {df})",
+            critical(df)
+        );
         eprintln!("{name}: drafted {drafted}, accepted {accepted}, pair chi2 {stat:.1} (df {df})");
     }
 }
@@ -274,7 +357,14 @@ fn sampled_speculative_decoding_preserves_the_verifier_distribution() {
 #[test]
 fn model_drafter_assumed_tokens_leave_no_trace() {
     use troupe_engine::DraftRequest;
-    let draft_ck = Checkpoint::write(&ModelConfig { tie_word_embeddings: false, ..small_qwen3_config() }, 43, Format::F32);
+    let draft_ck = Checkpoint::write(
+        &ModelConfig {
+            tie_word_embeddings: false,
+            ..small_qwen3_config()
+        },
+        43,
+        Format::F32,
+    );
     let window = WindowSpec::new(2, 8).unwrap();
     let mut a = ModelDrafter::new(Engine::new(draft_ck.load()));
     let mut b = ModelDrafter::new(Engine::new(draft_ck.load()));
@@ -283,7 +373,13 @@ fn model_drafter_assumed_tokens_leave_no_trace() {
     let history = random_tokens(44, 6, 256);
     a.observe(0, &history).unwrap();
     b.observe(0, &history).unwrap();
-    let req = |assumed: Vec<u32>| DraftRequest { seq: 0, assumed, k: 3, params: SamplingParams::greedy(), hidden: vec![] };
+    let req = |assumed: Vec<u32>| DraftRequest {
+        seq: 0,
+        assumed,
+        k: 3,
+        params: SamplingParams::greedy(),
+        hidden: vec![],
+    };
     for round in 0..8u64 {
         let block = random_tokens(500 + round, 2, 256);
         if round % 2 == 0 {
@@ -315,7 +411,12 @@ fn speculative_decoding_stops_like_plain_decoding() {
     let model = ck.load();
     let window = WindowSpec::new(2, 12).unwrap();
     let prompt = random_tokens(46, 5, 256);
-    let base = GenerateOptions { max_new_tokens: 32, draft_len: 0, window, ..Default::default() };
+    let base = GenerateOptions {
+        max_new_tokens: 32,
+        draft_len: 0,
+        window,
+        ..Default::default()
+    };
     let plain = run(&model, None, &prompt, &base).tokens;
     // A stop token whose first occurrence is well inside the continuation.
     let (pos, stop) = plain
@@ -325,13 +426,31 @@ fn speculative_decoding_stops_like_plain_decoding() {
         .map(|(i, &t)| (i, t))
         .expect("a fresh token late in the continuation");
     let want = plain[..=pos].to_vec();
-    let stopped = GenerateOptions { stop_token: Some(stop), ..base.clone() };
-    assert_eq!(run(&model, None, &prompt, &stopped).tokens, want, "plain decoding with a stop token");
+    let stopped = GenerateOptions {
+        stop_token: Some(stop),
+        ..base.clone()
+    };
+    assert_eq!(
+        run(&model, None, &prompt, &stopped).tokens,
+        want,
+        "plain decoding with a stop token"
+    );
     let mut same = ModelDrafter::new(Engine::new(ck.load()));
     let mut ngram = NgramDrafter::default();
     for k in [1usize, 3, 5] {
-        let opts = GenerateOptions { draft_len: k, ..stopped.clone() };
-        assert_eq!(run(&model, Some(&mut same), &prompt, &opts).tokens, want, "self drafter, draft_len {k}");
-        assert_eq!(run(&model, Some(&mut ngram), &prompt, &opts).tokens, want, "ngram drafter, draft_len {k}");
+        let opts = GenerateOptions {
+            draft_len: k,
+            ..stopped.clone()
+        };
+        assert_eq!(
+            run(&model, Some(&mut same), &prompt, &opts).tokens,
+            want,
+            "self drafter, draft_len {k}"
+        );
+        assert_eq!(
+            run(&model, Some(&mut ngram), &prompt, &opts).tokens,
+            want,
+            "ngram drafter, draft_len {k}"
+        );
     }
 }

@@ -24,7 +24,10 @@ fn spec() -> WindowSpec {
 }
 
 fn one_layer() -> ModelConfig {
-    ModelConfig { num_layers: 1, ..qwen3_config() }
+    ModelConfig {
+        num_layers: 1,
+        ..qwen3_config()
+    }
 }
 
 /// The tokens a (sink, window) cache holds after seeing `prefix`.
@@ -32,12 +35,18 @@ fn retained(prefix: &[u32]) -> Vec<u32> {
     let n = prefix.len();
     let sinks = SINK.min(n);
     let start = n.saturating_sub(WINDOW).max(sinks);
-    prefix[..sinks].iter().chain(&prefix[start..]).copied().collect()
+    prefix[..sinks]
+        .iter()
+        .chain(&prefix[start..])
+        .copied()
+        .collect()
 }
 
 /// Last-position logits of a fresh sequence (window large enough to hold everything) fed `tokens`.
 fn fresh_last_row(engine: &mut Engine<B>, seq: u64, tokens: &[u32]) -> Vec<f32> {
-    engine.open(seq, WindowSpec::new(4, 256).unwrap(), 0).unwrap();
+    engine
+        .open(seq, WindowSpec::new(4, 256).unwrap(), 0)
+        .unwrap();
     let row = step_rows(engine, seq, tokens, 1).pop().unwrap();
     engine.close(seq).unwrap();
     row
@@ -61,14 +70,21 @@ fn check_against_fresh(chunk: usize) {
         let rows = step_all(&mut engine, 1, &stream[start..end]);
         let w = engine.window(1).unwrap();
         assert_eq!(w.bytes(), bytes, "window bytes changed");
-        assert_eq!(w.len(), end.min(SINK + WINDOW), "window fill after {end} tokens");
+        assert_eq!(
+            w.len(),
+            end.min(SINK + WINDOW),
+            "window fill after {end} tokens"
+        );
         assert_eq!(w.seen(), end as u64);
         for (r, row) in rows.iter().enumerate() {
             let p = start + r;
             fresh_seq += 1;
             let want = fresh_last_row(&mut fresh, fresh_seq, &retained(&stream[..=p]));
             let d = max_abs_diff(row, &want);
-            assert!(d <= TOL, "chunk {chunk}: position {p} differs from the retained-token recomputation by {d}");
+            assert!(
+                d <= TOL,
+                "chunk {chunk}: position {p} differs from the retained-token recomputation by {d}"
+            );
         }
         start = end;
     }
@@ -78,7 +94,10 @@ fn check_against_fresh(chunk: usize) {
     let mut again = Engine::new(ck.load());
     again.open(1, spec(), 0).unwrap();
     let last = step_all(&mut again, 1, &stream).pop().unwrap();
-    assert!(max_abs_diff(&last, &no_eviction) > 10.0 * TOL, "eviction does not change the logits");
+    assert!(
+        max_abs_diff(&last, &no_eviction) > 10.0 * TOL,
+        "eviction does not change the logits"
+    );
 }
 
 #[test]
@@ -113,7 +132,12 @@ fn multi_layer_windows_match_the_streaming_reference() {
             // The check can fail: full attention differs once tokens are evicted.
             assert!(max_rows_diff(&want[cap..], &full[cap..]) > 10.0 * TOL);
             assert_rows_close("within the window", &want[..cap], &full[..cap], 1e-5);
-            let chunkings: [&[usize]; 4] = [&[1; STREAM], &[3; 14], &[20, 1, 1, 1, 1, 16], &[7, 11, 5, 17]];
+            let chunkings: [&[usize]; 4] = [
+                &[1; STREAM],
+                &[3; 14],
+                &[20, 1, 1, 1, 1, 16],
+                &[7, 11, 5, 17],
+            ];
             for sizes in chunkings {
                 let mut engine = Engine::new(model.clone());
                 engine.open(1, spec, 0).unwrap();
@@ -129,7 +153,10 @@ fn multi_layer_windows_match_the_streaming_reference() {
                     start = end;
                 }
                 assert_eq!(got.len(), STREAM);
-                let what = format!("{:?} window ({sink}, {window}) chunks {sizes:?}", config.architecture);
+                let what = format!(
+                    "{:?} window ({sink}, {window}) chunks {sizes:?}",
+                    config.architecture
+                );
                 assert_rows_close(&what, &got, &want, 1e-3);
             }
         }
@@ -147,7 +174,9 @@ fn long_contexts_grow_the_rope_table() {
     let reference = Reference::new(&ck.weights);
 
     let mut engine = Engine::new(ck.load());
-    engine.open(1, WindowSpec::new(4, 2000).unwrap(), 0).unwrap();
+    engine
+        .open(1, WindowSpec::new(4, 2000).unwrap(), 0)
+        .unwrap();
     let got = step_rows(&mut engine, 1, &stream, 8);
     let want = reference.forward(&stream);
     assert_rows_close("1100 tokens in one step", &got, &want[n - 8..], 1e-3);
@@ -159,7 +188,12 @@ fn long_contexts_grow_the_rope_table() {
     for chunk in (0..n).step_by(256) {
         let end = (chunk + 256).min(n);
         let got = step_rows(&mut engine, 1, &stream[chunk..end], 4);
-        assert_rows_close(&format!("default window, chunk at {chunk}"), &got, &want[end - 4..end], 1e-3);
+        assert_rows_close(
+            &format!("default window, chunk at {chunk}"),
+            &got,
+            &want[end - 4..end],
+            1e-3,
+        );
     }
     assert_eq!(engine.window(1).unwrap().len(), spec.capacity());
 }
@@ -188,24 +222,48 @@ fn rejected_drafts_leave_no_trace() {
                 if t % 2 == 0 {
                     draft[0] = argmax(&b_row);
                 }
-                let o = a.verify(&[work(1, vec![s], draft.clone(), None, true, greedy)]).unwrap().pop().unwrap();
+                let o = a
+                    .verify(&[work(1, vec![s], draft.clone(), None, true, greedy)])
+                    .unwrap()
+                    .pop()
+                    .unwrap();
                 assert_eq!(o.tokens.len(), o.accepted + 1);
-                assert_eq!(o.tokens[0], argmax(&b_row), "position {t}: first emitted token");
+                assert_eq!(
+                    o.tokens[0],
+                    argmax(&b_row),
+                    "position {t}: first emitted token"
+                );
                 // Feed b the accepted drafts; each emitted token is b's argmax there.
                 for (i, &d) in draft[..o.accepted].iter().enumerate() {
                     let row = step_rows(&mut b, 1, &[d], 1).pop().unwrap();
-                    assert_eq!(o.tokens[i + 1], argmax(&row), "position {t}: emitted token {}", i + 1);
+                    assert_eq!(
+                        o.tokens[i + 1],
+                        argmax(&row),
+                        "position {t}: emitted token {}",
+                        i + 1
+                    );
                 }
                 accepted_total += o.accepted;
                 rejected_total += draft.len() - o.accepted;
             }
             1 => {
                 // Through Engine::step with a scratch block, then keep only the fed token.
-                let out = a.step(&[StepItem { seq: 1, tokens: [vec![s], drafts].concat(), logit_rows: 4 }]).unwrap();
+                let out = a
+                    .step(&[StepItem {
+                        seq: 1,
+                        tokens: [vec![s], drafts].concat(),
+                        logit_rows: 4,
+                    }])
+                    .unwrap();
                 a.resolve(1, 1).unwrap();
                 let rows = logits_to_host(out.logits.unwrap()).unwrap();
                 let want = step_rows(&mut b, 1, &[s], 1);
-                assert_rows_close(&format!("position {t}, block row 0"), &rows[..1], &want, TOL);
+                assert_rows_close(
+                    &format!("position {t}, block row 0"),
+                    &rows[..1],
+                    &want,
+                    TOL,
+                );
                 rejected_total += 3;
             }
             _ => {
@@ -214,9 +272,16 @@ fn rejected_drafts_leave_no_trace() {
                 assert_rows_close(&format!("position {t}, after drafts"), &got, &want, TOL);
             }
         }
-        assert_eq!(a.window_fill(1), b.window_fill(1), "position {t}: window fill");
+        assert_eq!(
+            a.window_fill(1),
+            b.window_fill(1),
+            "position {t}: window fill"
+        );
         assert_eq!(a.window(1).unwrap().scratch_len(), 0);
     }
-    assert!(accepted_total > 0 && rejected_total > 0, "accepted {accepted_total}, rejected {rejected_total}");
+    assert!(
+        accepted_total > 0 && rejected_total > 0,
+        "accepted {accepted_total}, rejected {rejected_total}"
+    );
     assert_eq!(a.window(1).unwrap().len(), SINK + WINDOW);
 }

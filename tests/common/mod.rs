@@ -10,8 +10,8 @@ use troupe::actors::{DrafterFactory, VerifierFactory};
 use troupe::engine::device::CpuBackend;
 use troupe::engine::tokenizer::byte_level_tokenizer_json;
 use troupe::engine::{
-    generate, load_verifier, random_model, save_pretrained, DeviceKind, GenerateOptions, ModelConfig, ModelSource,
-    NgramDrafter, WindowSpec,
+    generate, load_verifier, random_model, save_pretrained, DeviceKind, GenerateOptions,
+    ModelConfig, ModelSource, NgramDrafter, WindowSpec,
 };
 
 /// A tiny Qwen3-shaped model with random weights, saved in HF layout under a temp dir.
@@ -21,7 +21,13 @@ pub fn tiny_model(seed: u64, layers: usize) -> tempfile::TempDir {
     config.num_layers = layers;
     let device = Default::default();
     let model = random_model::<CpuBackend>(&config, burn::tensor::DType::F32, seed, &device);
-    save_pretrained(&model, dir.path(), false, Some(&byte_level_tokenizer_json())).expect("save");
+    save_pretrained(
+        &model,
+        dir.path(),
+        false,
+        Some(&byte_level_tokenizer_json()),
+    )
+    .expect("save");
     dir
 }
 
@@ -37,7 +43,12 @@ pub fn ngram_factory() -> DrafterFactory {
 }
 
 /// Plain greedy decoding of `prompt` alone: the reference every runtime output must equal.
-pub fn run_alone(dir: &Path, prompt: &[u32], max_new_tokens: usize, window: WindowSpec) -> Vec<u32> {
+pub fn run_alone(
+    dir: &Path,
+    prompt: &[u32],
+    max_new_tokens: usize,
+    window: WindowSpec,
+) -> Vec<u32> {
     let mut v = load_verifier(&ModelSource::Dir(dir), DeviceKind::Cpu, None).expect("load");
     let opts = GenerateOptions {
         max_new_tokens,
@@ -45,7 +56,9 @@ pub fn run_alone(dir: &Path, prompt: &[u32], max_new_tokens: usize, window: Wind
         window,
         ..Default::default()
     };
-    generate(v.as_mut(), None, prompt, &opts).expect("generate").tokens
+    generate(v.as_mut(), None, prompt, &opts)
+        .expect("generate")
+        .tokens
 }
 
 /// Prompts of varied lengths that repeat themselves, so prompt lookup has something to find.
@@ -54,7 +67,9 @@ pub fn repetitive_prompts(n: usize) -> Vec<Vec<u32>> {
         .map(|i| {
             let period = 3 + i % 7;
             let len = 12 + (i * 5) % 29;
-            (0..len).map(|j| (32 + (i * 13 + j % period * 7) % 90) as u32).collect()
+            (0..len)
+                .map(|j| (32 + (i * 13 + j % period * 7) % 90) as u32)
+                .collect()
         })
         .collect()
 }

@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng};
 use safetensors::{Dtype, View};
 use troupe_engine::device::CpuBackend;
 use troupe_engine::engine::{logits_to_host, StepItem};
-use troupe_engine::{Architecture, Engine, ModelConfig, Model, RopeScaling, SeqId, WeightDtype};
+use troupe_engine::{Architecture, Engine, Model, ModelConfig, RopeScaling, SeqId, WeightDtype};
 
 /// The backend every test runs on.
 pub type B = CpuBackend;
@@ -51,7 +51,9 @@ impl Weights {
     pub fn rounded_bf16(&self) -> Weights {
         let mut out = self.clone();
         for t in out.tensors.values_mut() {
-            t.data.iter_mut().for_each(|x| *x = bf16::from_f32(*x).to_f32());
+            t.data
+                .iter_mut()
+                .for_each(|x| *x = bf16::from_f32(*x).to_f32());
         }
         out
     }
@@ -60,7 +62,9 @@ impl Weights {
     pub fn rounded_f16(&self) -> Weights {
         let mut out = self.clone();
         for t in out.tensors.values_mut() {
-            t.data.iter_mut().for_each(|x| *x = half::f16::from_f32(*x).to_f32());
+            t.data
+                .iter_mut()
+                .for_each(|x| *x = half::f16::from_f32(*x).to_f32());
         }
         out
     }
@@ -83,10 +87,22 @@ pub struct Format {
 }
 
 impl Format {
-    pub const F32: Format = Format { dtype: StoreDtype::F32, sharded: false };
-    pub const BF16: Format = Format { dtype: StoreDtype::Bf16, sharded: false };
-    pub const F16: Format = Format { dtype: StoreDtype::F16, sharded: false };
-    pub const F32_SHARDED: Format = Format { dtype: StoreDtype::F32, sharded: true };
+    pub const F32: Format = Format {
+        dtype: StoreDtype::F32,
+        sharded: false,
+    };
+    pub const BF16: Format = Format {
+        dtype: StoreDtype::Bf16,
+        sharded: false,
+    };
+    pub const F16: Format = Format {
+        dtype: StoreDtype::F16,
+        sharded: false,
+    };
+    pub const F32_SHARDED: Format = Format {
+        dtype: StoreDtype::F32,
+        sharded: true,
+    };
 }
 
 /// A tiny Qwen3 (q/k norms, tied head).
@@ -165,20 +181,40 @@ pub fn random_weights(config: &ModelConfig, seed: u64) -> Weights {
         tensors.insert(name, HostTensor { shape, data });
     };
     let embed_std = 2.0 / (h as f32).sqrt();
-    put("model.embed_tokens.weight".into(), vec![c.vocab_size, h], uniform(&mut rng, c.vocab_size * h, embed_std));
+    put(
+        "model.embed_tokens.weight".into(),
+        vec![c.vocab_size, h],
+        uniform(&mut rng, c.vocab_size * h, embed_std),
+    );
     for l in 0..c.num_layers {
         let p = format!("model.layers.{l}");
         let lin = |rng: &mut StdRng, name: &str, out: usize, inp: usize| {
-            (format!("{p}.{name}.weight"), vec![out, inp], uniform(rng, out * inp, 1.0 / (inp as f32).sqrt()))
+            (
+                format!("{p}.{name}.weight"),
+                vec![out, inp],
+                uniform(rng, out * inp, 1.0 / (inp as f32).sqrt()),
+            )
         };
-        let norm = |rng: &mut StdRng, n: usize| -> Vec<f32> { (0..n).map(|_| 1.0 + rng.random_range(-0.3f32..0.3)).collect() };
+        let norm = |rng: &mut StdRng, n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| 1.0 + rng.random_range(-0.3f32..0.3))
+                .collect()
+        };
         let items = vec![
-            (format!("{p}.input_layernorm.weight"), vec![h], norm(&mut rng, h)),
+            (
+                format!("{p}.input_layernorm.weight"),
+                vec![h],
+                norm(&mut rng, h),
+            ),
             lin(&mut rng, "self_attn.q_proj", qd, h),
             lin(&mut rng, "self_attn.k_proj", kvd, h),
             lin(&mut rng, "self_attn.v_proj", kvd, h),
             lin(&mut rng, "self_attn.o_proj", h, qd),
-            (format!("{p}.post_attention_layernorm.weight"), vec![h], norm(&mut rng, h)),
+            (
+                format!("{p}.post_attention_layernorm.weight"),
+                vec![h],
+                norm(&mut rng, h),
+            ),
             lin(&mut rng, "mlp.gate_proj", i, h),
             lin(&mut rng, "mlp.up_proj", i, h),
             lin(&mut rng, "mlp.down_proj", h, i),
@@ -188,7 +224,12 @@ pub fn random_weights(config: &ModelConfig, seed: u64) -> Weights {
         }
         if c.attention_bias {
             // transformers gives q, k, v *and* o a bias when `attention_bias` is set.
-            for (proj, out) in [("q_proj", qd), ("k_proj", kvd), ("v_proj", kvd), ("o_proj", h)] {
+            for (proj, out) in [
+                ("q_proj", qd),
+                ("k_proj", kvd),
+                ("v_proj", kvd),
+                ("o_proj", h),
+            ] {
                 let b = uniform(&mut rng, out, 0.5);
                 put(format!("{p}.self_attn.{proj}.bias"), vec![out], b);
             }
@@ -200,12 +241,21 @@ pub fn random_weights(config: &ModelConfig, seed: u64) -> Weights {
             put(format!("{p}.self_attn.k_norm.weight"), vec![hd], kn);
         }
     }
-    let fnorm = (0..h).map(|_| 1.0 + rng.random_range(-0.3f32..0.3)).collect();
+    let fnorm = (0..h)
+        .map(|_| 1.0 + rng.random_range(-0.3f32..0.3))
+        .collect();
     put("model.norm.weight".into(), vec![h], fnorm);
     if !c.tie_word_embeddings {
-        put("lm_head.weight".into(), vec![c.vocab_size, h], uniform(&mut rng, c.vocab_size * h, embed_std));
+        put(
+            "lm_head.weight".into(),
+            vec![c.vocab_size, h],
+            uniform(&mut rng, c.vocab_size * h, embed_std),
+        );
     }
-    Weights { config: config.clone(), tensors }
+    Weights {
+        config: config.clone(),
+        tensors,
+    }
 }
 
 /// A tensor ready for safetensors serialization.
@@ -218,17 +268,30 @@ pub struct RawTensor {
 impl RawTensor {
     pub fn encode(t: &HostTensor, dtype: StoreDtype) -> RawTensor {
         let (dtype, bytes) = match dtype {
-            StoreDtype::F32 => (Dtype::F32, t.data.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            StoreDtype::F32 => (
+                Dtype::F32,
+                t.data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ),
             StoreDtype::Bf16 => (
                 Dtype::BF16,
-                t.data.iter().flat_map(|x| bf16::from_f32(*x).to_le_bytes()).collect(),
+                t.data
+                    .iter()
+                    .flat_map(|x| bf16::from_f32(*x).to_le_bytes())
+                    .collect(),
             ),
             StoreDtype::F16 => (
                 Dtype::F16,
-                t.data.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
+                t.data
+                    .iter()
+                    .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                    .collect(),
             ),
         };
-        RawTensor { dtype, shape: t.shape.clone(), bytes }
+        RawTensor {
+            dtype,
+            shape: t.shape.clone(),
+            bytes,
+        }
     }
 }
 
@@ -249,8 +312,12 @@ impl View for &RawTensor {
 
 /// Writes `tensors` to one safetensors file.
 pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, HostTensor>, dtype: StoreDtype) {
-    let raw: BTreeMap<&String, RawTensor> = tensors.iter().map(|(n, t)| (n, RawTensor::encode(t, dtype))).collect();
-    safetensors::serialize_to_file(raw.iter().map(|(n, t)| (n.as_str(), t)), None, path).expect("write safetensors");
+    let raw: BTreeMap<&String, RawTensor> = tensors
+        .iter()
+        .map(|(n, t)| (n, RawTensor::encode(t, dtype)))
+        .collect();
+    safetensors::serialize_to_file(raw.iter().map(|(n, t)| (n.as_str(), t)), None, path)
+        .expect("write safetensors");
 }
 
 /// Writes `config.json` (transformers-5 style) for `config`.
@@ -269,10 +336,17 @@ pub fn write_model_dir(dir: &Path, weights: &Weights, format: Format) -> Weights
         StoreDtype::F16 => "float16".into(),
     };
     write_config(dir, &config);
-    std::fs::write(dir.join("tokenizer.json"), troupe_engine::tokenizer::byte_level_tokenizer_json()).unwrap();
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        troupe_engine::tokenizer::byte_level_tokenizer_json(),
+    )
+    .unwrap();
     if format.sharded {
         // Alternate tensors between the shards so that every layer spans both files.
-        let names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"];
+        let names = [
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+        ];
         let mut shards = [BTreeMap::new(), BTreeMap::new()];
         let mut weight_map = serde_json::Map::new();
         for (k, (name, t)) in weights.tensors.iter().enumerate() {
@@ -282,10 +356,15 @@ pub fn write_model_dir(dir: &Path, weights: &Weights, format: Format) -> Weights
         for (file, shard) in names.iter().zip(&shards) {
             write_safetensors(&dir.join(file), shard, format.dtype);
         }
-        let index = serde_json::json!({ "metadata": { "total_size": 0 }, "weight_map": weight_map });
+        let index =
+            serde_json::json!({ "metadata": { "total_size": 0 }, "weight_map": weight_map });
         std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
     } else {
-        write_safetensors(&dir.join("model.safetensors"), &weights.tensors, format.dtype);
+        write_safetensors(
+            &dir.join("model.safetensors"),
+            &weights.tensors,
+            format.dtype,
+        );
     }
     let mut stored = match format.dtype {
         StoreDtype::F32 => weights.clone(),
@@ -334,7 +413,11 @@ pub fn step_all(engine: &mut Engine<B>, seq: SeqId, tokens: &[u32]) -> Vec<Vec<f
 /// Runs one step asking for the last `rows` logits rows, commits all tokens.
 pub fn step_rows(engine: &mut Engine<B>, seq: SeqId, tokens: &[u32], rows: usize) -> Vec<Vec<f32>> {
     let out = engine
-        .step(&[StepItem { seq, tokens: tokens.to_vec(), logit_rows: rows }])
+        .step(&[StepItem {
+            seq,
+            tokens: tokens.to_vec(),
+            logit_rows: rows,
+        }])
         .expect("step");
     engine.resolve(seq, tokens.len()).expect("resolve");
     logits_to_host(out.logits.expect("asked for logits")).expect("logits to host")
@@ -343,24 +426,37 @@ pub fn step_rows(engine: &mut Engine<B>, seq: SeqId, tokens: &[u32], rows: usize
 /// Largest absolute difference between two equally long rows.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "row lengths differ");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Asserts that two sets of rows agree within `tol` (max abs), naming the first bad row.
 #[track_caller]
 pub fn assert_rows_close(what: &str, got: &[Vec<f32>], want: &[Vec<f32>], tol: f32) {
     assert_eq!(got.len(), want.len(), "{what}: row counts differ");
-    eprintln!("{what}: max abs diff {} over {} rows", max_rows_diff(got, want), got.len());
+    eprintln!(
+        "{what}: max abs diff {} over {} rows",
+        max_rows_diff(got, want),
+        got.len()
+    );
     for (r, (g, w)) in got.iter().zip(want).enumerate() {
         let d = max_abs_diff(g, w);
         assert!(d <= tol, "{what}: row {r} differs by {d} (tolerance {tol})");
-        assert!(g.iter().all(|x| x.is_finite()), "{what}: row {r} has non-finite logits");
+        assert!(
+            g.iter().all(|x| x.is_finite()),
+            "{what}: row {r} has non-finite logits"
+        );
     }
 }
 
 /// Largest difference over all rows.
 pub fn max_rows_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| max_abs_diff(x, y)).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| max_abs_diff(x, y))
+        .fold(0.0, f32::max)
 }
 
 /// `n` pseudo-random tokens below `vocab`.
@@ -389,10 +485,25 @@ pub fn work(
     sample: bool,
     params: troupe_engine::SamplingParams,
 ) -> troupe_engine::VerifyWork {
-    troupe_engine::VerifyWork { seq, fed, draft, draft_probs, sample, params, stop: None }
+    troupe_engine::VerifyWork {
+        seq,
+        fed,
+        draft,
+        draft_probs,
+        sample,
+        params,
+        stop: None,
+    }
 }
 
 /// Greedy verify work without drafts.
 pub fn greedy_work(seq: SeqId, fed: Vec<u32>) -> troupe_engine::VerifyWork {
-    work(seq, fed, vec![], None, true, troupe_engine::SamplingParams::greedy())
+    work(
+        seq,
+        fed,
+        vec![],
+        None,
+        true,
+        troupe_engine::SamplingParams::greedy(),
+    )
 }

@@ -26,7 +26,12 @@ pub fn inv_freq(config: &ModelConfig) -> Vec<f64> {
     match config.rope_scaling {
         RopeScaling::None => plain,
         RopeScaling::Linear { factor } => plain.iter().map(|f| f / factor).collect(),
-        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => {
             // transformers' _compute_llama3_parameters, element by element.
             let old = original_max_position_embeddings;
             let low_freq_wavelen = old / low_freq_factor;
@@ -36,8 +41,13 @@ pub fn inv_freq(config: &ModelConfig) -> Vec<f64> {
                 .map(|&f| {
                     let wavelen = 2.0 * std::f64::consts::PI / f;
                     // inv_freq_llama = where(wavelen > low_freq_wavelen, f / factor, f)
-                    let llama = if wavelen > low_freq_wavelen { f / factor } else { f };
-                    let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                    let llama = if wavelen > low_freq_wavelen {
+                        f / factor
+                    } else {
+                        f
+                    };
+                    let smooth =
+                        (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
                     let smoothed = (1.0 - smooth) * llama / factor + smooth * llama;
                     let is_medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
                     if is_medium {
@@ -69,7 +79,13 @@ fn matvec(w: &[f32], x: &[f32], out: usize) -> Vec<f32> {
     let inp = x.len();
     assert_eq!(w.len(), out * inp);
     (0..out)
-        .map(|o| w[o * inp..(o + 1) * inp].iter().zip(x).map(|(a, b)| a * b).sum())
+        .map(|o| {
+            w[o * inp..(o + 1) * inp]
+                .iter()
+                .zip(x)
+                .map(|(a, b)| a * b)
+                .sum()
+        })
         .collect()
 }
 
@@ -88,7 +104,10 @@ fn silu(x: f32) -> f32 {
 
 impl<'a> Reference<'a> {
     pub fn new(w: &'a Weights) -> Self {
-        Self { inv_freq: inv_freq(&w.config), w }
+        Self {
+            inv_freq: inv_freq(&w.config),
+            w,
+        }
     }
 
     /// Rotate-half RoPE of one head vector at `pos`.
@@ -118,7 +137,11 @@ impl<'a> Reference<'a> {
 
     /// Logits of every position where query `i` attends to the keys `visible(i)` (ascending, ending
     /// with `i`) at positions equal to their ranks in that list.
-    pub fn forward_visible(&self, tokens: &[u32], visible: &dyn Fn(usize) -> Vec<usize>) -> Vec<Vec<f32>> {
+    pub fn forward_visible(
+        &self,
+        tokens: &[u32],
+        visible: &dyn Fn(usize) -> Vec<usize>,
+    ) -> Vec<Vec<f32>> {
         self.run(tokens, visible).0
     }
 
@@ -128,7 +151,11 @@ impl<'a> Reference<'a> {
         self.run(tokens, &|i| (0..=i).collect())
     }
 
-    fn run(&self, tokens: &[u32], visible: &dyn Fn(usize) -> Vec<usize>) -> (Vec<Vec<f32>>, Vec<Vec<Vec<f32>>>) {
+    fn run(
+        &self,
+        tokens: &[u32],
+        visible: &dyn Fn(usize) -> Vec<usize>,
+    ) -> (Vec<Vec<f32>>, Vec<Vec<Vec<f32>>>) {
         let w = self.w;
         let c = &w.config;
         let (h, hd) = (c.hidden_size, c.head_dim);
@@ -169,7 +196,11 @@ impl<'a> Reference<'a> {
             }
             // Keys rotated at their own index, reused whenever a key's rank equals its index.
             let k_rot_own: Vec<Vec<f32>> = (0..n)
-                .map(|j| k[j].chunks(hd).flat_map(|head| self.rope(head, j)).collect())
+                .map(|j| {
+                    k[j].chunks(hd)
+                        .flat_map(|head| self.rope(head, j))
+                        .collect()
+                })
                 .collect();
             let scale = 1.0 / (hd as f32).sqrt();
             for i in 0..n {
@@ -184,7 +215,9 @@ impl<'a> Reference<'a> {
                         .iter()
                         .enumerate()
                         .map(|(rank, &j)| {
-                            let dot = |kr: &[f32]| qr.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale;
+                            let dot = |kr: &[f32]| {
+                                qr.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale
+                            };
                             if rank == j {
                                 dot(&k_rot_own[j][kvh * hd..(kvh + 1) * hd])
                             } else {
@@ -240,7 +273,10 @@ pub fn streaming_visible(i: usize, sink: usize, window: usize) -> Vec<usize> {
 /// Softmax of `logits / temperature`.
 pub fn softmax(logits: &[f32], temperature: f32) -> Vec<f64> {
     let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let e: Vec<f64> = logits.iter().map(|&l| ((l as f64 - m) / temperature as f64).exp()).collect();
+    let e: Vec<f64> = logits
+        .iter()
+        .map(|&l| ((l as f64 - m) / temperature as f64).exp())
+        .collect();
     let z: f64 = e.iter().sum();
     e.into_iter().map(|x| x / z).collect()
 }

@@ -1,0 +1,5 @@
+//! Subcommands of the `troupe` binary, one module each.
+
+pub mod bench;
+pub mod generate;
+pub mod train;
