@@ -19,6 +19,8 @@ enum Command {
     Generate(cli::generate::GenerateArgs),
     /// Train the byte-level demo models on the corpus.
     Train(cli::train::TrainArgs),
+    /// Run a room of personas, each its own session, through the shared model.
+    Swarm(cli::swarm::SwarmArgs),
     /// Measure the engine and the runtime; writes results/<case>.json and .svg.
     Bench(cli::bench::BenchArgs),
 }
@@ -30,6 +32,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Generate(args) => cli::generate::run(args),
         Command::Train(args) => cli::train::run(args),
+        Command::Swarm(args) => cli::swarm::run(args),
         Command::Bench(args) => cli::bench::run(args),
     }
 }

@@ -24,7 +24,7 @@ pub mod worker;
 pub type SessionId = u64;
 
 pub use error::{Limit, RuntimeError};
-pub use events::{Event, SessionInfo, TurnStats, TurnStream};
+pub use events::{quantile, Event, SessionInfo, TurnStats, TurnStream};
 pub use faults::{ActorKind, FaultAction, FaultPlan, FaultRule};
 pub use manager::BudgetInfo;
 pub use policy::{SchedulerConfig, SchedulerStats};

@@ -191,6 +191,8 @@ pub struct SchedulerStats {
     pub verifier_restarts: u64,
     /// Times the proposer was restarted.
     pub proposer_restarts: u64,
+    /// Seconds the verifier spent in forward passes.
+    pub forward_seconds: f64,
 }
 
 /// A sequence's place in a step: (sequence, tokens fed, drafted tokens).
@@ -509,6 +511,7 @@ impl SchedulerState {
         });
         self.last_step_seqs = chosen.len();
         self.stats.steps += 1;
+        self.stats.forward_seconds += seconds;
         self.stats.max_step_seqs = self.stats.max_step_seqs.max(chosen.len());
         self.stats.total_step_seqs += chosen.len() as u64;
         self.stats.tokens += step_tokens as u64;

@@ -22,7 +22,7 @@ pub const DEFAULT_SLOT_BYTES: u64 = 2 * 28 * 8 * 128 * 2;
 /// The heuristic: the next token after `a, b`. It cycles through printable bytes, so decoded text is
 /// readable, and depends on two tokens, so an n-gram drafter can learn it.
 pub fn next_token(a: u32, b: u32, vocab: u32) -> u32 {
-    let span = vocab.saturating_sub(32).max(1);
+    let span = vocab.min(127).saturating_sub(32).max(1);
     32 + (a
         .wrapping_mul(31)
         .wrapping_add(b.wrapping_mul(17))
@@ -280,7 +280,7 @@ impl Drafter for ScriptedDrafter {
                     let mut t = next_token(a, b, self.vocab);
                     let hash = (a as u64 * 1_000_003 + b as u64 * 7919 + n as u64) % 1000;
                     if hash < self.miss_per_mille {
-                        t = 32 + (t + 1 - 32) % (self.vocab - 32);
+                        t = 32 + (t + 1 - 32) % (self.vocab.min(127) - 32);
                     }
                     tokens.push(t);
                     ctx.push(t);

@@ -92,9 +92,16 @@ impl NgramDrafter {
             // Latest earlier start whose n tokens equal the suffix and that has a continuation.
             for start in (floor..len - n).rev() {
                 if &context[start..start + n] == suffix {
+                    // Copy what followed, with overlap: a continuation that runs into the end of the
+                    // context goes on with the tokens just proposed, so a repeating cycle is
+                    // proposed for all k tokens, not only up to the context's end.
                     let from = start + n;
-                    let to = (from + k).min(len);
-                    return context[from..to].to_vec();
+                    let mut out = Vec::with_capacity(k);
+                    for i in 0..k {
+                        let idx = from + i;
+                        out.push(if idx < len { context[idx] } else { out[idx - len] });
+                    }
+                    return out;
                 }
             }
         }
@@ -166,8 +173,8 @@ mod tests {
         // "a b c d ... a b c" -> propose "d e".
         let ctx = [1, 2, 3, 4, 5, 9, 1, 2, 3];
         assert_eq!(d.lookup(&ctx, 2), vec![4, 5]);
-        // The continuation may run up to the end of the context.
-        assert_eq!(d.lookup(&[7, 8, 7], 4), vec![8, 7]);
+        // A continuation that reaches the end of the context repeats the cycle it found.
+        assert_eq!(d.lookup(&[7, 8, 7], 4), vec![8, 7, 8, 7]);
         // Nothing repeats: nothing proposed.
         assert_eq!(d.lookup(&[1, 2, 3], 4), Vec::<u32>::new());
     }

@@ -101,6 +101,9 @@ impl Corpus {
     }
 }
 
+/// One parameter's moment tensor, on the backend without autodiff.
+pub type Moment<B> = Tensor<<B as AutodiffBackend>::InnerBackend, 2>;
+
 /// AdamW moments of every parameter, in the order [`params`] lists them.
 pub struct AdamW<B: AutodiffBackend> {
     m: Vec<Tensor<B::InnerBackend, 2>>,
@@ -262,8 +265,8 @@ impl<B: AutodiffBackend> AdamW<B> {
     }
 
     /// The moments in [`params`] order, for a checkpoint.
-    pub fn moments(&self) -> (&[Tensor<B::InnerBackend, 2>], &[Tensor<B::InnerBackend, 2>]) {
-        (&self.m, &self.v)
+    pub fn moments(&self) -> [&[Moment<B>]; 2] {
+        [&self.m, &self.v]
     }
 
     /// Restores moments saved by [`Self::moments`].

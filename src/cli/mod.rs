@@ -2,4 +2,5 @@
 
 pub mod bench;
 pub mod generate;
+pub mod swarm;
 pub mod train;

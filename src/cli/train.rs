@@ -97,7 +97,7 @@ pub fn demo_config(preset: &str) -> Result<ModelConfig> {
 
 fn save_state(dir: &Path, opt: &AdamW<Train>, st: &TrainerState) -> Result<()> {
     std::fs::create_dir_all(dir)?;
-    let (m, v) = opt.moments();
+    let [m, v] = opt.moments();
     let flat = |ts: &[Tensor<Flex, 2>]| -> Result<Vec<(Vec<usize>, Vec<f32>)>> {
         ts.iter()
             .map(|t| {

@@ -1,0 +1,185 @@
+//! `troupe bench <case>`: the measured figures the README quotes. Each case prints a markdown
+//! table, writes `DIR/<case>.json` (with the machine and the commit) and plots its curve to
+//! `DIR/<case>.svg`.
+//!
+//! The cases live in sibling files (`bench_*.rs`), included by path as children of this module so
+//! that `tests/bench_quick.rs` can include the whole tree and run each case's plan in-process.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+use troupe::engine::DeviceKind;
+
+#[path = "bench_batching.rs"]
+pub mod batching;
+#[path = "bench_decode.rs"]
+pub mod decode;
+#[path = "bench_persona.rs"]
+pub mod persona;
+#[path = "bench_plot.rs"]
+pub mod plot;
+#[path = "bench_step.rs"]
+pub mod step;
+
+/// Which benchmark to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Case {
+    /// The engine alone: verify-step time against batch size and draft length, then the decoding
+    /// speed of one session with and without drafting.
+    Step,
+    /// The whole runtime on a small random model: throughput, per-token latency and step size
+    /// against the number of concurrent sessions, plain and speculative.
+    Batching,
+    /// N personas × M messages on the scripted model with a 50 ms injected model delay: the
+    /// runtime's own overhead per turn.
+    PersonaStress,
+}
+
+impl Case {
+    /// The name used on the command line and for the output files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Case::Step => "step",
+            Case::Batching => "batching",
+            Case::PersonaStress => "persona-stress",
+        }
+    }
+}
+
+/// Arguments of `troupe bench`.
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// The case to run.
+    #[arg(value_enum)]
+    case: Case,
+    /// A smaller sweep: about a minute per case on 2 CPU cores.
+    #[arg(long)]
+    quick: bool,
+    /// Directory for `<case>.json` and `<case>.svg`.
+    #[arg(long, default_value = "results")]
+    out: PathBuf,
+    /// cpu, wgpu or cuda (persona-stress runs the scripted model and only records it).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+/// Where a case writes its results, and what it computes on.
+#[derive(Debug, Clone)]
+pub struct Env {
+    /// Output directory (created if needed).
+    pub out: PathBuf,
+    /// Device of the cases that run a real model.
+    pub device: DeviceKind,
+    /// The device as the user named it, recorded in the JSON.
+    pub device_name: String,
+}
+
+impl Env {
+    /// An environment writing to `out` and computing on `device` (`cpu`, `wgpu`, `cuda`).
+    pub fn new(out: impl Into<PathBuf>, device: &str) -> Result<Self> {
+        Ok(Self {
+            out: out.into(),
+            device: device.parse()?,
+            device_name: device.to_owned(),
+        })
+    }
+
+    /// `DIR/<case>.<ext>`, creating `DIR` if needed.
+    pub fn out_file(&self, case: Case, ext: &str) -> Result<PathBuf> {
+        std::fs::create_dir_all(&self.out)
+            .with_context(|| format!("creating {}", self.out.display()))?;
+        Ok(self.out.join(format!("{}.{ext}", case.name())))
+    }
+}
+
+/// Runs `troupe bench`.
+pub fn run(a: BenchArgs) -> Result<()> {
+    let env = Env::new(a.out, &a.device)?;
+    match a.case {
+        Case::Step => step::run(&step::StepPlan::new(a.quick), &env)?,
+        Case::Batching => batching::run(&batching::BatchingPlan::new(a.quick), &env)?,
+        Case::PersonaStress => persona::run(&persona::PersonaPlan::new(a.quick), &env)?,
+    };
+    Ok(())
+}
+
+/// Cores this process may use.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// `git rev-parse --short HEAD`, or `"unknown"` outside a repository.
+pub fn commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Adds the machine and the commit to a case's report, writes `DIR/<case>.json`, prints `table`
+/// to stdout and returns the report as written.
+pub fn finish(env: &Env, case: Case, mut report: Value, table: &str) -> Result<Value> {
+    report["machine"] = json!({ "cores": cores(), "device": env.device_name });
+    report["commit"] = json!(commit());
+    let path = env.out_file(case, "json")?;
+    std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("{table}");
+    eprintln!("wrote {}", path.display());
+    Ok(report)
+}
+
+/// A progress bar on stderr (hidden when stderr is not a terminal).
+pub fn progress(len: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>16} [{bar:32}] {pos}/{len} {elapsed_precise}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_owned());
+    bar
+}
+
+/// A markdown table.
+pub fn markdown(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut s = format!("| {} |\n|", headers.join(" | "));
+    for _ in headers {
+        s.push_str("---:|");
+    }
+    s.push('\n');
+    for r in rows {
+        s.push_str(&format!("| {} |\n", r.join(" | ")));
+    }
+    s
+}
+
+/// The median of `values` (0 when empty).
+pub fn median(values: &[f64]) -> f64 {
+    troupe::actors::events::quantile(values, 0.5)
+}
+
+/// The mean of `values` (0 when empty).
+pub fn mean(values: &[f64]) -> f64 {
+    if values.is_empty() {
+        0.0
+    } else {
+        values.iter().sum::<f64>() / values.len() as f64
+    }
+}
+
+/// A number for a table: one decimal, or none past 1000.
+pub fn fmt(x: f64) -> String {
+    if x.abs() >= 1000.0 {
+        format!("{x:.0}")
+    } else {
+        format!("{x:.1}")
+    }
+}

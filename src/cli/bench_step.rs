@@ -1,0 +1,251 @@
+//! The `step` case: the engine alone. The time of one batched verify step against the number of
+//! sequences and the draft length, each sequence's window already full; then the greedy decoding
+//! speed of one session, plain and with an n-gram or a small-model drafter.
+
+use std::time::Instant;
+
+use anyhow::{ensure, Result};
+use serde::Serialize;
+use serde_json::json;
+use troupe::engine::{
+    load_verifier, ModelConfig, ModelSource, SamplingParams, Verifier, VerifyWork, WindowSpec,
+};
+
+use super::decode::{decode_rows, decode_table, DecodeRow};
+use super::plot::{lines, Axes, Series};
+use super::{finish, fmt, markdown, median, progress, Case, Env};
+
+/// What the `step` case measures.
+#[derive(Debug, Clone)]
+pub struct StepPlan {
+    /// Shape of the verifier (random weights).
+    pub model: ModelConfig,
+    /// Sequences per step.
+    pub batches: Vec<usize>,
+    /// Drafted tokens per sequence per step.
+    pub draft_lens: Vec<usize>,
+    /// Tokens in each sequence's window while timing (the window is this size and full, so the
+    /// context stays the same however many steps run).
+    pub context: usize,
+    /// Untimed steps before each measurement.
+    pub warmup: usize,
+    /// Timed steps per measurement; the median is reported.
+    pub reps: usize,
+    /// Tokens one session decodes in the decoding comparison.
+    pub decode_tokens: usize,
+    /// Draft lengths of the decoding comparison (each with both drafters).
+    pub decode_draft_lens: Vec<usize>,
+}
+
+impl StepPlan {
+    /// The full sweep, or the quick one.
+    pub fn new(quick: bool) -> Self {
+        Self {
+            model: bench_model(),
+            batches: vec![1, 2, 4, 8, 16, 32, 64],
+            draft_lens: vec![0, 4, 8],
+            context: 128,
+            warmup: if quick { 2 } else { 3 },
+            reps: if quick { 5 } else { 15 },
+            decode_tokens: if quick { 128 } else { 512 },
+            decode_draft_lens: vec![4, 8],
+        }
+    }
+}
+
+/// The benchmark model: the `tiny` preset widened to hidden 256, intermediate 768, 4 layers, 8
+/// heads, 4 KV heads of 32, byte vocabulary. Its output head is not tied to the embedding: with
+/// tied random weights greedy decoding emits one token forever, and every drafter looks perfect.
+pub fn bench_model() -> ModelConfig {
+    let mut c = ModelConfig::preset("tiny").expect("the tiny preset exists");
+    c.tie_word_embeddings = false;
+    c.hidden_size = 256;
+    c.intermediate_size = 768;
+    c.num_layers = 4;
+    c.num_heads = 8;
+    c.num_kv_heads = 4;
+    c.head_dim = 32;
+    c.vocab_size = 256;
+    c
+}
+
+/// One measured step shape.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepRow {
+    /// Sequences in the step.
+    pub batch: usize,
+    /// Drafted tokens per sequence.
+    pub draft_len: usize,
+    /// Median wall time of one step.
+    pub ms_per_step: f64,
+    /// Query tokens through the verifier per second: batch × (1 + draft_len) / step time.
+    pub tokens_per_s: f64,
+}
+
+/// A deterministic pseudo-random token.
+fn token(i: u64, vocab: usize) -> u32 {
+    let mut x = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5eed;
+    x ^= x >> 29;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 32;
+    (x % vocab as u64) as u32
+}
+
+fn work(seq: u64, fed: Vec<u32>, draft: Vec<u32>) -> VerifyWork {
+    VerifyWork {
+        seq,
+        fed,
+        draft,
+        draft_probs: None,
+        sample: true,
+        params: SamplingParams::greedy(),
+        stop: None,
+    }
+}
+
+/// Runs the case; returns the report it wrote.
+pub fn run(plan: &StepPlan, env: &Env) -> Result<serde_json::Value> {
+    ensure!(
+        plan.context > 4,
+        "the context must exceed the 4 sink tokens"
+    );
+    let mut v = load_verifier(
+        &ModelSource::Random(plan.model.clone(), 1),
+        env.device,
+        None,
+    )?;
+    let bar = progress(
+        (plan.batches.len() * plan.draft_lens.len() + 1 + 2 * plan.decode_draft_lens.len()) as u64,
+        "step",
+    );
+    let rows = step_rows(plan, v.as_mut(), &bar)?;
+    let decode = decode_rows(plan, v.as_mut(), env, &bar)?;
+    bar.finish_and_clear();
+
+    let report = json!({
+        "case": "step",
+        "model": {
+            "hidden": plan.model.hidden_size, "intermediate": plan.model.intermediate_size,
+            "layers": plan.model.num_layers, "heads": plan.model.num_heads,
+            "kv_heads": plan.model.num_kv_heads, "head_dim": plan.model.head_dim,
+            "vocab": plan.model.vocab_size,
+        },
+        "context": plan.context,
+        "reps": plan.reps,
+        "decode_tokens": plan.decode_tokens,
+        "rows": rows,
+        "decode": decode,
+    });
+    let series: Vec<Series> = plan
+        .draft_lens
+        .iter()
+        .map(|&k| {
+            let pts = rows.iter().filter(|r| r.draft_len == k);
+            (
+                format!("draft {k}"),
+                pts.map(|r| (r.batch as f64, r.ms_per_step)).collect(),
+            )
+        })
+        .collect();
+    let axes = Axes {
+        title: &format!("verify step time, context {}", plan.context),
+        x: "sequences per step",
+        y: "ms per step",
+    };
+    lines(&env.out_file(Case::Step, "svg")?, &axes, &series)?;
+    finish(env, Case::Step, report, &tables(plan, &rows, &decode))
+}
+
+/// Times the verify step for every batch size and draft length.
+fn step_rows(
+    plan: &StepPlan,
+    v: &mut dyn Verifier,
+    bar: &indicatif::ProgressBar,
+) -> Result<Vec<StepRow>> {
+    let vocab = plan.model.vocab_size;
+    let spec = WindowSpec::new(4, plan.context - 4)?;
+    let n = plan.batches.iter().copied().max().unwrap_or(1) as u64;
+    for s in 0..n {
+        v.open(s, spec, s)?;
+    }
+    // Fill every window, a few sequences per step; keep each one's last emitted token.
+    let mut last = vec![0u32; n as usize];
+    let seqs: Vec<u64> = (0..n).collect();
+    for group in seqs.chunks(8) {
+        let works: Vec<VerifyWork> = group
+            .iter()
+            .map(|&s| {
+                let fed = (0..plan.context as u64).map(|i| token(s * 100_003 + i, vocab));
+                work(s, fed.collect(), Vec::new())
+            })
+            .collect();
+        for o in v.verify(&works)? {
+            last[o.seq as usize] = *o.tokens.last().unwrap_or(&0);
+        }
+    }
+    let mut rows = Vec::new();
+    let mut salt = 0u64;
+    for &batch in &plan.batches {
+        for &k in &plan.draft_lens {
+            let mut times = Vec::with_capacity(plan.reps);
+            for rep in 0..plan.warmup + plan.reps {
+                let works: Vec<VerifyWork> = (0..batch as u64)
+                    .map(|s| {
+                        salt += 1;
+                        let draft = (0..k as u64).map(|i| token(salt * 31 + i, vocab));
+                        work(s, vec![last[s as usize]], draft.collect())
+                    })
+                    .collect();
+                let t = Instant::now();
+                let out = v.verify(&works)?;
+                let ms = t.elapsed().as_secs_f64() * 1e3;
+                for o in out {
+                    last[o.seq as usize] = *o.tokens.last().unwrap_or(&0);
+                }
+                if rep >= plan.warmup {
+                    times.push(ms);
+                }
+            }
+            let ms = median(&times);
+            rows.push(StepRow {
+                batch,
+                draft_len: k,
+                ms_per_step: ms,
+                tokens_per_s: (batch * (1 + k)) as f64 / (ms / 1e3).max(1e-12),
+            });
+            bar.inc(1);
+        }
+    }
+    for s in 0..n {
+        v.close(s)?;
+    }
+    Ok(rows)
+}
+
+fn tables(plan: &StepPlan, rows: &[StepRow], decode: &[DecodeRow]) -> String {
+    let mut headers = vec!["batch".to_owned()];
+    for k in &plan.draft_lens {
+        headers.push(format!("k={k} ms/step"));
+        headers.push(format!("k={k} tok/s"));
+    }
+    let body: Vec<Vec<String>> = plan
+        .batches
+        .iter()
+        .map(|&b| {
+            let mut r = vec![b.to_string()];
+            for row in rows.iter().filter(|r| r.batch == b) {
+                r.push(format!("{:.2}", row.ms_per_step));
+                r.push(fmt(row.tokens_per_s));
+            }
+            r
+        })
+        .collect();
+    let h: Vec<&str> = headers.iter().map(String::as_str).collect();
+    format!(
+        "Verify step, context {} tokens per sequence (k = drafted tokens per sequence; tok/s = \
+         query tokens through the verifier):\n\n{}\n{}",
+        plan.context,
+        markdown(&h, &body),
+        decode_table(plan, decode)
+    )
+}
