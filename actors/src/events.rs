@@ -24,6 +24,9 @@ pub struct TurnStats {
     pub latency_ms: f64,
     /// From the call to the first token, in milliseconds.
     pub first_token_ms: f64,
+    /// Verifier time of the steps the turn took part in, in milliseconds; `latency_ms` minus this is
+    /// what the runtime (queueing, scheduling, drafting, messaging) added.
+    pub model_ms: f64,
     /// The generated text, when the runtime has a tokenizer.
     pub text: Option<String>,
 }

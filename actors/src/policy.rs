@@ -168,6 +168,8 @@ pub struct Emission {
     pub accepted: usize,
     /// Whether the turn ended.
     pub finished: bool,
+    /// Seconds the verifier spent on the step (model time, injected delay included).
+    pub step_seconds: f64,
 }
 
 /// Counters of the scheduler.
@@ -549,6 +551,7 @@ impl SchedulerState {
                 drafted: draft.len(),
                 accepted,
                 finished,
+                step_seconds: seconds,
             });
         }
         // Sequences of the step that returned nothing (should not happen) are freed too.

@@ -948,6 +948,7 @@ fn a_stop_token_inside_a_draft_ends_the_turn_there() {
             drafted: 4,
             accepted: 1,
             finished: true,
+            step_seconds: 0.01,
         }]
     );
     assert!(orders.is_empty());

@@ -139,6 +139,7 @@ struct Active {
     drafted: usize,
     accepted: usize,
     steps: usize,
+    model_ms: f64,
 }
 
 /// The session's state.
@@ -325,6 +326,7 @@ impl SessionState {
                 drafted: 0,
                 accepted: 0,
                 steps: 0,
+                model_ms: 0.0,
             });
         }
     }
@@ -336,6 +338,7 @@ impl SessionState {
         let span = tracing::info_span!("stream", seq = e.seq, tokens = e.tokens.len());
         let _enter = span.enter();
         a.steps += 1;
+        a.model_ms += e.step_seconds * 1e3;
         a.drafted += e.drafted;
         a.accepted += e.accepted;
         self.drafted += e.drafted as u64;
@@ -380,6 +383,7 @@ impl SessionState {
                 steps: a.steps,
                 latency_ms: latency,
                 first_token_ms: a.first_token.unwrap_or(latency),
+                model_ms: a.model_ms,
                 text,
             }));
             self.start_next();

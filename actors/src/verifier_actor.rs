@@ -94,6 +94,8 @@ impl Actor for VerifierActor {
                     if verdict.drop {
                         return;
                     }
+                    // Injected delay counts as model time, as a slow model's would.
+                    let start = Instant::now();
                     if !verdict.delay.is_zero() {
                         std::thread::sleep(verdict.delay);
                     }
@@ -103,7 +105,6 @@ impl Actor for VerifierActor {
                     let tokens: usize = works.iter().map(|w| w.fed.len() + w.draft.len()).sum();
                     let span = tracing::info_span!("verify", step = id, seqs = works.len(), tokens);
                     let _enter = span.enter();
-                    let start = Instant::now();
                     let result = model.verify(&works).map_err(|e| e.to_string());
                     let seconds = start.elapsed().as_secs_f64();
                     let _ = scheduler.cast(SchedulerMsg::StepDone {

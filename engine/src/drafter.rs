@@ -99,7 +99,11 @@ impl NgramDrafter {
                     let mut out = Vec::with_capacity(k);
                     for i in 0..k {
                         let idx = from + i;
-                        out.push(if idx < len { context[idx] } else { out[idx - len] });
+                        out.push(if idx < len {
+                            context[idx]
+                        } else {
+                            out[idx - len]
+                        });
                     }
                     return out;
                 }

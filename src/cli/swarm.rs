@@ -206,7 +206,7 @@ async fn swarm(a: SwarmArgs) -> Result<()> {
         })
         .collect();
     let mut latencies: Vec<Vec<f64>> = vec![Vec::new(); sessions.len()];
-    let mut turn_steps = Vec::new();
+    let mut turn_times = Vec::new();
     let mut conversation = Vec::new();
     let mut last_reply = String::from("Welcome, everyone.");
     let start = Instant::now();
@@ -225,14 +225,17 @@ async fn swarm(a: SwarmArgs) -> Result<()> {
             let (tokens, stats) = r?;
             let text = stats.text.clone().unwrap_or_default().trim().to_string();
             if !a.json {
-                println!("  {}: {}  [{:.0} ms]", rows[i].name, text, stats.latency_ms);
+                println!(
+                    "  {}: {}  [{:.0} ms, model {:.0} ms]",
+                    rows[i].name, text, stats.latency_ms, stats.model_ms
+                );
             }
             rows[i].turns += 1;
             rows[i].tokens += tokens.len();
             rows[i].drafted += stats.drafted;
             rows[i].accepted += stats.accepted;
             latencies[i].push(stats.latency_ms);
-            turn_steps.push((stats.latency_ms, stats.steps));
+            turn_times.push((stats.latency_ms, stats.model_ms));
             conversation.push((rows[i].name.clone(), text.clone()));
             if !text.is_empty() {
                 last_reply = format!("{}: {}", rows[i].name, text);
@@ -255,9 +258,9 @@ async fn swarm(a: SwarmArgs) -> Result<()> {
         Some(ms) => ms as f64,
         None => stats.forward_seconds * 1e3 / stats.steps.max(1) as f64,
     };
-    let overheads: Vec<f64> = turn_steps
+    let overheads: Vec<f64> = turn_times
         .iter()
-        .map(|(l, s)| (l - *s as f64 * step_ms).max(0.0))
+        .map(|(latency, model)| (latency - model).max(0.0))
         .collect();
     let total_tokens: usize = rows.iter().map(|r| r.tokens).sum();
     let report = SwarmReport {
@@ -306,7 +309,7 @@ async fn swarm(a: SwarmArgs) -> Result<()> {
         report.model_step_ms
     );
     println!(
-        "runtime overhead per turn (latency minus model time of its steps): mean {:.1} ms, p99 {:.1} ms",
+        "runtime overhead per turn (latency minus verifier time of its steps; drafting included): mean {:.1} ms, p99 {:.1} ms",
         report.overhead_mean_ms, report.overhead_p99_ms
     );
     Ok(())
