@@ -90,6 +90,10 @@ pub struct SeqEntry {
     pipe: Option<PipeRequest>,
     pipe_reply: Option<(PipeRequest, Draft)>,
     awaiting: Option<usize>,
+    /// Draft orders sent and not yet answered (the credit limit on blocks in flight).
+    in_orders: usize,
+    /// Step count when the last order was sent: credits unanswered for long are presumed lost.
+    last_order_step: u64,
 }
 
 impl SeqEntry {
@@ -106,6 +110,8 @@ impl SeqEntry {
             pipe: None,
             pipe_reply: None,
             awaiting: None,
+            in_orders: 0,
+            last_order_step: 0,
         }
     }
 
@@ -113,10 +119,25 @@ impl SeqEntry {
         self.history.len() - self.committed
     }
 
+    /// Counts one more draft order in flight; credits of orders presumed lost are reclaimed.
+    fn take_credit(&mut self, step: u64) {
+        if self.in_orders >= MAX_ORDERS_IN_FLIGHT {
+            self.in_orders = 0;
+        }
+        self.in_orders += 1;
+        self.last_order_step = step;
+    }
+
     fn is_decoding(&self) -> bool {
         self.turn.is_some() && self.pending() == 1
     }
 }
+
+/// Draft orders one sequence may have unanswered at once: a fresh block and a pipelined one.
+pub const MAX_ORDERS_IN_FLIGHT: usize = 2;
+
+/// Steps after which unanswered draft orders are presumed lost (a dropped message).
+const ORDER_EXPIRY_STEPS: u64 = 8;
 
 /// A draft the proposer should make.
 #[derive(Debug, Clone, PartialEq)]
@@ -313,6 +334,13 @@ impl SchedulerState {
         }
     }
 
+    /// Whether a sequence may be sent one more draft order: under its credit, or its unanswered
+    /// orders are so old they are presumed lost.
+    fn may_order(&self, e: &SeqEntry) -> bool {
+        e.in_orders < MAX_ORDERS_IN_FLIGHT
+            || self.stats.steps >= e.last_order_step + ORDER_EXPIRY_STEPS
+    }
+
     /// Draft length for a sequence about to draft, from its acceptance and the current load.
     fn draft_len(&self, e: &SeqEntry, decoding: usize) -> usize {
         let turn = match &e.turn {
@@ -448,6 +476,7 @@ impl SchedulerState {
     /// Drafts to make while step `id` is verified: block n+1 of each decoding sequence, assuming
     /// block n is accepted whole (the first drafted token is a guess of the verifier's own token).
     pub fn pipelined_orders(&mut self) -> Vec<DraftOrder> {
+        let steps = self.stats.steps;
         if !self.config.pipelined || self.config.max_draft_len == 0 {
             return Vec::new();
         }
@@ -472,6 +501,9 @@ impl SchedulerState {
             if k == 0 {
                 continue;
             }
+            if !self.may_order(e) {
+                continue;
+            }
             let order = DraftOrder {
                 seq,
                 base_len: e.history.len(),
@@ -486,6 +518,7 @@ impl SchedulerState {
                 assumed: order.assumed.clone(),
             });
             e.pipe_reply = None;
+            e.take_credit(steps);
             orders.push(order);
         }
         orders
@@ -561,6 +594,7 @@ impl SchedulerState {
             }
         }
         // Promote pipelined drafts that guessed right; order fresh ones for the rest.
+        let steps = self.stats.steps;
         let decoding = self.seqs.values().filter(|s| s.is_decoding()).count();
         let mut orders = Vec::new();
         let ids: Vec<SeqId> = chosen.iter().map(|c| c.0).collect();
@@ -579,6 +613,9 @@ impl SchedulerState {
             if k == 0 {
                 continue;
             }
+            if !self.may_order(e) {
+                continue;
+            }
             let order = DraftOrder {
                 seq,
                 base_len: e.history.len(),
@@ -590,6 +627,7 @@ impl SchedulerState {
             let e = self.seqs.get_mut(&seq).expect("present");
             e.awaiting = Some(order.base_len);
             e.pipe = None;
+            e.take_credit(steps);
             orders.push(order);
         }
         (emissions, orders)
@@ -598,6 +636,7 @@ impl SchedulerState {
     /// Orders fresh drafts for decoding sequences that have none ready and none coming (after a
     /// turn starts decoding from a prefill, or after a proposer restart).
     pub fn fresh_orders(&mut self) -> Vec<DraftOrder> {
+        let steps = self.stats.steps;
         let decoding = self.seqs.values().filter(|s| s.is_decoding()).count();
         let mut orders = Vec::new();
         let ids: Vec<SeqId> = self.seqs.keys().copied().collect();
@@ -609,6 +648,7 @@ impl SchedulerState {
                 || e.ready.as_ref().is_some_and(|r| r.at == len)
                 || e.awaiting == Some(len)
                 || e.pipe.is_some()
+                || !self.may_order(e)
             {
                 continue;
             }
@@ -624,7 +664,9 @@ impl SchedulerState {
                 params: e.turn.as_ref().map(|t| t.params).unwrap_or_default(),
                 pipelined: false,
             });
-            self.seqs.get_mut(&seq).expect("present").awaiting = Some(len);
+            let e = self.seqs.get_mut(&seq).expect("present");
+            e.awaiting = Some(len);
+            e.take_credit(steps);
         }
         orders
     }
@@ -636,6 +678,7 @@ impl SchedulerState {
             let Some(e) = self.seqs.get_mut(&seq) else {
                 continue;
             };
+            e.in_orders = e.in_orders.saturating_sub(1);
             if !r.order.pipelined {
                 if r.order.base_len == e.history.len() && !r.draft.tokens.is_empty() {
                     e.ready = Some(ReadyDraft {
@@ -704,6 +747,7 @@ impl SchedulerState {
             e.pipe = None;
             e.pipe_reply = None;
             e.awaiting = None;
+            e.in_orders = 0;
         }
     }
 

@@ -1206,3 +1206,28 @@ fn a_proposer_restart_forgets_every_draft_and_orders_afresh() {
     assert_eq!(e1.tokens, vec![chain(10, 5)[4]]);
     assert_eq!((e1.drafted, e1.accepted), (0, 0));
 }
+
+/// The proposer never answers: a sequence gets at most `MAX_ORDERS_IN_FLIGHT` orders, and only after
+/// `ORDER_EXPIRY_STEPS` steps are the lost ones written off and drafting tried again.
+#[test]
+fn unanswered_draft_orders_are_bounded_per_sequence() {
+    let mut st = SchedulerState::new(SchedulerConfig {
+        pipelined: true,
+        ..config(64, 8, 16, 3)
+    });
+    st.open(1);
+    st.submit(1, &prompt(1, 4), turn(200)).unwrap();
+    let mut sent = Vec::new();
+    for _ in 0..20 {
+        let step = st.plan_step().expect("the sequence always has work");
+        let mut orders = st.pipelined_orders();
+        let (_, fresh) = st.on_step_done(step.id, &verify(&step), 0.01);
+        orders.extend(fresh);
+        orders.extend(st.fresh_orders());
+        sent.push(orders.len());
+    }
+    let total: usize = sent.iter().sum();
+    // Two orders at first, then none until the credit expires after 8 steps: 3 rounds of 2 in 20 steps.
+    assert!(total <= 6 && total >= 2, "orders per step: {sent:?}");
+    assert!(sent[2..8].iter().all(|&n| n == 0), "orders per step: {sent:?}");
+}
