@@ -128,6 +128,18 @@ impl SeqEntry {
         self.last_order_step = step;
     }
 
+    /// A draft order continuing this sequence's history after `assumed`.
+    fn order(&self, seq: SeqId, assumed: Vec<u32>, k: usize, pipelined: bool) -> DraftOrder {
+        DraftOrder {
+            seq,
+            base_len: self.history.len(),
+            assumed,
+            k,
+            params: self.turn.as_ref().map(|t| t.params).unwrap_or_default(),
+            pipelined,
+        }
+    }
+
     fn is_decoding(&self) -> bool {
         self.turn.is_some() && self.pending() == 1
     }
@@ -504,14 +516,7 @@ impl SchedulerState {
             if !self.may_order(e) {
                 continue;
             }
-            let order = DraftOrder {
-                seq,
-                base_len: e.history.len(),
-                assumed: draft,
-                k: k + 1,
-                params: e.turn.as_ref().map(|t| t.params).unwrap_or_default(),
-                pipelined: true,
-            };
+            let order = e.order(seq, draft, k + 1, true);
             let e = self.seqs.get_mut(&seq).expect("present");
             e.pipe = Some(PipeRequest {
                 base_len: order.base_len,
@@ -616,14 +621,7 @@ impl SchedulerState {
             if !self.may_order(e) {
                 continue;
             }
-            let order = DraftOrder {
-                seq,
-                base_len: e.history.len(),
-                assumed: Vec::new(),
-                k,
-                params: e.turn.as_ref().map(|t| t.params).unwrap_or_default(),
-                pipelined: false,
-            };
+            let order = e.order(seq, Vec::new(), k, false);
             let e = self.seqs.get_mut(&seq).expect("present");
             e.awaiting = Some(order.base_len);
             e.pipe = None;
@@ -656,14 +654,7 @@ impl SchedulerState {
             if k == 0 {
                 continue;
             }
-            orders.push(DraftOrder {
-                seq,
-                base_len: len,
-                assumed: Vec::new(),
-                k,
-                params: e.turn.as_ref().map(|t| t.params).unwrap_or_default(),
-                pipelined: false,
-            });
+            orders.push(e.order(seq, Vec::new(), k, false));
             let e = self.seqs.get_mut(&seq).expect("present");
             e.awaiting = Some(len);
             e.take_credit(steps);

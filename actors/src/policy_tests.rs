@@ -1229,5 +1229,8 @@ fn unanswered_draft_orders_are_bounded_per_sequence() {
     let total: usize = sent.iter().sum();
     // Two orders at first, then none until the credit expires after 8 steps: 3 rounds of 2 in 20 steps.
     assert!(total <= 6 && total >= 2, "orders per step: {sent:?}");
-    assert!(sent[2..8].iter().all(|&n| n == 0), "orders per step: {sent:?}");
+    assert!(
+        sent[2..8].iter().all(|&n| n == 0),
+        "orders per step: {sent:?}"
+    );
 }
