@@ -143,6 +143,22 @@ impl SeqEntry {
     fn is_decoding(&self) -> bool {
         self.turn.is_some() && self.pending() == 1
     }
+
+    /// Whether the pipelined draft still on its way can apply: its assumed block was accepted
+    /// whole and one more token followed, so the draft continues the history as it now stands.
+    fn pipe_may_apply(&self) -> bool {
+        let Some(p) = self.pipe.as_ref().filter(|_| self.pipe_reply.is_none()) else {
+            return false;
+        };
+        let end = p.base_len + p.assumed.len();
+        self.history.len() == end + 1 && self.history[p.base_len..end] == p.assumed[..]
+    }
+
+    /// Whether this decoding sequence waits for a draft that can still apply: a fresh one ordered
+    /// at its current length, or a pipelined one that guessed its last block right.
+    fn waits_for_draft(&self) -> bool {
+        self.is_decoding() && (self.awaiting == Some(self.history.len()) || self.pipe_may_apply())
+    }
 }
 
 /// Draft orders one sequence may have unanswered at once: a fresh block and a pipelined one.
@@ -331,11 +347,9 @@ impl SchedulerState {
         self.seqs.values().any(|s| s.turn.is_some() && !s.in_step)
     }
 
-    /// Whether some decoding sequence still waits for its fresh draft.
+    /// Whether some decoding sequence still waits for a draft that can apply (fresh or pipelined).
     pub fn awaiting_drafts(&self) -> bool {
-        self.seqs
-            .values()
-            .any(|s| s.is_decoding() && s.awaiting == Some(s.history.len()))
+        self.seqs.values().any(SeqEntry::waits_for_draft)
     }
 
     /// How long a step may wait for drafts, in seconds.
@@ -611,8 +625,8 @@ impl SchedulerState {
             if !e.is_decoding() || e.ready.as_ref().is_some_and(|r| r.at == e.history.len()) {
                 continue;
             }
-            if e.pipe.is_some() && e.pipe_reply.is_none() {
-                continue; // its pipelined draft is still coming and may apply
+            if e.pipe_may_apply() {
+                continue; // its pipelined draft is still coming and continues the history
             }
             let k = self.draft_len(e, decoding);
             if k == 0 {
@@ -645,7 +659,7 @@ impl SchedulerState {
                 || e.in_step
                 || e.ready.as_ref().is_some_and(|r| r.at == len)
                 || e.awaiting == Some(len)
-                || e.pipe.is_some()
+                || e.pipe_may_apply()
                 || !self.may_order(e)
             {
                 continue;

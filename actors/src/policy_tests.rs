@@ -828,25 +828,31 @@ fn a_pipelined_draft_is_dropped_when_its_first_token_is_not_the_verifiers() {
 
 #[test]
 fn a_pipelined_draft_arriving_after_its_step_still_applies_or_is_dropped() {
-    // Arrives late and right: promoted, and no fresh order was made meanwhile.
+    // Arrives late and right: waited for, promoted, and no fresh order was made meanwhile.
     let (mut st, step, order) = block_in_flight();
     let (_, orders) = st.on_step_done(step.id, &verify(&step), 0.01);
     assert!(orders.is_empty(), "waits for the pipelined draft");
     assert!(st.fresh_orders().is_empty());
+    assert!(
+        st.awaiting_drafts(),
+        "a pipelined draft that can apply is worth waiting for"
+    );
     let r = right_draft(&st, &order);
     st.on_drafts(vec![r]);
+    assert!(!st.awaiting_drafts());
     let step2 = st.plan_step().unwrap();
     assert_eq!(step2.works[0].draft, chain(10, 7)[4..].to_vec());
 
-    // Arrives late after a partial acceptance: dropped, and a fresh order follows.
+    // After a partial acceptance the pipelined draft cannot apply: a fresh order goes out at
+    // once, and the late pipelined reply is dropped.
     let (mut st, step, order) = block_in_flight();
     let (_, orders) = st.on_step_done(step.id, &[forced(&step.works[0], 2, 88)], 0.01);
-    assert!(orders.is_empty());
+    assert_eq!(orders.len(), 1);
+    assert_eq!((orders[0].base_len, orders[0].pipelined), (4, false));
+    assert!(st.fresh_orders().is_empty(), "ordered once");
     let r = right_draft(&st, &order);
     st.on_drafts(vec![r]);
-    let fresh = st.fresh_orders();
-    assert_eq!(fresh.len(), 1);
-    assert_eq!((fresh[0].base_len, fresh[0].pipelined), (4, false));
+    assert!(st.awaiting_drafts(), "the fresh draft is still coming");
     let step2 = st.plan_step().unwrap();
     assert_eq!(step2.works[0].fed, vec![88]);
     assert!(step2.works[0].draft.is_empty());

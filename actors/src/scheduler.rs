@@ -61,8 +61,10 @@ pub enum SchedulerMsg {
     },
     /// Drafts from the proposer.
     Drafts(Vec<DraftReply>),
-    /// Re-check whether to dispatch (a draft wait ran out).
+    /// Re-check whether to dispatch (turns arrived).
     Tick,
+    /// A draft wait ran out: dispatch if the drafts have not come.
+    WaitOver,
     /// A step's answer is overdue.
     StepTimeout(u64),
     /// Counters.
@@ -110,6 +112,9 @@ pub struct SchedulerActorState {
     max_restarts: u64,
     awaiting_since: Option<Instant>,
     tick_pending: bool,
+    /// When the `WaitOver` timer set last fires; kept apart from `tick_pending`, so turns that
+    /// arrive during a long draft wait are still dispatched at once when the wait is moot.
+    wait_timer: Option<Instant>,
     step_started: Instant,
     submitted_at: HashMap<SeqId, Instant>,
     drains: Vec<RpcReplyPort<()>>,
@@ -168,6 +173,7 @@ impl Actor for SchedulerActor {
             max_restarts: args.max_restarts,
             awaiting_since: None,
             tick_pending: false,
+            wait_timer: None,
             step_started: Instant::now(),
             submitted_at: HashMap::new(),
             drains: Vec::new(),
@@ -257,6 +263,12 @@ impl Actor for SchedulerActor {
                 st.tick_pending = false;
                 st.pump(&myself);
             }
+            SchedulerMsg::WaitOver => {
+                if st.wait_timer.is_some_and(|t| t <= Instant::now()) {
+                    st.wait_timer = None;
+                }
+                st.pump(&myself);
+            }
             SchedulerMsg::StepTimeout(id) => {
                 if st.policy.in_flight_id() == Some(id) {
                     tracing::error!(step = id, "verify step overdue; restarting the verifier");
@@ -322,9 +334,10 @@ impl SchedulerActorState {
             let wait = Duration::from_secs_f64(self.policy.draft_wait());
             let waited = since.elapsed();
             if waited < wait {
-                if !self.tick_pending {
-                    self.tick_pending = true;
-                    myself.send_after(wait - waited, || SchedulerMsg::Tick);
+                let due = since + wait;
+                if self.wait_timer.is_none_or(|t| t > due) {
+                    self.wait_timer = Some(due);
+                    myself.send_after(wait - waited, || SchedulerMsg::WaitOver);
                 }
                 return;
             }

@@ -10,8 +10,8 @@ use troupe::actors::{DrafterFactory, VerifierFactory};
 use troupe::engine::device::CpuBackend;
 use troupe::engine::tokenizer::byte_level_tokenizer_json;
 use troupe::engine::{
-    generate, load_verifier, random_model, save_pretrained, DeviceKind, GenerateOptions,
-    ModelConfig, ModelSource, NgramDrafter, WindowSpec,
+    generate, load_model_drafter, load_verifier, random_model, save_pretrained, DeviceKind,
+    GenerateOptions, ModelConfig, ModelSource, NgramDrafter, WindowSpec,
 };
 
 /// A tiny Qwen3-shaped model with random weights, saved in HF layout under a temp dir.
@@ -40,6 +40,13 @@ pub fn verifier_factory(dir: &Path) -> VerifierFactory {
 /// A factory of prompt-lookup drafters.
 pub fn ngram_factory() -> DrafterFactory {
     Arc::new(|| Ok(Box::new(NgramDrafter::default()) as _))
+}
+
+/// A factory of draft models loaded from `dir`. Given the verifier's own weights, its greedy
+/// drafts are nearly always accepted, so speculation surely happens.
+pub fn model_drafter_factory(dir: &Path) -> DrafterFactory {
+    let dir: PathBuf = dir.into();
+    Arc::new(move || load_model_drafter(&ModelSource::Dir(&dir), DeviceKind::Cpu, None))
 }
 
 /// Plain greedy decoding of `prompt` alone: the reference every runtime output must equal.
