@@ -8,8 +8,8 @@ mod bench;
 use std::path::Path;
 use std::time::Duration;
 
-use bench::{batching, persona, step, Case, Env};
-use serde_json::Value;
+use bench::{batching, capacity, persona, rtt, spec, step, Case, Env};
+use serde_json::{json, Value};
 use troupe::engine::ModelConfig;
 
 fn tiny() -> ModelConfig {
@@ -142,4 +142,154 @@ fn persona_case_reports_every_size_with_the_model_time_subtracted() {
         }
         assert_eq!(num(row, "mean_steps_per_turn"), 3.0);
     }
+}
+
+#[test]
+fn agent_capacity_counts_the_clients_admission_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut plan = capacity::CapacityPlan::new(true).unwrap();
+    plan.light = vec![1, 3];
+    plan.heavy = vec![1, 2];
+    plan.light_prompt = 8;
+    plan.heavy_prompt = 200;
+    plan.new_tokens = 3;
+    plan.heavy_window = troupe::WindowSpec::new(4, 252).unwrap();
+    // Room for exactly two light sessions (each is 128 slots), or one heavy one (256 slots).
+    let light = troupe::WindowSpec::new(4, 124).unwrap();
+    plan.light_window = light;
+    let per_light = 2 * 4 * 2 * 32 * 128 * 4;
+    plan.kv_budget_bytes = 2 * per_light + per_light / 2;
+    capacity::run(&plan, &Env::new(dir.path(), "cpu").unwrap()).unwrap();
+    let v = written(dir.path(), Case::AgentCapacity);
+    let rows = v["rows"].as_array().expect("rows");
+    let expect = [
+        ("light", 1, 0),
+        ("light", 3, 1),
+        ("heavy", 1, 0),
+        ("heavy", 2, 1),
+    ];
+    assert_eq!(rows.len(), expect.len());
+    for (row, (mode, n, errors)) in rows.iter().zip(expect) {
+        assert_eq!(row["mode"], mode, "{row}");
+        assert_eq!(row["sessions"], n, "{row}");
+        assert_eq!(row["errors"], errors, "{row}");
+        for key in [
+            "create_ms_p50",
+            "create_ms_p99",
+            "generate_ms_p50",
+            "generate_ms_p99",
+        ] {
+            positive(row, key);
+        }
+        assert!(num(row, "create_ms_p50") <= num(row, "create_ms_p99"));
+        assert!(num(row, "generate_ms_p50") <= num(row, "generate_ms_p99"));
+        assert!(num(row, "rss_bytes") > 1e6, "{row}");
+        let per = num(row, "kv_bytes_per_session");
+        assert_eq!(
+            per,
+            (2 * 4 * 2 * 32 * if mode == "light" { 128 } else { 256 } * 4) as f64
+        );
+        assert_eq!(num(row, "node_kv_bound_bytes"), per * n as f64);
+    }
+    assert_eq!(v["max_sessions_zero_errors"]["light"], 1);
+    assert_eq!(v["max_sessions_zero_errors"]["heavy"], 1);
+}
+
+#[test]
+fn rtt_sweep_reports_both_modes_at_every_round_trip_and_stays_lossless() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut plan = rtt::RttPlan::new(true);
+    plan.rtts_ms = vec![0, 20];
+    plan.prompts = 1;
+    plan.new_tokens = 16;
+    rtt::run(&plan, &Env::new(dir.path(), "cpu").unwrap()).unwrap();
+    let v = written(dir.path(), Case::RttSweep);
+    let ar = positive(&v, "ar_tokens_per_s");
+    let rows = v["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 4);
+    for (row, (rtt, pipelined)) in rows
+        .iter()
+        .zip([(0, true), (0, false), (20, true), (20, false)])
+    {
+        assert_eq!(row["rtt_ms"], rtt);
+        assert_eq!(row["pipelined"], pipelined);
+        let tps = positive(row, "tokens_per_s");
+        let speedup = positive(row, "speedup_vs_ar");
+        assert!(
+            (speedup - tps / ar).abs() < 1e-9 * speedup.max(1.0),
+            "{row}"
+        );
+        assert!(num(row, "mean_accepted_per_block") >= 0.0);
+        assert_eq!(row["matches_ar"], true, "{row}");
+    }
+    // With a 20 ms round trip per block and every step waiting for its draft, 16 tokens take at
+    // least three blocks after the prefill (five tokens at most each): 60 ms or more.
+    let serial_20 = num(&rows[3], "tokens_per_s");
+    assert!(serial_20 <= 16.0 / (3.0 * 0.020), "{serial_20}");
+    assert_eq!(
+        v["adaptive_rows"].as_array().expect("adaptive rows").len(),
+        2
+    );
+    for mode in ["pipelined", "serial"] {
+        let rtt = num(&v["break_even_rtt_ms"], mode);
+        assert!(rtt >= 0.0 && rtt.is_finite(), "{mode}: {rtt}");
+        let steps = num(&v["break_even_in_ar_steps"], mode);
+        assert!(
+            (steps - rtt / num(&v, "ar_step_ms")).abs() < 1e-6,
+            "{mode}: {steps}"
+        );
+    }
+}
+
+#[test]
+fn break_even_is_interpolated_or_extrapolated_where_speedup_crosses_one() {
+    let (r, how) = rtt::break_even(&[(0.0, 2.0), (10.0, 1.5), (30.0, 0.5)]);
+    assert_eq!(how, "interpolated");
+    assert!((r - 20.0).abs() < 1e-9, "{r}");
+    // Never below 1 within the sweep: 1/speedup is linear in the round trip past the knee.
+    let (r, how) = rtt::break_even(&[(0.0, 2.0), (10.0, 2.0), (20.0, 1.25)]);
+    assert_eq!(how, "extrapolated");
+    // 1/s goes 0.5 -> 0.8 over 10 ms: it reaches 1 after 20/3 ms more.
+    assert!((r - (20.0 + 20.0 / 3.0)).abs() < 1e-9, "{r}");
+    assert_eq!(
+        rtt::break_even(&[(0.0, 0.9), (5.0, 0.5)]),
+        (0.0, "slower at every round trip")
+    );
+}
+
+#[test]
+fn spec_speedup_reports_each_drafter_and_length_with_plain_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut plan = spec::SpecPlan::new(true);
+    plan.prompts = 1;
+    plan.new_tokens = 16;
+    spec::run(&plan, &Env::new(dir.path(), "cpu").unwrap()).unwrap();
+    let v = written(dir.path(), Case::SpecSpeedup);
+    let ar = positive(&v, "ar_tokens_per_s");
+    let rows = v["rows"].as_array().expect("rows");
+    let mut expect = Vec::new();
+    for d in ["ngram", "model"] {
+        for k in [json!(2), json!(4), json!(8), json!("adaptive")] {
+            expect.push((d, k));
+        }
+    }
+    assert_eq!(rows.len(), expect.len());
+    for (row, (d, k)) in rows.iter().zip(expect) {
+        assert_eq!(row["drafter"], d);
+        assert_eq!(row["draft_len"], k);
+        let tps = positive(row, "tokens_per_s");
+        assert!((num(row, "speedup_vs_ar") - tps / ar).abs() < 1e-9 * tps.max(1.0));
+        let per_step = num(row, "mean_accepted_per_step");
+        let cap = k.as_f64().unwrap_or(8.0);
+        assert!((0.0..=cap).contains(&per_step), "{row}");
+        assert!(num(row, "accepted") <= num(row, "drafted"));
+        assert_eq!(row["matches_ar"], true, "{row}");
+    }
+    // The draft model was trained on the same text as the verifier: it gets drafts accepted.
+    let model_accepted: f64 = rows
+        .iter()
+        .filter(|r| r["drafter"] == "model")
+        .map(|r| num(r, "accepted"))
+        .sum();
+    assert!(model_accepted > 0.0);
 }

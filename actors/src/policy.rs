@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use troupe_engine::drafter::Draft;
 use troupe_engine::{SamplingParams, SeqId, VerifyOutcome, VerifyWork};
 
-use crate::cost::{best_draft_len, CostModel};
+use crate::cost::{best_draft_len, expected_emitted, Acceptance, CostModel};
 
 /// Limits and switches of the scheduler.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -26,8 +26,9 @@ pub struct SchedulerConfig {
     pub pipelined: bool,
     /// Pick the draft length per sequence from acceptance and load; otherwise always the maximum.
     pub adaptive: bool,
-    /// Longest a step waits for drafts, in seconds; `None` adapts it to the step time (so waiting
-    /// for a slow proposer never costs more than a plain step).
+    /// Longest a step waits for drafts, in seconds; `None` adapts it to what the drafts are
+    /// expected to save, and waits not at all for drafts that come back later than that (a
+    /// distant or overloaded proposer), so waiting does not make decoding slower than plain.
     pub draft_wait_s: Option<f64>,
 }
 
@@ -81,6 +82,7 @@ pub struct SeqEntry {
     pub turn: Option<Turn>,
     /// Per-token acceptance estimate.
     pub alpha: f64,
+    acceptance: Acceptance,
     /// Tokens drafted for this sequence.
     pub drafted: u64,
     /// Drafted tokens accepted.
@@ -103,6 +105,7 @@ impl SeqEntry {
             committed: 0,
             turn: None,
             alpha: 0.6,
+            acceptance: Acceptance::new(0.6),
             drafted: 0,
             accepted: 0,
             in_step: false,
@@ -163,6 +166,10 @@ impl SeqEntry {
 
 /// Draft orders one sequence may have unanswered at once: a fresh block and a pipelined one.
 pub const MAX_ORDERS_IN_FLIGHT: usize = 2;
+
+/// While drafts come back too late to be used, a sequence is sent an order only every this many
+/// steps, to keep measuring how late they are.
+const LATE_DRAFT_PROBE_STEPS: u64 = 8;
 
 /// Steps after which unanswered draft orders are presumed lost (a dropped message).
 const ORDER_EXPIRY_STEPS: u64 = 8;
@@ -264,6 +271,8 @@ pub struct SchedulerState {
     pub stats: SchedulerStats,
     last_step_seqs: usize,
     step_ema: Option<f64>,
+    /// Seconds from a draft order to its reply, averaged.
+    draft_latency_ema: Option<f64>,
 }
 
 impl SchedulerState {
@@ -279,6 +288,7 @@ impl SchedulerState {
             stats: SchedulerStats::default(),
             last_step_seqs: 1,
             step_ema: None,
+            draft_latency_ema: None,
         }
     }
 
@@ -352,12 +362,55 @@ impl SchedulerState {
         self.seqs.values().any(SeqEntry::waits_for_draft)
     }
 
-    /// How long a step may wait for drafts, in seconds.
+    /// How long a step may wait for drafts, in seconds. Adapted (no `draft_wait_s`), the wait is
+    /// worth what a draft saves: the tokens it is expected to add, times a step's time. A pipelined draft is ordered when the step before starts, so it is due
+    /// (its latency − one step) after that step ends; drafts due later than the wait is worth are
+    /// not waited for at all.
     pub fn draft_wait(&self) -> f64 {
-        match self.config.draft_wait_s {
-            Some(s) => s,
-            None => self.step_ema.unwrap_or(0.01).clamp(0.001, 1.0),
+        if let Some(s) = self.config.draft_wait_s {
+            return s;
         }
+        if self.drafts_too_late() {
+            0.0
+        } else {
+            self.draft_wait_worth()
+        }
+    }
+
+    fn draft_wait_worth(&self) -> f64 {
+        let step = self.step_ema.unwrap_or(0.01).clamp(0.001, 1.0);
+        (step * self.expected_draft_gain()).min(1.0)
+    }
+
+    /// Whether drafts, adapting the wait, come back later than waiting for them is worth.
+    fn drafts_too_late(&self) -> bool {
+        if self.config.draft_wait_s.is_some() {
+            return false;
+        }
+        let step = self.step_ema.unwrap_or(0.01).clamp(0.001, 1.0);
+        self.draft_latency_ema
+            .is_some_and(|latency| latency - step > self.draft_wait_worth())
+    }
+
+    /// Tokens a draft block is expected to add to a decoding sequence, at the sequences' mean
+    /// acceptance estimate.
+    fn expected_draft_gain(&self) -> f64 {
+        let k = self.config.max_draft_len;
+        let gains: Vec<f64> = self
+            .seqs
+            .values()
+            .filter(|s| s.is_decoding())
+            .map(|s| expected_emitted(s.alpha, k) - 1.0)
+            .collect();
+        gains.iter().sum::<f64>() / gains.len().max(1) as f64
+    }
+
+    /// Records how long a draft took from order to reply.
+    pub fn observe_draft_latency(&mut self, seconds: f64) {
+        self.draft_latency_ema = Some(match self.draft_latency_ema {
+            Some(e) => 0.8 * e + 0.2 * seconds,
+            None => seconds,
+        });
     }
 
     /// Whether a sequence may be sent one more draft order: under its credit, or its unanswered
@@ -375,6 +428,11 @@ impl SchedulerState {
         };
         let max_k = self.config.max_draft_len;
         if max_k == 0 {
+            return 0;
+        }
+        // Drafts that come too late to be used only cost the proposer's compute: order one now and
+        // then, to notice when they come in time again.
+        if self.drafts_too_late() && !self.stats.steps.is_multiple_of(LATE_DRAFT_PROBE_STEPS) {
             return 0;
         }
         // Load: what is left of the token budget, shared among the decoding sequences.
@@ -582,8 +640,8 @@ impl SchedulerState {
             e.drafted += draft.len() as u64;
             e.accepted += accepted as u64;
             if !draft.is_empty() {
-                let rate = accepted as f64 / draft.len() as f64;
-                e.alpha = 0.7 * e.alpha + 0.3 * rate;
+                e.acceptance.observe(accepted, draft.len());
+                e.alpha = e.acceptance.alpha();
             }
             self.stats.drafted += draft.len() as u64;
             self.stats.accepted += accepted as u64;

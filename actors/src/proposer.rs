@@ -1,9 +1,14 @@
 //! The ProposerActor: owns the drafter on its own OS thread and drafts for many sessions at once.
 //! The scheduler orders block n+1 while block n is verified (pipelining); a draft that no longer
-//! applies is dropped by the scheduler. The injected proposer↔verifier round trip is paid here, once
-//! per block.
+//! applies is dropped by the scheduler. An injected proposer↔verifier round trip is a link in
+//! front of the thread: every message reaches it that much later, in order, with any number in
+//! flight at once (as on a network), so pipelined orders overlap their round trips.
+
+use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
 use troupe_engine::drafter::{DraftRequest, Drafter};
 use troupe_engine::{SeqId, WindowSpec};
 
@@ -66,9 +71,43 @@ pub enum Job {
 /// The proposer actor.
 pub struct ProposerActor;
 
+/// The proposer's state: its drafting thread, and the link in front of it when a round trip is
+/// injected.
+pub struct ProposerState {
+    worker: Worker<Job>,
+    link: Option<mpsc::UnboundedSender<(Instant, Job)>>,
+    rtt: Duration,
+}
+
+impl ProposerState {
+    /// Hands a job to the thread, through the link if there is one; false if the thread is gone.
+    fn send(&self, job: Job) -> bool {
+        match &self.link {
+            Some(link) => {
+                link.send((Instant::now() + self.rtt, job)).is_ok() && self.worker.is_alive()
+            }
+            None => self.worker.send(job),
+        }
+    }
+}
+
+/// Delivers each job at its due time, in the order sent. Due times grow with the order, so
+/// waiting for each in turn delays every job by exactly the round trip.
+async fn run_link(
+    mut rx: mpsc::UnboundedReceiver<(Instant, Job)>,
+    thread: crossbeam_channel::Sender<Job>,
+) {
+    while let Some((due, job)) = rx.recv().await {
+        tokio::time::sleep_until(due).await;
+        if thread.send(job).is_err() {
+            return;
+        }
+    }
+}
+
 impl Actor for ProposerActor {
     type Msg = ProposerMsg;
-    type State = Worker<Job>;
+    type State = ProposerState;
     type Arguments = ProposerArgs;
 
     async fn pre_start(
@@ -82,6 +121,7 @@ impl Actor for ProposerActor {
             faults,
         } = args;
         let me = myself.clone();
+        let rtt = faults.rtt();
         let worker = Worker::spawn(
             "troupe-proposer",
             drafter,
@@ -98,9 +138,8 @@ impl Actor for ProposerActor {
                     if verdict.drop {
                         return;
                     }
-                    let delay = verdict.delay + faults.rtt();
-                    if !delay.is_zero() {
-                        std::thread::sleep(delay);
+                    if !verdict.delay.is_zero() {
+                        std::thread::sleep(verdict.delay);
                     }
                     if verdict.panic {
                         panic!("injected proposer panic");
@@ -136,14 +175,19 @@ impl Actor for ProposerActor {
                 let _ = me.cast(ProposerMsg::ThreadFailed(msg));
             },
         )?;
-        Ok(worker)
+        let link = (!rtt.is_zero()).then(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(run_link(rx, worker.sender()));
+            tx
+        });
+        Ok(ProposerState { worker, link, rtt })
     }
 
     async fn handle(
         &self,
         _myself: ActorRef<Self::Msg>,
         msg: Self::Msg,
-        worker: &mut Self::State,
+        state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         let job = match msg {
             ProposerMsg::Open { seq, spec, seed } => Job::Open(seq, spec, seed),
@@ -154,7 +198,7 @@ impl Actor for ProposerActor {
                 return Err(format!("proposer thread panicked: {why}").into())
             }
         };
-        if !worker.send(job) {
+        if !state.send(job) {
             return Err("proposer thread has stopped".into());
         }
         Ok(())

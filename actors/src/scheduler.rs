@@ -115,6 +115,8 @@ pub struct SchedulerActorState {
     /// When the `WaitOver` timer set last fires; kept apart from `tick_pending`, so turns that
     /// arrive during a long draft wait are still dispatched at once when the wait is moot.
     wait_timer: Option<Instant>,
+    /// When the latest fresh and pipelined order of each sequence went out.
+    orders_sent: HashMap<(SeqId, bool), Instant>,
     step_started: Instant,
     submitted_at: HashMap<SeqId, Instant>,
     drains: Vec<RpcReplyPort<()>>,
@@ -174,6 +176,7 @@ impl Actor for SchedulerActor {
             awaiting_since: None,
             tick_pending: false,
             wait_timer: None,
+            orders_sent: HashMap::new(),
             step_started: Instant::now(),
             submitted_at: HashMap::new(),
             drains: Vec::new(),
@@ -236,6 +239,7 @@ impl Actor for SchedulerActor {
             SchedulerMsg::Close { seq } => {
                 st.policy.close(seq);
                 st.seqs.remove(&seq);
+                st.orders_sent.retain(|k, _| k.0 != seq);
                 if let Some(v) = &st.verifier {
                     let _ = v.cast(VerifierMsg::Close { seq });
                 }
@@ -256,6 +260,11 @@ impl Actor for SchedulerActor {
                 st.step_done(&myself, id, result, seconds);
             }
             SchedulerMsg::Drafts(replies) => {
+                for r in &replies {
+                    if let Some(t) = st.orders_sent.remove(&(r.order.seq, r.order.pipelined)) {
+                        st.policy.observe_draft_latency(t.elapsed().as_secs_f64());
+                    }
+                }
                 st.policy.on_drafts(replies);
                 st.pump(&myself);
             }
@@ -376,9 +385,13 @@ impl SchedulerActorState {
         self.send_orders(orders);
     }
 
-    fn send_orders(&self, orders: Vec<DraftOrder>) {
+    fn send_orders(&mut self, orders: Vec<DraftOrder>) {
         if orders.is_empty() {
             return;
+        }
+        let now = Instant::now();
+        for o in &orders {
+            self.orders_sent.insert((o.seq, o.pipelined), now);
         }
         if let Some(p) = &self.proposer {
             let _ = p.cast(ProposerMsg::Draft(orders));
@@ -488,6 +501,7 @@ impl SchedulerActorState {
         myself: &ActorRef<SchedulerMsg>,
     ) -> Result<(), ActorProcessingErr> {
         self.policy.proposer_restarted();
+        self.orders_sent.clear();
         let Some(factory) = self.drafter_factory.clone() else {
             return Ok(());
         };

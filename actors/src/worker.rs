@@ -48,6 +48,11 @@ impl<J: Send + 'static> Worker<J> {
         self.tx.send(job).is_ok()
     }
 
+    /// Another sending end of the thread's queue.
+    pub fn sender(&self) -> Sender<J> {
+        self.tx.clone()
+    }
+
     /// Whether the thread is still running.
     pub fn is_alive(&self) -> bool {
         self.handle.as_ref().is_some_and(|h| !h.is_finished())

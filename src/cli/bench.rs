@@ -14,12 +14,20 @@ use troupe::engine::DeviceKind;
 
 #[path = "bench_batching.rs"]
 pub mod batching;
+#[path = "bench_capacity.rs"]
+pub mod capacity;
 #[path = "bench_decode.rs"]
 pub mod decode;
+#[path = "bench_demo.rs"]
+pub mod demo;
 #[path = "bench_persona.rs"]
 pub mod persona;
 #[path = "bench_plot.rs"]
 pub mod plot;
+#[path = "bench_rtt.rs"]
+pub mod rtt;
+#[path = "bench_spec.rs"]
+pub mod spec;
 #[path = "bench_step.rs"]
 pub mod step;
 
@@ -35,6 +43,15 @@ pub enum Case {
     /// N personas × M messages on the scripted model with a 50 ms injected model delay: the
     /// runtime's own overhead per turn.
     PersonaStress,
+    /// Up to 10,000 concurrent clients, each with its own session, light and heavy prompts, on the
+    /// demo verifier: errors, create and turn latency, memory.
+    AgentCapacity,
+    /// One session with the demo models while each draft block pays an injected
+    /// proposer↔verifier round trip, pipelined and serial: speedup and break-even.
+    RttSweep,
+    /// Speedup over plain decoding of each drafter and draft length, and of the adaptive policy,
+    /// on the demo models over held-out corpus prompts.
+    SpecSpeedup,
 }
 
 impl Case {
@@ -44,6 +61,9 @@ impl Case {
             Case::Step => "step",
             Case::Batching => "batching",
             Case::PersonaStress => "persona-stress",
+            Case::AgentCapacity => "agent-capacity",
+            Case::RttSweep => "rtt-sweep",
+            Case::SpecSpeedup => "spec-speedup",
         }
     }
 }
@@ -101,6 +121,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         Case::Step => step::run(&step::StepPlan::new(a.quick), &env)?,
         Case::Batching => batching::run(&batching::BatchingPlan::new(a.quick), &env)?,
         Case::PersonaStress => persona::run(&persona::PersonaPlan::new(a.quick), &env)?,
+        Case::AgentCapacity => capacity::run(&capacity::CapacityPlan::new(a.quick)?, &env)?,
+        Case::RttSweep => rtt::run(&rtt::RttPlan::new(a.quick), &env)?,
+        Case::SpecSpeedup => spec::run(&spec::SpecPlan::new(a.quick), &env)?,
     };
     Ok(())
 }

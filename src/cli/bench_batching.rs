@@ -149,6 +149,7 @@ pub fn run(plan: &BatchingPlan, env: &Env) -> Result<serde_json::Value> {
         title: "runtime throughput",
         x: "concurrent sessions",
         y: "tokens/s",
+        log_x: true,
     };
     lines(&env.out_file(Case::Batching, "svg")?, &axes, &series)?;
     finish(env, Case::Batching, report, &table(plan, &rows))

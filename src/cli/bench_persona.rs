@@ -118,6 +118,7 @@ pub fn run(plan: &PersonaPlan, env: &Env) -> Result<serde_json::Value> {
         title: "runtime overhead per turn beyond the injected model time",
         x: "personas",
         y: "ms per turn",
+        log_x: true,
     };
     lines(&env.out_file(Case::PersonaStress, "svg")?, &axes, &series)?;
     finish(env, Case::PersonaStress, report, &table(plan, &rows))

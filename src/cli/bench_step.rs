@@ -151,6 +151,7 @@ pub fn run(plan: &StepPlan, env: &Env) -> Result<serde_json::Value> {
         title: &format!("verify step time, context {}", plan.context),
         x: "sequences per step",
         y: "ms per step",
+        log_x: true,
     };
     lines(&env.out_file(Case::Step, "svg")?, &axes, &series)?;
     finish(env, Case::Step, report, &tables(plan, &rows, &decode))

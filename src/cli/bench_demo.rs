@@ -1,0 +1,204 @@
+//! What the cases on the shipped demo models share: the models and their factories, prompts cut
+//! from the corpus's held-out tail, and one session decoding a list of prompts.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use troupe::actors::{DrafterFactory, VerifierFactory};
+use troupe::engine::train::Corpus;
+use troupe::engine::{
+    load_model_drafter, load_verifier, DeviceKind, ModelSource, NgramDrafter, Tokenizer,
+};
+use troupe::{FaultPlan, GenerateParams, Runtime, RuntimeBuilder, SchedulerConfig, SessionConfig};
+
+/// Fraction of the corpus held out from training (as `troupe train` does).
+pub const HELD_OUT: f64 = 0.05;
+
+/// The shipped demo models and the corpus they were trained on.
+#[derive(Debug, Clone)]
+pub struct DemoModels {
+    /// Verifier directory (Hugging Face layout).
+    pub verifier: PathBuf,
+    /// Draft model directory.
+    pub drafter: PathBuf,
+    /// The training corpus; prompts come from its held-out tail.
+    pub corpus: PathBuf,
+}
+
+impl Default for DemoModels {
+    fn default() -> Self {
+        Self {
+            verifier: "models/verifier".into(),
+            drafter: "models/drafter".into(),
+            corpus: "corpus/rust-docs.txt".into(),
+        }
+    }
+}
+
+/// A drafter a case can run with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrafterKind {
+    /// Prompt-lookup n-grams.
+    Ngram,
+    /// The shipped draft model.
+    Model,
+}
+
+impl DrafterKind {
+    /// The name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            DrafterKind::Ngram => "ngram",
+            DrafterKind::Model => "model",
+        }
+    }
+}
+
+impl DemoModels {
+    /// Loads the verifier from its directory on `device`, again after each failure.
+    pub fn verifier_factory(&self, device: DeviceKind) -> Result<VerifierFactory> {
+        let dir = self.verifier.clone();
+        check_dir(&dir)?;
+        Ok(Arc::new(move || {
+            load_verifier(&ModelSource::Dir(&dir), device, None)
+        }))
+    }
+
+    /// A factory of `kind` drafters on `device`.
+    pub fn drafter_factory(&self, kind: DrafterKind, device: DeviceKind) -> Result<DrafterFactory> {
+        Ok(match kind {
+            DrafterKind::Ngram => Arc::new(|| Ok(Box::new(NgramDrafter::default()) as _)),
+            DrafterKind::Model => {
+                let dir = self.drafter.clone();
+                check_dir(&dir)?;
+                Arc::new(move || load_model_drafter(&ModelSource::Dir(&dir), device, None))
+            }
+        })
+    }
+
+    /// `n` prompts of `len` tokens from the corpus's held-out tail, each starting at a line,
+    /// spread evenly over it.
+    pub fn held_out_prompts(&self, n: usize, len: usize) -> Result<Vec<Vec<u32>>> {
+        let corpus = Corpus::from_file(&self.corpus, HELD_OUT)?;
+        let text = String::from_utf8_lossy(&corpus.val).into_owned();
+        let tok = Tokenizer::from_file(&self.verifier.join("tokenizer.json"))?;
+        let ids = tok.encode(&text)?;
+        let newline = tok.encode("\n")?;
+        anyhow::ensure!(
+            ids.len() > len * 2,
+            "the held-out corpus has {} tokens, too few for {len}-token prompts",
+            ids.len()
+        );
+        let span = ids.len() - len;
+        Ok((0..n)
+            .map(|i| {
+                let mut at = span * i / n.max(1);
+                // Start after the next line break, where one is near.
+                if let Some(p) = ids[at..span]
+                    .iter()
+                    .take(200)
+                    .position(|t| newline.contains(t))
+                {
+                    at += p + 1;
+                }
+                ids[at..at + len].to_vec()
+            })
+            .collect())
+    }
+}
+
+fn check_dir(dir: &Path) -> Result<()> {
+    anyhow::ensure!(
+        dir.join("config.json").exists(),
+        "no model in {} (the demo models ship in models/; `troupe train` makes them)",
+        dir.display()
+    );
+    Ok(())
+}
+
+/// One session's decoding of a list of prompts, one fresh session per prompt, one after another.
+#[derive(Debug, Clone, Default)]
+pub struct StreamRun {
+    /// Tokens of each prompt's turn.
+    pub outputs: Vec<Vec<u32>>,
+    /// Generated tokens.
+    pub tokens: usize,
+    /// Seconds from the first `generate` to the last token, session spawns excluded.
+    pub seconds: f64,
+    /// Drafted tokens verified.
+    pub drafted: usize,
+    /// Of which accepted.
+    pub accepted: usize,
+    /// Verify steps the turns took part in.
+    pub steps: usize,
+}
+
+impl StreamRun {
+    /// Generated tokens per second.
+    pub fn tokens_per_s(&self) -> f64 {
+        self.tokens as f64 / self.seconds.max(1e-9)
+    }
+
+    /// Drafted tokens accepted per verify step.
+    pub fn accepted_per_step(&self) -> f64 {
+        self.accepted as f64 / self.steps.max(1) as f64
+    }
+}
+
+/// Decodes each prompt in a fresh session of `rt`, one turn at a time.
+pub async fn stream(
+    rt: &Runtime,
+    prompts: &[Vec<u32>],
+    params: GenerateParams,
+) -> Result<StreamRun> {
+    let mut run = StreamRun::default();
+    for (i, p) in prompts.iter().enumerate() {
+        let s = rt
+            .spawn_session(SessionConfig {
+                seed: i as u64,
+                ..Default::default()
+            })
+            .await?;
+        let start = Instant::now();
+        let (ids, stats) = s.generate(p.clone(), params)?.collect().await?;
+        run.seconds += start.elapsed().as_secs_f64();
+        run.tokens += ids.len();
+        run.drafted += stats.drafted;
+        run.accepted += stats.accepted;
+        run.steps += stats.steps;
+        run.outputs.push(ids);
+        s.close().await.context("closing a session")?;
+    }
+    Ok(run)
+}
+
+impl DemoModels {
+    /// A runtime serving the demo verifier on `device`, drafting with `drafter` if any.
+    pub async fn runtime(
+        &self,
+        device: DeviceKind,
+        drafter: Option<DrafterKind>,
+        config: SchedulerConfig,
+        faults: FaultPlan,
+    ) -> Result<Runtime> {
+        let mut b = RuntimeBuilder::new(self.verifier_factory(device)?)
+            .scheduler(config)
+            .faults(faults);
+        if let Some(kind) = drafter {
+            b = b.drafter(self.drafter_factory(kind, device)?);
+        }
+        Ok(b.build().await?)
+    }
+}
+
+/// Decodes `prompts` on `rt` after one warm-up turn (model loads, first shapes).
+pub async fn warm_stream(
+    rt: &Runtime,
+    prompts: &[Vec<u32>],
+    params: GenerateParams,
+) -> Result<StreamRun> {
+    stream(rt, &prompts[..1], params).await?;
+    stream(rt, prompts, params).await
+}
