@@ -10,9 +10,9 @@ use serde_json::json;
 use std::time::Duration;
 use troupe::{FaultPlan, GenerateParams, SchedulerConfig};
 
-use super::demo::{warm_stream, DemoModels, DrafterKind, StreamRun};
+use super::demo::{warm_stream, DemoModels, DrafterKind};
 use super::plot::{lines, Axes, Series};
-use super::{finish, fmt, markdown, progress, Case, Env};
+use super::{finish, fmt, markdown, median, progress, Case, Env};
 
 /// Seed 000 on an H200 (Gemma-4-26B verifier, DFlash drafter): (round trip ms, speedup over AR).
 const SEED: &[(f64, f64)] = &[(0.0, 2.20), (100.0, 1.0), (150.0, 0.77)];
@@ -64,7 +64,7 @@ pub struct RttRow {
     pub pipelined: bool,
     /// Generated tokens per second.
     pub tokens_per_s: f64,
-    /// `tokens_per_s` over plain decoding's.
+    /// `tokens_per_s` over plain decoding's, measured beside it.
     pub speedup_vs_ar: f64,
     /// Drafted tokens accepted per verify step.
     pub mean_accepted_per_block: f64,
@@ -74,14 +74,14 @@ pub struct RttRow {
 
 /// Runs the case; returns the report it wrote.
 pub fn run(plan: &RttPlan, env: &Env) -> Result<serde_json::Value> {
-    let bar = progress(1 + 3 * plan.rtts_ms.len() as u64, "rtt-sweep");
+    let bar = progress(4 * plan.rtts_ms.len() as u64, "rtt-sweep");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let (ar, rows, adaptive) = rt.block_on(measure(plan, env, &bar))?;
+    let (ar_runs, rows, adaptive) = rt.block_on(measure(plan, env, &bar))?;
     bar.finish_and_clear();
 
-    let ar_tps = ar.tokens_per_s();
+    let ar_tps = median(&ar_runs);
     let ar_step_ms = 1e3 / ar_tps.max(1e-9);
     let curve = |pipelined: bool| -> Vec<(f64, f64)> {
         rows.iter()
@@ -97,6 +97,7 @@ pub fn run(plan: &RttPlan, env: &Env) -> Result<serde_json::Value> {
         "draft_len": plan.draft_len,
         "new_tokens": plan.new_tokens,
         "ar_tokens_per_s": ar_tps,
+        "ar_runs_tokens_per_s": ar_runs,
         "ar_step_ms": ar_step_ms,
         "rows": rows,
         "adaptive_rows": adaptive,
@@ -142,11 +143,14 @@ pub fn run(plan: &RttPlan, env: &Env) -> Result<serde_json::Value> {
     finish(env, Case::RttSweep, report, &table)
 }
 
+/// Plain decoding is measured again beside each round trip's three runs, and each row's
+/// speedup is over that neighbour, so drift of a shared machine cancels. Returns the plain runs'
+/// tokens/s, the rows that wait for every draft, and the adaptive rows.
 async fn measure(
     plan: &RttPlan,
     env: &Env,
     bar: &indicatif::ProgressBar,
-) -> Result<(StreamRun, Vec<RttRow>, Vec<RttRow>)> {
+) -> Result<(Vec<f64>, Vec<RttRow>, Vec<RttRow>)> {
     let prompts = plan
         .models
         .held_out_prompts(plan.prompts, plan.prompt_len)?;
@@ -154,21 +158,22 @@ async fn measure(
         max_new_tokens: plan.new_tokens,
         ..Default::default()
     };
-    let plain = SchedulerConfig {
-        max_draft_len: 0,
-        ..Default::default()
-    };
-    let rt = plan
-        .models
-        .runtime(env.device, None, plain, FaultPlan::default())
-        .await?;
-    let ar = warm_stream(&rt, &prompts, params).await?;
-    rt.shutdown().await;
-    bar.inc(1);
-
+    let mut ar_runs = Vec::new();
     let mut rows = Vec::new();
     let mut adaptive = Vec::new();
     for &rtt in &plan.rtts_ms {
+        let plain = SchedulerConfig {
+            max_draft_len: 0,
+            ..Default::default()
+        };
+        let rt = plan
+            .models
+            .runtime(env.device, None, plain, FaultPlan::default())
+            .await?;
+        let ar = warm_stream(&rt, &prompts, params).await?;
+        rt.shutdown().await;
+        bar.inc(1);
+        ar_runs.push(ar.tokens_per_s());
         let faults = FaultPlan::default().proposer_rtt(Duration::from_millis(rtt));
         for (pipelined, waits) in [(true, true), (false, true), (true, false)] {
             let config = SchedulerConfig {
@@ -201,7 +206,7 @@ async fn measure(
             }
         }
     }
-    Ok((ar, rows, adaptive))
+    Ok((ar_runs, rows, adaptive))
 }
 
 /// Where a speedup curve `(rtt, speedup)` crosses 1: interpolated between the two points around
