@@ -193,12 +193,46 @@ impl DemoModels {
     }
 }
 
-/// Decodes `prompts` on `rt` after one warm-up turn (model loads, first shapes).
-pub async fn warm_stream(
-    rt: &Runtime,
-    prompts: &[Vec<u32>],
-    params: GenerateParams,
-) -> Result<StreamRun> {
-    stream(rt, &prompts[..1], params).await?;
-    stream(rt, prompts, params).await
+/// One measured configuration: what serves, how it schedules, what is injected.
+pub struct Setup {
+    /// The drafter, if any.
+    pub drafter: Option<DrafterKind>,
+    /// The scheduler's policy.
+    pub config: SchedulerConfig,
+    /// Injected faults and round trips.
+    pub faults: FaultPlan,
+}
+
+impl Setup {
+    /// Plain decoding: no drafter, nothing injected.
+    pub fn plain() -> Self {
+        Self {
+            drafter: None,
+            config: SchedulerConfig {
+                max_draft_len: 0,
+                ..Default::default()
+            },
+            faults: FaultPlan::default(),
+        }
+    }
+}
+
+impl DemoModels {
+    /// Starts a runtime as `setup` says, decodes `prompts` after one warm-up turn (model loads,
+    /// first shapes), and shuts it down.
+    pub async fn decode(
+        &self,
+        device: DeviceKind,
+        setup: Setup,
+        prompts: &[Vec<u32>],
+        params: GenerateParams,
+    ) -> Result<StreamRun> {
+        let rt = self
+            .runtime(device, setup.drafter, setup.config, setup.faults)
+            .await?;
+        stream(&rt, &prompts[..1], params).await?;
+        let run = stream(&rt, prompts, params).await;
+        rt.shutdown().await;
+        run
+    }
 }

@@ -10,7 +10,7 @@ use serde_json::json;
 use std::time::Duration;
 use troupe::{FaultPlan, GenerateParams, SchedulerConfig};
 
-use super::demo::{warm_stream, DemoModels, DrafterKind};
+use super::demo::{DemoModels, DrafterKind, Setup};
 use super::plot::{lines, Axes, Series};
 use super::{finish, fmt, markdown, median, progress, Case, Env};
 
@@ -162,16 +162,10 @@ async fn measure(
     let mut rows = Vec::new();
     let mut adaptive = Vec::new();
     for &rtt in &plan.rtts_ms {
-        let plain = SchedulerConfig {
-            max_draft_len: 0,
-            ..Default::default()
-        };
-        let rt = plan
+        let ar = plan
             .models
-            .runtime(env.device, None, plain, FaultPlan::default())
+            .decode(env.device, Setup::plain(), &prompts, params)
             .await?;
-        let ar = warm_stream(&rt, &prompts, params).await?;
-        rt.shutdown().await;
         bar.inc(1);
         ar_runs.push(ar.tokens_per_s());
         let faults = FaultPlan::default().proposer_rtt(Duration::from_millis(rtt));
@@ -184,12 +178,15 @@ async fn measure(
                 draft_wait_s: waits.then_some(600.0),
                 ..Default::default()
             };
-            let rt = plan
+            let setup = Setup {
+                drafter: Some(plan.drafter),
+                config,
+                faults: faults.clone(),
+            };
+            let run = plan
                 .models
-                .runtime(env.device, Some(plan.drafter), config, faults.clone())
+                .decode(env.device, setup, &prompts, params)
                 .await?;
-            let run = warm_stream(&rt, &prompts, params).await?;
-            rt.shutdown().await;
             bar.inc(1);
             let row = RttRow {
                 rtt_ms: rtt,

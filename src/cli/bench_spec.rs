@@ -7,7 +7,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use troupe::{FaultPlan, GenerateParams, SchedulerConfig};
 
-use super::demo::{warm_stream, DemoModels, DrafterKind, StreamRun};
+use super::demo::{DemoModels, DrafterKind, Setup, StreamRun};
 use super::plot::{lines, Axes, Series};
 use super::{finish, fmt, markdown, mean, progress, Case, Env};
 
@@ -125,16 +125,10 @@ async fn measure(
         ..Default::default()
     };
     let plain = || async {
-        let config = SchedulerConfig {
-            max_draft_len: 0,
-            ..Default::default()
-        };
-        let rt = plan
+        let run = plan
             .models
-            .runtime(env.device, None, config, FaultPlan::default())
+            .decode(env.device, Setup::plain(), &prompts, params)
             .await?;
-        let run = warm_stream(&rt, &prompts, params).await?;
-        rt.shutdown().await;
         bar.inc(1);
         anyhow::Ok(run)
     };
@@ -157,12 +151,15 @@ async fn measure(
                     ..Default::default()
                 },
             };
-            let rt = plan
+            let setup = Setup {
+                drafter: Some(d),
+                config,
+                faults: FaultPlan::default(),
+            };
+            let run = plan
                 .models
-                .runtime(env.device, Some(d), config, FaultPlan::default())
+                .decode(env.device, setup, &prompts, params)
                 .await?;
-            let run = warm_stream(&rt, &prompts, params).await?;
-            rt.shutdown().await;
             bar.inc(1);
             runs.push((d, k, run));
         }
