@@ -154,10 +154,11 @@ fn agent_capacity_counts_the_clients_admission_refuses() {
     plan.heavy_prompt = 200;
     plan.new_tokens = 3;
     plan.heavy_window = troupe::WindowSpec::new(4, 252).unwrap();
-    // Room for exactly two light sessions (each is 128 slots), or one heavy one (256 slots).
-    let light = troupe::WindowSpec::new(4, 124).unwrap();
-    plan.light_window = light;
-    let per_light = 2 * 4 * 2 * 32 * 128 * 4;
+    plan.light_window = troupe::WindowSpec::new(4, 124).unwrap();
+    // Keys and values of every layer in f32 on the CPU, for 128 and 256 slots.
+    let c = ModelConfig::from_file(&plan.models.verifier.join("config.json")).unwrap();
+    let per_light = (2 * c.num_layers * c.num_kv_heads * c.head_dim * 128 * 4) as u64;
+    // Room for exactly two light sessions, or one heavy one (twice the slots).
     plan.kv_budget_bytes = 2 * per_light + per_light / 2;
     capacity::run(&plan, &Env::new(dir.path(), "cpu").unwrap()).unwrap();
     let v = written(dir.path(), Case::AgentCapacity);
