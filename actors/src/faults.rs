@@ -22,9 +22,9 @@ use rand::{Rng, SeedableRng};
 /// The kinds of actor a rule can target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum ActorKind {
-    /// A session actor (messages: "generate", "info", "tokens").
+    /// A session actor (messages: "generate", "info", "tokens", "failed").
     Session,
-    /// The scheduler (messages: "submit", "step_done", "drafts").
+    /// The scheduler (messages: "submit", "step_done").
     Scheduler,
     /// The verifier's model thread (message: "step").
     Verifier,
@@ -144,7 +144,9 @@ impl FaultPlan {
         })
     }
 
-    /// Adds a round trip between proposer and verifier to every draft block.
+    /// Adds a round trip between verifier and proposer: every message to the proposer reaches its
+    /// thread this much later, in order, with any number in flight at once (as over a network), so
+    /// each draft block pays it once and pipelined blocks overlap theirs.
     pub fn proposer_rtt(mut self, rtt: Duration) -> Self {
         self.rtt = rtt;
         self

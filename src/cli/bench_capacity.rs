@@ -87,7 +87,8 @@ pub struct CapacityRow {
     pub generate_ms_p50: f64,
     /// 99th percentile of the same.
     pub generate_ms_p99: f64,
-    /// Resident memory of the process once every turn has finished.
+    /// Resident memory of the process once every turn has finished. Memory freed by earlier rows
+    /// mostly stays mapped, so in practice this is the run's high-water mark so far.
     pub rss_bytes: u64,
     /// KV bytes one session's window holds, fixed at creation.
     pub kv_bytes_per_session: u64,
@@ -303,8 +304,8 @@ fn table(plan: &CapacityPlan, rows: &[CapacityRow], light: usize, heavy: usize) 
                 r.mode.clone(),
                 r.sessions.to_string(),
                 r.errors.to_string(),
-                fmt(r.create_ms_p50),
-                fmt(r.create_ms_p99),
+                format!("{:.2}", r.create_ms_p50),
+                format!("{:.2}", r.create_ms_p99),
                 fmt(r.generate_ms_p50),
                 fmt(r.generate_ms_p99),
                 mb(r.rss_bytes),
@@ -321,7 +322,7 @@ fn table(plan: &CapacityPlan, rows: &[CapacityRow], light: usize, heavy: usize) 
         "create p99 ms",
         "turn p50 ms",
         "turn p99 ms",
-        "RSS MB",
+        "RSS MB (high-water)",
         "KV/session MB",
         "node KV bound MB",
     ];
