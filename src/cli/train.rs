@@ -206,12 +206,18 @@ pub fn run(a: TrainArgs) -> Result<()> {
             let bpb = bits_per_byte(&inner, &corpus.val, &cfg, cfg.eval_batches)?;
             st.seconds = seconds_before + start.elapsed().as_secs_f64();
             st.history.push((st.step, e / std::f64::consts::LN_2, bpb));
-            bar.println(format!(
+            let line = format!(
                 "step {:>5}: train {:.3} bits/byte, validation {:.3} bits/byte",
                 st.step,
                 e / std::f64::consts::LN_2,
                 bpb
-            ));
+            );
+            // A hidden bar prints nothing, so without a terminal the line goes to stderr.
+            if bar.is_hidden() {
+                eprintln!("{line}");
+            } else {
+                bar.println(line);
+            }
             save_pretrained(&inner, &a.out, true, Some(&byte_level_tokenizer_json()))?;
             save_state(&state_dir, &opt, &st)?;
         }
