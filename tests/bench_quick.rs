@@ -207,7 +207,11 @@ fn rtt_sweep_reports_both_modes_at_every_round_trip_and_stays_lossless() {
     let v = written(dir.path(), Case::RttSweep);
     positive(&v, "ar_tokens_per_s");
     let ar_runs = v["ar_runs_tokens_per_s"].as_array().expect("plain runs");
-    assert_eq!(ar_runs.len(), 2, "plain decoding beside each round trip");
+    assert_eq!(
+        ar_runs.len(),
+        6,
+        "plain decoding before each of the three runs per round trip"
+    );
     let rows = v["rows"].as_array().expect("rows");
     assert_eq!(rows.len(), 4);
     for (i, (row, (rtt, pipelined))) in rows
@@ -219,8 +223,11 @@ fn rtt_sweep_reports_both_modes_at_every_round_trip_and_stays_lossless() {
         assert_eq!(row["pipelined"], pipelined);
         let tps = positive(row, "tokens_per_s");
         let speedup = positive(row, "speedup_vs_ar");
-        // Over the plain run measured beside this round trip's.
-        let ar = ar_runs[i / 2].as_f64().expect("plain tokens/s");
+        // Over the plain run measured right before it (three runs per round trip: pipelined,
+        // serial, adaptive).
+        let ar = ar_runs[3 * (i / 2) + i % 2]
+            .as_f64()
+            .expect("plain tokens/s");
         assert!(
             (speedup - tps / ar).abs() < 1e-9 * speedup.max(1.0),
             "{row}"

@@ -4,6 +4,8 @@
 //! front of the thread: every message reaches it that much later, in order, with any number in
 //! flight at once (as on a network), so pipelined orders overlap their round trips.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -77,6 +79,14 @@ pub struct ProposerState {
     worker: Worker<Job>,
     link: Option<mpsc::UnboundedSender<(Instant, Job)>>,
     rtt: Duration,
+    /// Cleared when the actor stops, so the link drops what is still on its way.
+    open: Arc<AtomicBool>,
+}
+
+impl Drop for ProposerState {
+    fn drop(&mut self) {
+        self.open.store(false, Ordering::Release);
+    }
 }
 
 impl ProposerState {
@@ -96,10 +106,11 @@ impl ProposerState {
 async fn run_link(
     mut rx: mpsc::UnboundedReceiver<(Instant, Job)>,
     thread: crossbeam_channel::Sender<Job>,
+    open: Arc<AtomicBool>,
 ) {
     while let Some((due, job)) = rx.recv().await {
         tokio::time::sleep_until(due).await;
-        if thread.send(job).is_err() {
+        if !open.load(Ordering::Acquire) || thread.send(job).is_err() {
             return;
         }
     }
@@ -175,12 +186,18 @@ impl Actor for ProposerActor {
                 let _ = me.cast(ProposerMsg::ThreadFailed(msg));
             },
         )?;
+        let open = Arc::new(AtomicBool::new(true));
         let link = (!rtt.is_zero()).then(|| {
             let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(run_link(rx, worker.sender()));
+            tokio::spawn(run_link(rx, worker.sender(), open.clone()));
             tx
         });
-        Ok(ProposerState { worker, link, rtt })
+        Ok(ProposerState {
+            worker,
+            link,
+            rtt,
+            open,
+        })
     }
 
     async fn handle(
@@ -202,5 +219,57 @@ impl Actor for ProposerActor {
             return Err("proposer thread has stopped".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn observed(rx: &crossbeam_channel::Receiver<Job>) -> Vec<u32> {
+        rx.try_iter()
+            .map(|j| match j {
+                Job::Observe(_, t) => t[0],
+                _ => unreachable!("only observations are sent"),
+            })
+            .collect()
+    }
+
+    /// On paused time: every message arrives exactly one round trip after it was sent, in order,
+    /// and messages sent together travel together (a link, not a queue that pays per message).
+    #[tokio::test(start_paused = true)]
+    async fn the_link_delays_each_message_by_the_round_trip_in_order_and_at_once() {
+        let (thread_tx, thread_rx) = crossbeam_channel::unbounded();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let open = Arc::new(AtomicBool::new(true));
+        tokio::spawn(run_link(rx, thread_tx, open.clone()));
+        let rtt = Duration::from_millis(50);
+        let t0 = Instant::now();
+        for i in 0..3 {
+            tx.send((t0 + rtt, Job::Observe(1, vec![i]))).unwrap();
+        }
+        tx.send((t0 + 2 * rtt, Job::Observe(1, vec![3]))).unwrap();
+        tokio::time::sleep(rtt - Duration::from_millis(1)).await;
+        assert!(
+            observed(&thread_rx).is_empty(),
+            "nothing before the round trip"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        tokio::task::yield_now().await;
+        assert_eq!(
+            observed(&thread_rx),
+            vec![0, 1, 2],
+            "all three, in order, after one round trip"
+        );
+        tokio::time::sleep(rtt).await;
+        tokio::task::yield_now().await;
+        assert_eq!(observed(&thread_rx), vec![3]);
+        // Once the actor is gone, what is still on its way is dropped.
+        tx.send((Instant::now() + rtt, Job::Observe(1, vec![4])))
+            .unwrap();
+        open.store(false, Ordering::Release);
+        tokio::time::sleep(2 * rtt).await;
+        tokio::task::yield_now().await;
+        assert!(observed(&thread_rx).is_empty());
     }
 }

@@ -74,7 +74,7 @@ pub struct RttRow {
 
 /// Runs the case; returns the report it wrote.
 pub fn run(plan: &RttPlan, env: &Env) -> Result<serde_json::Value> {
-    let bar = progress(4 * plan.rtts_ms.len() as u64, "rtt-sweep");
+    let bar = progress(3 * plan.rtts_ms.len() as u64, "rtt-sweep");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -143,9 +143,9 @@ pub fn run(plan: &RttPlan, env: &Env) -> Result<serde_json::Value> {
     finish(env, Case::RttSweep, report, &table)
 }
 
-/// Plain decoding is measured again beside each round trip's three runs, and each row's
-/// speedup is over that neighbour, so drift of a shared machine cancels. Returns the plain runs'
-/// tokens/s, the rows that wait for every draft, and the adaptive rows.
+/// Plain decoding is measured again right before each run, and each row's speedup is over that
+/// neighbour, so drift of a shared machine cancels. Returns the plain runs' tokens/s, the rows that
+/// wait for every draft, and the adaptive rows.
 async fn measure(
     plan: &RttPlan,
     env: &Env,
@@ -162,14 +162,13 @@ async fn measure(
     let mut rows = Vec::new();
     let mut adaptive = Vec::new();
     for &rtt in &plan.rtts_ms {
-        let ar = plan
-            .models
-            .decode(env.device, Setup::plain(), &prompts, params)
-            .await?;
-        bar.inc(1);
-        ar_runs.push(ar.tokens_per_s());
         let faults = FaultPlan::default().proposer_rtt(Duration::from_millis(rtt));
         for (pipelined, waits) in [(true, true), (false, true), (true, false)] {
+            let ar = plan
+                .models
+                .decode(env.device, Setup::plain(), &prompts, params)
+                .await?;
+            ar_runs.push(ar.tokens_per_s());
             let config = SchedulerConfig {
                 max_draft_len: plan.draft_len,
                 pipelined,
