@@ -1,4 +1,4 @@
-//! The `agent-capacity` case, after seed 000's connection-capacity ramp: N concurrent clients, each
+//! The `agent-capacity` case, after the seed report's connection-capacity ramp: N concurrent clients, each
 //! a task of its own holding a session of its own, create their session and run one turn on the
 //! shipped demo verifier, all at once. Light clients send a short prompt, heavy ones about 1,000
 //! tokens. The node KV budget is fixed, so past it admission refuses with a typed error: an error
@@ -17,7 +17,7 @@ use super::demo::DemoModels;
 use super::plot::{lines, Axes, Series};
 use super::{finish, fmt, markdown, progress, Case, Env};
 
-/// Seed 000 on a Mac M4 (serialized gRPC server, Qwen-class verifier): heavy-context clients and
+/// The seed report on a Mac M4 (serialized gRPC server, Qwen-class verifier): heavy-context clients and
 /// their create latency in ms.
 const SEED_HEAVY_CREATE_MS: &[(usize, f64)] =
     &[(1, 3000.0), (4, 12000.0), (8, 25000.0), (16, 45000.0)];
@@ -329,7 +329,7 @@ fn table(plan: &CapacityPlan, rows: &[CapacityRow], light: usize, heavy: usize) 
     format!(
         "Concurrent clients, each with its own session and one turn of {} tokens (light: {}-token \
          prompt, heavy: {}-token prompt), node KV budget {} MB:\n\n{}\n\
-         Most clients with zero errors: light {light}, heavy {heavy}. Seed 000 (serialized server, \
+         Most clients with zero errors: light {light}, heavy {heavy}. The seed report (serialized server, \
          Mac M4): light 256 with zero errors at 7.80 MB KV per session; heavy stopped near 8, \
          create latency 3 / 12 / 25 / 45 s at 1 / 4 / 8 / 16 clients.\n",
         plan.new_tokens,

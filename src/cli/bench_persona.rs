@@ -1,4 +1,4 @@
-//! The `persona-stress` case, after the persona substrate's stress test (seed 002): N personas ×
+//! The `persona-stress` case, after the persona substrate's stress test: N personas ×
 //! M messages against the scripted model with a 50 ms injected model delay, on the tokio
 //! multi-thread runtime. Each persona is a session that sends its messages one after another; all
 //! personas run at once. A turn's overhead is its latency beyond 50 ms × the steps it took part in.

@@ -1,4 +1,4 @@
-//! The `rtt-sweep` case, after seed 000's cross-host sweep: one session decodes held-out corpus
+//! The `rtt-sweep` case, after the seed report's cross-host sweep: one session decodes held-out corpus
 //! prompts with the shipped demo models while every draft block pays an injected
 //! proposer↔verifier round trip, with pipelined drafting on and off. The scheduler waits for every
 //! draft (the raw curve the seed measured); the adaptive policy, which stops waiting when drafts
@@ -14,7 +14,7 @@ use super::demo::{DemoModels, DrafterKind, Setup};
 use super::plot::{lines, Axes, Series};
 use super::{finish, fmt, markdown, median, progress, Case, Env};
 
-/// Seed 000 on an H200 (Gemma-4-26B verifier, DFlash drafter): (round trip ms, speedup over AR).
+/// The seed report on an H200 (Gemma-4-26B verifier, DFlash drafter): (round trip ms, speedup over AR).
 const SEED: &[(f64, f64)] = &[(0.0, 2.20), (100.0, 1.0), (150.0, 0.77)];
 
 /// What the `rtt-sweep` case measures.
@@ -283,7 +283,7 @@ fn table(
         "One session, {} held-out prompts × {} tokens, {} drafter, {} tokens per block; plain \
          decoding {} tok/s ({:.2} ms per token):\n\n{}\n\
          Break-even round trip: pipelined {:.1} ms ({:.1} AR steps), serial {:.1} ms ({:.1} AR \
-         steps). Seed 000 (H200): 2.20x co-located, break-even near 100 ms, 0.77x at 150 ms.\n",
+         steps). The seed report (H200): 2.20x co-located, break-even near 100 ms, 0.77x at 150 ms.\n",
         plan.prompts,
         plan.new_tokens,
         plan.drafter.name(),

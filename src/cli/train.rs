@@ -37,7 +37,7 @@ pub struct TrainArgs {
     #[arg(long, default_value = "target/train-state")]
     state_dir: PathBuf,
     /// Total optimizer steps.
-    #[arg(long, default_value_t = 1200)]
+    #[arg(long, default_value_t = 1400)]
     steps: usize,
     /// Sequences per step.
     #[arg(long, default_value_t = 16)]
