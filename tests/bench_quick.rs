@@ -186,10 +186,8 @@ fn agent_capacity_counts_the_clients_admission_refuses() {
         assert!(num(row, "generate_ms_p50") <= num(row, "generate_ms_p99"));
         assert!(num(row, "rss_bytes") > 1e6, "{row}");
         let per = num(row, "kv_bytes_per_session");
-        assert_eq!(
-            per,
-            (2 * 4 * 2 * 32 * if mode == "light" { 128 } else { 256 } * 4) as f64
-        );
+        let slots = if mode == "light" { 1 } else { 2 };
+        assert_eq!(per, (slots * per_light) as f64);
         assert_eq!(num(row, "node_kv_bound_bytes"), per * n as f64);
     }
     assert_eq!(v["max_sessions_zero_errors"]["light"], 1);
