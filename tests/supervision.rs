@@ -89,38 +89,29 @@ async fn stats_after_restart(
     stats
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_verifier_panic_is_restarted_and_outputs_are_unchanged() {
+/// One round of turns on the n-gram drafter under `plan`; returns the stats once the verifier has
+/// been restarted.
+async fn verifier_fault_round(plan: FaultPlan, step_timeout: Duration) -> SchedulerStats {
     let dir = common::tiny_model(5, 2);
-    let plan = FaultPlan::default().panic_after(ActorKind::Verifier, "step", 7);
-    let rt = start(
-        dir.path(),
-        common::ngram_factory(),
-        plan,
-        Duration::from_secs(60),
-    )
-    .await;
+    let rt = start(dir.path(), common::ngram_factory(), plan, step_timeout).await;
     round(&rt, dir.path()).await;
     let stats = stats_after_restart(&rt, |s| s.verifier_restarts > 0).await;
-    assert_eq!(stats.verifier_restarts, 1, "{stats:?}");
     rt.shutdown().await;
+    stats
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verifier_panic_is_restarted_and_outputs_are_unchanged() {
+    let plan = FaultPlan::default().panic_after(ActorKind::Verifier, "step", 7);
+    let stats = verifier_fault_round(plan, Duration::from_secs(60)).await;
+    assert_eq!(stats.verifier_restarts, 1, "{stats:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_step_times_out_and_is_replayed() {
-    let dir = common::tiny_model(5, 2);
     let plan = FaultPlan::default().drop_every(ActorKind::Verifier, "step", 9);
-    let rt = start(
-        dir.path(),
-        common::ngram_factory(),
-        plan,
-        Duration::from_millis(400),
-    )
-    .await;
-    round(&rt, dir.path()).await;
-    let stats = stats_after_restart(&rt, |s| s.verifier_restarts > 0).await;
+    let stats = verifier_fault_round(plan, Duration::from_millis(400)).await;
     assert!(stats.verifier_restarts >= 1, "{stats:?}");
-    rt.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
