@@ -363,9 +363,9 @@ impl SchedulerState {
     }
 
     /// How long a step may wait for drafts, in seconds. Adapted (no `draft_wait_s`), the wait is
-    /// worth what a draft saves: the tokens it is expected to add, times a step's time. A pipelined draft is ordered when the step before starts, so it is due
-    /// (its latency − one step) after that step ends; drafts due later than the wait is worth are
-    /// not waited for at all.
+    /// worth what a draft saves: the tokens it is expected to add, times a step's time. A
+    /// pipelined draft is ordered when the step before starts, so it is due (its latency − one
+    /// step) after that step ends; drafts due later than the wait is worth are not waited for.
     pub fn draft_wait(&self) -> f64 {
         if let Some(s) = self.config.draft_wait_s {
             return s;
@@ -377,19 +377,29 @@ impl SchedulerState {
         }
     }
 
-    fn draft_wait_worth(&self) -> f64 {
-        let step = self.step_ema.unwrap_or(0.01).clamp(0.001, 1.0);
-        (step * self.expected_draft_gain()).min(1.0)
+    /// The running step time in seconds (10 ms before the first step).
+    fn step_estimate(&self) -> f64 {
+        self.step_ema.unwrap_or(0.01).clamp(0.001, 1.0)
     }
 
-    /// Whether drafts, adapting the wait, come back later than waiting for them is worth.
+    fn draft_wait_worth(&self) -> f64 {
+        (self.step_estimate() * self.expected_draft_gain()).min(1.0)
+    }
+
+    /// Whether drafts come back later than waiting for them is worth (with the wait adapted).
     fn drafts_too_late(&self) -> bool {
         if self.config.draft_wait_s.is_some() {
             return false;
         }
-        let step = self.step_ema.unwrap_or(0.01).clamp(0.001, 1.0);
         self.draft_latency_ema
-            .is_some_and(|latency| latency - step > self.draft_wait_worth())
+            .is_some_and(|latency| latency - self.step_estimate() > self.draft_wait_worth())
+    }
+
+    /// Whether this step's draft orders are withheld: drafts that come too late to be used only
+    /// cost the proposer's compute, so one is ordered only every few steps, to notice when they
+    /// come in time again. Decided once per planning pass (it looks at every sequence).
+    fn orders_withheld(&self) -> bool {
+        !self.stats.steps.is_multiple_of(LATE_DRAFT_PROBE_STEPS) && self.drafts_too_late()
     }
 
     /// Tokens a draft block is expected to add to a decoding sequence, at the sequences' mean
@@ -428,11 +438,6 @@ impl SchedulerState {
         };
         let max_k = self.config.max_draft_len;
         if max_k == 0 {
-            return 0;
-        }
-        // Drafts that come too late to be used only cost the proposer's compute: order one now and
-        // then, to notice when they come in time again.
-        if self.drafts_too_late() && !self.stats.steps.is_multiple_of(LATE_DRAFT_PROBE_STEPS) {
             return 0;
         }
         // Load: what is left of the token budget, shared among the decoding sequences.
@@ -561,7 +566,7 @@ impl SchedulerState {
     /// block n is accepted whole (the first drafted token is a guess of the verifier's own token).
     pub fn pipelined_orders(&mut self) -> Vec<DraftOrder> {
         let steps = self.stats.steps;
-        if !self.config.pipelined || self.config.max_draft_len == 0 {
+        if !self.config.pipelined || self.config.max_draft_len == 0 || self.orders_withheld() {
             return Vec::new();
         }
         let Some((_, chosen)) = &self.in_flight else {
@@ -673,10 +678,14 @@ impl SchedulerState {
         // Promote pipelined drafts that guessed right; order fresh ones for the rest.
         let steps = self.stats.steps;
         let decoding = self.seqs.values().filter(|s| s.is_decoding()).count();
+        let withheld = self.orders_withheld();
         let mut orders = Vec::new();
         let ids: Vec<SeqId> = chosen.iter().map(|c| c.0).collect();
         for seq in ids {
             self.promote(seq);
+            if withheld {
+                continue;
+            }
             let Some(e) = self.seqs.get(&seq) else {
                 continue;
             };
@@ -706,6 +715,9 @@ impl SchedulerState {
     /// Orders fresh drafts for decoding sequences that have none ready and none coming (after a
     /// turn starts decoding from a prefill, or after a proposer restart).
     pub fn fresh_orders(&mut self) -> Vec<DraftOrder> {
+        if self.orders_withheld() {
+            return Vec::new();
+        }
         let steps = self.stats.steps;
         let decoding = self.seqs.values().filter(|s| s.is_decoding()).count();
         let mut orders = Vec::new();

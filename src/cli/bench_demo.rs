@@ -174,25 +174,6 @@ pub async fn stream(
     Ok(run)
 }
 
-impl DemoModels {
-    /// A runtime serving the demo verifier on `device`, drafting with `drafter` if any.
-    pub async fn runtime(
-        &self,
-        device: DeviceKind,
-        drafter: Option<DrafterKind>,
-        config: SchedulerConfig,
-        faults: FaultPlan,
-    ) -> Result<Runtime> {
-        let mut b = RuntimeBuilder::new(self.verifier_factory(device)?)
-            .scheduler(config)
-            .faults(faults);
-        if let Some(kind) = drafter {
-            b = b.drafter(self.drafter_factory(kind, device)?);
-        }
-        Ok(b.build().await?)
-    }
-}
-
 /// One measured configuration: what serves, how it schedules, what is injected.
 pub struct Setup {
     /// The drafter, if any.
@@ -227,9 +208,13 @@ impl DemoModels {
         prompts: &[Vec<u32>],
         params: GenerateParams,
     ) -> Result<StreamRun> {
-        let rt = self
-            .runtime(device, setup.drafter, setup.config, setup.faults)
-            .await?;
+        let mut b = RuntimeBuilder::new(self.verifier_factory(device)?)
+            .scheduler(setup.config)
+            .faults(setup.faults);
+        if let Some(kind) = setup.drafter {
+            b = b.drafter(self.drafter_factory(kind, device)?);
+        }
+        let rt = b.build().await?;
         stream(&rt, &prompts[..1], params).await?;
         let run = stream(&rt, prompts, params).await;
         rt.shutdown().await;
