@@ -1285,7 +1285,7 @@ fn drafts_that_come_too_late_are_only_ordered_now_and_then() {
     st.open(1);
     st.submit(1, &[10], turn(1000)).unwrap();
     let mut orders = 0;
-    let mut run = |st: &mut SchedulerState, steps: usize| {
+    let run = |st: &mut SchedulerState, steps: usize| {
         let mut n = 0;
         for _ in 0..steps {
             let step = st.plan_step().unwrap();
