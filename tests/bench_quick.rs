@@ -8,7 +8,7 @@ mod bench;
 use std::path::Path;
 use std::time::Duration;
 
-use bench::{batching, capacity, persona, rtt, spec, step, Case, Env};
+use bench::{batching, capacity, kernels, persona, rtt, spec, step, Case, Env};
 use serde_json::{json, Value};
 use troupe::engine::ModelConfig;
 
@@ -303,4 +303,35 @@ fn spec_speedup_reports_each_drafter_and_length_with_plain_outputs() {
         .map(|r| num(r, "accepted"))
         .sum();
     assert!(model_accepted > 0.0);
+}
+
+#[test]
+fn kernels_case_reports_every_kernel_and_shape_beside_burn() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = kernels::KernelsPlan::new(true);
+    kernels::run(&plan, &Env::new(dir.path(), "cpu").unwrap()).unwrap();
+    let v = written(dir.path(), Case::Kernels);
+    positive(&v, "copy_gb_s");
+    let rows = v["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 3 * plan.rows.len() + plan.chain_rows.len());
+    for r in rows {
+        for key in ["ms", "gb_s", "burn_ms", "floor_ms"] {
+            positive(r, key);
+        }
+        assert_eq!(r["device"], "cpu");
+        assert_eq!(r["dtype"], "f32");
+        // GB/s is the bytes over the kernel's time, and the floor is the same bytes at copy speed.
+        let ratio = num(r, "gb_s") * num(r, "ms") / (num(&v, "copy_gb_s") * num(r, "floor_ms"));
+        assert!((ratio - 1.0).abs() < 1e-6, "gb_s and floor disagree in {r}");
+    }
+    let kinds: Vec<&str> = rows.iter().map(|r| r["kernel"].as_str().unwrap()).collect();
+    for k in ["linear", "linear+residual", "swiglu", "chain2"] {
+        assert!(kinds.contains(&k), "{k} missing");
+    }
+    for (r, m) in rows.iter().zip(plan.rows.iter().flat_map(|&m| [m; 3])) {
+        assert_eq!(
+            r["shape"],
+            format!("{m}x{}x{}", plan.product.0, plan.product.1)
+        );
+    }
 }

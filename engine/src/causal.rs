@@ -3,11 +3,12 @@
 
 use burn::prelude::*;
 use burn::tensor::activation::{log_softmax, silu, softmax};
+use troupe_kernels::KernelBackend;
 
 use crate::model::{rms_norm, Model};
 use crate::rope::{self, RopeTable};
 
-impl<B: Backend> Model<B> {
+impl<B: KernelBackend> Model<B> {
     /// Logits `[batch, len, vocab]` for token ids `[batch, len]`, each position seeing itself and
     /// the positions before it.
     pub fn forward_causal(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {

@@ -10,6 +10,7 @@ use std::str::FromStr;
 
 use burn::prelude::*;
 use burn::tensor::DType;
+use troupe_kernels::KernelBackend;
 
 use crate::config::ModelConfig;
 use crate::drafter::Drafter;
@@ -110,7 +111,7 @@ fn probe<B: Backend>(kind: DeviceKind) -> Result<B::Device> {
     Ok(device)
 }
 
-fn build<B: Backend>(
+fn build<B: KernelBackend>(
     source: &ModelSource<'_>,
     kind: DeviceKind,
     dtype: Option<WeightDtype>,

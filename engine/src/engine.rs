@@ -6,8 +6,9 @@ use std::collections::{HashMap, HashSet};
 use burn::prelude::*;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
+use troupe_kernels::{BlockVerdict, DraftBlock, KernelBackend};
 
-use crate::accept::{accept_greedy, accept_sampled};
+use crate::accept::{accept_sampled, Acceptance};
 use crate::error::{EngineError, Result};
 use crate::model::{Model, SeqInput};
 use crate::sampling::SamplingParams;
@@ -47,7 +48,7 @@ pub struct Engine<B: Backend> {
     capture: Vec<usize>,
 }
 
-impl<B: Backend> Engine<B> {
+impl<B: KernelBackend> Engine<B> {
     /// Serves sequences with `model`.
     pub fn new(model: Model<B>) -> Self {
         Self {
@@ -214,7 +215,7 @@ pub fn argmax_rows<B: Backend>(logits: Tensor<B, 2>) -> Result<Vec<u32>> {
     Ok(v.into_iter().map(|x| x as u32).collect())
 }
 
-impl<B: Backend> Verifier for Engine<B>
+impl<B: KernelBackend> Verifier for Engine<B>
 where
     B::Device: Send,
 {
@@ -270,13 +271,25 @@ where
         let step = self.step(&items)?;
         let all_greedy = works.iter().all(|w| w.params.is_greedy());
         enum Rows {
-            Argmax(Vec<u32>),
+            /// Greedy verdicts decided on the device, one per sampled work in order.
+            Verdicts(Vec<BlockVerdict>),
             Full(Vec<Vec<f32>>),
         }
         let rows = match step.logits {
-            None => Rows::Argmax(Vec::new()),
-            Some(l) if all_greedy => Rows::Argmax(argmax_rows(l)?),
+            None => Rows::Verdicts(Vec::new()),
+            Some(l) if all_greedy => {
+                let blocks: Vec<DraftBlock<'_>> = works
+                    .iter()
+                    .filter(|w| w.sample)
+                    .map(|w| DraftBlock { drafts: &w.draft })
+                    .collect();
+                Rows::Verdicts(B::greedy_accept(l, &blocks))
+            }
             Some(l) => Rows::Full(logits_to_host(l)?),
+        };
+        let mut verdicts = match &rows {
+            Rows::Verdicts(v) => v.iter(),
+            Rows::Full(_) => [].iter(),
         };
         let mut outcomes = Vec::with_capacity(works.len());
         for (i, w) in works.iter().enumerate() {
@@ -286,7 +299,15 @@ where
             } else {
                 let (start, n) = (step.row_offsets[i], w.draft.len() + 1);
                 Some(match &rows {
-                    Rows::Argmax(a) => accept_greedy(&w.draft, &a[start..start + n]),
+                    Rows::Verdicts(_) => {
+                        let v = verdicts.next().expect("one verdict per sampled work");
+                        let mut tokens = w.draft[..v.accepted].to_vec();
+                        tokens.push(v.token);
+                        Acceptance {
+                            accepted: v.accepted,
+                            tokens,
+                        }
+                    }
                     Rows::Full(l) => accept_sampled(
                         &w.draft,
                         w.draft_probs.as_deref(),

@@ -6,6 +6,7 @@
 use burn::prelude::*;
 use burn::tensor::activation::silu;
 use burn::tensor::DType;
+use troupe_kernels::KernelBackend;
 
 use crate::attention::{attend, SeqPlan};
 use crate::config::{Architecture, ModelConfig};
@@ -21,14 +22,27 @@ pub struct Linear<B: Backend> {
     pub bias: Option<Tensor<B, 1>>,
 }
 
-impl<B: Backend> Linear<B> {
+impl<B: KernelBackend> Linear<B> {
     /// Applies the projection to `[n, in]` rows.
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let y = x.matmul(self.weight.clone());
+        self.forward_add(x, None)
+    }
+
+    /// `residual + x · W + b`: the projection with the residual add fused into it.
+    pub fn forward_add(&self, x: Tensor<B, 2>, residual: Option<Tensor<B, 2>>) -> Tensor<B, 2> {
         match &self.bias {
-            Some(b) => y + b.clone().unsqueeze_dim(0),
-            None => y,
+            Some(b) => B::skinny_linear(x, &self.weight, residual) + b.clone().unsqueeze_dim(0),
+            None => B::skinny_linear(x, &self.weight, residual),
         }
+    }
+}
+
+/// `silu(gate(x)) ⊙ up(x)`, one fused pass over both weights when neither has a bias.
+fn swiglu<B: KernelBackend>(x: Tensor<B, 2>, gate: &Linear<B>, up: &Linear<B>) -> Tensor<B, 2> {
+    if gate.bias.is_none() && up.bias.is_none() {
+        B::skinny_swiglu(x, &gate.weight, &up.weight)
+    } else {
+        silu(gate.forward(x.clone())) * up.forward(x)
     }
 }
 
@@ -156,7 +170,9 @@ impl<B: Backend> Model<B> {
             &self.device,
         )
     }
+}
 
+impl<B: KernelBackend> Model<B> {
     /// One forward over many sequences at once. `tokens` holds each sequence's new tokens back to back,
     /// in the order of `seqs`; every sequence attends to its own window plus its earlier tokens in the
     /// step. The step's keys and values are appended to each window's scratch.
@@ -211,10 +227,10 @@ impl<B: Backend> Model<B> {
             } else {
                 Tensor::cat(outs, 0)
             };
-            x = x + layer.o_proj.forward(attn);
+            x = layer.o_proj.forward_add(attn, Some(x));
             let hn = rms_norm(x.clone(), &layer.post_norm, c.rms_norm_eps);
-            let gate = silu(layer.gate_proj.forward(hn.clone()));
-            x = x + layer.down_proj.forward(gate * layer.up_proj.forward(hn));
+            let act = swiglu(hn, &layer.gate_proj, &layer.up_proj);
+            x = layer.down_proj.forward_add(act, Some(x));
             for (slot, &want) in captured.iter_mut().zip(capture) {
                 if want == li {
                     *slot = Some(x.clone());

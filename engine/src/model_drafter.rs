@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use burn::prelude::*;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
+use troupe_kernels::KernelBackend;
 
 use crate::drafter::{Draft, DraftRequest, Drafter};
 use crate::engine::{logits_to_host, Engine, StepItem};
@@ -26,7 +27,7 @@ pub struct ModelDrafter<B: Backend> {
     tracks: HashMap<SeqId, Track>,
 }
 
-impl<B: Backend> ModelDrafter<B>
+impl<B: KernelBackend> ModelDrafter<B>
 where
     B::Device: Send,
 {
@@ -39,7 +40,7 @@ where
     }
 }
 
-impl<B: Backend> Drafter for ModelDrafter<B>
+impl<B: KernelBackend> Drafter for ModelDrafter<B>
 where
     B::Device: Send,
 {

@@ -8,6 +8,7 @@ use burn::tensor::backend::AutodiffBackend;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
+use troupe_kernels::KernelBackend;
 
 use crate::error::{EngineError, Result};
 use crate::model::{DecoderLayer, Linear, Model};
@@ -291,7 +292,7 @@ impl<B: AutodiffBackend> AdamW<B> {
 }
 
 /// Mean validation loss in bits per byte over `batches` windows of the held-out bytes.
-pub fn bits_per_byte<B: Backend>(
+pub fn bits_per_byte<B: KernelBackend>(
     model: &Model<B>,
     val: &[u8],
     cfg: &TrainConfig,
@@ -316,7 +317,7 @@ pub fn bits_per_byte<B: Backend>(
 }
 
 /// One training step on a random batch; returns the updated model and the batch loss (nats).
-pub fn train_step<B: AutodiffBackend>(
+pub fn train_step<B: AutodiffBackend + KernelBackend>(
     model: &Model<B>,
     opt: &mut AdamW<B>,
     corpus: &Corpus,

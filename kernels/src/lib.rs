@@ -1,1 +1,61 @@
-//! troupe kernels (filled in by the kernels work).
+//! troupe's compute kernels for the decode and verify step, each with a reference in plain Burn
+//! tensor ops ([`reference`]).
+//!
+//! A step multiplies a few rows by every weight, attends over bounded windows, and decides how many
+//! drafts to keep. [`KernelBackend`] is the one switch the engine calls through: its default
+//! methods are the references, and a backend with a kernel of its own overrides them.
+//!
+//! - Flex (feature `cpu`): the skinny matmul and its SwiGLU and residual epilogues run
+//!   [`cpu_matmul`], a weight-streaming f32 kernel.
+//! - [`set_enabled`] (or `TROUPE_KERNELS=reference`) sends every backend to the references.
+//! - Every other backend (autodiff included) runs the references.
+
+pub mod accept;
+pub mod cpu_matmul;
+#[cfg(feature = "cpu")]
+mod flex;
+pub mod reference;
+mod switch;
+
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+
+pub use accept::{BlockVerdict, DraftBlock};
+pub use switch::{enabled, set_enabled};
+
+/// Most rows a skinny kernel takes; taller products (prefill) go to the backend's own matmul.
+pub const MAX_SKINNY_ROWS: usize = 64;
+
+/// The kernels a decode or verify step calls. Each default method is the reference.
+pub trait KernelBackend: Backend {
+    /// `x · w`, plus `residual` when given. `x` is `[m, k]`, `w` is `[k, n]`.
+    fn skinny_linear(
+        x: Tensor<Self, 2>,
+        w: &Tensor<Self, 2>,
+        residual: Option<Tensor<Self, 2>>,
+    ) -> Tensor<Self, 2> {
+        reference::linear(x, w, residual)
+    }
+
+    /// `silu(x · gate) ⊙ (x · up)`.
+    fn skinny_swiglu(
+        x: Tensor<Self, 2>,
+        gate: &Tensor<Self, 2>,
+        up: &Tensor<Self, 2>,
+    ) -> Tensor<Self, 2> {
+        reference::swiglu(x, gate, up)
+    }
+
+    /// Greedy acceptance of every block of a verify step; `logits` holds each block's
+    /// `drafts.len() + 1` rows back to back.
+    fn greedy_accept(logits: Tensor<Self, 2>, blocks: &[DraftBlock<'_>]) -> Vec<BlockVerdict> {
+        reference::greedy_accept(logits, blocks)
+    }
+}
+
+impl<B: KernelBackend, C: burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy>
+    KernelBackend for burn::backend::Autodiff<B, C>
+where
+    burn::backend::Autodiff<B, C>: AutodiffBackend,
+{
+}

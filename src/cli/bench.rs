@@ -20,6 +20,8 @@ pub mod capacity;
 pub mod decode;
 #[path = "bench_demo.rs"]
 pub mod demo;
+#[path = "bench_kernels.rs"]
+pub mod kernels;
 #[path = "bench_persona.rs"]
 pub mod persona;
 #[path = "bench_plot.rs"]
@@ -52,6 +54,9 @@ pub enum Case {
     /// Speedup over plain decoding of each drafter and draft length, and of the adaptive policy,
     /// on the demo models over held-out corpus prompts.
     SpecSpeedup,
+    /// Each kernel (skinny matmul, its epilogues, greedy acceptance) against Burn's own ops and the
+    /// bandwidth floor, and a 28-layer Qwen3-1.7B-shaped projection chain.
+    Kernels,
 }
 
 impl Case {
@@ -64,6 +69,7 @@ impl Case {
             Case::AgentCapacity => "agent-capacity",
             Case::RttSweep => "rtt-sweep",
             Case::SpecSpeedup => "spec-speedup",
+            Case::Kernels => "kernels",
         }
     }
 }
@@ -124,6 +130,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         Case::AgentCapacity => capacity::run(&capacity::CapacityPlan::new(a.quick)?, &env)?,
         Case::RttSweep => rtt::run(&rtt::RttPlan::new(a.quick), &env)?,
         Case::SpecSpeedup => spec::run(&spec::SpecPlan::new(a.quick), &env)?,
+        Case::Kernels => kernels::run(&kernels::KernelsPlan::new(a.quick), &env)?,
     };
     Ok(())
 }

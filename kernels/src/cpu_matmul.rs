@@ -1,0 +1,412 @@
+//! Skinny matmul on the CPU: `y = x · W` for a few rows of `x` and a large row-major `W[K, N]`.
+//!
+//! A decode or verify step multiplies at most a few dozen rows by every weight, so the cost is the
+//! weight bytes, and the kernel's one job is to stream them at memory speed. Each core owns a
+//! range of columns. It walks `W` down in strips of [`KB`] rows and across in register tiles of
+//! [`MR`] rows × [`NR`] columns, so each core reads [`KB`] rows of `W` side by side, front to back:
+//! a handful of sequential streams the prefetcher follows, every weight byte read once per call.
+//! The partial sums of `y` (at most 64 rows of the core's columns) stay in cache between strips.
+//!
+//! The same loop carries the two epilogues a decoder layer needs: a residual add (the product is
+//! accumulated onto the residual) and the SwiGLU gate product `silu(x · Wg) ⊙ (x · Wu)`.
+
+use rayon::prelude::*;
+
+/// Columns of one register tile: two 256-bit vectors of f32.
+pub const NR: usize = 16;
+/// Rows of one register tile (6 × 2 accumulators, two weight vectors and a broadcast fit in the
+/// 16 vector registers of AVX2).
+pub const MR: usize = 6;
+/// Rows of `W` in one strip.
+pub const KB: usize = 128;
+/// Columns of a strip packed at once: 512 B from each row, 64 KiB in all (in L2).
+pub const CW: usize = 128;
+/// Up to this many rows, `W` is read row by row in place instead (see [`Block::stream`]).
+pub const STREAM_ROWS: usize = 2;
+
+/// What happens to the product before it is stored.
+#[derive(Debug, Clone, Copy)]
+pub enum CpuEpilogue<'a> {
+    /// `y = x · W`.
+    None,
+    /// `y = r + x · W`, `r` row-major `[M, N]`.
+    Residual(&'a [f32]),
+    /// `y = silu(x · W) ⊙ (x · U)`, `U` row-major `[K, N]` like `W`.
+    SwiGlu(&'a [f32]),
+}
+
+/// `y[M, N] = epilogue(x[M, K] · w[K, N])`, all row-major f32. Panics when a slice is shorter
+/// than its shape says (the callers check shapes first).
+pub fn skinny_matmul(
+    x: &[f32],
+    w: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    epilogue: CpuEpilogue<'_>,
+) -> Vec<f32> {
+    assert!(
+        x.len() >= m * k && w.len() >= k * n,
+        "skinny_matmul: short input"
+    );
+    let mut y = match epilogue {
+        CpuEpilogue::Residual(r) => r[..m * n].to_vec(),
+        // NaN, not zero: the first slice of K overwrites every element, and an element it missed
+        // shows in any test.
+        _ => vec![f32::NAN; m * n],
+    };
+    let accumulate = matches!(epilogue, CpuEpilogue::Residual(_));
+    accumulate_product(&mut y, x, w, m, k, n, accumulate);
+    if let CpuEpilogue::SwiGlu(u) = epilogue {
+        assert!(u.len() >= k * n, "skinny_matmul: short up weight");
+        let mut up = vec![f32::NAN; m * n];
+        accumulate_product(&mut up, x, u, m, k, n, false);
+        for (g, u) in y.iter_mut().zip(&up) {
+            *g = silu(*g) * u;
+        }
+    }
+    y
+}
+
+/// `v · sigmoid(v)`.
+#[inline]
+fn silu(v: f32) -> f32 {
+    v / (1.0 + (-v).exp())
+}
+
+/// `y = x · w`, or `y += x · w` when `accumulate`.
+fn accumulate_product(
+    y: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            y.fill(0.0);
+        }
+        return;
+    }
+    let out = SendPtr(y.as_mut_ptr());
+    // One column range per core, in whole tiles; one range when the product is too small to split.
+    let parts = if m * k * n >= 1 << 20 {
+        rayon::current_num_threads().clamp(1, n.div_ceil(NR))
+    } else {
+        1
+    };
+    let per = n.div_ceil(NR).div_ceil(parts) * NR;
+    let job = Block {
+        x,
+        w,
+        m,
+        k,
+        n,
+        accumulate,
+    };
+    let run = |p: usize| {
+        let cols = (p * per).min(n)..((p + 1) * per).min(n);
+        // SAFETY: this task alone writes columns `cols` of `y`, which holds `m * n` floats.
+        unsafe { job.run(cols, out) };
+    };
+    if parts > 1 {
+        (0..parts).into_par_iter().for_each(run);
+    } else {
+        run(0);
+    }
+}
+
+/// A raw output pointer shared by tasks that write disjoint columns.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: the tasks holding copies write disjoint elements, and the owner outlives them all.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// One product's operands.
+struct Block<'a> {
+    x: &'a [f32],
+    w: &'a [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+}
+
+impl Block<'_> {
+    /// Computes columns `cols` of `y` for all rows.
+    ///
+    /// # Safety
+    /// `out` must point to `m * n` floats, and no other thread may touch columns `cols`.
+    unsafe fn run(&self, cols: std::ops::Range<usize>, out: SendPtr) {
+        if self.m <= STREAM_ROWS {
+            // SAFETY: forwarded from the caller.
+            return unsafe { self.stream(cols, out) };
+        }
+        // Rows of W sit a multiple of 4 KiB apart in common shapes (6144 floats, say), so a strip
+        // read in place would fight over a few L1 sets; each chunk of it is packed first.
+        let mut packed = vec![0.0f32; KB * CW];
+        for k0 in (0..self.k).step_by(KB) {
+            let kb = KB.min(self.k - k0);
+            let add = self.accumulate || k0 > 0;
+            for chunk in (cols.start..cols.end).step_by(CW) {
+                let width = CW.min(cols.end - chunk);
+                self.pack(k0, kb, chunk, width, &mut packed);
+                for (t, c0) in (chunk..chunk + width).step_by(NR).enumerate() {
+                    let nr = NR.min(chunk + width - c0);
+                    let ws = &packed[t * KB * NR..][..KB * NR];
+                    for r0 in (0..self.m).step_by(MR) {
+                        let mr = MR.min(self.m - r0);
+                        let mut acc = [[0.0f32; NR]; MR];
+                        if add {
+                            for (r, a) in acc.iter_mut().enumerate().take(mr) {
+                                let row = (r0 + r) * self.n + c0;
+                                // SAFETY: row `r0 + r < m`, columns `c0..c0 + nr` are ours.
+                                let src = unsafe { std::slice::from_raw_parts(out.0.add(row), nr) };
+                                a[..nr].copy_from_slice(src);
+                            }
+                        }
+                        let xs = &self.x[r0 * self.k + k0..];
+                        let strip = Strip {
+                            xs,
+                            ldx: self.k,
+                            ws,
+                            ldw: NR,
+                            kb,
+                            mr,
+                            nr: NR,
+                        };
+                        strip.product(&mut acc);
+                        for (r, a) in acc.iter().enumerate().take(mr) {
+                            let row = (r0 + r) * self.n + c0;
+                            // SAFETY: as above.
+                            let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(row), nr) };
+                            dst.copy_from_slice(&a[..nr]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// For one or two rows there is nothing to reuse a packed strip for: each row of `W` is read
+    /// in place, four at a time, front to back, and added onto `y`'s columns (in L1).
+    ///
+    /// # Safety
+    /// As [`Block::run`].
+    unsafe fn stream(&self, cols: std::ops::Range<usize>, out: SendPtr) {
+        let width = cols.len();
+        for r in 0..self.m {
+            // SAFETY: row `r < m`, columns `cols` are ours.
+            let y = unsafe {
+                std::slice::from_raw_parts_mut(out.0.add(r * self.n + cols.start), width)
+            };
+            if !self.accumulate {
+                y.fill(0.0);
+            }
+            let x = &self.x[r * self.k..][..self.k];
+            let mut k0 = 0;
+            while k0 < self.k {
+                let kb = 4.min(self.k - k0);
+                let rows: [&[f32]; 4] = std::array::from_fn(|i| {
+                    let kk = k0 + i.min(kb - 1);
+                    &self.w[kk * self.n + cols.start..][..width]
+                });
+                let xs: [f32; 4] = std::array::from_fn(|i| if i < kb { x[k0 + i] } else { 0.0 });
+                axpy4(y, xs, rows);
+                k0 += kb;
+            }
+        }
+    }
+
+    /// Copies `W[k0..k0 + kb, c0..c0 + width]` into `packed` as `[tile][KB][NR]`, the last tile
+    /// zero-padded to [`NR`] columns.
+    fn pack(&self, k0: usize, kb: usize, c0: usize, width: usize, packed: &mut [f32]) {
+        for kk in 0..kb {
+            let src = &self.w[(k0 + kk) * self.n + c0..][..width];
+            for (t, seg) in src.chunks(NR).enumerate() {
+                let dst = &mut packed[t * KB * NR + kk * NR..][..NR];
+                dst[..seg.len()].copy_from_slice(seg);
+                dst[seg.len()..].fill(0.0);
+            }
+        }
+    }
+}
+
+/// One register tile's share of a strip: `mr` rows of `x` (stride `ldx`) times `kb` rows of `W`
+/// (stride `ldw`), `nr` columns wide.
+struct Strip<'a> {
+    xs: &'a [f32],
+    ldx: usize,
+    ws: &'a [f32],
+    ldw: usize,
+    kb: usize,
+    mr: usize,
+    nr: usize,
+}
+
+impl Strip<'_> {
+    /// `acc[r] += Σ_kk xs[r, kk] · ws[kk]`, on AVX2 + FMA for full tiles when the CPU has them.
+    fn product(&self, acc: &mut [[f32; NR]; MR]) {
+        #[cfg(target_arch = "x86_64")]
+        if self.nr == NR
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the features were just detected; the bounds are checked inside.
+            return unsafe { avx2::product(self, acc) };
+        }
+        for kk in 0..self.kb {
+            let wr = &self.ws[kk * self.ldw..][..self.nr];
+            for (r, a) in acc.iter_mut().enumerate().take(self.mr) {
+                let xv = self.xs[r * self.ldx + kk];
+                for (aj, wj) in a.iter_mut().zip(wr) {
+                    *aj += xv * wj;
+                }
+            }
+        }
+    }
+}
+
+/// `y += Σ_i xs[i] · rows[i]`.
+fn axpy4(y: &mut [f32], xs: [f32; 4], rows: [&[f32]; 4]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the features were just detected; the lengths are checked inside.
+        return unsafe { avx2::axpy4(y, xs, rows) };
+    }
+    for (j, yj) in y.iter_mut().enumerate() {
+        *yj += xs[0] * rows[0][j] + xs[1] * rows[1][j] + xs[2] * rows[2][j] + xs[3] * rows[3][j];
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{Strip, MR, NR};
+
+    /// The register-tiled loop over a full-width tile.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn product(s: &Strip<'_>, acc: &mut [[f32; NR]; MR]) {
+        assert!(s.nr == NR && s.kb > 0 && s.mr > 0);
+        assert!(s.ws.len() >= (s.kb - 1) * s.ldw + NR);
+        assert!(s.xs.len() > (s.mr - 1) * s.ldx + s.kb - 1);
+        // SAFETY (all arms): the asserts above bound every load.
+        unsafe {
+            match s.mr {
+                1 => rows::<1>(s, acc),
+                2 => rows::<2>(s, acc),
+                3 => rows::<3>(s, acc),
+                4 => rows::<4>(s, acc),
+                5 => rows::<5>(s, acc),
+                _ => rows::<6>(s, acc),
+            }
+        }
+    }
+
+    /// `y += Σ_i xs[i] · rows[i]`, eight columns at a time.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn axpy4(y: &mut [f32], xs: [f32; 4], rows: [&[f32]; 4]) {
+        let n = y.len();
+        assert!(rows.iter().all(|r| r.len() >= n));
+        // SAFETY: every row holds at least `n` floats, checked above.
+        unsafe {
+            let xv = xs.map(|v| _mm256_set1_ps(v));
+            let mut j = 0;
+            while j + 8 <= n {
+                let mut a = _mm256_loadu_ps(y.as_ptr().add(j));
+                for i in 0..4 {
+                    a = _mm256_fmadd_ps(xv[i], _mm256_loadu_ps(rows[i].as_ptr().add(j)), a);
+                }
+                _mm256_storeu_ps(y.as_mut_ptr().add(j), a);
+                j += 8;
+            }
+            for jj in j..n {
+                y[jj] += xs[0] * rows[0][jj]
+                    + xs[1] * rows[1][jj]
+                    + xs[2] * rows[2][jj]
+                    + xs[3] * rows[3][jj];
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn rows<const R: usize>(s: &Strip<'_>, acc: &mut [[f32; NR]; MR]) {
+        // SAFETY: the caller bounds `xs` and `ws`; `acc` rows are 16 floats.
+        unsafe {
+            let mut lo = [_mm256_setzero_ps(); R];
+            let mut hi = [_mm256_setzero_ps(); R];
+            for r in 0..R {
+                lo[r] = _mm256_loadu_ps(acc[r].as_ptr());
+                hi[r] = _mm256_loadu_ps(acc[r].as_ptr().add(8));
+            }
+            let (xp, wp) = (s.xs.as_ptr(), s.ws.as_ptr());
+            for kk in 0..s.kb {
+                let w0 = _mm256_loadu_ps(wp.add(kk * s.ldw));
+                let w1 = _mm256_loadu_ps(wp.add(kk * s.ldw + 8));
+                for r in 0..R {
+                    let xv = _mm256_broadcast_ss(&*xp.add(r * s.ldx + kk));
+                    lo[r] = _mm256_fmadd_ps(xv, w0, lo[r]);
+                    hi[r] = _mm256_fmadd_ps(xv, w1, hi[r]);
+                }
+            }
+            for r in 0..R {
+                _mm256_storeu_ps(acc[r].as_mut_ptr(), lo[r]);
+                _mm256_storeu_ps(acc[r].as_mut_ptr().add(8), hi[r]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+        let mut y = vec![0.0f32; m * n];
+        for r in 0..m {
+            for c in 0..n {
+                y[r * n + c] = (0..k).map(|i| x[r * k + i] * w[i * n + c]).sum();
+            }
+        }
+        y
+    }
+
+    fn noise(len: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32) - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matches_the_naive_product_on_odd_shapes() {
+        // Past one slice of K and one block of columns, with ragged edges of each.
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (1, 7, 17),
+            (5, 33, 15),
+            (7, 300, 300),
+            (13, 9, 513),
+            (3, 0, 5),
+        ] {
+            let (x, w) = (noise(m * k, 1), noise(k * n, 2));
+            let y = skinny_matmul(&x, &w, m, k, n, CpuEpilogue::None);
+            for (a, b) in y.iter().zip(naive(&x, &w, m, k, n)) {
+                assert!((a - b).abs() < 1e-4, "{m}x{k}x{n}: {a} vs {b}");
+            }
+        }
+    }
+}

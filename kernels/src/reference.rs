@@ -1,0 +1,74 @@
+//! The reference for every kernel, in plain Burn tensor ops. Backends without a kernel of their own
+//! run these, and the tests hold each kernel to them.
+
+use burn::prelude::*;
+use burn::tensor::activation::silu;
+use burn::tensor::DType;
+
+use crate::accept::{BlockVerdict, DraftBlock};
+
+/// `x · w`, plus `residual` when given. `x` is `[m, k]`, `w` is `[k, n]`.
+pub fn linear<B: Backend>(
+    x: Tensor<B, 2>,
+    w: &Tensor<B, 2>,
+    residual: Option<Tensor<B, 2>>,
+) -> Tensor<B, 2> {
+    let y = x.matmul(w.clone());
+    match residual {
+        Some(r) => r + y,
+        None => y,
+    }
+}
+
+/// `silu(x · gate) ⊙ (x · up)`, the SwiGLU half of a gated MLP.
+pub fn swiglu<B: Backend>(x: Tensor<B, 2>, gate: &Tensor<B, 2>, up: &Tensor<B, 2>) -> Tensor<B, 2> {
+    silu(x.clone().matmul(gate.clone())) * x.matmul(up.clone())
+}
+
+/// Greedy acceptance for every block at once: the verifier's argmax is taken on the device and
+/// compared with the drafts there; only two integers per block come back.
+///
+/// `logits` holds each block's `drafts.len() + 1` rows back to back, in the order of `blocks`.
+pub fn greedy_accept<B: Backend>(
+    logits: Tensor<B, 2>,
+    blocks: &[DraftBlock<'_>],
+) -> Vec<BlockVerdict> {
+    if blocks.is_empty() {
+        return Vec::new();
+    }
+    let device = logits.device();
+    let width = blocks.iter().map(|b| b.drafts.len()).max().unwrap_or(0) + 1;
+    let s = blocks.len();
+    // Row of each (block, position), clamped to the block's last row; drafts padded with -1, which
+    // no argmax equals.
+    let mut rows = Vec::with_capacity(s * width);
+    let mut drafts = Vec::with_capacity(s * width);
+    let mut start = 0i64;
+    for b in blocks {
+        let n = b.drafts.len() as i64;
+        for i in 0..width as i64 {
+            rows.push(start + i.min(n));
+            drafts.push(b.drafts.get(i as usize).map_or(-1, |&d| d as i64));
+        }
+        start += n + 1;
+    }
+    let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [s * width]), &device);
+    let drafts = Tensor::<B, 2, Int>::from_data(TensorData::new(drafts, [s, width]), &device);
+    let argmax = logits.cast(DType::F32).argmax(1).reshape([start as usize]);
+    let picked = argmax.select(0, rows).reshape([s, width]); // [s, width]
+                                                             // Leading matches: a position counts while no mismatch came before or at it.
+    let mismatch = picked.clone().not_equal(drafts).int();
+    let accepted = mismatch.cumsum(1).equal_elem(0).int().sum_dim(1); // [s, 1]
+    let bonus = picked.gather(1, accepted.clone());
+    let out = Tensor::cat(vec![accepted, bonus], 1)
+        .into_data()
+        .convert::<i64>()
+        .into_vec::<i64>()
+        .expect("an int tensor reads back as i64");
+    out.chunks_exact(2)
+        .map(|p| BlockVerdict {
+            accepted: p[0] as usize,
+            token: p[1] as u32,
+        })
+        .collect()
+}

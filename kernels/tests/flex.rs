@@ -1,0 +1,27 @@
+//! The CPU kernels (Flex) against their references.
+#![cfg(feature = "cpu")]
+
+mod common;
+
+use burn::backend::Flex;
+use burn::tensor::DType;
+
+#[test]
+fn linear_matches_reference() {
+    common::linear_matches_reference::<Flex>(&Default::default(), DType::F32, 1e-5);
+}
+
+#[test]
+fn swiglu_matches_reference() {
+    common::swiglu_matches_reference::<Flex>(&Default::default(), DType::F32, 1e-5);
+}
+
+#[test]
+fn bf16_weights_fall_back_to_the_reference() {
+    common::linear_matches_reference::<Flex>(&Default::default(), DType::BF16, 1e-2);
+}
+
+#[test]
+fn greedy_accept_matches_host() {
+    common::greedy_accept_matches_host::<Flex>(&Default::default());
+}
