@@ -59,3 +59,11 @@ where
     burn::backend::Autodiff<B, C>: AutodiffBackend,
 {
 }
+
+/// wgpu runs the references until its CubeCL kernels land.
+#[cfg(feature = "wgpu")]
+impl KernelBackend for burn::backend::Wgpu {}
+
+/// CUDA runs the references until its CubeCL kernels land.
+#[cfg(feature = "cuda")]
+impl KernelBackend for burn::backend::Cuda {}

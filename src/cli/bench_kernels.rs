@@ -106,6 +106,30 @@ pub struct KernelRow {
     pub floor_ms: f64,
 }
 
+impl KernelRow {
+    /// A row for `bytes` moved in `ms` (the kernel) and `burn_ms` (Burn's ops).
+    fn new(
+        kernel: String,
+        shape: String,
+        dtype: DType,
+        env: &Env,
+        bytes: usize,
+        (ms, burn_ms): (f64, f64),
+        copy_gb_s: f64,
+    ) -> Self {
+        Self {
+            kernel,
+            shape,
+            dtype: format!("{dtype:?}").to_lowercase(),
+            device: env.device_name.clone(),
+            ms,
+            gb_s: bytes as f64 / ms / 1e6,
+            burn_ms,
+            floor_ms: bytes as f64 / copy_gb_s / 1e6,
+        }
+    }
+}
+
 /// Runs the case on the device the environment names; returns the report it wrote.
 pub fn run(plan: &KernelsPlan, env: &Env) -> Result<serde_json::Value> {
     match env.device {
@@ -115,6 +139,7 @@ pub fn run(plan: &KernelsPlan, env: &Env) -> Result<serde_json::Value> {
         DeviceKind::Wgpu => run_on::<burn::backend::Wgpu>(plan, env, &[DType::F32]),
         #[cfg(feature = "cuda")]
         DeviceKind::Cuda => run_on::<burn::backend::Cuda>(plan, env, &[DType::F32, DType::BF16]),
+        #[allow(unreachable_patterns)]
         other => anyhow::bail!(
             "this build has no {} backend (build with --features {})",
             other.feature(),
@@ -144,15 +169,9 @@ fn run_on<B: KernelBackend>(
         for &m in &plan.rows {
             let x = random::<B>([m, k], &device).cast(dtype);
             let r = random::<B>([m, n], &device).cast(dtype);
-            let row = |kernel: &str, bytes: usize, (ms, burn_ms): (f64, f64)| KernelRow {
-                kernel: kernel.into(),
-                shape: format!("{m}x{k}x{n}"),
-                dtype: format!("{dtype:?}").to_lowercase(),
-                device: env.device_name.clone(),
-                ms,
-                gb_s: bytes as f64 / ms / 1e6,
-                burn_ms,
-                floor_ms: bytes as f64 / copy_gb_s / 1e6,
+            let row = |kernel: &str, bytes: usize, times: (f64, f64)| {
+                let shape = format!("{m}x{k}x{n}");
+                KernelRow::new(kernel.into(), shape, dtype, env, bytes, times, copy_gb_s)
             };
             let es = dtype.size();
             let io = (m * k + m * n) * es;
@@ -202,16 +221,15 @@ fn run_on<B: KernelBackend>(
                 || chain.forward(x.clone(), true),
                 || chain.forward(x.clone(), false),
             );
-            rows.push(KernelRow {
-                kernel: format!("chain{}", plan.chain_layers),
-                shape: format!("{m}x{}", plan.chain.hidden),
-                dtype: format!("{dtype:?}").to_lowercase(),
-                device: env.device_name.clone(),
-                ms,
-                gb_s: bytes as f64 / ms / 1e6,
-                burn_ms,
-                floor_ms: bytes as f64 / copy_gb_s / 1e6,
-            });
+            rows.push(KernelRow::new(
+                format!("chain{}", plan.chain_layers),
+                format!("{m}x{}", plan.chain.hidden),
+                dtype,
+                env,
+                bytes,
+                (ms, burn_ms),
+                copy_gb_s,
+            ));
             bar.inc(1);
         }
     }
