@@ -8,10 +8,14 @@
 //! - Flex (feature `cpu`): the skinny matmul and its SwiGLU and residual epilogues run
 //!   [`cpu_matmul`], a weight-streaming f32 kernel.
 //! - [`set_enabled`] (or `TROUPE_KERNELS=reference`) sends every backend to the references.
+//! - wgpu and CUDA (feature `cube`, which `wgpu` and `cuda` turn on): the skinny matmul with its
+//!   epilogues and greedy acceptance run the CubeCL kernels in [`cube`], fused backend or not.
 //! - Every other backend (autodiff included) runs the references.
 
 pub mod accept;
 pub mod cpu_matmul;
+#[cfg(feature = "cube")]
+pub mod cube;
 #[cfg(feature = "cpu")]
 mod flex;
 pub mod reference;
@@ -59,11 +63,3 @@ where
     burn::backend::Autodiff<B, C>: AutodiffBackend,
 {
 }
-
-/// wgpu runs the references until its CubeCL kernels land.
-#[cfg(feature = "wgpu")]
-impl KernelBackend for burn::backend::Wgpu {}
-
-/// CUDA runs the references until its CubeCL kernels land.
-#[cfg(feature = "cuda")]
-impl KernelBackend for burn::backend::Cuda {}

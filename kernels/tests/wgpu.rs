@@ -1,0 +1,30 @@
+//! The CubeCL kernels on wgpu (in CI through Mesa's lavapipe, Vulkan on the CPU) against their
+//! references, on the fused backend the engine uses and on the plain cube backend beneath it.
+#![cfg(feature = "wgpu")]
+
+mod common;
+
+use burn::backend::wgpu::{CubeBackend, WgpuRuntime};
+use burn::backend::Wgpu;
+use burn::tensor::DType;
+
+/// The cube backend without fusion.
+type Plain = CubeBackend<WgpuRuntime, f32, i32, u32>;
+
+#[test]
+fn linear_matches_reference() {
+    common::linear_matches_reference::<Wgpu>(&Default::default(), DType::F32, 1e-5);
+    common::linear_matches_reference::<Plain>(&Default::default(), DType::F32, 1e-5);
+}
+
+#[test]
+fn swiglu_matches_reference() {
+    common::swiglu_matches_reference::<Wgpu>(&Default::default(), DType::F32, 1e-5);
+    common::swiglu_matches_reference::<Plain>(&Default::default(), DType::F32, 1e-5);
+}
+
+#[test]
+fn greedy_accept_matches_host() {
+    common::greedy_accept_matches_host::<Wgpu>(&Default::default());
+    common::greedy_accept_matches_host::<Plain>(&Default::default());
+}
