@@ -18,6 +18,7 @@ pub mod cpu_matmul;
 pub mod cube;
 #[cfg(feature = "cpu")]
 mod flex;
+pub mod pool;
 pub mod reference;
 mod switch;
 
@@ -25,6 +26,7 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 
 pub use accept::{BlockVerdict, DraftBlock};
+pub use pool::{PoolLayout, PooledSeq};
 pub use switch::{enabled, set_enabled};
 
 /// Most rows a skinny kernel takes; taller products (prefill) go to the backend's own matmul.
@@ -54,6 +56,25 @@ pub trait KernelBackend: Backend {
     /// `drafts.len() + 1` rows back to back.
     fn greedy_accept(logits: Tensor<Self, 2>, blocks: &[DraftBlock<'_>]) -> Vec<BlockVerdict> {
         reference::greedy_accept(logits, blocks)
+    }
+
+    /// Sink-window attention of a step's query rows over a pool of session windows (see
+    /// [`pool`]): `q` is `[rows, heads · head_dim]` before RoPE, `step_k`/`step_v` the step's own
+    /// `[step rows, kv_heads · head_dim]`, the pools `[sessions, kv_heads, capacity, head_dim]`,
+    /// `cos`/`sin` `[positions, head_dim]`. Returns `[rows, heads · head_dim]`.
+    #[allow(clippy::too_many_arguments)]
+    fn pooled_attention(
+        q: Tensor<Self, 2>,
+        step_k: Tensor<Self, 2>,
+        step_v: Tensor<Self, 2>,
+        pool_k: &Tensor<Self, 4>,
+        pool_v: &Tensor<Self, 4>,
+        cos: &Tensor<Self, 2>,
+        sin: &Tensor<Self, 2>,
+        seqs: &[PooledSeq],
+        layout: &PoolLayout,
+    ) -> Tensor<Self, 2> {
+        pool::reference(q, step_k, step_v, pool_k, pool_v, cos, sin, seqs, layout)
     }
 }
 

@@ -25,3 +25,8 @@ fn bf16_weights_fall_back_to_the_reference() {
 fn greedy_accept_matches_host() {
     common::greedy_accept_matches_host::<Flex>(&Default::default());
 }
+
+#[test]
+fn pooled_attention_reference_matches_host() {
+    common::pooled_attention_matches_host::<Flex>(&Default::default(), 1e-5);
+}

@@ -28,3 +28,9 @@ fn greedy_accept_matches_host() {
     common::greedy_accept_matches_host::<Wgpu>(&Default::default());
     common::greedy_accept_matches_host::<Plain>(&Default::default());
 }
+
+#[test]
+fn pooled_attention_matches_host() {
+    common::pooled_attention_matches_host::<Wgpu>(&Default::default(), 1e-5);
+    common::pooled_attention_matches_host::<Plain>(&Default::default(), 1e-5);
+}

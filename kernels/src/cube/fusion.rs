@@ -10,6 +10,7 @@ use burn_fusion::{Fusion, FusionBackend, FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
 
 use super::{CubeOps, Epilogue};
+use crate::pool::PoolLayout;
 
 type Handles<B> = HandleContainer<<<B as FusionBackend>::FusionRuntime as FusionRuntime>::FusionHandle>;
 
@@ -60,6 +61,26 @@ impl<B: FusionBackend + CubeOps> Operation<B::FusionRuntime> for AcceptOp<B> {
             self.blocks,
         );
         handles.register_int_tensor::<B>(&out.id, result);
+    }
+}
+
+/// A recorded pooled attention; its inputs are `q`, the step's keys and values, the pools, the
+/// RoPE tables and the plan (last, an int tensor).
+#[derive(Debug)]
+struct AttentionOp<B> {
+    desc: CustomOpIr,
+    layout: PoolLayout,
+    _backend: PhantomData<B>,
+}
+
+impl<B: FusionBackend + CubeOps> Operation<B::FusionRuntime> for AttentionOp<B> {
+    fn execute(&self, handles: &mut Handles<B>) {
+        let ([q, sk, sv, pk, pv, cos, sin, plan], [out]) = self.desc.as_fixed();
+        let mut f = |t| handles.get_float_tensor::<B>(t);
+        let (q, sk, sv, pk, pv, cos, sin) = (f(q), f(sk), f(sv), f(pk), f(pv), f(cos), f(sin));
+        let plan = handles.get_int_tensor::<B>(plan);
+        let result = B::window_attention(q, sk, sv, pk, pv, cos, sin, plan, self.layout);
+        handles.register_float_tensor::<B>(&out.id, result);
     }
 }
 
@@ -124,5 +145,27 @@ impl<B: FusionBackend + CubeOps> CubeOps for Fusion<B> {
                 _backend: PhantomData,
             },
         )
+    }
+
+    fn window_attention(
+        q: FloatTensor<Self>,
+        step_k: FloatTensor<Self>,
+        step_v: FloatTensor<Self>,
+        pool_k: FloatTensor<Self>,
+        pool_v: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        plan: IntTensor<Self>,
+        layout: PoolLayout,
+    ) -> FloatTensor<Self> {
+        let (shape, dtype) = (q.shape.clone(), q.dtype);
+        let inputs = vec![q, step_k, step_v, pool_k, pool_v, cos, sin, plan];
+        record::<B, _>("troupe_pooled_attention", inputs, shape, dtype, |desc| {
+            AttentionOp::<B> {
+                desc,
+                layout,
+                _backend: PhantomData,
+            }
+        })
     }
 }

@@ -8,6 +8,7 @@
 //! reference.
 
 pub mod accept;
+pub mod attention;
 mod fusion;
 pub mod skinny;
 
@@ -20,7 +21,8 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{CubeBackend, CubeRuntime, FloatElement, IntElement};
 
 use crate::accept::{BlockVerdict, DraftBlock};
-use crate::{enabled, reference, KernelBackend, MAX_SKINNY_ROWS};
+use crate::pool::{PoolLayout, PooledSeq};
+use crate::{enabled, pool, reference, KernelBackend, MAX_SKINNY_ROWS};
 pub use skinny::Epilogue;
 
 /// The kernels on primitive tensors, for a backend that can launch or record them.
@@ -43,6 +45,21 @@ pub trait CubeOps: Backend {
         plan: IntTensor<Self>,
         blocks: usize,
     ) -> IntTensor<Self>;
+
+    /// Pooled sink-window attention (see [`crate::pool`]); `plan` holds
+    /// [`attention::PLAN_FIELDS`] integers per query row, and every float operand has `q`'s dtype.
+    #[allow(clippy::too_many_arguments)]
+    fn window_attention(
+        q: FloatTensor<Self>,
+        step_k: FloatTensor<Self>,
+        step_v: FloatTensor<Self>,
+        pool_k: FloatTensor<Self>,
+        pool_v: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        plan: IntTensor<Self>,
+        layout: PoolLayout,
+    ) -> FloatTensor<Self>;
 }
 
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> CubeOps
@@ -83,6 +100,35 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> CubeOps
             contiguous(plan),
             &out,
             blocks,
+        );
+        out
+    }
+
+    fn window_attention(
+        q: FloatTensor<Self>,
+        step_k: FloatTensor<Self>,
+        step_v: FloatTensor<Self>,
+        pool_k: FloatTensor<Self>,
+        pool_v: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        plan: IntTensor<Self>,
+        layout: PoolLayout,
+    ) -> FloatTensor<Self> {
+        let shape = q.meta.shape().clone();
+        let out = output(&q, shape, q.dtype, Some(f32::NAN));
+        let c = burn_cubecl::kernel::into_contiguous;
+        attention::launch(
+            c(q),
+            c(step_k),
+            c(step_v),
+            c(pool_k),
+            c(pool_v),
+            c(cos),
+            c(sin),
+            c(plan),
+            &out,
+            &layout,
         );
         out
     }
@@ -225,6 +271,68 @@ fn greedy_accept<B: CubeOps>(logits: Tensor<B, 2>, blocks: &[DraftBlock<'_>]) ->
         .collect()
 }
 
+#[allow(clippy::too_many_arguments)]
+fn pooled_attention<B: CubeOps>(
+    q: Tensor<B, 2>,
+    step_k: Tensor<B, 2>,
+    step_v: Tensor<B, 2>,
+    pool_k: &Tensor<B, 4>,
+    pool_v: &Tensor<B, 4>,
+    cos: &Tensor<B, 2>,
+    sin: &Tensor<B, 2>,
+    seqs: &[PooledSeq],
+    layout: &PoolLayout,
+) -> Tensor<B, 2> {
+    let dtype = q.dtype();
+    let hd = layout.head_dim;
+    let fits = enabled()
+        && kernel_dtype(dtype)
+        && hd >= 2
+        && hd % 2 == 0
+        && hd <= 1024
+        && layout.kv_heads > 0
+        && layout.heads % layout.kv_heads == 0
+        && [step_k.dtype(), step_v.dtype(), pool_k.dtype(), pool_v.dtype()]
+            .iter()
+            .all(|&d| d == dtype);
+    let rows = q.dims()[0];
+    if !fits || rows == 0 {
+        return pool::reference(q, step_k, step_v, pool_k, pool_v, cos, sin, seqs, layout);
+    }
+    let device = q.device();
+    let mut plan = vec![0i64; rows * attention::PLAN_FIELDS];
+    for seq in seqs {
+        let held = seq.held(layout);
+        for (i, row) in seq.queries.clone().enumerate() {
+            let fields = [
+                1,
+                seq.slot as i64,
+                seq.seen as i64,
+                held as i64,
+                seq.keys.start as i64,
+                seq.query_index(layout, i) as i64,
+            ];
+            let at = row * attention::PLAN_FIELDS;
+            plan[at..at + attention::PLAN_FIELDS].copy_from_slice(&fields);
+        }
+    }
+    let plan = Tensor::<B, 1, Int>::from_data(TensorData::new(plan, [rows * attention::PLAN_FIELDS]), &device);
+    let table = |t: &Tensor<B, 2>| float(t.clone().cast(dtype));
+    let pool = |t: &Tensor<B, 4>| t.clone().into_primitive().tensor();
+    let out = B::window_attention(
+        float(q),
+        float(step_k),
+        float(step_v),
+        pool(pool_k),
+        pool(pool_v),
+        table(cos),
+        table(sin),
+        plan.into_primitive(),
+        *layout,
+    );
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
 /// The tensor-level kernels of a cube backend, one body for the plain and the fused one.
 macro_rules! kernel_backend {
     () => {
@@ -246,6 +354,20 @@ macro_rules! kernel_backend {
 
         fn greedy_accept(logits: Tensor<Self, 2>, blocks: &[DraftBlock<'_>]) -> Vec<BlockVerdict> {
             greedy_accept(logits, blocks)
+        }
+
+        fn pooled_attention(
+            q: Tensor<Self, 2>,
+            step_k: Tensor<Self, 2>,
+            step_v: Tensor<Self, 2>,
+            pool_k: &Tensor<Self, 4>,
+            pool_v: &Tensor<Self, 4>,
+            cos: &Tensor<Self, 2>,
+            sin: &Tensor<Self, 2>,
+            seqs: &[PooledSeq],
+            layout: &PoolLayout,
+        ) -> Tensor<Self, 2> {
+            pooled_attention(q, step_k, step_v, pool_k, pool_v, cos, sin, seqs, layout)
         }
     };
 }
