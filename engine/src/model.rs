@@ -188,10 +188,19 @@ impl<B: KernelBackend> Model<B> {
         let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [total]), &self.device);
         let mut x = self.embed.clone().select(0, ids);
 
-        let plans: Vec<SeqPlan<B>> = seqs
-            .iter()
-            .map(|s| SeqPlan::new(s.window, s.len, &c, &mut self.rope, &self.device))
-            .collect();
+        // The backend's pooled attention kernel needs only RoPE rows; Burn ops need a plan per sequence.
+        let kernel = B::has_attention_kernel();
+        let plans: Vec<SeqPlan<B>> = if kernel {
+            for s in seqs.iter() {
+                self.rope
+                    .ensure(s.window.len() + s.window.scratch_len() + s.len);
+            }
+            Vec::new()
+        } else {
+            seqs.iter()
+                .map(|s| SeqPlan::new(s.window, s.len, &c, &mut self.rope, &self.device))
+                .collect()
+        };
         let mut captured = vec![None; capture.len()];
         let (hd, h, kvh) = (c.head_dim, c.num_heads, c.num_kv_heads);
         for (li, layer) in self.layers.iter().enumerate() {
@@ -209,17 +218,23 @@ impl<B: KernelBackend> Model<B> {
             let v = v.swap_dims(0, 1);
             let mut outs = Vec::with_capacity(seqs.len());
             let mut offset = 0;
-            for (seq, plan) in seqs.iter_mut().zip(&plans) {
+            for (i, seq) in seqs.iter_mut().enumerate() {
                 let rows = offset..offset + seq.len;
                 let qs = q.clone().slice([0..h, rows.clone(), 0..hd]);
                 let ks = k.clone().slice([0..kvh, rows.clone(), 0..hd]);
                 let vs = v.clone().slice([0..kvh, rows, 0..hd]);
                 seq.window.append_scratch(li, ks, vs);
-                let (k_all, v_all) = seq
-                    .window
-                    .context(li, &plan.slots, plan.n_slots)
-                    .expect("the scratch was just appended");
-                outs.push(attend(qs, k_all, v_all, plan, &c));
+                if kernel {
+                    let (cos, sin) = self.rope.tables();
+                    outs.push(seq.window.attend_pooled(li, qs, cos, sin));
+                } else {
+                    let plan = &plans[i];
+                    let (k_all, v_all) = seq
+                        .window
+                        .context(li, &plan.slots, plan.n_slots)
+                        .expect("the scratch was just appended");
+                    outs.push(attend(qs, k_all, v_all, plan, &c));
+                }
                 offset += seq.len;
             }
             let attn = if outs.len() == 1 {

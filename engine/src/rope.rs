@@ -83,6 +83,11 @@ impl<B: Backend> RopeTable<B> {
         (cos, sin)
     }
 
+    /// The whole cos and sin tables, `[positions, head_dim]` each.
+    pub fn tables(&self) -> (&Tensor<B, 2>, &Tensor<B, 2>) {
+        (&self.cos, &self.sin)
+    }
+
     /// Cos and sin rows for arbitrary positions, as `[n, head_dim]`.
     pub fn gather(&self, positions: Tensor<B, 1, Int>) -> (Tensor<B, 2>, Tensor<B, 2>) {
         let cos = self.cos.clone().select(0, positions.clone());

@@ -12,6 +12,8 @@
 use burn::prelude::*;
 use burn::tensor::DType;
 
+use troupe_kernels::{KernelBackend, PoolLayout, PooledSeq};
+
 use crate::error::{EngineError, Result};
 
 /// The shape of a session's window: sink tokens kept forever, plus a sliding window of recent ones.
@@ -183,6 +185,62 @@ impl<B: Backend> KvWindow<B> {
             1 => Some((ks.pop()?, vs.pop()?)),
             _ => Some((Tensor::cat(ks, 1), Tensor::cat(vs, 1))),
         }
+    }
+
+    /// Attention of this step's queries `q` (`[heads, n, head_dim]`, before RoPE, the last `n`
+    /// tokens of the scratch) over layer `layer` through the backend's pooled sink-window kernel,
+    /// with this window as a pool of one; keys are rotated at their window positions inside it.
+    /// Returns `[n, heads · head_dim]`.
+    pub fn attend_pooled(
+        &self,
+        layer: usize,
+        q: Tensor<B, 3>,
+        cos: &Tensor<B, 2>,
+        sin: &Tensor<B, 2>,
+    ) -> Tensor<B, 2>
+    where
+        B: KernelBackend,
+    {
+        let l = &self.layers[layer];
+        let [heads, n, head_dim] = q.dims();
+        let [kv_heads, cap, _] = l.k.dims();
+        let scratch = |t: &Option<Tensor<B, 3>>| {
+            let t = t.clone().expect("the step's keys are in the scratch");
+            t.swap_dims(0, 1)
+                .reshape([self.scratch_len_now(), kv_heads * head_dim])
+        };
+        let step_rows = self.scratch_len_now();
+        let layout = PoolLayout {
+            sink: self.spec.sink,
+            window: self.spec.window,
+            heads,
+            kv_heads,
+            head_dim,
+        };
+        let seq = PooledSeq {
+            slot: 0,
+            seen: self.seen,
+            keys: 0..step_rows,
+            queries: 0..n,
+        };
+        let pool = |t: &Tensor<B, 3>| t.clone().reshape([1, kv_heads, cap, head_dim]);
+        B::pooled_attention(
+            q.swap_dims(0, 1).reshape([n, heads * head_dim]),
+            scratch(&l.scratch_k),
+            scratch(&l.scratch_v),
+            &pool(&l.k),
+            &pool(&l.v),
+            cos,
+            sin,
+            &[seq],
+            &layout,
+        )
+    }
+
+    /// Tokens in layer 0's scratch right now (a step appends to every layer before
+    /// [`Self::end_append`] counts them).
+    fn scratch_len_now(&self) -> usize {
+        self.layers[0].scratch_k.as_ref().map_or(0, |t| t.dims()[1])
     }
 
     /// Appends a step's keys and values (`[kv_heads, n, head_dim]`) of layer `layer` to the scratch.

@@ -58,6 +58,12 @@ pub trait KernelBackend: Backend {
         reference::greedy_accept(logits, blocks)
     }
 
+    /// Whether [`KernelBackend::pooled_attention`] runs a kernel of this backend's own (the engine
+    /// then calls it instead of its batched Burn ops; the reference gathers key by key).
+    fn has_attention_kernel() -> bool {
+        false
+    }
+
     /// Sink-window attention of a step's query rows over a pool of session windows (see
     /// [`pool`]): `q` is `[rows, heads · head_dim]` before RoPE, `step_k`/`step_v` the step's own
     /// `[step rows, kv_heads · head_dim]`, the pools `[sessions, kv_heads, capacity, head_dim]`,

@@ -117,7 +117,10 @@ fn rotate<B: Backend>(
     let [n, d] = x.dims();
     let idx: Vec<i64> = positions.iter().map(|&p| p as i64).collect();
     let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [positions.len()]), &device);
-    let (c, s) = (cos.clone().select(0, idx.clone()), sin.clone().select(0, idx));
+    let (c, s) = (
+        cos.clone().select(0, idx.clone()),
+        sin.clone().select(0, idx),
+    );
     let half = d / 2;
     let x1 = x.clone().slice([0..n, 0..half]);
     let x2 = x.clone().slice([0..n, half..d]);
@@ -147,36 +150,53 @@ pub fn reference<B: Backend>(
     let dtype = q.dtype();
     let f32s = |t: Tensor<B, 2>| t.cast(DType::F32);
     let (q, step_k, step_v) = (f32s(q), f32s(step_k), f32s(step_v));
-    let (pool_k, pool_v) = (pool_k.clone().cast(DType::F32), pool_v.clone().cast(DType::F32));
+    let (pool_k, pool_v) = (
+        pool_k.clone().cast(DType::F32),
+        pool_v.clone().cast(DType::F32),
+    );
     let (cos, sin) = (f32s(cos.clone()), f32s(sin.clone()));
     let rows = q.dims()[0];
     let mut out: Vec<Option<Tensor<B, 2>>> = vec![None; rows];
     for seq in seqs {
         // [n, kv_heads · head_dim] rows of one context key.
-        let key_row = |pool: &Tensor<B, 4>, step: &Tensor<B, 2>, j: usize| match seq
-            .key_at(layout, j)
-        {
-            KeyAt::Pool(s) => pool
-                .clone()
-                .slice([seq.slot..seq.slot + 1, 0..kvh, s..s + 1, 0..hd])
-                .reshape([1, kvh * hd]),
-            KeyAt::Step(r) => step.clone().slice([r..r + 1, 0..kvh * hd]),
-        };
+        let key_row =
+            |pool: &Tensor<B, 4>, step: &Tensor<B, 2>, j: usize| match seq.key_at(layout, j) {
+                KeyAt::Pool(s) => pool
+                    .clone()
+                    .slice([seq.slot..seq.slot + 1, 0..kvh, s..s + 1, 0..hd])
+                    .reshape([1, kvh * hd]),
+                KeyAt::Step(r) => step.clone().slice([r..r + 1, 0..kvh * hd]),
+            };
         for (i, row) in seq.queries.clone().enumerate() {
             let p = seq.query_index(layout, i);
             let (keys, q_pos) = visible(layout, p);
             let n = keys.len();
             let ranks: Vec<usize> = keys.iter().map(|&(_, r)| r).collect();
-            let k = Tensor::cat(keys.iter().map(|&(j, _)| key_row(&pool_k, &step_k, j)).collect(), 0);
-            let v = Tensor::cat(keys.iter().map(|&(j, _)| key_row(&pool_v, &step_v, j)).collect(), 0);
+            let k = Tensor::cat(
+                keys.iter()
+                    .map(|&(j, _)| key_row(&pool_k, &step_k, j))
+                    .collect(),
+                0,
+            );
+            let v = Tensor::cat(
+                keys.iter()
+                    .map(|&(j, _)| key_row(&pool_v, &step_v, j))
+                    .collect(),
+                0,
+            );
             // [n, kvh, hd] → [kvh · n, hd], rotated per key rank.
-            let k = k.reshape([n, kvh, hd]).swap_dims(0, 1).reshape([kvh * n, hd]);
+            let k = k
+                .reshape([n, kvh, hd])
+                .swap_dims(0, 1)
+                .reshape([kvh * n, hd]);
             let k_pos: Vec<usize> = (0..kvh).flat_map(|_| ranks.iter().copied()).collect();
             let k = rotate(k, &cos, &sin, &k_pos).reshape([kvh, n, hd]);
             let v = v.reshape([n, kvh, hd]).swap_dims(0, 1); // [kvh, n, hd]
             let qr = q.clone().slice([row..row + 1, 0..h * hd]).reshape([h, hd]);
             let qr = rotate(qr, &cos, &sin, &vec![q_pos; h]).reshape([kvh, group, hd]);
-            let scores = qr.matmul(k.swap_dims(1, 2)).mul_scalar(1.0 / (hd as f64).sqrt());
+            let scores = qr
+                .matmul(k.swap_dims(1, 2))
+                .mul_scalar(1.0 / (hd as f64).sqrt());
             let o = softmax(scores, 2).matmul(v); // [kvh, group, hd]
             out[row] = Some(o.reshape([1, h * hd]));
         }

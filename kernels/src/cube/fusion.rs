@@ -12,7 +12,8 @@ use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorI
 use super::{CubeOps, Epilogue};
 use crate::pool::PoolLayout;
 
-type Handles<B> = HandleContainer<<<B as FusionBackend>::FusionRuntime as FusionRuntime>::FusionHandle>;
+type Handles<B> =
+    HandleContainer<<<B as FusionBackend>::FusionRuntime as FusionRuntime>::FusionHandle>;
 
 /// A recorded skinny product; its inputs are `x, w` and then `w2` or the residual.
 #[derive(Debug)]
@@ -119,11 +120,17 @@ impl<B: FusionBackend + CubeOps> CubeOps for Fusion<B> {
         let mut inputs = vec![x, w];
         inputs.extend(w2);
         inputs.extend(residual);
-        record::<B, _>("troupe_skinny", inputs, shape, dtype, |desc| SkinnyOp::<B> {
-            desc,
-            epilogue,
-            _backend: PhantomData,
-        })
+        record::<B, _>(
+            "troupe_skinny",
+            inputs,
+            shape,
+            dtype,
+            |desc| SkinnyOp::<B> {
+                desc,
+                epilogue,
+                _backend: PhantomData,
+            },
+        )
     }
 
     fn accept(

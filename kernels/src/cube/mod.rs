@@ -212,7 +212,13 @@ fn linear<B: CubeOps>(
         Some(_) => Epilogue::Residual,
         None => Epilogue::Plain,
     };
-    let out = B::skinny(float(x), float(w.clone()), None, residual.map(float), epilogue);
+    let out = B::skinny(
+        float(x),
+        float(w.clone()),
+        None,
+        residual.map(float),
+        epilogue,
+    );
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
@@ -288,13 +294,18 @@ fn pooled_attention<B: CubeOps>(
     let fits = enabled()
         && kernel_dtype(dtype)
         && hd >= 2
-        && hd % 2 == 0
+        && hd.is_multiple_of(2)
         && hd <= 1024
         && layout.kv_heads > 0
-        && layout.heads % layout.kv_heads == 0
-        && [step_k.dtype(), step_v.dtype(), pool_k.dtype(), pool_v.dtype()]
-            .iter()
-            .all(|&d| d == dtype);
+        && layout.heads.is_multiple_of(layout.kv_heads)
+        && [
+            step_k.dtype(),
+            step_v.dtype(),
+            pool_k.dtype(),
+            pool_v.dtype(),
+        ]
+        .iter()
+        .all(|&d| d == dtype);
     let rows = q.dims()[0];
     if !fits || rows == 0 {
         return pool::reference(q, step_k, step_v, pool_k, pool_v, cos, sin, seqs, layout);
@@ -316,7 +327,10 @@ fn pooled_attention<B: CubeOps>(
             plan[at..at + attention::PLAN_FIELDS].copy_from_slice(&fields);
         }
     }
-    let plan = Tensor::<B, 1, Int>::from_data(TensorData::new(plan, [rows * attention::PLAN_FIELDS]), &device);
+    let plan = Tensor::<B, 1, Int>::from_data(
+        TensorData::new(plan, [rows * attention::PLAN_FIELDS]),
+        &device,
+    );
     let table = |t: &Tensor<B, 2>| float(t.clone().cast(dtype));
     let pool = |t: &Tensor<B, 4>| t.clone().into_primitive().tensor();
     let out = B::window_attention(
@@ -354,6 +368,10 @@ macro_rules! kernel_backend {
 
         fn greedy_accept(logits: Tensor<Self, 2>, blocks: &[DraftBlock<'_>]) -> Vec<BlockVerdict> {
             greedy_accept(logits, blocks)
+        }
+
+        fn has_attention_kernel() -> bool {
+            enabled()
         }
 
         fn pooled_attention(

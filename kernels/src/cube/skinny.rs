@@ -181,7 +181,11 @@ pub fn launch<R: CubeRuntime>(
         .unwrap_or(1);
     let cols = n / vector;
     let tile = m.clamp(1, MAX_TILE).next_power_of_two();
-    let cube_count = CubeCount::Static(cols.div_ceil(COLS as usize) as u32, m.div_ceil(tile) as u32, 1);
+    let cube_count = CubeCount::Static(
+        cols.div_ceil(COLS as usize) as u32,
+        m.div_ceil(tile) as u32,
+        1,
+    );
     let cube_dim = CubeDim::new_2d(COLS, SPLIT);
     let dims = DimsLaunch::new(
         m as u32,

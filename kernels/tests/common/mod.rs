@@ -192,7 +192,9 @@ fn host_rotate(x: &[f32], cos: &[f32], sin: &[f32], pos: usize) -> Vec<f64> {
 fn uniform(n: usize, seed: &mut u64) -> Vec<f32> {
     (0..n)
         .map(|_| {
-            *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            *seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         })
         .collect()
@@ -245,7 +247,11 @@ pub fn pooled_attention_matches_host<B: KernelBackend>(device: &B::Device, tol: 
             for t in held {
                 let s = stream_slot(t);
                 let at = |g: usize| ((seq.slot * kvh + g) * cap + s) * hd;
-                let row = |pool: &[f32]| (0..kvh).flat_map(|g| pool[at(g)..at(g) + hd].to_vec()).collect();
+                let row = |pool: &[f32]| {
+                    (0..kvh)
+                        .flat_map(|g| pool[at(g)..at(g) + hd].to_vec())
+                        .collect()
+                };
                 ctx.push((row(&pool_k), row(&pool_v)));
             }
             for r in seq.keys.clone() {
@@ -319,7 +325,8 @@ pub fn pooled_attention_matches_host<B: KernelBackend>(device: &B::Device, tol: 
         );
         let e = rel_err(got, want.clone());
         assert!(e < tol, "pooled attention {layout:?}: error {e}");
-        let reference = troupe_kernels::pool::reference(qt, sk, sv, &pk, &pv, &ct, &st, &seqs, layout);
+        let reference =
+            troupe_kernels::pool::reference(qt, sk, sv, &pk, &pv, &ct, &st, &seqs, layout);
         let e = rel_err(reference, want);
         assert!(e < tol, "pooled attention reference {layout:?}: error {e}");
     }
