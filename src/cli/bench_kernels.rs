@@ -1,7 +1,8 @@
 //! The `kernels` case: each kernel against Burn's own ops on the same inputs, and against the
 //! bandwidth floor (the bytes it must read and write over the device's measured copy bandwidth).
 //! Then a chain of decoder layers shaped like Qwen3-1.7B (seven projections and the SwiGLU gate
-//! per layer, no attention), once through the kernels and once through Burn's ops.
+//! per layer, no attention), once through the kernels and once through Burn's ops. Where the
+//! backend has an attention kernel, the pooled sink-window attention over full windows too.
 
 use std::time::Instant;
 
@@ -13,6 +14,7 @@ use serde_json::json;
 use troupe::engine::DeviceKind;
 use troupe::kernels::{reference, set_enabled, KernelBackend};
 
+use super::kernels_attention::{AttentionCase, AttentionShape};
 use super::plot::{lines, Axes, Series};
 use super::{finish, markdown, median, progress, Case, Env};
 
@@ -29,6 +31,10 @@ pub struct KernelsPlan {
     pub chain_layers: usize,
     /// Rows of the chain runs.
     pub chain_rows: Vec<usize>,
+    /// Sessions and heads of the pooled attention rows.
+    pub attention: AttentionShape,
+    /// Query tokens per session in the attention rows (decode, verify).
+    pub attention_queries: Vec<usize>,
     /// Untimed runs before each measurement.
     pub warmup: usize,
     /// Timed runs; the median is reported.
@@ -63,6 +69,15 @@ impl KernelsPlan {
                 },
                 chain_layers: 2,
                 chain_rows: vec![1],
+                attention: AttentionShape {
+                    sessions: 4,
+                    heads: 4,
+                    kv_heads: 2,
+                    head_dim: 64,
+                    sink: 4,
+                    window: 60,
+                },
+                attention_queries: vec![1, 5],
                 warmup: 1,
                 reps: 3,
             }
@@ -78,6 +93,16 @@ impl KernelsPlan {
                 },
                 chain_layers: 28,
                 chain_rows: vec![1, 8, 64],
+                // Qwen3-1.7B's heads over 16 sessions of 4 sinks + 1020.
+                attention: AttentionShape {
+                    sessions: 16,
+                    heads: 16,
+                    kv_heads: 8,
+                    head_dim: 128,
+                    sink: 4,
+                    window: 1020,
+                },
+                attention_queries: vec![1, 5],
                 warmup: 3,
                 reps: 15,
             }
@@ -88,7 +113,7 @@ impl KernelsPlan {
 /// One measured kernel and shape, in the fields.
 #[derive(Debug, Clone, Serialize)]
 pub struct KernelRow {
-    /// `linear`, `linear+residual`, `swiglu`, `greedy_accept` or `chain`.
+    /// `linear`, `linear+residual`, `swiglu`, `chain28` or `pooled_attention`.
     pub kernel: String,
     /// The shape, as `m x k x n` (or what the kernel takes).
     pub shape: String,
@@ -155,7 +180,12 @@ fn run_on<B: KernelBackend>(
 ) -> Result<serde_json::Value> {
     let device = B::Device::default();
     let copy_gb_s = copy_bandwidth::<B>(&device, env.device);
-    let per_dtype = 3 * plan.rows.len() + plan.chain_rows.len();
+    let attention = if B::has_attention_kernel() {
+        plan.attention_queries.as_slice()
+    } else {
+        &[]
+    };
+    let per_dtype = 3 * plan.rows.len() + plan.chain_rows.len() + attention.len();
     let bar = progress((dtypes.len() * per_dtype + 1) as u64, "kernels");
     let mut rows = Vec::new();
     let timer = Timer::<B> {
@@ -228,6 +258,20 @@ fn run_on<B: KernelBackend>(
                 env,
                 bytes,
                 (ms, burn_ms),
+                copy_gb_s,
+            ));
+            bar.inc(1);
+        }
+        for &queries in attention {
+            let case = AttentionCase::<B>::new(plan.attention, queries, dtype, &device);
+            let times = timer.pair(|| case.kernel(), || case.burn());
+            rows.push(KernelRow::new(
+                "pooled_attention".into(),
+                case.label(),
+                dtype,
+                env,
+                case.bytes(),
+                times,
                 copy_gb_s,
             ));
             bar.inc(1);
