@@ -1,5 +1,7 @@
 //! The types of device-side greedy acceptance.
 
+use burn::prelude::*;
+
 /// One sequence's drafted block in a verify step: its rows of logits are `drafts.len() + 1`.
 #[derive(Debug, Clone, Copy)]
 pub struct DraftBlock<'a> {
@@ -35,6 +37,25 @@ pub fn verdicts_from_argmax(argmax: &[u32], blocks: &[DraftBlock<'_>]) -> Vec<Bl
                 accepted,
                 token: rows[accepted],
             }
+        })
+        .collect()
+}
+
+/// Verdicts from `(accepted, token)` pairs computed on the device, one pair per block: the only
+/// read-back of an acceptance.
+pub fn verdicts_from_pairs<B: Backend, const D: usize>(
+    pairs: Tensor<B, D, Int>,
+) -> Vec<BlockVerdict> {
+    let pairs = pairs
+        .into_data()
+        .convert::<i64>()
+        .into_vec::<i64>()
+        .expect("an int tensor reads back as i64");
+    pairs
+        .chunks_exact(2)
+        .map(|p| BlockVerdict {
+            accepted: p[0] as usize,
+            token: p[1] as u32,
         })
         .collect()
 }

@@ -5,7 +5,7 @@ use burn::prelude::*;
 use burn::tensor::activation::silu;
 use burn::tensor::DType;
 
-use crate::accept::{BlockVerdict, DraftBlock};
+use crate::accept::{verdicts_from_pairs, BlockVerdict, DraftBlock};
 
 /// `x · w`, plus `residual` when given. `x` is `[m, k]`, `w` is `[k, n]`.
 pub fn linear<B: Backend>(
@@ -60,15 +60,5 @@ pub fn greedy_accept<B: Backend>(
     let mismatch = picked.clone().not_equal(drafts).int();
     let accepted = mismatch.cumsum(1).equal_elem(0).int().sum_dim(1); // [s, 1]
     let bonus = picked.gather(1, accepted.clone());
-    let out = Tensor::cat(vec![accepted, bonus], 1)
-        .into_data()
-        .convert::<i64>()
-        .into_vec::<i64>()
-        .expect("an int tensor reads back as i64");
-    out.chunks_exact(2)
-        .map(|p| BlockVerdict {
-            accepted: p[0] as usize,
-            token: p[1] as u32,
-        })
-        .collect()
+    verdicts_from_pairs(Tensor::cat(vec![accepted, bonus], 1))
 }

@@ -20,7 +20,7 @@ use burn_cubecl::element::BoolElement;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{CubeBackend, CubeRuntime, FloatElement, IntElement};
 
-use crate::accept::{BlockVerdict, DraftBlock};
+use crate::accept::{verdicts_from_pairs, BlockVerdict, DraftBlock};
 use crate::pool::{PoolLayout, PooledSeq};
 use crate::{enabled, pool, reference, KernelBackend, MAX_SKINNY_ROWS};
 pub use skinny::Epilogue;
@@ -191,6 +191,12 @@ fn covers<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>, more: &[&Tensor<B, 2>]
         && more.iter().all(|t| t.dtype() == dtype)
 }
 
+/// A 1-d int tensor of `values` on `device`.
+fn int_tensor<B: Backend>(values: Vec<i64>, device: &B::Device) -> Tensor<B, 1, Int> {
+    let n = values.len();
+    Tensor::from_data(TensorData::new(values, [n]), device)
+}
+
 fn float<B: Backend>(t: Tensor<B, 2>) -> FloatTensor<B> {
     t.into_primitive().tensor()
 }
@@ -254,27 +260,14 @@ fn greedy_accept<B: CubeOps>(logits: Tensor<B, 2>, blocks: &[DraftBlock<'_>]) ->
         drafts.push(-1);
     }
     let argmax = logits.argmax(1).reshape([row as usize]);
-    let ints = |v: Vec<i64>| {
-        let n = v.len();
-        Tensor::<B, 1, Int>::from_data(TensorData::new(v, [n]), &device).into_primitive()
-    };
+    let ints = |v: Vec<i64>| int_tensor::<B>(v, &device).into_primitive();
     let out = B::accept(
         argmax.into_primitive(),
         ints(drafts),
         ints(plan),
         blocks.len(),
     );
-    let out = Tensor::<B, 1, Int>::from_primitive(out)
-        .into_data()
-        .convert::<i64>()
-        .into_vec::<i64>()
-        .expect("an int tensor reads back as i64");
-    out.chunks_exact(2)
-        .map(|p| BlockVerdict {
-            accepted: p[0] as usize,
-            token: p[1] as u32,
-        })
-        .collect()
+    verdicts_from_pairs(Tensor::<B, 1, Int>::from_primitive(out))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -327,10 +320,7 @@ fn pooled_attention<B: CubeOps>(
             plan[at..at + attention::PLAN_FIELDS].copy_from_slice(&fields);
         }
     }
-    let plan = Tensor::<B, 1, Int>::from_data(
-        TensorData::new(plan, [rows * attention::PLAN_FIELDS]),
-        &device,
-    );
+    let plan = int_tensor::<B>(plan, &device);
     let table = |t: &Tensor<B, 2>| float(t.clone().cast(dtype));
     let pool = |t: &Tensor<B, 4>| t.clone().into_primitive().tensor();
     let out = B::window_attention(
