@@ -5,8 +5,8 @@ use std::collections::{HashMap, HashSet};
 
 use burn::prelude::*;
 use rand::rngs::StdRng;
-use rand::SeedableRng;
-use troupe_kernels::{BlockVerdict, DraftBlock, KernelBackend};
+use rand::{Rng, SeedableRng};
+use troupe_kernels::{BlockVerdict, DraftBlock, KernelBackend, SampledBlock};
 
 use crate::accept::{accept_sampled, Acceptance};
 use crate::error::{EngineError, Result};
@@ -269,21 +269,33 @@ where
             })
             .collect();
         let step = self.step(&items)?;
-        let all_greedy = works.iter().all(|w| w.params.is_greedy());
+        let sampled = || works.iter().filter(|w| w.sample);
         enum Rows {
-            /// Greedy verdicts decided on the device, one per sampled work in order.
+            /// Verdicts decided on the device, one per sampled work in order.
             Verdicts(Vec<BlockVerdict>),
             Full(Vec<Vec<f32>>),
         }
         let rows = match step.logits {
             None => Rows::Verdicts(Vec::new()),
-            Some(l) if all_greedy => {
-                let blocks: Vec<DraftBlock<'_>> = works
-                    .iter()
-                    .filter(|w| w.sample)
-                    .map(|w| DraftBlock { drafts: &w.draft })
-                    .collect();
+            Some(l) if sampled().all(|w| w.params.is_greedy()) => {
+                let blocks: Vec<DraftBlock<'_>> =
+                    sampled().map(|w| DraftBlock { drafts: &w.draft }).collect();
                 Rows::Verdicts(B::greedy_accept(l, &blocks))
+            }
+            // A nucleus needs its tokens sorted, which stays on the host.
+            Some(l) if sampled().all(|w| w.params.top_p >= 1.0) => {
+                let uniforms = self.draw_uniforms(works);
+                let blocks: Vec<SampledBlock<'_>> = sampled()
+                    .zip(&uniforms)
+                    .map(|(w, (accept_u, draw_u))| SampledBlock {
+                        drafts: &w.draft,
+                        draft_probs: w.draft_probs.as_deref(),
+                        temperature: w.params.temperature.max(0.0),
+                        accept_u,
+                        draw_u: *draw_u,
+                    })
+                    .collect();
+                Rows::Verdicts(B::sampled_accept(l, &blocks))
             }
             Some(l) => Rows::Full(logits_to_host(l)?),
         };
@@ -361,6 +373,25 @@ where
         self.seqs
             .get(&seq)
             .map(|s| (s.window.seen(), s.window.len()))
+    }
+}
+
+impl<B: KernelBackend> Engine<B> {
+    /// The uniforms device-side acceptance consumes for each sampled work, from its sequence's
+    /// generator: one per draft, then one for the token the block adds. Greedy works draw none.
+    fn draw_uniforms(&mut self, works: &[VerifyWork]) -> Vec<(Vec<f32>, f32)> {
+        works
+            .iter()
+            .filter(|w| w.sample)
+            .map(|w| {
+                if w.params.is_greedy() {
+                    return (vec![0.0; w.draft.len()], 0.0);
+                }
+                let rng = &mut self.seqs.get_mut(&w.seq).expect("present after step").rng;
+                let accept_u = (0..w.draft.len()).map(|_| rng.random()).collect();
+                (accept_u, rng.random())
+            })
+            .collect()
     }
 }
 

@@ -10,6 +10,8 @@
 //! - [`set_enabled`] (or `TROUPE_KERNELS=reference`) sends every backend to the references.
 //! - wgpu and CUDA (feature `cube`, which `wgpu` and `cuda` turn on): the skinny matmul with its
 //!   epilogues and greedy acceptance run the CubeCL kernels in [`cube`], fused backend or not.
+//! - Rejection-sampling acceptance ([`sampled`]) runs as Burn tensor ops on every backend, so a
+//!   sampled verify step reads back two integers per block rather than its logit rows.
 //! - Every other backend (autodiff included) runs the references.
 
 pub mod accept;
@@ -20,6 +22,7 @@ pub mod cube;
 mod flex;
 pub mod pool;
 pub mod reference;
+pub mod sampled;
 mod switch;
 
 use burn::prelude::*;
@@ -27,6 +30,7 @@ use burn::tensor::backend::AutodiffBackend;
 
 pub use accept::{BlockVerdict, DraftBlock};
 pub use pool::{PoolLayout, PooledSeq};
+pub use sampled::SampledBlock;
 pub use switch::{enabled, set_enabled};
 
 /// Most rows a skinny kernel takes; taller products (prefill) go to the backend's own matmul.
@@ -56,6 +60,12 @@ pub trait KernelBackend: Backend {
     /// `drafts.len() + 1` rows back to back.
     fn greedy_accept(logits: Tensor<Self, 2>, blocks: &[DraftBlock<'_>]) -> Vec<BlockVerdict> {
         reference::greedy_accept(logits, blocks)
+    }
+
+    /// Rejection-sampling acceptance of every block of a verify step (see [`sampled`]): `logits`
+    /// holds each block's `drafts.len() + 1` rows back to back; two integers per block come back.
+    fn sampled_accept(logits: Tensor<Self, 2>, blocks: &[SampledBlock<'_>]) -> Vec<BlockVerdict> {
+        sampled::sampled_accept(logits, blocks)
     }
 
     /// Whether [`KernelBackend::pooled_attention`] runs a kernel of this backend's own (the engine

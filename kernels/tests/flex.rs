@@ -30,3 +30,8 @@ fn greedy_accept_matches_host() {
 fn pooled_attention_reference_matches_host() {
     common::pooled_attention_matches_host::<Flex>(&Default::default(), 1e-5);
 }
+
+#[test]
+fn sampled_accept_matches_host() {
+    common::sampled::sampled_accept_matches_host::<Flex>(&Default::default());
+}

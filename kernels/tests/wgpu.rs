@@ -34,3 +34,8 @@ fn pooled_attention_matches_host() {
     common::pooled_attention_matches_host::<Wgpu>(&Default::default(), 1e-5);
     common::pooled_attention_matches_host::<Plain>(&Default::default(), 1e-5);
 }
+
+#[test]
+fn sampled_accept_matches_host() {
+    common::sampled::sampled_accept_matches_host::<Wgpu>(&Default::default());
+}

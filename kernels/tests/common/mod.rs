@@ -7,6 +7,8 @@ use burn::tensor::{DType, Distribution};
 use troupe_kernels::accept::verdicts_from_argmax;
 use troupe_kernels::{reference, DraftBlock, KernelBackend, PoolLayout, PooledSeq};
 
+pub mod sampled;
+
 /// `(m, k, n)` shapes: single rows, odd sizes, tile edges, the 64-row limit and past it.
 pub const SHAPES: &[(usize, usize, usize)] = &[
     (1, 1, 1),
