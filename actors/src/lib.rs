@@ -28,6 +28,6 @@ pub use events::{quantile, Event, SessionInfo, TurnStats, TurnStream};
 pub use faults::{ActorKind, FaultAction, FaultPlan, FaultRule};
 pub use manager::BudgetInfo;
 pub use policy::{SchedulerConfig, SchedulerStats};
-pub use runtime::{Runtime, RuntimeBuilder, SessionHandle};
+pub use runtime::{Runtime, RuntimeBuilder, SessionHandle, WarmUpReport};
 pub use scheduler::{DrafterFactory, VerifierFactory};
 pub use session::{GenerateParams, Persona, Prompt, SessionConfig};

@@ -20,7 +20,7 @@ use std::time::Duration;
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef};
 use tokio::sync::mpsc;
-use troupe_engine::{Tokenizer, WindowSpec};
+use troupe_engine::{warm_up, Tokenizer, WarmUp, WarmUpProgress, WindowSpec};
 
 use crate::error::RuntimeError;
 use crate::events::{SessionInfo, TurnStream};
@@ -48,7 +48,11 @@ pub struct RuntimeBuilder {
     faults: FaultPlan,
     step_timeout: Duration,
     max_restarts: u64,
+    warm_up: Option<(WarmUp, WarmUpReport)>,
 }
+
+/// Called after each step of a start-up warm-up.
+pub type WarmUpReport = Arc<dyn Fn(WarmUpProgress) + Send + Sync>;
 
 impl RuntimeBuilder {
     /// A runtime whose verifier `verifier` builds (called once now, and again after a failure).
@@ -65,6 +69,7 @@ impl RuntimeBuilder {
             faults: FaultPlan::default(),
             step_timeout: Duration::from_secs(120),
             max_restarts: 8,
+            warm_up: None,
         }
     }
 
@@ -128,12 +133,39 @@ impl RuntimeBuilder {
         self
     }
 
-    /// Builds the verifier (and drafter) and starts the actors on the current tokio runtime.
+    /// Runs `plan` on the verifier before [`Self::build`] returns, so a GPU backend tunes and
+    /// compiles the step shapes at start-up, not on the first request; `report` hears each step
+    /// (each also goes to `tracing` at info level). See [`troupe_engine::warm_up`].
+    pub fn warm_up(mut self, plan: WarmUp, report: WarmUpReport) -> Self {
+        self.warm_up = Some((plan, report));
+        self
+    }
+
+    /// Builds the verifier (and drafter), warms it up if asked, and starts the actors on the
+    /// current tokio runtime.
     pub async fn build(self) -> Result<Runtime, RuntimeError> {
         let vf = self.verifier.clone();
-        let verifier = tokio::task::spawn_blocking(move || vf())
-            .await
-            .map_err(|e| RuntimeError::ActorUnavailable(e.to_string()))??;
+        let warm = self.warm_up.clone();
+        let verifier = tokio::task::spawn_blocking(move || {
+            let mut verifier = vf()?;
+            if let Some((plan, report)) = warm {
+                let started = std::time::Instant::now();
+                warm_up(verifier.as_mut(), &plan, &mut |p| {
+                    tracing::info!(
+                        step = p.done,
+                        of = p.total,
+                        batch = p.batch,
+                        what = p.what,
+                        "warm-up"
+                    );
+                    report(p);
+                })?;
+                tracing::info!(seconds = started.elapsed().as_secs_f64(), "warm-up done");
+            }
+            Ok::<_, troupe_engine::EngineError>(verifier)
+        })
+        .await
+        .map_err(|e| RuntimeError::ActorUnavailable(e.to_string()))??;
         let drafter = match &self.drafter {
             Some(f) => {
                 let f = f.clone();

@@ -23,6 +23,7 @@ pub mod save;
 pub mod tokenizer;
 pub mod train;
 pub mod verifier;
+pub mod warm_up;
 pub mod window;
 
 pub use config::{Architecture, ModelConfig, RopeScaling};
@@ -38,4 +39,5 @@ pub use sampling::SamplingParams;
 pub use save::save_pretrained;
 pub use tokenizer::Tokenizer;
 pub use verifier::{SeqId, Verifier, VerifyOutcome, VerifyWork};
+pub use warm_up::{warm_up, WarmUp, WarmUpProgress};
 pub use window::{KvWindow, WindowSpec};

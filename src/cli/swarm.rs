@@ -7,14 +7,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use futures::future::join_all;
+use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use troupe::actors::scripted::{ScriptedDrafter, ScriptedModel};
 use troupe::actors::{quantile, DrafterFactory, SchedulerStats, VerifierFactory};
 use troupe::engine::{
-    load_model_drafter, load_verifier, DeviceKind, ModelSource, NgramDrafter, Tokenizer,
+    load_model_drafter, load_verifier, DeviceKind, ModelSource, NgramDrafter, Tokenizer, WarmUp,
 };
 use troupe::{
-    ActorKind, FaultPlan, GenerateParams, Persona, RuntimeBuilder, SessionConfig, WindowSpec,
+    ActorKind, FaultPlan, GenerateParams, Persona, RuntimeBuilder, SchedulerConfig, SessionConfig,
+    WindowSpec,
 };
 
 /// Arguments of `troupe swarm`.
@@ -48,6 +50,10 @@ pub struct SwarmArgs {
     /// Print one JSON object instead of the conversation and table.
     #[arg(long)]
     json: bool,
+    /// Skip the start-up warm-up that tunes and compiles a GPU backend's kernels for the step
+    /// shapes of this many personas before the first turn.
+    #[arg(long)]
+    no_warm_up: bool,
 }
 
 const NAMES: &[(&str, &str)] = &[
@@ -158,7 +164,8 @@ pub fn run(a: SwarmArgs) -> Result<()> {
 
 async fn swarm(a: SwarmArgs) -> Result<()> {
     let (verifier, drafter, tokenizer) = factories(&a)?;
-    let mut builder = RuntimeBuilder::new(verifier).default_window(WindowSpec::new(4, 508)?);
+    let window = WindowSpec::new(4, 508)?;
+    let mut builder = RuntimeBuilder::new(verifier).default_window(window);
     if let Some(d) = drafter {
         builder = builder.drafter(d);
     }
@@ -172,7 +179,36 @@ async fn swarm(a: SwarmArgs) -> Result<()> {
             Duration::from_millis(ms),
         ));
     }
+    let gpu = a.device != "cpu" && a.inject_delay_ms.is_none();
+    let mut bar = None;
+    if gpu && !a.no_warm_up {
+        let config = SchedulerConfig::default();
+        let plan = WarmUp {
+            window,
+            ..WarmUp::up_to(a.personas, config.max_draft_len, config.prefill_chunk)
+        };
+        let shown = ProgressBar::new(plan.steps() as u64).with_style(
+            ProgressStyle::with_template("warm-up {bar:30} {pos}/{len} {msg}")
+                .expect("a valid template"),
+        );
+        bar = Some(shown.clone());
+        builder = builder.warm_up(
+            plan,
+            Arc::new(move |p| {
+                shown.set_position(p.done as u64);
+                shown.set_message(format!("{} × {}", p.what, p.batch));
+            }),
+        );
+    }
     let rt = builder.build().await?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    converse(a, rt).await
+}
+
+/// The personas' turns on a running troupe, then the report.
+async fn converse(a: SwarmArgs, rt: troupe::Runtime) -> Result<()> {
     let mut sessions = Vec::new();
     for i in 0..a.personas {
         let (name, system) = NAMES[i % NAMES.len()];
