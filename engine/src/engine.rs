@@ -10,6 +10,7 @@ use troupe_kernels::{BlockVerdict, DraftBlock, KernelBackend, SampledBlock};
 
 use crate::accept::{accept_sampled, Acceptance};
 use crate::error::{EngineError, Result};
+use crate::kv_pool::KvPool;
 use crate::model::{Model, SeqInput};
 use crate::sampling::SamplingParams;
 use crate::verifier::{SeqId, Verifier, VerifyOutcome, VerifyWork};
@@ -44,6 +45,8 @@ struct SeqState<B: Backend> {
 /// A model and the windows of its open sequences.
 pub struct Engine<B: Backend> {
     model: Model<B>,
+    /// Committed keys and values of every open window.
+    pool: KvPool<B>,
     seqs: HashMap<SeqId, SeqState<B>>,
     capture: Vec<usize>,
 }
@@ -52,6 +55,7 @@ impl<B: KernelBackend> Engine<B> {
     /// Serves sequences with `model`.
     pub fn new(model: Model<B>) -> Self {
         Self {
+            pool: model.new_pool(),
             model,
             seqs: HashMap::new(),
             capture: Vec::new(),
@@ -87,7 +91,7 @@ impl<B: KernelBackend> Engine<B> {
             .get_mut(&seq)
             .ok_or(EngineError::UnknownSequence(seq))?
             .window
-            .resolve(keep)
+            .resolve(keep, &mut self.pool)
     }
 
     /// One batched forward over `items`. Windows are taken out for the step and always put back.
@@ -132,7 +136,9 @@ impl<B: KernelBackend> Engine<B> {
             })
             .collect();
         let capture = self.capture.clone();
-        let out = self.model.forward(&tokens, &mut inputs, &capture);
+        let out = self
+            .model
+            .forward(&tokens, &mut inputs, &self.pool, &capture);
         let mut rows = Vec::new();
         let mut row_offsets = Vec::with_capacity(items.len());
         let mut captured = Vec::with_capacity(items.len());
@@ -223,7 +229,7 @@ where
         if self.seqs.contains_key(&seq) {
             return Err(EngineError::DuplicateSequence(seq));
         }
-        let window = self.model.new_window(spec);
+        let window = self.model.new_window(spec, self.pool.alloc(spec));
         self.seqs.insert(
             seq,
             SeqState {
@@ -235,10 +241,12 @@ where
     }
 
     fn close(&mut self, seq: SeqId) -> Result<()> {
-        self.seqs
+        let state = self
+            .seqs
             .remove(&seq)
-            .map(|_| ())
-            .ok_or(EngineError::UnknownSequence(seq))
+            .ok_or(EngineError::UnknownSequence(seq))?;
+        self.pool.release(state.window.spec(), state.window.slot());
+        Ok(())
     }
 
     fn verify(&mut self, works: &[VerifyWork]) -> Result<Vec<VerifyOutcome>> {
@@ -332,7 +340,7 @@ where
             let acceptance = acceptance.map(|a| a.stop_at(w.stop));
             let accepted = acceptance.as_ref().map_or(0, |a| a.accepted);
             let keep = w.fed.len() + accepted;
-            state.window.resolve(keep)?;
+            state.window.resolve(keep, &mut self.pool)?;
             let hidden = step.captured[i]
                 .iter()
                 .map(|t| {

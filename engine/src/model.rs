@@ -10,8 +10,10 @@ use troupe_kernels::KernelBackend;
 
 use crate::attention::{attend, SeqPlan};
 use crate::config::{Architecture, ModelConfig};
+use crate::kv_pool::KvPool;
+use crate::pooled_step::PooledStep;
 use crate::rope::RopeTable;
-use crate::window::KvWindow;
+use crate::window::{KvWindow, WindowSpec};
 
 /// A projection `x · W + b` with `W` stored `[in, out]`.
 #[derive(Debug, Clone)]
@@ -158,11 +160,10 @@ impl<B: Backend> Model<B> {
         }
     }
 
-    /// A fresh window for one sequence, on this model's device and in its dtype.
-    pub fn new_window(&self, spec: crate::window::WindowSpec) -> KvWindow<B> {
+    /// An empty pool for the windows of this model's sequences, on its device and in its dtype.
+    pub fn new_pool(&self) -> KvPool<B> {
         let c = &self.config;
-        KvWindow::new(
-            spec,
+        KvPool::new(
             c.num_layers,
             c.num_kv_heads,
             c.head_dim,
@@ -170,16 +171,31 @@ impl<B: Backend> Model<B> {
             &self.device,
         )
     }
+
+    /// A window at `slot` of `pool`'s windows of shape `spec` (see [`KvPool::alloc`]).
+    pub fn new_window(&self, spec: WindowSpec, slot: usize) -> KvWindow<B> {
+        let c = &self.config;
+        KvWindow::new(
+            spec,
+            slot,
+            c.num_layers,
+            c.num_kv_heads,
+            c.head_dim,
+            self.dtype,
+        )
+    }
 }
 
 impl<B: KernelBackend> Model<B> {
     /// One forward over many sequences at once. `tokens` holds each sequence's new tokens back to back,
-    /// in the order of `seqs`; every sequence attends to its own window plus its earlier tokens in the
-    /// step. The step's keys and values are appended to each window's scratch.
+    /// in the order of `seqs`; every sequence attends to its own window (committed keys in `pool`)
+    /// plus its scratch and its earlier tokens in the step. The step's keys and values are appended
+    /// to each window's scratch.
     pub fn forward(
         &mut self,
         tokens: &[u32],
         seqs: &mut [SeqInput<'_, B>],
+        pool: &KvPool<B>,
         capture: &[usize],
     ) -> ForwardOutput<B> {
         let c = self.config.clone();
@@ -188,18 +204,21 @@ impl<B: KernelBackend> Model<B> {
         let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [total]), &self.device);
         let mut x = self.embed.clone().select(0, ids);
 
-        // The backend's pooled attention kernel needs only RoPE rows; Burn ops need a plan per sequence.
-        let kernel = B::has_attention_kernel();
-        let plans: Vec<SeqPlan<B>> = if kernel {
+        // The backend's pooled attention kernel serves each window shape in one launch per layer
+        // and needs only RoPE rows; Burn ops need a plan per sequence.
+        let pooled = B::has_attention_kernel().then(|| {
             for s in seqs.iter() {
                 self.rope
                     .ensure(s.window.len() + s.window.scratch_len() + s.len);
             }
-            Vec::new()
-        } else {
-            seqs.iter()
+            PooledStep::new(seqs)
+        });
+        let plans: Vec<SeqPlan<B>> = match pooled {
+            Some(_) => Vec::new(),
+            None => seqs
+                .iter()
                 .map(|s| SeqPlan::new(s.window, s.len, &c, &mut self.rope, &self.device))
-                .collect()
+                .collect(),
         };
         let mut captured = vec![None; capture.len()];
         let (hd, h, kvh) = (c.head_dim, c.num_heads, c.num_kv_heads);
@@ -212,35 +231,44 @@ impl<B: KernelBackend> Model<B> {
                 q = rms_norm(q, qn, c.rms_norm_eps);
                 k = rms_norm(k, kn, c.rms_norm_eps);
             }
-            // [heads, tokens, head_dim]: the layout the windows and attention use.
-            let q = q.swap_dims(0, 1);
-            let k = k.swap_dims(0, 1);
-            let v = v.swap_dims(0, 1);
-            let mut outs = Vec::with_capacity(seqs.len());
             let mut offset = 0;
-            for (i, seq) in seqs.iter_mut().enumerate() {
+            for seq in seqs.iter_mut() {
                 let rows = offset..offset + seq.len;
-                let qs = q.clone().slice([0..h, rows.clone(), 0..hd]);
-                let ks = k.clone().slice([0..kvh, rows.clone(), 0..hd]);
-                let vs = v.clone().slice([0..kvh, rows, 0..hd]);
-                seq.window.append_scratch(li, ks, vs);
-                if kernel {
-                    let (cos, sin) = self.rope.tables();
-                    outs.push(seq.window.attend_pooled(li, qs, cos, sin));
-                } else {
-                    let plan = &plans[i];
-                    let (k_all, v_all) = seq
-                        .window
-                        .context(li, &plan.slots, plan.n_slots)
-                        .expect("the scratch was just appended");
-                    outs.push(attend(qs, k_all, v_all, plan, &c));
-                }
+                seq.window
+                    .append_scratch(li, k.clone().slice(rows.clone()), v.clone().slice(rows));
                 offset += seq.len;
             }
-            let attn = if outs.len() == 1 {
-                outs.pop().expect("one output")
-            } else {
-                Tensor::cat(outs, 0)
+            let attn = match &pooled {
+                Some(step) => step.attend(
+                    li,
+                    q.reshape([total, h * hd]),
+                    k,
+                    v,
+                    seqs,
+                    pool,
+                    self.rope.tables(),
+                    &c,
+                ),
+                None => {
+                    // [heads, tokens, head_dim]: the layout the Burn-ops attention uses.
+                    let q = q.swap_dims(0, 1);
+                    let mut outs = Vec::with_capacity(seqs.len());
+                    let mut offset = 0;
+                    for (seq, plan) in seqs.iter().zip(&plans) {
+                        let qs = q.clone().slice([0..h, offset..offset + seq.len, 0..hd]);
+                        let (k_all, v_all) = seq
+                            .window
+                            .context(li, &plan.slots, plan.n_slots, pool)
+                            .expect("the scratch was just appended");
+                        outs.push(attend(qs, k_all, v_all, plan, &c));
+                        offset += seq.len;
+                    }
+                    if outs.len() == 1 {
+                        outs.pop().expect("one output")
+                    } else {
+                        Tensor::cat(outs, 0)
+                    }
+                }
             };
             x = layer.o_proj.forward_add(attn, Some(x));
             let hn = rms_norm(x.clone(), &layer.post_norm, c.rms_norm_eps);

@@ -1,9 +1,10 @@
 //! A bounded per-session KV window with StreamingLLM semantics (arXiv 2309.17453).
 //!
-//! The window keeps the first `sink` tokens forever plus the latest `window` tokens. Physically it is one
-//! tensor per layer for keys and one for values, `[kv_heads, sink + window, head_dim]`, allocated when the
-//! session opens and never grown: slots `0..sink` hold the sinks, slots `sink..` are a ring. Keys are
-//! stored before RoPE; attention rotates them with their positions inside the cache.
+//! The window keeps the first `sink` tokens forever plus the latest `window` tokens. Physically it is
+//! one slot of the [`KvPool`] of its shape, per layer `[kv_heads, sink + window, head_dim]` for keys and
+//! for values, reserved when the session opens and never grown: positions `0..sink` hold the sinks,
+//! positions `sink..` are a ring. Keys are stored before RoPE; attention rotates them with their
+//! positions inside the cache.
 //!
 //! Tokens a step has computed but that are not yet known to be part of the sequence (a verify block, a
 //! draft) wait in a small *scratch* beside the window. [`KvWindow::resolve`] moves the true prefix of the
@@ -12,12 +13,11 @@
 use burn::prelude::*;
 use burn::tensor::DType;
 
-use troupe_kernels::{KernelBackend, PoolLayout, PooledSeq};
-
 use crate::error::{EngineError, Result};
+use crate::kv_pool::KvPool;
 
 /// The shape of a session's window: sink tokens kept forever, plus a sliding window of recent ones.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct WindowSpec {
     /// Tokens at the start of the sequence that are never evicted.
     pub sink: usize,
@@ -71,24 +71,15 @@ pub fn window_bytes(
     2 * (layers * kv_heads * head_dim * spec.capacity()) as u64 * dtype.size() as u64
 }
 
-/// One layer's cached keys and values.
-#[derive(Debug, Clone)]
-struct LayerKv<B: Backend> {
-    /// Keys before RoPE, `[kv_heads, capacity, head_dim]`.
-    k: Tensor<B, 3>,
-    /// Values, `[kv_heads, capacity, head_dim]`.
-    v: Tensor<B, 3>,
-    /// Keys of scratch tokens, `[kv_heads, n, head_dim]`.
-    scratch_k: Option<Tensor<B, 3>>,
-    /// Values of scratch tokens.
-    scratch_v: Option<Tensor<B, 3>>,
-}
-
-/// One session's bounded KV window, on the device of its model.
+/// One session's bounded KV window: its slot in the [`KvPool`], its fill, and the scratch of the
+/// tokens a step computed but has not committed.
 #[derive(Debug, Clone)]
 pub struct KvWindow<B: Backend> {
     spec: WindowSpec,
-    layers: Vec<LayerKv<B>>,
+    /// Where the committed keys and values live in the pool of windows of this shape.
+    slot: usize,
+    /// Per layer: keys and values of the scratch tokens, token-major `[n, kv_heads, head_dim]`.
+    scratch: Vec<Option<(Tensor<B, 3>, Tensor<B, 3>)>>,
     /// Tokens committed to the stream so far (sinks, evicted and kept).
     seen: u64,
     /// Tokens in the scratch.
@@ -97,25 +88,19 @@ pub struct KvWindow<B: Backend> {
 }
 
 impl<B: Backend> KvWindow<B> {
-    /// Allocates the whole window up front, so its memory never changes afterwards.
+    /// A window at `slot` of the pool of shape `spec`; its bytes are reserved there already.
     pub fn new(
         spec: WindowSpec,
+        slot: usize,
         layers: usize,
         kv_heads: usize,
         head_dim: usize,
         dtype: DType,
-        device: &B::Device,
     ) -> Self {
-        let shape = [kv_heads, spec.capacity(), head_dim];
-        let layer = || LayerKv {
-            k: Tensor::zeros(shape, (device, dtype)),
-            v: Tensor::zeros(shape, (device, dtype)),
-            scratch_k: None,
-            scratch_v: None,
-        };
         Self {
             spec,
-            layers: (0..layers).map(|_| layer()).collect(),
+            slot,
+            scratch: vec![None; layers],
             seen: 0,
             scratch_len: 0,
             bytes: window_bytes(layers, kv_heads, head_dim, spec, dtype),
@@ -127,7 +112,12 @@ impl<B: Backend> KvWindow<B> {
         self.spec
     }
 
-    /// Bytes held by the window tensors; fixed at creation.
+    /// The window's slot in the pool of its shape.
+    pub fn slot(&self) -> usize {
+        self.slot
+    }
+
+    /// Bytes of the window's keys and values in the pool; fixed at creation.
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
@@ -147,7 +137,7 @@ impl<B: Backend> KvWindow<B> {
         self.seen == 0
     }
 
-    /// Tokens waiting in the scratch.
+    /// Tokens waiting in the scratch (those of a step in progress count once it ends).
     pub fn scratch_len(&self) -> usize {
         self.scratch_len
     }
@@ -161,24 +151,26 @@ impl<B: Backend> KvWindow<B> {
         slots
     }
 
-    /// Keys and values of layer `layer` for the held tokens plus the scratch, in stream order, gathered
-    /// through `slots` (from [`Self::logical_slots`]); `None` when there is nothing yet.
+    /// Keys and values of layer `layer` for the held tokens plus the scratch, in stream order,
+    /// `[kv_heads, n, head_dim]`, the held ones gathered from `pool` through `slots` (from
+    /// [`Self::logical_slots`]); `None` when there is nothing yet.
     pub fn context(
         &self,
         layer: usize,
         slots: &Tensor<B, 1, Int>,
         n_slots: usize,
+        pool: &KvPool<B>,
     ) -> Option<(Tensor<B, 3>, Tensor<B, 3>)> {
-        let l = &self.layers[layer];
         let mut ks = Vec::with_capacity(2);
         let mut vs = Vec::with_capacity(2);
         if n_slots > 0 {
-            ks.push(l.k.clone().select(1, slots.clone()));
-            vs.push(l.v.clone().select(1, slots.clone()));
+            let (k, v) = pool.window(self.spec, self.slot, layer);
+            ks.push(k.select(1, slots.clone()));
+            vs.push(v.select(1, slots.clone()));
         }
-        if let (Some(k), Some(v)) = (&l.scratch_k, &l.scratch_v) {
-            ks.push(k.clone());
-            vs.push(v.clone());
+        if let Some((k, v)) = &self.scratch[layer] {
+            ks.push(k.clone().swap_dims(0, 1));
+            vs.push(v.clone().swap_dims(0, 1));
         }
         match ks.len() {
             0 => None,
@@ -187,73 +179,18 @@ impl<B: Backend> KvWindow<B> {
         }
     }
 
-    /// Attention of this step's queries `q` (`[heads, n, head_dim]`, before RoPE, the last `n`
-    /// tokens of the scratch) over layer `layer` through the backend's pooled sink-window kernel,
-    /// with this window as a pool of one; keys are rotated at their window positions inside it.
-    /// Returns `[n, heads · head_dim]`.
-    pub fn attend_pooled(
-        &self,
-        layer: usize,
-        q: Tensor<B, 3>,
-        cos: &Tensor<B, 2>,
-        sin: &Tensor<B, 2>,
-    ) -> Tensor<B, 2>
-    where
-        B: KernelBackend,
-    {
-        let l = &self.layers[layer];
-        let [heads, n, head_dim] = q.dims();
-        let [kv_heads, cap, _] = l.k.dims();
-        let scratch = |t: &Option<Tensor<B, 3>>| {
-            let t = t.clone().expect("the step's keys are in the scratch");
-            t.swap_dims(0, 1)
-                .reshape([self.scratch_len_now(), kv_heads * head_dim])
-        };
-        let step_rows = self.scratch_len_now();
-        let layout = PoolLayout {
-            sink: self.spec.sink,
-            window: self.spec.window,
-            heads,
-            kv_heads,
-            head_dim,
-        };
-        let seq = PooledSeq {
-            slot: 0,
-            seen: self.seen,
-            keys: 0..step_rows,
-            queries: 0..n,
-        };
-        let pool = |t: &Tensor<B, 3>| t.clone().reshape([1, kv_heads, cap, head_dim]);
-        B::pooled_attention(
-            q.swap_dims(0, 1).reshape([n, heads * head_dim]),
-            scratch(&l.scratch_k),
-            scratch(&l.scratch_v),
-            &pool(&l.k),
-            &pool(&l.v),
-            cos,
-            sin,
-            &[seq],
-            &layout,
-        )
+    /// Keys and values of layer `layer`'s scratch, token-major `[n, kv_heads, head_dim]`.
+    pub fn scratch(&self, layer: usize) -> Option<&(Tensor<B, 3>, Tensor<B, 3>)> {
+        self.scratch[layer].as_ref()
     }
 
-    /// Tokens in layer 0's scratch right now (a step appends to every layer before
-    /// [`Self::end_append`] counts them).
-    fn scratch_len_now(&self) -> usize {
-        self.layers[0].scratch_k.as_ref().map_or(0, |t| t.dims()[1])
-    }
-
-    /// Appends a step's keys and values (`[kv_heads, n, head_dim]`) of layer `layer` to the scratch.
-    /// Call it for every layer with the same `n`, then [`Self::end_append`].
+    /// Appends a step's keys and values (token-major `[n, kv_heads, head_dim]`) of layer `layer`
+    /// to the scratch. Call it for every layer with the same `n`, then [`Self::end_append`].
     pub fn append_scratch(&mut self, layer: usize, k: Tensor<B, 3>, v: Tensor<B, 3>) {
-        let l = &mut self.layers[layer];
-        l.scratch_k = Some(match l.scratch_k.take() {
-            Some(old) => Tensor::cat(vec![old, k], 1),
-            None => k,
-        });
-        l.scratch_v = Some(match l.scratch_v.take() {
-            Some(old) => Tensor::cat(vec![old, v], 1),
-            None => v,
+        let slot = &mut self.scratch[layer];
+        *slot = Some(match slot.take() {
+            Some((ok, ov)) => (Tensor::cat(vec![ok, k], 0), Tensor::cat(vec![ov, v], 0)),
+            None => (k, v),
         });
     }
 
@@ -262,9 +199,9 @@ impl<B: Backend> KvWindow<B> {
         self.scratch_len += n;
     }
 
-    /// Commits the first `keep` scratch tokens to the window, evicting the oldest non-sink tokens as
-    /// needed, and drops the rest of the scratch.
-    pub fn resolve(&mut self, keep: usize) -> Result<()> {
+    /// Commits the first `keep` scratch tokens to the window's slot in `pool`, evicting the oldest
+    /// non-sink tokens as needed, and drops the rest of the scratch.
+    pub fn resolve(&mut self, keep: usize, pool: &mut KvPool<B>) -> Result<()> {
         if keep > self.scratch_len {
             return Err(EngineError::InvalidStep(format!(
                 "cannot keep {keep} tokens of a scratch of {}",
@@ -272,20 +209,9 @@ impl<B: Backend> KvWindow<B> {
             )));
         }
         let runs = self.write_runs(keep);
-        for l in &mut self.layers {
-            let (Some(sk), Some(sv)) = (l.scratch_k.take(), l.scratch_v.take()) else {
-                continue;
-            };
-            let [h, _, d] = sk.dims();
-            for &(slot, src, len) in &runs {
-                l.k = l.k.clone().slice_assign(
-                    [0..h, slot..slot + len, 0..d],
-                    sk.clone().slice([0..h, src..src + len, 0..d]),
-                );
-                l.v = l.v.clone().slice_assign(
-                    [0..h, slot..slot + len, 0..d],
-                    sv.clone().slice([0..h, src..src + len, 0..d]),
-                );
+        for (layer, scratch) in self.scratch.iter_mut().enumerate() {
+            if let Some((k, v)) = scratch.take() {
+                pool.write(self.spec, self.slot, layer, &runs, &k, &v);
             }
         }
         self.seen += keep as u64;
@@ -295,10 +221,7 @@ impl<B: Backend> KvWindow<B> {
 
     /// Drops the scratch without committing anything.
     pub fn discard_scratch(&mut self) {
-        for l in &mut self.layers {
-            l.scratch_k = None;
-            l.scratch_v = None;
-        }
+        self.scratch.iter_mut().for_each(|s| *s = None);
         self.scratch_len = 0;
     }
 

@@ -12,45 +12,64 @@ use troupe_engine::{load_model, Engine, ModelConfig, Verifier, WeightDtype, Wind
 /// f32 kernels and Burn's ops differ only in the order of their sums.
 const TOL: f32 = 1e-3;
 
-/// Logits of every row of a scripted run: three sessions whose prompts overflow a window of
-/// 2 sinks + 6, then decode steps, a verify step of which only the first token is kept (the
-/// rest rolls back), and more decode steps, all batched.
+/// Logits of every row of a scripted run, all batched: sessions whose prompts overflow a window
+/// of 2 sinks + 6 and one with a window of 5 and no sinks (two pools, two launches per layer),
+/// decode steps, a verify step of which only the first token is kept (the rest rolls back), a
+/// session closed and three opened mid-run (a reused slot, and a pool that grows while it holds
+/// keys), more decode steps.
 fn scripted_run(engine: &mut Engine<WgpuBackend>, vocab: usize) -> Vec<Vec<f32>> {
-    let spec = WindowSpec::new(2, 6).unwrap();
-    let prompts: Vec<Vec<u32>> = [3usize, 11, 20]
-        .iter()
-        .enumerate()
-        .map(|(i, &n)| random_tokens(40 + i as u64, n, vocab))
-        .collect();
-    for s in 0..prompts.len() as u64 {
-        engine.open(s, spec, 0).unwrap();
+    let (a, b) = (
+        WindowSpec::new(2, 6).unwrap(),
+        WindowSpec::new(0, 5).unwrap(),
+    );
+    let mut live: Vec<(u64, Vec<u32>)> = Vec::new();
+    let mut open = |engine: &mut Engine<WgpuBackend>, seq: u64, spec, len| {
+        engine.open(seq, spec, 0).unwrap();
+        (seq, random_tokens(40 + seq, len, vocab))
+    };
+    for (seq, spec, len) in [(0, a, 3), (1, a, 11), (2, a, 20), (3, b, 9)] {
+        live.push(open(engine, seq, spec, len));
     }
     let mut rows = Vec::new();
-    let mut step = |engine: &mut Engine<WgpuBackend>, tokens: Vec<Vec<u32>>, keep: usize| {
-        let items: Vec<StepItem> = tokens
+    let mut asked = 0;
+    for round in 0..8u64 {
+        if round == 3 {
+            engine.close(1).unwrap();
+            live.retain(|(s, _)| *s != 1);
+            for (seq, len) in [(4, 7), (5, 2), (6, 13)] {
+                live.push(open(engine, seq, a, len));
+            }
+        }
+        let verify = round == 5;
+        let items: Vec<StepItem> = live
             .iter()
-            .enumerate()
-            .map(|(s, t)| StepItem {
-                seq: s as u64,
-                tokens: t.clone(),
-                logit_rows: t.len(),
+            .map(|(seq, prompt)| {
+                let tokens = if !prompt.is_empty() {
+                    prompt.clone()
+                } else {
+                    random_tokens(90 + 7 * round + seq, if verify { 3 } else { 1 }, vocab)
+                };
+                StepItem {
+                    seq: *seq,
+                    logit_rows: tokens.len(),
+                    tokens,
+                }
             })
             .collect();
+        asked += items.iter().map(|i| i.logit_rows).sum::<usize>();
         let out = engine.step(&items).unwrap();
         rows.extend(logits_to_host(out.logits.unwrap()).unwrap());
-        for (s, t) in tokens.iter().enumerate() {
-            engine.resolve(s as u64, keep.min(t.len())).unwrap();
+        for (item, (_, prompt)) in items.iter().zip(live.iter_mut()) {
+            let keep = if verify && prompt.is_empty() {
+                1
+            } else {
+                item.tokens.len()
+            };
+            engine.resolve(item.seq, keep).unwrap();
+            prompt.clear();
         }
-    };
-    step(engine, prompts, usize::MAX);
-    for round in 0..7u64 {
-        let n = if round == 3 { 3 } else { 1 };
-        let keep = if round == 3 { 1 } else { n };
-        let tokens = (0..3)
-            .map(|s| random_tokens(90 + 7 * round + s, n, vocab))
-            .collect();
-        step(engine, tokens, keep);
     }
+    assert_eq!(rows.len(), asked);
     rows
 }
 
@@ -67,6 +86,8 @@ fn kernels_compute_the_reference_logits() {
     let reference = scripted_run(&mut Engine::new(model), config.vocab_size);
     troupe_kernels::set_enabled(true);
 
-    assert_eq!(kernels.len(), 34 + 3 * 6 + 3 * 3);
+    // Prompts, two rounds of four, three prompts and three decodes, decodes, a verify of three
+    // rows each, two more rounds of decodes.
+    assert_eq!(kernels.len(), 43 + 2 * 4 + (22 + 3) + 6 + 6 * 3 + 2 * 6);
     assert_rows_close("kernels vs reference", &kernels, &reference, TOL);
 }

@@ -1,0 +1,215 @@
+//! The committed keys and values of every open window, in one pool tensor per window shape and
+//! layer: `[sessions, kv_heads, sink + window, head_dim]`, each window at its own slot.
+//!
+//! One tensor per layer lets a backend's attention kernel serve every session of a step in one
+//! launch ([`troupe_kernels::KernelBackend::pooled_attention`]). A pool grows by doubling when its
+//! slots run out (one copy, amortised over the sessions that caused it) and is dropped, memory and
+//! all, when its last window closes. Admission bounds how large it gets: each window's bytes count
+//! against the runtime's KV budget whether its slot is used or not.
+
+use std::collections::HashMap;
+
+use burn::prelude::*;
+use burn::tensor::DType;
+
+use crate::window::WindowSpec;
+
+/// The pools of one window shape: per layer, keys and values (`None` only while being written).
+struct Pool<B: Backend> {
+    k: Vec<Option<Tensor<B, 4>>>,
+    v: Vec<Option<Tensor<B, 4>>>,
+    /// Slots allocated in each tensor.
+    slots: usize,
+    /// Slots no window holds, lowest last.
+    free: Vec<usize>,
+}
+
+/// Every window's committed keys and values, on one device.
+pub struct KvPool<B: Backend> {
+    layers: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    dtype: DType,
+    device: B::Device,
+    pools: HashMap<WindowSpec, Pool<B>>,
+}
+
+impl<B: Backend> KvPool<B> {
+    /// An empty pool for a model's layers, KV heads, head width and dtype.
+    pub fn new(
+        layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        dtype: DType,
+        device: &B::Device,
+    ) -> Self {
+        Self {
+            layers,
+            kv_heads,
+            head_dim,
+            dtype,
+            device: device.clone(),
+            pools: HashMap::new(),
+        }
+    }
+
+    /// A free slot for a window of shape `spec`, growing its pool when none is left.
+    pub fn alloc(&mut self, spec: WindowSpec) -> usize {
+        let shape = [self.kv_heads, spec.capacity(), self.head_dim];
+        let (layers, dtype, device) = (self.layers, self.dtype, self.device.clone());
+        let pool = self.pools.entry(spec).or_insert_with(|| Pool {
+            k: vec![None; layers],
+            v: vec![None; layers],
+            slots: 0,
+            free: Vec::new(),
+        });
+        if let Some(slot) = pool.free.pop() {
+            return slot;
+        }
+        let (old, new) = (pool.slots, (2 * pool.slots).max(1));
+        let grow = |t: Option<Tensor<B, 4>>| {
+            let more = Tensor::zeros([new - old, shape[0], shape[1], shape[2]], (&device, dtype));
+            Some(match t {
+                Some(t) => Tensor::cat(vec![t, more], 0),
+                None => more,
+            })
+        };
+        for t in pool.k.iter_mut().chain(pool.v.iter_mut()) {
+            *t = grow(t.take());
+        }
+        pool.slots = new;
+        pool.free = (old + 1..new).rev().collect();
+        old
+    }
+
+    /// Gives `slot` back; the pool of `spec` goes away with its last window.
+    pub fn release(&mut self, spec: WindowSpec, slot: usize) {
+        if let Some(pool) = self.pools.get_mut(&spec) {
+            pool.free.push(slot);
+            if pool.free.len() == pool.slots {
+                self.pools.remove(&spec);
+            }
+        }
+    }
+
+    /// Keys and values of layer `layer` for every window of shape `spec`,
+    /// `[slots, kv_heads, capacity, head_dim]`.
+    pub fn layer(&self, spec: WindowSpec, layer: usize) -> (&Tensor<B, 4>, &Tensor<B, 4>) {
+        let pool = &self.pools[&spec];
+        let present = "a pool tensor is only absent while written";
+        (
+            pool.k[layer].as_ref().expect(present),
+            pool.v[layer].as_ref().expect(present),
+        )
+    }
+
+    /// Keys and values of layer `layer` of the window at `slot`, `[kv_heads, capacity, head_dim]`.
+    pub fn window(
+        &self,
+        spec: WindowSpec,
+        slot: usize,
+        layer: usize,
+    ) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        let (k, v) = self.layer(spec, layer);
+        let [_, h, c, d] = k.dims();
+        let one = |t: &Tensor<B, 4>| t.clone().slice(slot..slot + 1).reshape([h, c, d]);
+        (one(k), one(v))
+    }
+
+    /// Writes rows `src..src + len` of `k` and `v` (`[n, kv_heads, head_dim]`, token-major) to
+    /// positions `dst..dst + len` of the window at `slot`, for each `(dst, src, len)` in `runs`.
+    pub fn write(
+        &mut self,
+        spec: WindowSpec,
+        slot: usize,
+        layer: usize,
+        runs: &[(usize, usize, usize)],
+        k: &Tensor<B, 3>,
+        v: &Tensor<B, 3>,
+    ) {
+        let pool = self.pools.get_mut(&spec).expect("the window's pool exists");
+        let [_, h, d] = k.dims();
+        for (store, rows) in [(&mut pool.k[layer], k), (&mut pool.v[layer], v)] {
+            // Taken, not cloned: the pool's only handle lets the backend write in place.
+            let mut t = store
+                .take()
+                .expect("a pool tensor is present between writes");
+            for &(dst, src, len) in runs {
+                let part = rows
+                    .clone()
+                    .slice(src..src + len)
+                    .swap_dims(0, 1)
+                    .reshape([1, h, len, d]);
+                t = t.slice_assign([slot..slot + 1, 0..h, dst..dst + len, 0..d], part);
+            }
+            *store = Some(t);
+        }
+    }
+
+    /// Slots allocated for windows of shape `spec` (0 when none is open).
+    pub fn slots(&self, spec: WindowSpec) -> usize {
+        self.pools.get(&spec).map_or(0, |p| p.slots)
+    }
+}
+
+#[cfg(all(test, feature = "cpu"))]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+
+    fn rows(n: usize, base: f32) -> Tensor<Flex, 3> {
+        let data: Vec<f32> = (0..n * 2 * 3).map(|i| base + i as f32).collect();
+        Tensor::from_data(TensorData::new(data, [n, 2, 3]), &Default::default())
+    }
+
+    fn host(t: Tensor<Flex, 3>) -> Vec<f32> {
+        t.into_data().into_vec::<f32>().unwrap()
+    }
+
+    #[test]
+    fn windows_keep_their_keys_while_the_pool_grows_and_slots_are_reused() {
+        let spec = WindowSpec::new(1, 3).unwrap();
+        let other = WindowSpec::new(0, 2).unwrap();
+        let mut pool = KvPool::<Flex>::new(2, 2, 3, DType::F32, &Default::default());
+        let (a, b) = (pool.alloc(spec), pool.alloc(spec));
+        assert_eq!((a, b, pool.slots(spec)), (0, 1, 2));
+        // Window `a` gets tokens at positions 0..2 of layer 1, `b` one token at position 3.
+        pool.write(spec, a, 1, &[(0, 0, 2)], &rows(2, 100.0), &rows(2, 200.0));
+        pool.write(spec, b, 1, &[(3, 1, 1)], &rows(2, 300.0), &rows(2, 400.0));
+        let c = pool.alloc(spec);
+        assert_eq!((c, pool.slots(spec)), (2, 4), "the pool doubles");
+        assert_eq!(pool.alloc(other), 0, "another shape has a pool of its own");
+        let (k, v) = pool.window(spec, a, 1);
+        let want = |base: f32| -> Vec<f32> {
+            // [kv_heads, capacity, head_dim]: positions 0 and 1 hold rows 0 and 1.
+            let mut w = vec![0.0; 2 * 4 * 3];
+            for (t, h, d) in
+                (0..2).flat_map(|t| (0..2).flat_map(move |h| (0..3).map(move |d| (t, h, d))))
+            {
+                w[(h * 4 + t) * 3 + d] = base + (t * 6 + h * 3 + d) as f32;
+            }
+            w
+        };
+        assert_eq!(host(k), want(100.0));
+        assert_eq!(host(v), want(200.0));
+        let (k, _) = pool.window(spec, b, 1);
+        let k = host(k);
+        assert_eq!(
+            k[(0 * 4 + 3) * 3],
+            306.0,
+            "row 1 of the source at position 3"
+        );
+        assert_eq!(k.iter().filter(|&&x| x != 0.0).count(), 2 * 3);
+        pool.release(spec, b);
+        assert_eq!(pool.alloc(spec), b, "a released slot is handed out again");
+        for slot in [a, b, c] {
+            pool.release(spec, slot);
+        }
+        assert_eq!(
+            pool.slots(spec),
+            0,
+            "the last window takes its pool with it"
+        );
+        assert_eq!(pool.slots(other), 1);
+    }
+}
