@@ -2,10 +2,14 @@
 //! layer: `[sessions, kv_heads, sink + window, head_dim]`, each window at its own slot.
 //!
 //! One tensor per layer lets a backend's attention kernel serve every session of a step in one
-//! launch ([`troupe_kernels::KernelBackend::pooled_attention`]). A pool grows by doubling when its
-//! slots run out (one copy, amortised over the sessions that caused it) and is dropped, memory and
-//! all, when its last window closes. Admission bounds how large it gets: each window's bytes count
-//! against the runtime's KV budget whether its slot is used or not.
+//! launch ([`troupe_kernels::KernelBackend::pooled_attention`]).
+//!
+//! Memory: a pool holds `slots × window bytes`. When its slots run out it grows by a quarter (at
+//! least one slot), copying what it holds once, so it stays within 25% of the most windows of its
+//! shape open at once, plus the old pool while a growth copies it, and each key is copied a
+//! bounded number of times on average. Slots of closed windows are handed out again; the pool
+//! is dropped, memory and all, when its last window closes. The runtime's KV budget counts each
+//! open window's bytes, so the slack above it is at most that quarter.
 
 use std::collections::HashMap;
 
@@ -53,7 +57,7 @@ impl<B: Backend> KvPool<B> {
         }
     }
 
-    /// A free slot for a window of shape `spec`, growing its pool when none is left.
+    /// A free slot for a window of shape `spec`, growing its pool by a quarter when none is left.
     pub fn alloc(&mut self, spec: WindowSpec) -> usize {
         let shape = [self.kv_heads, spec.capacity(), self.head_dim];
         let (layers, dtype, device) = (self.layers, self.dtype, self.device.clone());
@@ -66,7 +70,7 @@ impl<B: Backend> KvPool<B> {
         if let Some(slot) = pool.free.pop() {
             return slot;
         }
-        let (old, new) = (pool.slots, (2 * pool.slots).max(1));
+        let (old, new) = (pool.slots, pool.slots + (pool.slots / 4).max(1));
         let grow = |t: Option<Tensor<B, 4>>| {
             let more = Tensor::zeros([new - old, shape[0], shape[1], shape[2]], (&device, dtype));
             Some(match t {
@@ -177,7 +181,7 @@ mod tests {
         pool.write(spec, a, 1, &[(0, 0, 2)], &rows(2, 100.0), &rows(2, 200.0));
         pool.write(spec, b, 1, &[(3, 1, 1)], &rows(2, 300.0), &rows(2, 400.0));
         let c = pool.alloc(spec);
-        assert_eq!((c, pool.slots(spec)), (2, 4), "the pool doubles");
+        assert_eq!((c, pool.slots(spec)), (2, 3), "the pool grows by a quarter, at least one");
         assert_eq!(pool.alloc(other), 0, "another shape has a pool of its own");
         let (k, v) = pool.window(spec, a, 1);
         let want = |base: f32| -> Vec<f32> {
