@@ -181,7 +181,11 @@ mod tests {
         pool.write(spec, a, 1, &[(0, 0, 2)], &rows(2, 100.0), &rows(2, 200.0));
         pool.write(spec, b, 1, &[(3, 1, 1)], &rows(2, 300.0), &rows(2, 400.0));
         let c = pool.alloc(spec);
-        assert_eq!((c, pool.slots(spec)), (2, 3), "the pool grows by a quarter, at least one");
+        assert_eq!(
+            (c, pool.slots(spec)),
+            (2, 3),
+            "the pool grows by a quarter, at least one"
+        );
         assert_eq!(pool.alloc(other), 0, "another shape has a pool of its own");
         let (k, v) = pool.window(spec, a, 1);
         let want = |base: f32| -> Vec<f32> {

@@ -1,11 +1,14 @@
 //! Skinny matmul on the CPU: `y = x · W` for a few rows of `x` and a large row-major `W[K, N]`.
 //!
 //! A decode or verify step multiplies at most a few dozen rows by every weight, so the cost is the
-//! weight bytes, and the kernel's one job is to stream them at memory speed. Each core owns a
-//! range of columns. It walks `W` down in strips of [`KB`] rows and across in register tiles of
-//! [`MR`] rows × [`NR`] columns, so each core reads [`KB`] rows of `W` side by side, front to back:
-//! a handful of sequential streams the prefetcher follows, every weight byte read once per call.
-//! The partial sums of `y` (at most 64 rows of the core's columns) stay in cache between strips.
+//! weight bytes, and the kernel's one job is to stream them at memory speed. Every weight byte is
+//! read once per call, in one of two ways:
+//! - Up to [`STREAM_ROWS`] rows there is little arithmetic per byte. Each core reads a contiguous
+//!   band of `W`'s rows front to back, in place, into partial sums of all of `y` (see [`split_k`]).
+//! - Past that, each core owns a range of columns. It walks `W` down in packed strips of [`KB`]
+//!   rows and across in register tiles of [`MR`] rows × [`NR`] columns, so each core reads [`KB`]
+//!   rows of `W` side by side: a handful of sequential streams the prefetcher follows. The
+//!   partial sums of `y` (at most 64 rows of the core's columns) stay in cache between strips.
 //!
 //! The same loop carries the two epilogues a decoder layer needs: a residual add (the product is
 //! accumulated onto the residual) and the SwiGLU gate product `silu(x · Wg) ⊙ (x · Wu)`.
@@ -21,8 +24,11 @@ pub const MR: usize = 6;
 pub const KB: usize = 128;
 /// Columns of a strip packed at once: 512 B from each row, 64 KiB in all (in L2).
 pub const CW: usize = 128;
-/// Up to this many rows, `W` is read row by row in place instead (see [`Block::stream`]).
-pub const STREAM_ROWS: usize = 2;
+/// Up to this many rows, `W` is read in place instead, each core a band of its rows (see
+/// [`split_k`]).
+pub const STREAM_ROWS: usize = 8;
+/// Floats of `y` one pass of [`band`] updates per row band: 16 KiB over all rows, in L1.
+const BAND_FLOATS: usize = 4096;
 
 /// What happens to the product before it is stored.
 #[derive(Debug, Clone, Copy)]
@@ -93,9 +99,13 @@ fn accumulate_product(
         }
         return;
     }
+    let big = m * k * n >= 1 << 20;
+    if m <= STREAM_ROWS {
+        return split_k(y, x, w, m, k, n, accumulate, big);
+    }
     let out = SendPtr(y.as_mut_ptr());
     // One column range per core, in whole tiles; one range when the product is too small to split.
-    let parts = if m * k * n >= 1 << 20 {
+    let parts = if big {
         rayon::current_num_threads().clamp(1, n.div_ceil(NR))
     } else {
         1
@@ -118,6 +128,86 @@ fn accumulate_product(
         (0..parts).into_par_iter().for_each(run);
     } else {
         run(0);
+    }
+}
+
+/// For a few rows there is little to reuse a packed strip for, and the product is the time it
+/// takes to read `W`. Each core reads a contiguous band of `W`'s rows, front to back, the way the
+/// prefetcher likes best, into partial sums of all of `y`; the partials are added at the end.
+#[allow(clippy::too_many_arguments)]
+fn split_k(
+    y: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+    big: bool,
+) {
+    if !accumulate {
+        y[..m * n].fill(0.0);
+    }
+    let parts = if big {
+        rayon::current_num_threads().clamp(1, k.div_ceil(64))
+    } else {
+        1
+    };
+    let per = k.div_ceil(parts);
+    let bands = |p: usize| (p * per).min(k)..((p + 1) * per).min(k);
+    if parts == 1 {
+        return band(y, x, w, m, k, n, bands(0));
+    }
+    // The first band accumulates onto `y` itself, the others onto zeroed partials.
+    let (first, partials) = rayon::join(
+        || band(y, x, w, m, k, n, bands(0)),
+        || {
+            (1..parts)
+                .into_par_iter()
+                .map(|p| {
+                    let mut part = vec![0.0f32; m * n];
+                    band(&mut part, x, w, m, k, n, bands(p));
+                    part
+                })
+                .collect::<Vec<_>>()
+        },
+    );
+    let () = first;
+    for part in partials {
+        for (a, b) in y.iter_mut().zip(&part) {
+            *a += b;
+        }
+    }
+}
+
+/// `y += x[:, ks] · W[ks, :]`: rows `ks` of `W`, four at a time, onto every row of `y`, in column
+/// blocks small enough that the block of `y` stays in L1.
+fn band(
+    y: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    ks: std::ops::Range<usize>,
+) {
+    let block = (BAND_FLOATS / m.max(1)).next_multiple_of(8).min(n).max(1);
+    for c0 in (0..n).step_by(block) {
+        let width = block.min(n - c0);
+        let mut k0 = ks.start;
+        while k0 < ks.end {
+            let kb = 4.min(ks.end - k0);
+            let rows: [&[f32]; 4] = std::array::from_fn(|i| {
+                let kk = k0 + i.min(kb - 1);
+                &w[kk * n + c0..][..width]
+            });
+            for r in 0..m {
+                let xs: [f32; 4] =
+                    std::array::from_fn(|i| if i < kb { x[r * k + k0 + i] } else { 0.0 });
+                axpy4(&mut y[r * n + c0..][..width], xs, rows);
+            }
+            k0 += kb;
+        }
     }
 }
 
@@ -144,10 +234,6 @@ impl Block<'_> {
     /// # Safety
     /// `out` must point to `m * n` floats, and no other thread may touch columns `cols`.
     unsafe fn run(&self, cols: std::ops::Range<usize>, out: SendPtr) {
-        if self.m <= STREAM_ROWS {
-            // SAFETY: forwarded from the caller.
-            return unsafe { self.stream(cols, out) };
-        }
         // Rows of W sit a multiple of 4 KiB apart in common shapes (6144 floats, say), so a strip
         // read in place would fight over a few L1 sets; each chunk of it is packed first.
         let mut packed = vec![0.0f32; KB * CW];
@@ -190,36 +276,6 @@ impl Block<'_> {
                         }
                     }
                 }
-            }
-        }
-    }
-
-    /// For one or two rows there is nothing to reuse a packed strip for: each row of `W` is read
-    /// in place, four at a time, front to back, and added onto `y`'s columns (in L1).
-    ///
-    /// # Safety
-    /// As [`Block::run`].
-    unsafe fn stream(&self, cols: std::ops::Range<usize>, out: SendPtr) {
-        let width = cols.len();
-        for r in 0..self.m {
-            // SAFETY: row `r < m`, columns `cols` are ours.
-            let y = unsafe {
-                std::slice::from_raw_parts_mut(out.0.add(r * self.n + cols.start), width)
-            };
-            if !self.accumulate {
-                y.fill(0.0);
-            }
-            let x = &self.x[r * self.k..][..self.k];
-            let mut k0 = 0;
-            while k0 < self.k {
-                let kb = 4.min(self.k - k0);
-                let rows: [&[f32]; 4] = std::array::from_fn(|i| {
-                    let kk = k0 + i.min(kb - 1);
-                    &self.w[kk * self.n + cols.start..][..width]
-                });
-                let xs: [f32; 4] = std::array::from_fn(|i| if i < kb { x[k0 + i] } else { 0.0 });
-                axpy4(y, xs, rows);
-                k0 += kb;
             }
         }
     }
@@ -401,11 +457,25 @@ mod tests {
             (7, 300, 300),
             (13, 9, 513),
             (3, 0, 5),
+            // Large enough to split: bands of K on each core, then columns.
+            (1, 1030, 1100),
+            (3, 1030, 517),
+            (8, 520, 300),
+            (9, 520, 300),
         ] {
             let (x, w) = (noise(m * k, 1), noise(k * n, 2));
             let y = skinny_matmul(&x, &w, m, k, n, CpuEpilogue::None);
-            for (a, b) in y.iter().zip(naive(&x, &w, m, k, n)) {
-                assert!((a - b).abs() < 1e-4, "{m}x{k}x{n}: {a} vs {b}");
+            let want = naive(&x, &w, m, k, n);
+            for (a, b) in y.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-3, "{m}x{k}x{n}: {a} vs {b}");
+            }
+            let r = noise(m * n, 3);
+            let y = skinny_matmul(&x, &w, m, k, n, CpuEpilogue::Residual(&r));
+            for ((a, b), r) in y.iter().zip(&want).zip(&r) {
+                assert!(
+                    (a - b - r).abs() < 1e-3,
+                    "{m}x{k}x{n} + r: {a} vs {b} + {r}"
+                );
             }
         }
     }
