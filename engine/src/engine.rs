@@ -35,6 +35,16 @@ pub struct StepResult<B: Backend> {
     pub row_offsets: Vec<usize>,
     /// Captured hidden states of each item's tokens, per captured layer: `[item][layer]` rows.
     pub captured: Vec<Vec<Tensor<B, 2>>>,
+    /// Each layer's keys and values of the step's tokens (see [`Engine::resolve_step`]).
+    pub kv: Vec<(Tensor<B, 3>, Tensor<B, 3>)>,
+}
+
+/// The committed tokens of one window shape in a step: their rows in the step, and the (slot,
+/// position) each goes to.
+struct ShapeCommit {
+    spec: WindowSpec,
+    rows: Vec<usize>,
+    targets: Vec<(usize, usize)>,
 }
 
 struct SeqState<B: Backend> {
@@ -92,6 +102,59 @@ impl<B: KernelBackend> Engine<B> {
             .ok_or(EngineError::UnknownSequence(seq))?
             .window
             .resolve(keep, &mut self.pool)
+    }
+
+    /// Commits the first `keeps[i]` tokens of each of a step's `items` at once, as
+    /// [`Engine::resolve`] does one by one: the windows of one shape take their keys and values
+    /// from the step's `kv` ([`StepResult::kv`]) in one gather and one scatter per layer. A window holding scratch from an
+    /// earlier step is resolved on its own. Nothing is written unless every keep is valid.
+    pub fn resolve_step(
+        &mut self,
+        kv: &[(Tensor<B, 3>, Tensor<B, 3>)],
+        items: &[StepItem],
+        keeps: &[usize],
+    ) -> Result<()> {
+        let mut planned = Vec::with_capacity(items.len());
+        for (item, &keep) in items.iter().zip(keeps) {
+            let window = self.window(item.seq)?;
+            let only_this_step = window.scratch_len() == item.tokens.len();
+            let targets = window.commit_targets(keep)?;
+            planned.push((only_this_step, targets));
+        }
+        let mut groups: Vec<ShapeCommit> = Vec::new();
+        let mut offset = 0;
+        for ((item, &keep), (batched, targets)) in items.iter().zip(keeps).zip(planned) {
+            let window = &mut self.seqs.get_mut(&item.seq).expect("checked").window;
+            if !batched {
+                window.resolve(keep, &mut self.pool)?;
+            } else {
+                let spec = window.spec();
+                let at = match groups.iter().position(|g| g.spec == spec) {
+                    Some(at) => at,
+                    None => {
+                        groups.push(ShapeCommit {
+                            spec,
+                            rows: Vec::new(),
+                            targets: Vec::new(),
+                        });
+                        groups.len() - 1
+                    }
+                };
+                let group = &mut groups[at];
+                group
+                    .rows
+                    .extend(targets.iter().map(|&(_, src)| offset + src));
+                group
+                    .targets
+                    .extend(targets.iter().map(|&(pos, _)| (window.slot(), pos)));
+                window.committed(keep);
+            }
+            offset += item.tokens.len();
+        }
+        for g in groups {
+            self.pool.commit_rows(g.spec, kv, &g.rows, &g.targets);
+        }
+        Ok(())
     }
 
     /// One batched forward over `items`. Windows are taken out for the step and always put back.
@@ -164,6 +227,7 @@ impl<B: KernelBackend> Engine<B> {
             logits,
             row_offsets,
             captured,
+            kv: out.kv,
         })
     }
 
@@ -312,6 +376,7 @@ where
             Rows::Full(_) => [].iter(),
         };
         let mut outcomes = Vec::with_capacity(works.len());
+        let mut keeps = Vec::with_capacity(works.len());
         for (i, w) in works.iter().enumerate() {
             let state = self.seqs.get_mut(&w.seq).expect("present after step");
             let acceptance = if !w.sample {
@@ -340,7 +405,7 @@ where
             let acceptance = acceptance.map(|a| a.stop_at(w.stop));
             let accepted = acceptance.as_ref().map_or(0, |a| a.accepted);
             let keep = w.fed.len() + accepted;
-            state.window.resolve(keep, &mut self.pool)?;
+            keeps.push(keep);
             let hidden = step.captured[i]
                 .iter()
                 .map(|t| {
@@ -355,6 +420,7 @@ where
                 hidden,
             });
         }
+        self.resolve_step(&step.kv, &items, &keeps)?;
         Ok(outcomes)
     }
 

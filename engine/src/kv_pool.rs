@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 
 use burn::prelude::*;
-use burn::tensor::DType;
+use burn::tensor::{DType, IndexingUpdateOp};
 
 use crate::window::WindowSpec;
 
@@ -147,6 +147,49 @@ impl<B: Backend> KvPool<B> {
                 t = t.slice_assign([slot..slot + 1, 0..h, dst..dst + len, 0..d], part);
             }
             *store = Some(t);
+        }
+    }
+
+    /// Commits rows of one step's keys and values to many windows of shape `spec` at once: row
+    /// `rows[i]` of every layer's `(k, v)` in `step` (token-major `[n, kv_heads, head_dim]`) goes to
+    /// position `targets[i].1` of the window at slot `targets[i].0`. Per layer one gather and one
+    /// scatter for the keys and the same for the values, however many windows; targets must be
+    /// distinct.
+    pub fn commit_rows(
+        &mut self,
+        spec: WindowSpec,
+        step: &[(Tensor<B, 3>, Tensor<B, 3>)],
+        rows: &[usize],
+        targets: &[(usize, usize)],
+    ) {
+        assert_eq!(rows.len(), targets.len(), "one target per row");
+        if rows.is_empty() {
+            return;
+        }
+        let pool = self.pools.get_mut(&spec).expect("the windows' pool exists");
+        let (h, d) = (self.kv_heads, self.head_dim);
+        // Every head of every row: its row in `[n · kv_heads, head_dim]`, and its (slot, head,
+        // position) in the pool.
+        let src: Vec<i64> = rows
+            .iter()
+            .flat_map(|&r| (0..h).map(move |hh| (r * h + hh) as i64))
+            .collect();
+        let dst: Vec<i64> = targets
+            .iter()
+            .flat_map(|&(slot, pos)| (0..h).flat_map(move |hh| [slot, hh, pos].map(|i| i as i64)))
+            .collect();
+        let count = src.len();
+        let src = Tensor::<B, 1, Int>::from_data(TensorData::new(src, [count]), &self.device);
+        let dst = Tensor::<B, 2, Int>::from_data(TensorData::new(dst, [count, 3]), &self.device);
+        for (layer, (k, v)) in step.iter().enumerate() {
+            for (store, rows) in [(&mut pool.k[layer], k), (&mut pool.v[layer], v)] {
+                let n = rows.dims()[0];
+                let values = rows.clone().reshape([n * h, d]).select(0, src.clone());
+                let t = store
+                    .take()
+                    .expect("a pool tensor is present between writes");
+                *store = Some(t.scatter_nd(dst.clone(), values, IndexingUpdateOp::Assign));
+            }
         }
     }
 

@@ -134,6 +134,9 @@ pub struct ForwardOutput<B: Backend> {
     pub hidden: Tensor<B, 2>,
     /// Outputs of the captured layers, each `[tokens, hidden]`, in the order they were asked for.
     pub captured: Vec<Tensor<B, 2>>,
+    /// Each layer's keys (before RoPE) and values of the step's tokens, token-major
+    /// `[tokens, kv_heads, head_dim]`: what a commit writes to the pool.
+    pub kv: Vec<(Tensor<B, 3>, Tensor<B, 3>)>,
 }
 
 impl<B: Backend> Model<B> {
@@ -221,6 +224,7 @@ impl<B: KernelBackend> Model<B> {
                 .collect(),
         };
         let mut captured = vec![None; capture.len()];
+        let mut kv = Vec::with_capacity(self.layers.len());
         let (hd, h, kvh) = (c.head_dim, c.num_heads, c.num_kv_heads);
         for (li, layer) in self.layers.iter().enumerate() {
             let hn = rms_norm(x.clone(), &layer.input_norm, c.rms_norm_eps);
@@ -238,6 +242,7 @@ impl<B: KernelBackend> Model<B> {
                     .append_scratch(li, k.clone().slice(rows.clone()), v.clone().slice(rows));
                 offset += seq.len;
             }
+            kv.push((k.clone(), v.clone()));
             let attn = match &pooled {
                 Some(step) => step.attend(
                     li,
@@ -286,6 +291,7 @@ impl<B: KernelBackend> Model<B> {
         ForwardOutput {
             hidden: rms_norm(x, &self.norm, c.rms_norm_eps),
             captured: captured.into_iter().flatten().collect(),
+            kv,
         }
     }
 

@@ -202,20 +202,43 @@ impl<B: Backend> KvWindow<B> {
     /// Commits the first `keep` scratch tokens to the window's slot in `pool`, evicting the oldest
     /// non-sink tokens as needed, and drops the rest of the scratch.
     pub fn resolve(&mut self, keep: usize, pool: &mut KvPool<B>) -> Result<()> {
+        self.check_keep(keep)?;
+        let runs = self.write_runs(keep);
+        for (layer, scratch) in self.scratch.iter().enumerate() {
+            if let Some((k, v)) = scratch {
+                pool.write(self.spec, self.slot, layer, &runs, k, v);
+            }
+        }
+        self.committed(keep);
+        Ok(())
+    }
+
+    /// Where committing the first `keep` scratch tokens puts them: `(position in the window,
+    /// index in the scratch)` for each token that stays (one that a later token of the same
+    /// commit evicts again is left out). Write them with [`KvPool::commit_rows`], then call
+    /// [`Self::committed`].
+    pub fn commit_targets(&self, keep: usize) -> Result<Vec<(usize, usize)>> {
+        self.check_keep(keep)?;
+        Ok(self
+            .write_runs(keep)
+            .into_iter()
+            .flat_map(|(dst, src, len)| (0..len).map(move |i| (dst + i, src + i)))
+            .collect())
+    }
+
+    /// Records that the first `keep` scratch tokens are in the pool, and drops the scratch.
+    pub fn committed(&mut self, keep: usize) {
+        self.seen += keep.min(self.scratch_len) as u64;
+        self.discard_scratch();
+    }
+
+    fn check_keep(&self, keep: usize) -> Result<()> {
         if keep > self.scratch_len {
             return Err(EngineError::InvalidStep(format!(
                 "cannot keep {keep} tokens of a scratch of {}",
                 self.scratch_len
             )));
         }
-        let runs = self.write_runs(keep);
-        for (layer, scratch) in self.scratch.iter_mut().enumerate() {
-            if let Some((k, v)) = scratch.take() {
-                pool.write(self.spec, self.slot, layer, &runs, &k, &v);
-            }
-        }
-        self.seen += keep as u64;
-        self.scratch_len = 0;
         Ok(())
     }
 

@@ -8,6 +8,7 @@ use common::*;
 use troupe_engine::device::WgpuBackend;
 use troupe_engine::engine::{logits_to_host, StepItem};
 use troupe_engine::{load_model, Engine, ModelConfig, Verifier, WeightDtype, WindowSpec};
+use troupe_kernels::KernelBackend;
 
 /// f32 kernels and Burn's ops differ only in the order of their sums.
 const TOL: f32 = 1e-3;
@@ -17,13 +18,16 @@ const TOL: f32 = 1e-3;
 /// decode steps, a verify step of which only the first token is kept (the rest rolls back), a
 /// session closed and three opened mid-run (a reused slot, and a pool that grows while it holds
 /// keys), more decode steps.
-fn scripted_run(engine: &mut Engine<WgpuBackend>, vocab: usize) -> Vec<Vec<f32>> {
+fn scripted_run<B: KernelBackend>(engine: &mut Engine<B>, vocab: usize) -> Vec<Vec<f32>>
+where
+    Engine<B>: Verifier,
+{
     let (a, b) = (
         WindowSpec::new(2, 6).unwrap(),
         WindowSpec::new(0, 5).unwrap(),
     );
     let mut live: Vec<(u64, Vec<u32>)> = Vec::new();
-    let mut open = |engine: &mut Engine<WgpuBackend>, seq: u64, spec, len| {
+    let mut open = |engine: &mut Engine<B>, seq: u64, spec, len| {
         engine.open(seq, spec, 0).unwrap();
         (seq, random_tokens(40 + seq, len, vocab))
     };
@@ -58,16 +62,27 @@ fn scripted_run(engine: &mut Engine<WgpuBackend>, vocab: usize) -> Vec<Vec<f32>>
             .collect();
         asked += items.iter().map(|i| i.logit_rows).sum::<usize>();
         let out = engine.step(&items).unwrap();
-        rows.extend(logits_to_host(out.logits.unwrap()).unwrap());
-        for (item, (_, prompt)) in items.iter().zip(live.iter_mut()) {
-            let keep = if verify && prompt.is_empty() {
-                1
-            } else {
-                item.tokens.len()
-            };
-            engine.resolve(item.seq, keep).unwrap();
-            prompt.clear();
+        rows.extend(logits_to_host(out.logits.clone().unwrap()).unwrap());
+        let keeps: Vec<usize> = items
+            .iter()
+            .zip(&live)
+            .map(|(item, (_, prompt))| {
+                if verify && prompt.is_empty() {
+                    1
+                } else {
+                    item.tokens.len()
+                }
+            })
+            .collect();
+        // Commits batched per window shape, except in one round, window by window.
+        if round == 2 {
+            for (item, &keep) in items.iter().zip(&keeps) {
+                engine.resolve(item.seq, keep).unwrap();
+            }
+        } else {
+            engine.resolve_step(&out.kv, &items, &keeps).unwrap();
         }
+        live.iter_mut().for_each(|(_, prompt)| prompt.clear());
     }
     assert_eq!(rows.len(), asked);
     rows
@@ -85,9 +100,12 @@ fn kernels_compute_the_reference_logits() {
     troupe_kernels::set_enabled(false);
     let reference = scripted_run(&mut Engine::new(model), config.vocab_size);
     troupe_kernels::set_enabled(true);
+    // The CPU engine, itself held to the host reference forward by the window tests.
+    let cpu = scripted_run(&mut Engine::new(ck.load()), config.vocab_size);
 
     // Prompts, two rounds of four, three prompts and three decodes, decodes, a verify of three
     // rows each, two more rounds of decodes.
     assert_eq!(kernels.len(), 43 + 2 * 4 + (22 + 3) + 6 + 6 * 3 + 2 * 6);
     assert_rows_close("kernels vs reference", &kernels, &reference, TOL);
+    assert_rows_close("kernels vs the CPU engine", &kernels, &cpu, TOL);
 }
