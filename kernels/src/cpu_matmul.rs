@@ -27,8 +27,10 @@ pub const CW: usize = 128;
 /// Up to this many rows, `W` is read in place instead, each core a band of its rows (see
 /// [`split_k`]).
 pub const STREAM_ROWS: usize = 8;
-/// Floats of `y` one pass of [`band`] updates per row band: 16 KiB over all rows, in L1.
+/// Columns of one block of [`band`]: 16 KiB of each row of `W` read in one sequential run.
 const BAND_FLOATS: usize = 4096;
+/// Rows of `W` [`band`] adds onto `y` in one pass over a block of `y`.
+const BAND_ROWS: usize = 8;
 
 /// What happens to the product before it is stored.
 #[derive(Debug, Clone, Copy)]
@@ -180,8 +182,8 @@ fn split_k(
     }
 }
 
-/// `y += x[:, ks] · W[ks, :]`: rows `ks` of `W`, four at a time, onto every row of `y`, in column
-/// blocks small enough that the block of `y` stays in L1.
+/// `y += x[:, ks] · W[ks, :]`: rows `ks` of `W`, [`BAND_ROWS`] at a time, onto every row of `y`,
+/// in column blocks of [`BAND_FLOATS`]: long sequential reads of `W`, and `y`'s block in L2.
 fn band(
     y: &mut [f32],
     x: &[f32],
@@ -191,20 +193,20 @@ fn band(
     n: usize,
     ks: std::ops::Range<usize>,
 ) {
-    let block = (BAND_FLOATS / m.max(1)).next_multiple_of(8).min(n).max(1);
-    for c0 in (0..n).step_by(block) {
-        let width = block.min(n - c0);
+    for c0 in (0..n).step_by(BAND_FLOATS) {
+        let width = BAND_FLOATS.min(n - c0);
         let mut k0 = ks.start;
         while k0 < ks.end {
-            let kb = 4.min(ks.end - k0);
-            let rows: [&[f32]; 4] = std::array::from_fn(|i| {
+            let kb = BAND_ROWS.min(ks.end - k0);
+            // A short last group repeats its last row with a zero weight.
+            let rows: [&[f32]; BAND_ROWS] = std::array::from_fn(|i| {
                 let kk = k0 + i.min(kb - 1);
                 &w[kk * n + c0..][..width]
             });
             for r in 0..m {
-                let xs: [f32; 4] =
+                let xs: [f32; BAND_ROWS] =
                     std::array::from_fn(|i| if i < kb { x[r * k + k0 + i] } else { 0.0 });
-                axpy4(&mut y[r * n + c0..][..width], xs, rows);
+                axpy(&mut y[r * n + c0..][..width], xs, rows);
             }
             k0 += kb;
         }
@@ -330,14 +332,14 @@ impl Strip<'_> {
 }
 
 /// `y += Σ_i xs[i] · rows[i]`.
-fn axpy4(y: &mut [f32], xs: [f32; 4], rows: [&[f32]; 4]) {
+fn axpy<const R: usize>(y: &mut [f32], xs: [f32; R], rows: [&[f32]; R]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the features were just detected; the lengths are checked inside.
-        return unsafe { avx2::axpy4(y, xs, rows) };
+        return unsafe { avx2::axpy(y, xs, rows) };
     }
     for (j, yj) in y.iter_mut().enumerate() {
-        *yj += xs[0] * rows[0][j] + xs[1] * rows[1][j] + xs[2] * rows[2][j] + xs[3] * rows[3][j];
+        *yj += (0..R).map(|i| xs[i] * rows[i][j]).sum::<f32>();
     }
 }
 
@@ -368,7 +370,7 @@ mod avx2 {
 
     /// `y += Σ_i xs[i] · rows[i]`, eight columns at a time.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn axpy4(y: &mut [f32], xs: [f32; 4], rows: [&[f32]; 4]) {
+    pub unsafe fn axpy<const R: usize>(y: &mut [f32], xs: [f32; R], rows: [&[f32]; R]) {
         let n = y.len();
         assert!(rows.iter().all(|r| r.len() >= n));
         // SAFETY: every row holds at least `n` floats, checked above.
@@ -377,17 +379,16 @@ mod avx2 {
             let mut j = 0;
             while j + 8 <= n {
                 let mut a = _mm256_loadu_ps(y.as_ptr().add(j));
-                for i in 0..4 {
+                for i in 0..R {
                     a = _mm256_fmadd_ps(xv[i], _mm256_loadu_ps(rows[i].as_ptr().add(j)), a);
                 }
                 _mm256_storeu_ps(y.as_mut_ptr().add(j), a);
                 j += 8;
             }
             for jj in j..n {
-                y[jj] += xs[0] * rows[0][jj]
-                    + xs[1] * rows[1][jj]
-                    + xs[2] * rows[2][jj]
-                    + xs[3] * rows[3][jj];
+                for i in 0..R {
+                    y[jj] += xs[i] * rows[i][jj];
+                }
             }
         }
     }
