@@ -8,7 +8,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use troupe_kernels::{BlockVerdict, DraftBlock, KernelBackend, SampledBlock};
 
-use crate::accept::{accept_sampled, Acceptance};
+use crate::accept::Acceptance;
 use crate::error::{EngineError, Result};
 use crate::kv_pool::KvPool;
 use crate::model::{Model, SeqInput};
@@ -341,21 +341,16 @@ where
             })
             .collect();
         let step = self.step(&items)?;
+        // Acceptance runs on the device; two integers per sampled work come back.
         let sampled = || works.iter().filter(|w| w.sample);
-        enum Rows {
-            /// Verdicts decided on the device, one per sampled work in order.
-            Verdicts(Vec<BlockVerdict>),
-            Full(Vec<Vec<f32>>),
-        }
-        let rows = match step.logits {
-            None => Rows::Verdicts(Vec::new()),
+        let verdicts: Vec<BlockVerdict> = match step.logits {
+            None => Vec::new(),
             Some(l) if sampled().all(|w| w.params.is_greedy()) => {
                 let blocks: Vec<DraftBlock<'_>> =
                     sampled().map(|w| DraftBlock { drafts: &w.draft }).collect();
-                Rows::Verdicts(B::greedy_accept(l, &blocks))
+                B::greedy_accept(l, &blocks)
             }
-            // A nucleus needs its tokens sorted, which stays on the host.
-            Some(l) if sampled().all(|w| w.params.top_p >= 1.0) => {
+            Some(l) => {
                 let uniforms = self.draw_uniforms(works);
                 let blocks: Vec<SampledBlock<'_>> = sampled()
                     .zip(&uniforms)
@@ -363,45 +358,27 @@ where
                         drafts: &w.draft,
                         draft_probs: w.draft_probs.as_deref(),
                         temperature: w.params.temperature.max(0.0),
+                        top_p: w.params.top_p,
                         accept_u,
                         draw_u: *draw_u,
                     })
                     .collect();
-                Rows::Verdicts(B::sampled_accept(l, &blocks))
+                B::sampled_accept(l, &blocks)
             }
-            Some(l) => Rows::Full(logits_to_host(l)?),
         };
-        let mut verdicts = match &rows {
-            Rows::Verdicts(v) => v.iter(),
-            Rows::Full(_) => [].iter(),
-        };
+        let mut verdicts = verdicts.iter();
         let mut outcomes = Vec::with_capacity(works.len());
         let mut keeps = Vec::with_capacity(works.len());
         for (i, w) in works.iter().enumerate() {
-            let state = self.seqs.get_mut(&w.seq).expect("present after step");
-            let acceptance = if !w.sample {
-                None
-            } else {
-                let (start, n) = (step.row_offsets[i], w.draft.len() + 1);
-                Some(match &rows {
-                    Rows::Verdicts(_) => {
-                        let v = verdicts.next().expect("one verdict per sampled work");
-                        let mut tokens = w.draft[..v.accepted].to_vec();
-                        tokens.push(v.token);
-                        Acceptance {
-                            accepted: v.accepted,
-                            tokens,
-                        }
-                    }
-                    Rows::Full(l) => accept_sampled(
-                        &w.draft,
-                        w.draft_probs.as_deref(),
-                        &l[start..start + n],
-                        &w.params,
-                        &mut state.rng,
-                    ),
-                })
-            };
+            let acceptance = w.sample.then(|| {
+                let v = verdicts.next().expect("one verdict per sampled work");
+                let mut tokens = w.draft[..v.accepted].to_vec();
+                tokens.push(v.token);
+                Acceptance {
+                    accepted: v.accepted,
+                    tokens,
+                }
+            });
             let acceptance = acceptance.map(|a| a.stop_at(w.stop));
             let accepted = acceptance.as_ref().map_or(0, |a| a.accepted);
             let keep = w.fed.len() + accepted;

@@ -13,7 +13,9 @@
 //!   normalised (from `p_a` if that has no mass), or from `p_n` after a whole block, by inverse CDF.
 //!
 //! A greedy block (temperature 0) is the same test with `p` one-hot at the argmax and `u = v = 0`:
-//! it accepts exactly the drafts equal to the argmax and adds the argmax.
+//! it accepts exactly the drafts equal to the argmax and adds the argmax. A block with `top_p`
+//! below 1 samples from the nucleus of `p`, found by bisecting for its threshold rather than by
+//! sorting the vocabulary.
 
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
@@ -31,6 +33,8 @@ pub struct SampledBlock<'a> {
     pub draft_probs: Option<&'a [Vec<f32>]>,
     /// Softmax temperature of the verifier's distribution; 0 is greedy.
     pub temperature: f32,
+    /// Probability mass of the nucleus the verifier samples from (1 keeps every token).
+    pub top_p: f32,
     /// One uniform in `[0, 1)` per draft, for its accept test.
     pub accept_u: &'a [f32],
     /// A uniform in `[0, 1)` for the token the block adds.
@@ -77,6 +81,10 @@ pub fn sampled_accept<B: Backend>(
             .collect(),
     );
     let p = softmax(logits * scale.expand(wide), 1).mask_where(greedy, one_hot);
+    let p = match plan.top_p.iter().all(|&t| t >= 1.0) {
+        true => p,
+        false => nucleus(p, floats(plan.top_p.clone())),
+    };
 
     // The drafter's distribution at each row: uploaded rows, or a point mass on the draft; none
     // (all zero) at a block's last row, which therefore never passes the test.
@@ -121,6 +129,34 @@ pub fn sampled_accept<B: Backend>(
     verdicts_from_pairs(Tensor::cat(vec![accepted, token], 1))
 }
 
+/// Bisection steps of [`nucleus`]: its threshold ends within `2 · max p / 2^32` of the exact one.
+const NUCLEUS_STEPS: usize = 32;
+
+/// Each row of `p` (`[rows, vocab]`, summing to one) restricted to its smallest top-`top_p`
+/// nucleus and renormalised, without sorting: the nucleus is every token at or above the largest
+/// threshold whose mass still reaches `top_p` (`[rows, 1]`), found by bisection. Rows with
+/// `top_p ≥ 1` keep every token. Tokens tied at the threshold are all kept.
+fn nucleus<B: Backend>(p: Tensor<B, 2>, top_p: Tensor<B, 2>) -> Tensor<B, 2> {
+    let wide = p.dims();
+    let mass = |threshold: &Tensor<B, 2>| {
+        let below = p.clone().lower(threshold.clone().expand(wide));
+        p.clone().mask_fill(below, 0.0).sum_dim(1)
+    };
+    // Invariant: the mass at or above `lo` reaches `top_p`, the mass at or above `hi` does not.
+    let mut lo = top_p.zeros_like();
+    let mut hi = p.clone().max_dim(1).mul_scalar(2.0);
+    for _ in 0..NUCLEUS_STEPS {
+        let mid = (lo.clone() + hi.clone()).mul_scalar(0.5);
+        let reaches = mass(&mid).greater_equal(top_p.clone());
+        lo = lo.mask_where(reaches.clone(), mid.clone());
+        hi = mid.mask_where(reaches, hi);
+    }
+    let lo = lo.mask_fill(top_p.greater_equal_elem(1.0), 0.0);
+    let kept = p.clone().mask_fill(p.lower(lo.expand(wide)), 0.0);
+    let total = kept.clone().sum_dim(1);
+    kept / total.expand(wide)
+}
+
 /// The host side of a sampled step, laid out for upload.
 struct Plan {
     rows: usize,
@@ -128,6 +164,8 @@ struct Plan {
     width: usize,
     /// Per row: its block's temperature.
     temperature: Vec<f32>,
+    /// Per row: its block's nucleus mass.
+    top_p: Vec<f32>,
     /// Per row: its draft, or -1 on a block's last row.
     draft: Vec<i64>,
     /// Per row: its accept uniform (unused on a last row).
@@ -149,6 +187,7 @@ impl Plan {
             rows,
             width,
             temperature: Vec::with_capacity(rows),
+            top_p: Vec::with_capacity(rows),
             draft: Vec::with_capacity(rows),
             accept_u: Vec::with_capacity(rows),
             draw_u: Vec::with_capacity(rows),
@@ -161,6 +200,7 @@ impl Plan {
             assert_eq!(b.accept_u.len(), n, "sampled_accept: one uniform per draft");
             for i in 0..=n {
                 plan.temperature.push(b.temperature);
+                plan.top_p.push(b.top_p);
                 plan.draft.push(b.drafts.get(i).map_or(-1, |&d| d as i64));
                 plan.accept_u
                     .push(b.accept_u.get(i).copied().unwrap_or(1.0));

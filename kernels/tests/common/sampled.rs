@@ -14,8 +14,37 @@ fn unit(n: usize, seed: &mut u64) -> Vec<f32> {
         .collect()
 }
 
-/// The verifier's distribution at one row: softmax of `logits / t`, one-hot at the argmax at 0.
-fn target(logits: &[f32], t: f32) -> Vec<f64> {
+/// The verifier's distribution at one row: softmax of `logits / t` cut to its smallest nucleus of
+/// mass `top_p` and renormalised, one-hot at the argmax at 0. `None` when the nucleus's edge is
+/// within [`MARGIN`] of `top_p`, where f32 sums on the device could cut elsewhere.
+fn target(logits: &[f32], t: f32, top_p: f32) -> Option<Vec<f64>> {
+    let p = softmax(logits, t);
+    if top_p >= 1.0 || t == 0.0 {
+        return Some(p);
+    }
+    let mut order: Vec<usize> = (0..p.len()).collect();
+    order.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
+    let mut cum = 0.0;
+    for (rank, &i) in order.iter().enumerate() {
+        let before = cum;
+        cum += p[i];
+        if (before - top_p as f64).abs() < MARGIN || (cum - top_p as f64).abs() < MARGIN {
+            return None;
+        }
+        if cum >= top_p as f64 {
+            let keep = &order[..=rank];
+            let mut kept = vec![0.0; p.len()];
+            for &j in keep {
+                kept[j] = p[j] / cum;
+            }
+            return Some(kept);
+        }
+    }
+    Some(p)
+}
+
+/// Softmax of `logits / t`, one-hot at the argmax at 0.
+fn softmax(logits: &[f32], t: f32) -> Vec<f64> {
     if t == 0.0 {
         let best = (0..logits.len()).fold(0, |b, i| if logits[i] > logits[b] { i } else { b });
         return (0..logits.len()).map(|i| f64::from(i == best)).collect();
@@ -47,7 +76,7 @@ fn host_block(rows: &[Vec<f32>], b: &Block) -> Option<BlockVerdict> {
     };
     let mut accepted = n;
     for i in 0..n {
-        let (p, q) = (target(&rows[i], b.temperature), q_row(i));
+        let (p, q) = (target(&rows[i], b.temperature, b.top_p)?, q_row(i));
         let d = b.drafts[i] as usize;
         let lhs = b.accept_u[i] as f64 * q[d];
         if b.temperature > 0.0 && (lhs - p[d]).abs() < MARGIN {
@@ -58,7 +87,7 @@ fn host_block(rows: &[Vec<f32>], b: &Block) -> Option<BlockVerdict> {
             break;
         }
     }
-    let p = target(&rows[accepted], b.temperature);
+    let p = target(&rows[accepted], b.temperature, b.top_p)?;
     let mut f: Vec<f64> = if accepted < n {
         p.iter()
             .zip(q_row(accepted))
@@ -94,6 +123,7 @@ struct Block {
     drafts: Vec<u32>,
     probs: Option<Vec<Vec<f32>>>,
     temperature: f32,
+    top_p: f32,
     accept_u: Vec<f32>,
     draw_u: f32,
 }
@@ -102,18 +132,19 @@ struct Block {
 /// distributions, drafts that mostly follow the verifier's argmax and some that do not.
 pub fn sampled_accept_matches_host<B: KernelBackend>(device: &B::Device) {
     let vocab = 300;
-    // (drafts, temperature, with the drafter's distributions, a draft off the argmax)
-    let plan: &[(usize, f32, bool, Option<usize>)] = &[
-        (0, 1.0, false, None),
-        (4, 0.7, true, None),
-        (4, 0.0, false, None),
-        (1, 1.5, false, Some(0)),
-        (7, 1.0, true, Some(5)),
-        (3, 0.0, true, Some(1)),
-        (0, 0.5, false, None),
-        (6, 0.8, false, Some(2)),
-        (5, 0.0, false, Some(3)),
-        (9, 0.3, true, None),
+    // (drafts, temperature, with the drafter's distributions, a draft off the argmax, top_p)
+    let plan: &[(usize, f32, bool, Option<usize>, f32)] = &[
+        (0, 1.0, false, None, 1.0),
+        (4, 0.7, true, None, 0.9),
+        (4, 0.0, false, None, 1.0),
+        (1, 1.5, false, Some(0), 0.95),
+        (7, 1.0, true, Some(5), 0.8),
+        (3, 0.0, true, Some(1), 0.5),
+        (0, 0.5, false, None, 0.6),
+        (6, 0.8, false, Some(2), 0.5),
+        (5, 0.0, false, Some(3), 1.0),
+        (9, 0.3, true, None, 1.0),
+        (5, 1.2, false, None, 0.7),
     ];
     let rows: usize = plan.iter().map(|p| p.0 + 1).sum();
     let mut seed = 11u64;
@@ -130,12 +161,12 @@ pub fn sampled_accept_matches_host<B: KernelBackend>(device: &B::Device) {
     let row_of = |r: usize| host_logits[r * vocab..(r + 1) * vocab].to_vec();
     let mut start = 0;
     let mut blocks = Vec::new();
-    for &(n, temperature, with_probs, miss) in plan {
+    for &(n, temperature, with_probs, miss, top_p) in plan {
         let rows: Vec<Vec<f32>> = (start..=start + n).map(row_of).collect();
         start += n + 1;
         let drafts: Vec<u32> = (0..n)
             .map(|i| {
-                let p = target(&rows[i], 0.0);
+                let p = softmax(&rows[i], 0.0);
                 let best = p.iter().position(|&x| x == 1.0).unwrap();
                 (if miss == Some(i) { best + 1 } else { best } % vocab) as u32
             })
@@ -152,11 +183,17 @@ pub fn sampled_accept_matches_host<B: KernelBackend>(device: &B::Device) {
                 })
                 .collect()
         });
+        // A nucleus whose edge is within a hair of its mass is widened a little.
+        let mut top_p = top_p;
+        while rows.iter().any(|r| target(r, temperature, top_p).is_none()) {
+            top_p += 0.013;
+        }
         // Uniforms within a hair of an edge are drawn again.
         let mut block = Block {
             drafts,
             probs,
             temperature,
+            top_p,
             accept_u: Vec::new(),
             draw_u: 0.0,
         };
@@ -183,17 +220,19 @@ pub fn sampled_accept_matches_host<B: KernelBackend>(device: &B::Device) {
             drafts: &b.drafts,
             draft_probs: b.probs.as_deref(),
             temperature: b.temperature,
+            top_p: b.top_p,
             accept_u: &b.accept_u,
             draw_u: b.draw_u,
         })
         .collect();
     let want: Vec<BlockVerdict> = blocks.iter().map(|(_, v)| *v).collect();
-    // The case is only worth its name if blocks end both ways, and a draw leaves the argmax.
-    assert!(want
-        .iter()
-        .zip(plan)
-        .any(|(v, p)| v.accepted == p.0 && p.0 > 0));
-    assert!(want.iter().zip(plan).any(|(v, p)| v.accepted < p.0));
+    // The case is only worth its name if sampled and greedy blocks each end both ways.
+    let ended = |sampled: bool, whole: bool| {
+        want.iter()
+            .zip(plan)
+            .any(|(v, p)| (p.1 > 0.0) == sampled && p.0 > 0 && (v.accepted == p.0) == whole)
+    };
+    assert!(ended(true, true) && ended(true, false) && ended(false, true) && ended(false, false));
     assert_eq!(B::sampled_accept(logits.clone(), &views), want, "backend");
     assert_eq!(sampled_accept(logits, &views), want, "reference");
 }
