@@ -386,7 +386,7 @@ fn budget_and_cap_hold_over_a_long_mixed_run_and_output_is_the_models() {
     let mut cfg = config(24, 5, 6, 4);
     cfg.pipelined = true;
     // Drafts wrong now and then, so acceptance is partial.
-    let mut sim = Sim::new(cfg).with_drafter(|seq, n, i| (seq + n + i as u64) % 5 == 0);
+    let mut sim = Sim::new(cfg).with_drafter(|seq, n, i| (seq + n + i as u64).is_multiple_of(5));
     let lens = [1, 3, 7, 12, 20, 2, 9, 30, 5];
     let remaining = [40, 25, 17, 33, 8, 50, 21, 12, 29];
     let mut prompts = BTreeMap::new();
@@ -1005,7 +1005,7 @@ fn submit_is_refused_during_a_turn_and_for_an_empty_first_prompt() {
 fn a_verifier_restart_replays_every_history_and_emits_nothing_twice() {
     let mut cfg = config(100, 8, 4, 3);
     cfg.pipelined = true;
-    let mut sim = Sim::new(cfg).with_drafter(|seq, n, i| (seq + n + i as u64) % 4 == 0);
+    let mut sim = Sim::new(cfg).with_drafter(|seq, n, i| (seq + n + i as u64).is_multiple_of(4));
     let p1 = prompt(1, 10);
     let p2 = prompt(2, 3);
     let p3 = prompt(3, 9);
@@ -1234,7 +1234,7 @@ fn unanswered_draft_orders_are_bounded_per_sequence() {
     }
     let total: usize = sent.iter().sum();
     // Two orders at first, then none until the credit expires after 8 steps: 3 rounds of 2 in 20 steps.
-    assert!(total <= 6 && total >= 2, "orders per step: {sent:?}");
+    assert!((2..=6).contains(&total), "orders per step: {sent:?}");
     assert!(
         sent[2..8].iter().all(|&n| n == 0),
         "orders per step: {sent:?}"

@@ -245,8 +245,10 @@ mod tests {
         assert_eq!(host(v), want(200.0));
         let (k, _) = pool.window(spec, b, 1);
         let k = host(k);
+        // Head 0, position 3, element 0: element 0 of head 0 of source row 1.
+        let (head, pos) = (0, 3);
         assert_eq!(
-            k[(0 * 4 + 3) * 3],
+            k[(head * 4 + pos) * 3],
             306.0,
             "row 1 of the source at position 3"
         );

@@ -101,7 +101,8 @@ fn batched_step_logits_match_each_session_alone() {
     let out = engine.step(&items).unwrap();
     assert_eq!(out.row_offsets, vec![0, 1, 2, 2]);
     let rows = logits_to_host(out.logits.unwrap()).unwrap();
-    assert_eq!(rows.len(), 1 + 1 + 0 + 5);
+    // One row each for the first two, none for the third, five for the newcomer.
+    assert_eq!(rows.len(), [1, 1, 0, 5].iter().sum::<usize>());
     for (i, t) in more.iter().enumerate() {
         let expect = step_rows(&mut alone[i], 7, t, want_rows[i].max(1));
         if want_rows[i] > 0 {
@@ -296,7 +297,7 @@ fn captured_hidden_states_match_the_reference() {
             work(2, p2.clone(), vec![right, wrong], None, true, greedy),
         ])
         .unwrap();
-    let mut histories = vec![p1, p2];
+    let mut histories = [p1, p2];
     histories[1].extend_from_slice(&[right, wrong][..outcomes[1].accepted]);
     assert!(outcomes[1].accepted >= 1);
     for step in 0..2 {

@@ -62,7 +62,12 @@ fn check_against_fresh(chunk: usize) {
     let mut fresh = Engine::new(model);
     engine.open(1, spec(), 0).unwrap();
     let bytes = engine.window(1).unwrap().bytes();
-    assert_eq!(bytes, (2 * 1 * 2 * 16 * (SINK + WINDOW) * 4) as u64);
+    // Keys and values × 1 layer × 2 KV heads × 16 wide × slots × 4 bytes.
+    let (layers, kv_heads) = (1, 2);
+    assert_eq!(
+        bytes,
+        (2 * layers * kv_heads * 16 * (SINK + WINDOW) * 4) as u64
+    );
     let mut fresh_seq = 100;
     let mut start = 0;
     while start < STREAM {

@@ -101,9 +101,17 @@ fn accumulate_product(
         }
         return;
     }
+    let job = Block {
+        x,
+        w,
+        m,
+        k,
+        n,
+        accumulate,
+    };
     let big = m * k * n >= 1 << 20;
     if m <= STREAM_ROWS {
-        return split_k(y, x, w, m, k, n, accumulate, big);
+        return job.split_k(y, big);
     }
     let out = SendPtr(y.as_mut_ptr());
     // One column range per core, in whole tiles; one range when the product is too small to split.
@@ -113,14 +121,6 @@ fn accumulate_product(
         1
     };
     let per = n.div_ceil(NR).div_ceil(parts) * NR;
-    let job = Block {
-        x,
-        w,
-        m,
-        k,
-        n,
-        accumulate,
-    };
     let run = |p: usize| {
         let cols = (p * per).min(n)..((p + 1) * per).min(n);
         // SAFETY: this task alone writes columns `cols` of `y`, which holds `m * n` floats.
@@ -130,86 +130,6 @@ fn accumulate_product(
         (0..parts).into_par_iter().for_each(run);
     } else {
         run(0);
-    }
-}
-
-/// For a few rows there is little to reuse a packed strip for, and the product is the time it
-/// takes to read `W`. Each core reads a contiguous band of `W`'s rows, front to back, the way the
-/// prefetcher likes best, into partial sums of all of `y`; the partials are added at the end.
-#[allow(clippy::too_many_arguments)]
-fn split_k(
-    y: &mut [f32],
-    x: &[f32],
-    w: &[f32],
-    m: usize,
-    k: usize,
-    n: usize,
-    accumulate: bool,
-    big: bool,
-) {
-    if !accumulate {
-        y[..m * n].fill(0.0);
-    }
-    let parts = if big {
-        rayon::current_num_threads().clamp(1, k.div_ceil(64))
-    } else {
-        1
-    };
-    let per = k.div_ceil(parts);
-    let bands = |p: usize| (p * per).min(k)..((p + 1) * per).min(k);
-    if parts == 1 {
-        return band(y, x, w, m, k, n, bands(0));
-    }
-    // The first band accumulates onto `y` itself, the others onto zeroed partials.
-    let (first, partials) = rayon::join(
-        || band(y, x, w, m, k, n, bands(0)),
-        || {
-            (1..parts)
-                .into_par_iter()
-                .map(|p| {
-                    let mut part = vec![0.0f32; m * n];
-                    band(&mut part, x, w, m, k, n, bands(p));
-                    part
-                })
-                .collect::<Vec<_>>()
-        },
-    );
-    let () = first;
-    for part in partials {
-        for (a, b) in y.iter_mut().zip(&part) {
-            *a += b;
-        }
-    }
-}
-
-/// `y += x[:, ks] · W[ks, :]`: rows `ks` of `W`, [`BAND_ROWS`] at a time, onto every row of `y`,
-/// in column blocks of [`BAND_FLOATS`]: long sequential reads of `W`, and `y`'s block in L2.
-fn band(
-    y: &mut [f32],
-    x: &[f32],
-    w: &[f32],
-    m: usize,
-    k: usize,
-    n: usize,
-    ks: std::ops::Range<usize>,
-) {
-    for c0 in (0..n).step_by(BAND_FLOATS) {
-        let width = BAND_FLOATS.min(n - c0);
-        let mut k0 = ks.start;
-        while k0 < ks.end {
-            let kb = BAND_ROWS.min(ks.end - k0);
-            // A short last group repeats its last row with a zero weight.
-            let rows: [&[f32]; BAND_ROWS] = std::array::from_fn(|i| {
-                let kk = k0 + i.min(kb - 1);
-                &w[kk * n + c0..][..width]
-            });
-            for r in 0..m {
-                let xs: [f32; BAND_ROWS] =
-                    std::array::from_fn(|i| if i < kb { x[r * k + k0 + i] } else { 0.0 });
-                axpy(&mut y[r * n + c0..][..width], xs, rows);
-            }
-            k0 += kb;
-        }
     }
 }
 
@@ -291,6 +211,70 @@ impl Block<'_> {
                 let dst = &mut packed[t * KB * NR + kk * NR..][..NR];
                 dst[..seg.len()].copy_from_slice(seg);
                 dst[seg.len()..].fill(0.0);
+            }
+        }
+    }
+
+    /// For a few rows there is little to reuse a packed strip for, and the product is the time it
+    /// takes to read `W`. Each core reads a contiguous band of `W`'s rows, front to back, the way
+    /// the prefetcher likes best, into partial sums of all of `y`; the partials are added at the
+    /// end. `big`: worth splitting over the cores.
+    fn split_k(&self, y: &mut [f32], big: bool) {
+        let (m, k, n) = (self.m, self.k, self.n);
+        if !self.accumulate {
+            y[..m * n].fill(0.0);
+        }
+        let parts = if big {
+            rayon::current_num_threads().clamp(1, k.div_ceil(64))
+        } else {
+            1
+        };
+        let per = k.div_ceil(parts);
+        let bands = |p: usize| (p * per).min(k)..((p + 1) * per).min(k);
+        if parts == 1 {
+            return self.band(y, bands(0));
+        }
+        // The first band accumulates onto `y` itself, the others onto zeroed partials.
+        let ((), partials) = rayon::join(
+            || self.band(y, bands(0)),
+            || {
+                (1..parts)
+                    .into_par_iter()
+                    .map(|p| {
+                        let mut part = vec![0.0f32; m * n];
+                        self.band(&mut part, bands(p));
+                        part
+                    })
+                    .collect::<Vec<_>>()
+            },
+        );
+        for part in partials {
+            for (a, b) in y.iter_mut().zip(&part) {
+                *a += b;
+            }
+        }
+    }
+
+    /// `y += x[:, ks] · W[ks, :]`: rows `ks` of `W`, [`BAND_ROWS`] at a time, onto every row of
+    /// `y`, in column blocks of [`BAND_FLOATS`]: long sequential reads of `W`, `y`'s block in L2.
+    fn band(&self, y: &mut [f32], ks: std::ops::Range<usize>) {
+        let (x, w, k, n) = (self.x, self.w, self.k, self.n);
+        for c0 in (0..n).step_by(BAND_FLOATS) {
+            let width = BAND_FLOATS.min(n - c0);
+            let mut k0 = ks.start;
+            while k0 < ks.end {
+                let kb = BAND_ROWS.min(ks.end - k0);
+                // A short last group repeats its last row with a zero weight.
+                let rows: [&[f32]; BAND_ROWS] = std::array::from_fn(|i| {
+                    let kk = k0 + i.min(kb - 1);
+                    &w[kk * n + c0..][..width]
+                });
+                for r in 0..self.m {
+                    let xs: [f32; BAND_ROWS] =
+                        std::array::from_fn(|i| if i < kb { x[r * k + k0 + i] } else { 0.0 });
+                    axpy(&mut y[r * n + c0..][..width], xs, rows);
+                }
+                k0 += kb;
             }
         }
     }

@@ -49,7 +49,7 @@ pub fn inv_freq(config: &ModelConfig) -> Vec<f64> {
                     let smooth =
                         (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
                     let smoothed = (1.0 - smooth) * llama / factor + smooth * llama;
-                    let is_medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
+                    let is_medium = (high_freq_wavelen..=low_freq_wavelen).contains(&wavelen);
                     if is_medium {
                         smoothed
                     } else {

@@ -75,8 +75,8 @@ fn host_block(rows: &[Vec<f32>], b: &Block) -> Option<BlockVerdict> {
         }
     };
     let mut accepted = n;
-    for i in 0..n {
-        let (p, q) = (target(&rows[i], b.temperature, b.top_p)?, q_row(i));
+    for (i, row) in rows.iter().enumerate().take(n) {
+        let (p, q) = (target(row, b.temperature, b.top_p)?, q_row(i));
         let d = b.drafts[i] as usize;
         let lhs = b.accept_u[i] as f64 * q[d];
         if b.temperature > 0.0 && (lhs - p[d]).abs() < MARGIN {
