@@ -105,15 +105,23 @@ impl<B: KernelBackend> Engine<B> {
     }
 
     /// Commits the first `keeps[i]` tokens of each of a step's `items` at once, as
-    /// [`Engine::resolve`] does one by one: the windows of one shape take their keys and values
-    /// from the step's `kv` ([`StepResult::kv`]) in one gather and one scatter per layer. A window holding scratch from an
-    /// earlier step is resolved on its own. Nothing is written unless every keep is valid.
+    /// [`Engine::resolve`] does one by one. `items` are the step's, in its order, and `kv` is its
+    /// [`StepResult::kv`]: the windows of one shape take their keys and values from it in one
+    /// gather and one scatter per layer. A window holding scratch from an earlier step is resolved
+    /// on its own. Nothing is written unless every keep is valid.
     pub fn resolve_step(
         &mut self,
         kv: &[(Tensor<B, 3>, Tensor<B, 3>)],
         items: &[StepItem],
         keeps: &[usize],
     ) -> Result<()> {
+        if keeps.len() != items.len() {
+            return Err(EngineError::InvalidStep(format!(
+                "{} keeps for a step of {} sequences",
+                keeps.len(),
+                items.len()
+            )));
+        }
         let mut planned = Vec::with_capacity(items.len());
         for (item, &keep) in items.iter().zip(keeps) {
             let window = self.window(item.seq)?;

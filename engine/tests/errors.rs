@@ -385,6 +385,28 @@ fn bad_steps_leave_the_engine_usable() {
         matches!(err(e.resolve(1, 1)), EngineError::InvalidStep(_)),
         "resolving past the scratch"
     );
+
+    // A batched commit with a keep per item, or a keep past an item's tokens, writes nothing.
+    e.open(2, spec, 0).unwrap();
+    let items: Vec<StepItem> = [1, 2]
+        .map(|seq| StepItem {
+            seq,
+            tokens: vec![4, 5],
+            logit_rows: 1,
+        })
+        .to_vec();
+    let out = e.step(&items).unwrap();
+    for keeps in [&[2][..], &[2, 3], &[1, 2, 2]] {
+        assert!(matches!(
+            err(e.resolve_step(&out.kv, &items, keeps)),
+            EngineError::InvalidStep(_)
+        ));
+    }
+    assert_eq!(e.window_fill(2), Some((0, 0)));
+    assert_eq!(e.window(2).unwrap().scratch_len(), 2);
+    e.resolve_step(&out.kv, &items, &[2, 1]).unwrap();
+    assert_eq!(e.window_fill(1), Some((tokens.len() as u64 + 2, 7)));
+    assert_eq!(e.window_fill(2), Some((1, 1)));
 }
 
 #[test]

@@ -17,7 +17,7 @@ const TOL: f32 = 1e-3;
 /// of 2 sinks + 6 and one with a window of 5 and no sinks (two pools, two launches per layer),
 /// decode steps, a verify step of which only the first token is kept (the rest rolls back), a
 /// session closed and three opened mid-run (a reused slot, and a pool that grows while it holds
-/// keys), more decode steps.
+/// keys), more decode steps, the last over one session's scratch from the step before.
 fn scripted_run<B: KernelBackend>(engine: &mut Engine<B>, vocab: usize) -> Vec<Vec<f32>>
 where
     Engine<B>: Verifier,
@@ -66,18 +66,20 @@ where
         let keeps: Vec<usize> = items
             .iter()
             .zip(&live)
-            .map(|(item, (_, prompt))| {
-                if verify && prompt.is_empty() {
-                    1
-                } else {
-                    item.tokens.len()
-                }
+            .map(|(item, (_, prompt))| match (round, item.seq) {
+                _ if verify && prompt.is_empty() => 1,
+                // Session 0 keeps round 6's token in its scratch into round 7.
+                (7, 0) => 2,
+                _ => item.tokens.len(),
             })
             .collect();
-        // Commits batched per window shape, except in one round, window by window.
-        if round == 2 {
+        // Commits batched per window shape, except in two rounds, window by window; in round 6
+        // session 0 commits nothing, so round 7 attends over its scratch from an earlier step.
+        if round == 2 || round == 6 {
             for (item, &keep) in items.iter().zip(&keeps) {
-                engine.resolve(item.seq, keep).unwrap();
+                if (round, item.seq) != (6, 0) {
+                    engine.resolve(item.seq, keep).unwrap();
+                }
             }
         } else {
             engine.resolve_step(&out.kv, &items, &keeps).unwrap();
