@@ -27,7 +27,7 @@ where
         WindowSpec::new(0, 5).unwrap(),
     );
     let mut live: Vec<(u64, Vec<u32>)> = Vec::new();
-    let mut open = |engine: &mut Engine<B>, seq: u64, spec, len| {
+    let open = |engine: &mut Engine<B>, seq: u64, spec, len| {
         engine.open(seq, spec, 0).unwrap();
         (seq, random_tokens(40 + seq, len, vocab))
     };
