@@ -120,36 +120,6 @@ impl<B: Backend> KvPool<B> {
         (one(k), one(v))
     }
 
-    /// Writes rows `src..src + len` of `k` and `v` (`[n, kv_heads, head_dim]`, token-major) to
-    /// positions `dst..dst + len` of the window at `slot`, for each `(dst, src, len)` in `runs`.
-    pub fn write(
-        &mut self,
-        spec: WindowSpec,
-        slot: usize,
-        layer: usize,
-        runs: &[(usize, usize, usize)],
-        k: &Tensor<B, 3>,
-        v: &Tensor<B, 3>,
-    ) {
-        let pool = self.pools.get_mut(&spec).expect("the window's pool exists");
-        let [_, h, d] = k.dims();
-        for (store, rows) in [(&mut pool.k[layer], k), (&mut pool.v[layer], v)] {
-            // Taken, not cloned: the pool's only handle lets the backend write in place.
-            let mut t = store
-                .take()
-                .expect("a pool tensor is present between writes");
-            for &(dst, src, len) in runs {
-                let part = rows
-                    .clone()
-                    .slice(src..src + len)
-                    .swap_dims(0, 1)
-                    .reshape([1, h, len, d]);
-                t = t.slice_assign([slot..slot + 1, 0..h, dst..dst + len, 0..d], part);
-            }
-            *store = Some(t);
-        }
-    }
-
     /// Commits rows of one step's keys and values to many windows of shape `spec` at once: row
     /// `rows[i]` of every layer's `(k, v)` in `step` (token-major `[n, kv_heads, head_dim]`) goes to
     /// position `targets[i].1` of the window at slot `targets[i].0`. Per layer one gather and one
@@ -221,8 +191,9 @@ mod tests {
         let (a, b) = (pool.alloc(spec), pool.alloc(spec));
         assert_eq!((a, b, pool.slots(spec)), (0, 1, 2));
         // Window `a` gets tokens at positions 0..2 of layer 1, `b` one token at position 3.
-        pool.write(spec, a, 1, &[(0, 0, 2)], &rows(2, 100.0), &rows(2, 200.0));
-        pool.write(spec, b, 1, &[(3, 1, 1)], &rows(2, 300.0), &rows(2, 400.0));
+        let step = |k: f32, v: f32| [(rows(2, 0.5), rows(2, 0.5)), (rows(2, k), rows(2, v))];
+        pool.commit_rows(spec, &step(100.0, 200.0), &[0, 1], &[(a, 0), (a, 1)]);
+        pool.commit_rows(spec, &step(300.0, 400.0), &[1], &[(b, 3)]);
         let c = pool.alloc(spec);
         assert_eq!(
             (c, pool.slots(spec)),

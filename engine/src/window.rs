@@ -202,12 +202,16 @@ impl<B: Backend> KvWindow<B> {
     /// Commits the first `keep` scratch tokens to the window's slot in `pool`, evicting the oldest
     /// non-sink tokens as needed, and drops the rest of the scratch.
     pub fn resolve(&mut self, keep: usize, pool: &mut KvPool<B>) -> Result<()> {
-        self.check_keep(keep)?;
-        let runs = self.write_runs(keep);
-        for (layer, scratch) in self.scratch.iter().enumerate() {
-            if let Some((k, v)) = scratch {
-                pool.write(self.spec, self.slot, layer, &runs, k, v);
-            }
+        let targets = self.commit_targets(keep)?;
+        // Every layer holds the scratch once a step has appended to it, or none does.
+        let scratch: Option<Vec<(Tensor<B, 3>, Tensor<B, 3>)>> =
+            self.scratch.iter().cloned().collect();
+        if let Some(scratch) = scratch {
+            let (rows, to): (Vec<usize>, Vec<(usize, usize)>) = targets
+                .iter()
+                .map(|&(pos, src)| (src, (self.slot, pos)))
+                .unzip();
+            pool.commit_rows(self.spec, &scratch, &rows, &to);
         }
         self.committed(keep);
         Ok(())
