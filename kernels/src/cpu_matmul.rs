@@ -7,8 +7,10 @@
 //!   band of `W`'s rows front to back, in place, into partial sums of all of `y` (see [`split_k`]).
 //! - Past that, each core owns a range of columns. It walks `W` down in packed strips of [`KB`]
 //!   rows and across in register tiles of [`MR`] rows × [`NR`] columns, so each core reads [`KB`]
-//!   rows of `W` side by side: a handful of sequential streams the prefetcher follows. The
-//!   partial sums of `y` (at most 64 rows of the core's columns) stay in cache between strips.
+//!   rows of `W` side by side. Runs of 512 bytes are too short for the hardware prefetcher, so
+//!   the packing asks for each row's lines [`PREFETCH_ROWS`] rows ahead. The partial sums of `y`
+//!   (at most 64 rows of the core's columns) stay in cache between strips, and `x` is packed
+//!   once per call, each register tile's rows k-major.
 //!
 //! The same loop carries the two epilogues a decoder layer needs: a residual add (the product is
 //! accumulated onto the residual) and the SwiGLU gate product `silu(x · Wg) ⊙ (x · Wu)`.
@@ -21,8 +23,8 @@ pub const NR: usize = 16;
 /// 16 vector registers of AVX2).
 pub const MR: usize = 6;
 /// Rows of `W` in one strip.
-pub const KB: usize = 128;
-/// Columns of a strip packed at once: 512 B from each row, 64 KiB in all (in L2).
+pub const KB: usize = 256;
+/// Columns of a strip packed at once: 512 B from each row, 128 KiB in all (in L2).
 pub const CW: usize = 128;
 /// Up to this many rows, `W` is read in place instead, each core a band of its rows (see
 /// [`split_k`]).
@@ -31,6 +33,8 @@ pub const STREAM_ROWS: usize = 8;
 const BAND_FLOATS: usize = 4096;
 /// Rows of `W` [`band`] adds onto `y` in one pass over a block of `y`.
 const BAND_ROWS: usize = 8;
+/// How many rows ahead [`Block::pack`] asks for `W`'s lines.
+const PREFETCH_ROWS: usize = 8;
 
 /// What happens to the product before it is stored.
 #[derive(Debug, Clone, Copy)]
@@ -121,10 +125,11 @@ fn accumulate_product(
         1
     };
     let per = n.div_ceil(NR).div_ceil(parts) * NR;
+    let xpacked = job.pack_x();
     let run = |p: usize| {
         let cols = (p * per).min(n)..((p + 1) * per).min(n);
         // SAFETY: this task alone writes columns `cols` of `y`, which holds `m * n` floats.
-        unsafe { job.run(cols, out) };
+        unsafe { job.run(cols, out, &xpacked) };
     };
     if parts > 1 {
         (0..parts).into_par_iter().for_each(run);
@@ -155,7 +160,7 @@ impl Block<'_> {
     ///
     /// # Safety
     /// `out` must point to `m * n` floats, and no other thread may touch columns `cols`.
-    unsafe fn run(&self, cols: std::ops::Range<usize>, out: SendPtr) {
+    unsafe fn run(&self, cols: std::ops::Range<usize>, out: SendPtr, xpacked: &[f32]) {
         // Rows of W sit a multiple of 4 KiB apart in common shapes (6144 floats, say), so a strip
         // read in place would fight over a few L1 sets; each chunk of it is packed first.
         let mut packed = vec![0.0f32; KB * CW];
@@ -179,10 +184,8 @@ impl Block<'_> {
                                 a[..nr].copy_from_slice(src);
                             }
                         }
-                        let xs = &self.x[r0 * self.k + k0..];
                         let strip = Strip {
-                            xs,
-                            ldx: self.k,
+                            xs: &xpacked[(r0 / MR * self.k + k0) * MR..][..kb * MR],
                             ws,
                             ldw: NR,
                             kb,
@@ -202,15 +205,37 @@ impl Block<'_> {
         }
     }
 
+    /// `x` as `[tile][K][MR]`: each register tile's rows k-major, so a tile's broadcasts read
+    /// one contiguous run (x's rows sit `k` floats apart, often a multiple of 4 KiB). A short
+    /// last tile is zero-padded to [`MR`] rows.
+    fn pack_x(&self) -> Vec<f32> {
+        let mut packed = vec![0.0f32; self.m.div_ceil(MR) * self.k * MR];
+        for (row, src) in self.x.chunks(self.k).take(self.m).enumerate() {
+            let tile = &mut packed[row / MR * self.k * MR..];
+            for (kk, v) in src.iter().enumerate() {
+                tile[kk * MR + row % MR] = *v;
+            }
+        }
+        packed
+    }
+
     /// Copies `W[k0..k0 + kb, c0..c0 + width]` into `packed` as `[tile][KB][NR]`, the last tile
     /// zero-padded to [`NR`] columns.
     fn pack(&self, k0: usize, kb: usize, c0: usize, width: usize, packed: &mut [f32]) {
         for kk in 0..kb {
+            if kk + PREFETCH_ROWS < kb {
+                prefetch(&self.w[(k0 + kk + PREFETCH_ROWS) * self.n + c0..][..width]);
+            }
             let src = &self.w[(k0 + kk) * self.n + c0..][..width];
             for (t, seg) in src.chunks(NR).enumerate() {
                 let dst = &mut packed[t * KB * NR + kk * NR..][..NR];
-                dst[..seg.len()].copy_from_slice(seg);
-                dst[seg.len()..].fill(0.0);
+                match <&[f32; NR]>::try_from(seg) {
+                    Ok(full) => dst.copy_from_slice(full),
+                    Err(_) => {
+                        dst[..seg.len()].copy_from_slice(seg);
+                        dst[seg.len()..].fill(0.0);
+                    }
+                }
             }
         }
     }
@@ -280,11 +305,10 @@ impl Block<'_> {
     }
 }
 
-/// One register tile's share of a strip: `mr` rows of `x` (stride `ldx`) times `kb` rows of `W`
-/// (stride `ldw`), `nr` columns wide.
+/// One register tile's share of a strip: `mr` rows of `x` (packed k-major, [`MR`] floats per
+/// step) times `kb` rows of `W` (stride `ldw`), `nr` columns wide.
 struct Strip<'a> {
     xs: &'a [f32],
-    ldx: usize,
     ws: &'a [f32],
     ldw: usize,
     kb: usize,
@@ -306,11 +330,24 @@ impl Strip<'_> {
         for kk in 0..self.kb {
             let wr = &self.ws[kk * self.ldw..][..self.nr];
             for (r, a) in acc.iter_mut().enumerate().take(self.mr) {
-                let xv = self.xs[r * self.ldx + kk];
+                let xv = self.xs[kk * MR + r];
                 for (aj, wj) in a.iter_mut().zip(wr) {
                     *aj += xv * wj;
                 }
             }
+        }
+    }
+}
+
+/// Asks for every cache line of `run` to be brought into L1.
+#[inline]
+fn prefetch(run: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in run.chunks(16) {
+        // SAFETY: a prefetch is a hint and reads nothing; the address is inside `run`.
+        unsafe {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast());
         }
     }
 }
@@ -338,7 +375,7 @@ mod avx2 {
     pub unsafe fn product(s: &Strip<'_>, acc: &mut [[f32; NR]; MR]) {
         assert!(s.nr == NR && s.kb > 0 && s.mr > 0);
         assert!(s.ws.len() >= (s.kb - 1) * s.ldw + NR);
-        assert!(s.xs.len() > (s.mr - 1) * s.ldx + s.kb - 1);
+        assert!(s.xs.len() >= s.kb * MR);
         // SAFETY (all arms): the asserts above bound every load.
         unsafe {
             match s.mr {
@@ -393,7 +430,7 @@ mod avx2 {
                 let w0 = _mm256_loadu_ps(wp.add(kk * s.ldw));
                 let w1 = _mm256_loadu_ps(wp.add(kk * s.ldw + 8));
                 for r in 0..R {
-                    let xv = _mm256_broadcast_ss(&*xp.add(r * s.ldx + kk));
+                    let xv = _mm256_broadcast_ss(&*xp.add(kk * MR + r));
                     lo[r] = _mm256_fmadd_ps(xv, w0, lo[r]);
                     hi[r] = _mm256_fmadd_ps(xv, w1, hi[r]);
                 }
@@ -447,6 +484,9 @@ mod tests {
             (3, 1030, 517),
             (8, 520, 300),
             (9, 520, 300),
+            // Several row tiles, a ragged last one, and a strip of K one past a whole one.
+            (17, 257, 70),
+            (64, 600, 200),
         ] {
             let (x, w) = (noise(m * k, 1), noise(k * n, 2));
             let y = skinny_matmul(&x, &w, m, k, n, CpuEpilogue::None);
