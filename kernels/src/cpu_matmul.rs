@@ -29,8 +29,9 @@ pub const CW: usize = 128;
 /// Up to this many rows, `W` is read in place instead, each core a band of its rows (see
 /// [`split_k`]).
 pub const STREAM_ROWS: usize = 8;
-/// Columns of one block of [`band`]: 16 KiB of each row of `W` read in one sequential run.
-const BAND_FLOATS: usize = 4096;
+/// Columns of one block of [`band`]: up to 32 KiB of each row of `W` read in one sequential run
+/// (the whole row in common shapes), while 8 rows of `y` of that width (256 KiB) stay in L2.
+const BAND_FLOATS: usize = 8192;
 /// Rows of `W` [`band`] adds onto `y` in one pass over a block of `y`.
 const BAND_ROWS: usize = 8;
 /// How many rows ahead [`Block::pack`] asks for `W`'s lines.
