@@ -1,4 +1,5 @@
-//! Flex, Burn's CPU backend: the skinny products run the weight-streaming [`cpu_matmul`] kernel.
+//! Flex, Burn's CPU backend: the skinny products run the weight-streaming [`cpu_matmul`] kernel,
+//! and pooled attention runs [`cpu_attention`] on the pool's elements in place.
 
 use burn::backend::flex::FlexTensor;
 use burn::backend::Flex;
@@ -6,9 +7,10 @@ use burn::prelude::*;
 use burn::tensor::{DType, TensorPrimitive};
 
 use crate::accept::verdicts_from_argmax;
+use crate::cpu_attention::{pooled_attention, PooledInputs};
 use crate::cpu_matmul::{skinny_matmul, CpuEpilogue};
-use crate::{enabled, reference, KernelBackend, MAX_SKINNY_ROWS};
-use crate::{BlockVerdict, DraftBlock};
+use crate::{enabled, pool, reference, KernelBackend, MAX_SKINNY_ROWS};
+use crate::{BlockVerdict, DraftBlock, PoolLayout, PooledSeq};
 
 impl KernelBackend for Flex {
     fn skinny_linear(
@@ -76,6 +78,46 @@ impl KernelBackend for Flex {
             .collect();
         verdicts_from_argmax(&argmax, blocks)
     }
+
+    fn has_attention_kernel() -> bool {
+        enabled()
+    }
+
+    fn pooled_attention(
+        q: Tensor<Self, 2>,
+        step_k: Tensor<Self, 2>,
+        step_v: Tensor<Self, 2>,
+        pool_k: &Tensor<Self, 4>,
+        pool_v: &Tensor<Self, 4>,
+        cos: &Tensor<Self, 2>,
+        sin: &Tensor<Self, 2>,
+        seqs: &[PooledSeq],
+        layout: &PoolLayout,
+    ) -> Tensor<Self, 2> {
+        let all_f32 = [&q, &step_k, &step_v, cos, sin]
+            .iter()
+            .all(|t| t.dtype() == DType::F32)
+            && pool_k.dtype() == DType::F32
+            && pool_v.dtype() == DType::F32;
+        if !enabled() || !all_f32 {
+            return pool::reference(q, step_k, step_v, pool_k, pool_v, cos, sin, seqs, layout);
+        }
+        let rows = q.dims()[0];
+        let [q, step_k, step_v, cos, sin] =
+            [q, step_k, step_v, cos.clone(), sin.clone()].map(f32_storage);
+        let [pool_k, pool_v] = [pool_k.clone(), pool_v.clone()].map(f32_storage);
+        let inputs = PooledInputs {
+            q: slice(&q),
+            step_k: slice(&step_k),
+            step_v: slice(&step_v),
+            pool_k: slice(&pool_k),
+            pool_v: slice(&pool_v),
+            cos: slice(&cos),
+            sin: slice(&sin),
+        };
+        let out = pooled_attention(&inputs, seqs, layout, rows);
+        from_rows(out, [rows, layout.heads * layout.head_dim])
+    }
 }
 
 /// Whether the kernel takes this product: few rows, f32 throughout, matching inner sizes.
@@ -90,7 +132,7 @@ fn skinny_f32(x: &Tensor<Flex, 2>, weights: &[&Tensor<Flex, 2>]) -> bool {
 }
 
 /// The tensor's storage, made contiguous when it is a strided view.
-fn f32_storage(t: Tensor<Flex, 2>) -> FlexTensor {
+fn f32_storage<const D: usize>(t: Tensor<Flex, D>) -> FlexTensor {
     let t = t.into_primitive().tensor();
     if t.as_slice::<f32>().is_some() {
         t

@@ -6,7 +6,7 @@
 //! methods are the references, and a backend with a kernel of its own overrides them.
 //!
 //! - Flex (feature `cpu`): the skinny matmul and its SwiGLU and residual epilogues run
-//!   [`cpu_matmul`], a weight-streaming f32 kernel.
+//!   [`cpu_matmul`], a weight-streaming f32 kernel, and pooled attention runs [`cpu_attention`].
 //! - [`set_enabled`] (or `TROUPE_KERNELS=reference`) sends every backend to the references.
 //! - wgpu and CUDA (feature `cube`, which `wgpu` and `cuda` turn on): the skinny matmul with its
 //!   epilogues and greedy acceptance run the CubeCL kernels in [`cube`], fused backend or not.
@@ -15,6 +15,7 @@
 //! - Every other backend (autodiff included) runs the references.
 
 pub mod accept;
+pub mod cpu_attention;
 pub mod cpu_matmul;
 #[cfg(feature = "cube")]
 pub mod cube;

@@ -27,7 +27,7 @@ fn greedy_accept_matches_host() {
 }
 
 #[test]
-fn pooled_attention_reference_matches_host() {
+fn pooled_attention_matches_host() {
     common::pooled_attention_matches_host::<Flex>(&Default::default(), 1e-5);
 }
 

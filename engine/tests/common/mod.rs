@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod reference;
+pub mod scripted;
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
