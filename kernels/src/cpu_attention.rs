@@ -133,8 +133,11 @@ impl<'a> Task<'a> {
         let mut at_index: Vec<f32> = Vec::new();
         let mut at_rank: Vec<f32> = Vec::new();
         let (mut scores, mut qr) = (Vec::new(), vec![0.0f32; hd]);
+        let mut values: Vec<&[f32]> = Vec::new();
         for (i, row) in seq.queries.clone().enumerate() {
             let p = seq.query_index(layout, i);
+            values.clear();
+            values.extend(self.seen(p).map(|j| self.key(j).1));
             let keys: &[f32] = if p < full {
                 // Every key up to `p` is seen, at rank = index.
                 for j in at_index.len() / hd..=p {
@@ -154,7 +157,6 @@ impl<'a> Task<'a> {
                 }
                 &at_rank
             };
-            let n = keys.len() / hd;
             let q_pos = p.min(full - 1);
             for head in 0..group {
                 let qh = &self.inputs.q[(row * h + self.g * group + head) * hd..][..hd];
@@ -168,9 +170,9 @@ impl<'a> Task<'a> {
                     total += *s;
                 }
                 let o = &mut out[(i * group + head) * hd..][..hd];
-                for (t, j) in self.seen(p).enumerate().take(n) {
-                    let w = scores[t] / total;
-                    for (od, vd) in o.iter_mut().zip(self.key(j).1) {
+                for (s, v) in scores.iter().zip(&values) {
+                    let w = s / total;
+                    for (od, vd) in o.iter_mut().zip(*v) {
                         *od += w * vd;
                     }
                 }
