@@ -16,6 +16,8 @@ use std::collections::HashMap;
 use burn::prelude::*;
 use burn::tensor::{DType, IndexingUpdateOp};
 
+use troupe_kernels::KernelBackend;
+
 use crate::window::WindowSpec;
 
 /// The pools of one window shape: per layer, keys and values (`None` only while being written).
@@ -120,11 +122,19 @@ impl<B: Backend> KvPool<B> {
         (one(k), one(v))
     }
 
+    /// Slots allocated for windows of shape `spec` (0 when none is open).
+    pub fn slots(&self, spec: WindowSpec) -> usize {
+        self.pools.get(&spec).map_or(0, |p| p.slots)
+    }
+}
+
+impl<B: KernelBackend> KvPool<B> {
     /// Commits rows of one step's keys and values to many windows of shape `spec` at once: row
     /// `rows[i]` of every layer's `(k, v)` in `step` (token-major `[n, kv_heads, head_dim]`) goes to
-    /// position `targets[i].1` of the window at slot `targets[i].0`. Per layer one gather and one
-    /// scatter for the keys and the same for the values, however many windows; targets must be
-    /// distinct.
+    /// position `targets[i].1` of the window at slot `targets[i].0`, however many windows;
+    /// targets must be distinct. A backend that can writes the rows into the pool in place
+    /// ([`KernelBackend::write_pool_rows`]); elsewhere each layer's keys and values take one
+    /// gather and one scatter.
     pub fn commit_rows(
         &mut self,
         spec: WindowSpec,
@@ -140,33 +150,50 @@ impl<B: Backend> KvPool<B> {
         let (h, d) = (self.kv_heads, self.head_dim);
         // Every head of every row: its row in `[n · kv_heads, head_dim]`, and its (slot, head,
         // position) in the pool.
-        let src: Vec<i64> = rows
+        let src: Vec<usize> = rows
             .iter()
-            .flat_map(|&r| (0..h).map(move |hh| (r * h + hh) as i64))
+            .flat_map(|&r| (0..h).map(move |hh| r * h + hh))
             .collect();
-        let dst: Vec<i64> = targets
+        let dst: Vec<[usize; 3]> = targets
             .iter()
-            .flat_map(|&(slot, pos)| (0..h).flat_map(move |hh| [slot, hh, pos].map(|i| i as i64)))
+            .flat_map(|&(slot, pos)| (0..h).map(move |hh| [slot, hh, pos]))
             .collect();
-        let count = src.len();
-        let src = Tensor::<B, 1, Int>::from_data(TensorData::new(src, [count]), &self.device);
-        let dst = Tensor::<B, 2, Int>::from_data(TensorData::new(dst, [count, 3]), &self.device);
+        // The gather and scatter's index tensors, built when a backend first cannot write in place.
+        let mut indices: Option<(Tensor<B, 1, Int>, Tensor<B, 2, Int>)> = None;
         for (layer, (k, v)) in step.iter().enumerate() {
             for (store, rows) in [(&mut pool.k[layer], k), (&mut pool.v[layer], v)] {
                 let n = rows.dims()[0];
-                let values = rows.clone().reshape([n * h, d]).select(0, src.clone());
+                let rows = rows.clone().reshape([n * h, d]);
                 let t = store
                     .take()
                     .expect("a pool tensor is present between writes");
-                *store = Some(t.scatter_nd(dst.clone(), values, IndexingUpdateOp::Assign));
+                *store = Some(match B::write_pool_rows(t, &rows, &src, &dst) {
+                    Ok(t) => t,
+                    Err(t) => {
+                        let (s, i) =
+                            indices.get_or_insert_with(|| index_tensors(&src, &dst, &self.device));
+                        let values = rows.select(0, s.clone());
+                        t.scatter_nd(i.clone(), values, IndexingUpdateOp::Assign)
+                    }
+                });
             }
         }
     }
+}
 
-    /// Slots allocated for windows of shape `spec` (0 when none is open).
-    pub fn slots(&self, spec: WindowSpec) -> usize {
-        self.pools.get(&spec).map_or(0, |p| p.slots)
-    }
+/// `src` and `dst` as the gather's and the scatter's index tensors.
+fn index_tensors<B: Backend>(
+    src: &[usize],
+    dst: &[[usize; 3]],
+    device: &B::Device,
+) -> (Tensor<B, 1, Int>, Tensor<B, 2, Int>) {
+    let src: Vec<i64> = src.iter().map(|&i| i as i64).collect();
+    let dst: Vec<i64> = dst.iter().flatten().map(|&i| i as i64).collect();
+    let n = src.len();
+    (
+        Tensor::from_data(TensorData::new(src, [n]), device),
+        Tensor::from_data(TensorData::new(dst, [n, 3]), device),
+    )
 }
 
 #[cfg(all(test, feature = "cpu"))]

@@ -12,6 +12,7 @@
 
 use burn::prelude::*;
 use burn::tensor::DType;
+use troupe_kernels::KernelBackend;
 
 use crate::error::{EngineError, Result};
 use crate::kv_pool::KvPool;
@@ -201,7 +202,10 @@ impl<B: Backend> KvWindow<B> {
 
     /// Commits the first `keep` scratch tokens to the window's slot in `pool`, evicting the oldest
     /// non-sink tokens as needed, and drops the rest of the scratch.
-    pub fn resolve(&mut self, keep: usize, pool: &mut KvPool<B>) -> Result<()> {
+    pub fn resolve(&mut self, keep: usize, pool: &mut KvPool<B>) -> Result<()>
+    where
+        B: KernelBackend,
+    {
         let targets = self.commit_targets(keep)?;
         // Every layer holds the scratch once a step has appended to it, or none does.
         let scratch: Option<Vec<(Tensor<B, 3>, Tensor<B, 3>)>> =

@@ -79,6 +79,40 @@ impl KernelBackend for Flex {
         verdicts_from_argmax(&argmax, blocks)
     }
 
+    /// In place when the pool is f32, contiguous and held by nothing else (Flex's own scatter
+    /// copies the whole pool).
+    fn write_pool_rows(
+        pool: Tensor<Self, 4>,
+        rows: &Tensor<Self, 2>,
+        src: &[usize],
+        dst: &[[usize; 3]],
+    ) -> Result<Tensor<Self, 4>, Tensor<Self, 4>> {
+        let [_, kvh, cap, hd] = pool.dims();
+        if !enabled() || pool.dtype() != DType::F32 || rows.dtype() != DType::F32 {
+            return Err(pool);
+        }
+        let mut p = pool.into_primitive().tensor();
+        let whole = p.layout().contiguous_offsets() == Some((0, p.layout().num_elements()));
+        let rows = f32_storage(rows.clone());
+        let written = match p.try_storage_mut::<f32>() {
+            Some(buf) if whole => {
+                let rows = slice(&rows);
+                for (&s, &[slot, head, pos]) in src.iter().zip(dst) {
+                    buf[((slot * kvh + head) * cap + pos) * hd..][..hd]
+                        .copy_from_slice(&rows[s * hd..][..hd]);
+                }
+                true
+            }
+            _ => false,
+        };
+        let pool = Tensor::from_primitive(TensorPrimitive::Float(p));
+        if written {
+            Ok(pool)
+        } else {
+            Err(pool)
+        }
+    }
+
     fn has_attention_kernel() -> bool {
         enabled()
     }

@@ -69,6 +69,21 @@ pub trait KernelBackend: Backend {
         sampled::sampled_accept(logits, blocks)
     }
 
+    /// Writes rows of a step's keys or values into a pool tensor in place, where this backend
+    /// can: row `src[i]` of `rows` (`[n, head_dim]`) goes to `(slot, kv head, position)` `dst[i]`
+    /// of `pool` (`[slots, kv_heads, capacity, head_dim]`). `Err` gives the pool back untouched,
+    /// and the caller writes it with a gather and a scatter instead (the default: those copy the
+    /// pool on backends whose scatter is not in place).
+    fn write_pool_rows(
+        pool: Tensor<Self, 4>,
+        rows: &Tensor<Self, 2>,
+        src: &[usize],
+        dst: &[[usize; 3]],
+    ) -> Result<Tensor<Self, 4>, Tensor<Self, 4>> {
+        let _ = (rows, src, dst);
+        Err(pool)
+    }
+
     /// Whether [`KernelBackend::pooled_attention`] runs a kernel of this backend's own (the engine
     /// then calls it instead of its batched Burn ops; the reference gathers key by key).
     fn has_attention_kernel() -> bool {
