@@ -1,5 +1,6 @@
 //! Flex, Burn's CPU backend: the skinny products run the weight-streaming [`cpu_matmul`] kernel,
-//! and pooled attention runs [`cpu_attention`] on the pool's elements in place.
+//! pooled attention runs [`cpu_attention`] on the pool's elements in place, and sampled
+//! acceptance runs [`cpu_sampled`] on the logit rows.
 
 use burn::backend::flex::FlexTensor;
 use burn::backend::Flex;
@@ -9,8 +10,8 @@ use burn::tensor::{DType, TensorPrimitive};
 use crate::accept::verdicts_from_argmax;
 use crate::cpu_attention::{pooled_attention, PooledInputs};
 use crate::cpu_matmul::{skinny_matmul, CpuEpilogue};
-use crate::{enabled, pool, reference, KernelBackend, MAX_SKINNY_ROWS};
-use crate::{BlockVerdict, DraftBlock, PoolLayout, PooledSeq};
+use crate::{cpu_sampled, enabled, pool, reference, sampled, KernelBackend, MAX_SKINNY_ROWS};
+use crate::{BlockVerdict, DraftBlock, PoolLayout, PooledSeq, SampledBlock};
 
 impl KernelBackend for Flex {
     fn skinny_linear(
@@ -77,6 +78,16 @@ impl KernelBackend for Flex {
             .map(|t| t as u32)
             .collect();
         verdicts_from_argmax(&argmax, blocks)
+    }
+
+    /// On the rows where they are, each block only up to its first rejection.
+    fn sampled_accept(logits: Tensor<Self, 2>, blocks: &[SampledBlock<'_>]) -> Vec<BlockVerdict> {
+        if !enabled() || logits.dtype() != DType::F32 {
+            return sampled::sampled_accept(logits, blocks);
+        }
+        let vocab = logits.dims()[1];
+        let logits = f32_storage(logits);
+        cpu_sampled::sampled_accept(slice(&logits), vocab, blocks)
     }
 
     /// In place when the pool is f32, contiguous and held by nothing else (Flex's own scatter

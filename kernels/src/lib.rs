@@ -6,17 +6,19 @@
 //! methods are the references, and a backend with a kernel of its own overrides them.
 //!
 //! - Flex (feature `cpu`): the skinny matmul and its SwiGLU and residual epilogues run
-//!   [`cpu_matmul`], a weight-streaming f32 kernel, and pooled attention runs [`cpu_attention`].
+//!   [`cpu_matmul`], a weight-streaming f32 kernel; pooled attention runs [`cpu_attention`] and
+//!   rejection-sampling acceptance [`cpu_sampled`], both on the host memory Flex computes in.
 //! - [`set_enabled`] (or `TROUPE_KERNELS=reference`) sends every backend to the references.
 //! - wgpu and CUDA (feature `cube`, which `wgpu` and `cuda` turn on): the skinny matmul with its
 //!   epilogues and greedy acceptance run the CubeCL kernels in [`cube`], fused backend or not.
-//! - Rejection-sampling acceptance ([`sampled`]) runs as Burn tensor ops on every backend, so a
-//!   sampled verify step reads back two integers per block rather than its logit rows.
+//! - Rejection-sampling acceptance ([`sampled`]) runs as Burn tensor ops on every other backend,
+//!   so a sampled verify step reads back two integers per block rather than its logit rows.
 //! - Every other backend (autodiff included) runs the references.
 
 pub mod accept;
 pub mod cpu_attention;
 pub mod cpu_matmul;
+pub mod cpu_sampled;
 #[cfg(feature = "cube")]
 pub mod cube;
 #[cfg(feature = "cpu")]

@@ -35,3 +35,8 @@ fn pooled_attention_matches_host() {
 fn sampled_accept_matches_host() {
     common::sampled::sampled_accept_matches_host::<Flex>(&Default::default());
 }
+
+#[test]
+fn draft_outside_the_nucleus_is_rejected() {
+    common::sampled::draft_outside_the_nucleus_is_rejected::<Flex>(&Default::default());
+}

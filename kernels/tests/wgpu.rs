@@ -39,3 +39,9 @@ fn pooled_attention_matches_host() {
 fn sampled_accept_matches_host() {
     common::sampled::sampled_accept_matches_host::<Wgpu>(&Default::default());
 }
+
+#[test]
+fn draft_outside_the_nucleus_is_rejected() {
+    common::sampled::draft_outside_the_nucleus_is_rejected::<Wgpu>(&Default::default());
+    common::sampled::draft_outside_the_nucleus_is_rejected::<Plain>(&Default::default());
+}

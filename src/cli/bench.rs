@@ -22,6 +22,8 @@ pub mod decode;
 pub mod demo;
 #[path = "bench_kernels.rs"]
 pub mod kernels;
+#[path = "bench_kernels_accept.rs"]
+pub mod kernels_accept;
 #[path = "bench_kernels_attention.rs"]
 pub mod kernels_attention;
 #[path = "bench_persona.rs"]

@@ -2,7 +2,9 @@
 //! bandwidth floor (the bytes it must read and write over the device's measured copy bandwidth).
 //! Then a chain of decoder layers shaped like Qwen3-1.7B (seven projections and the SwiGLU gate
 //! per layer, no attention), once through the kernels and once through Burn's ops. Where the
-//! backend has an attention kernel, the pooled sink-window attention over full windows too.
+//! backend has an attention kernel, the pooled sink-window attention over full windows too. Last,
+//! one verify step's acceptance, greedy and sampled, decided on the device against every logit row
+//! read back and decided on the host (that row's `burn_ms`).
 
 use std::time::Instant;
 
@@ -11,9 +13,10 @@ use burn::prelude::*;
 use burn::tensor::{DType, Distribution};
 use serde::Serialize;
 use serde_json::json;
-use troupe::engine::DeviceKind;
+use troupe::engine::{DeviceKind, SamplingParams};
 use troupe::kernels::{reference, set_enabled, KernelBackend};
 
+use super::kernels_accept::{AcceptCase, AcceptShape};
 use super::kernels_attention::{AttentionCase, AttentionShape};
 use super::plot::{lines, Axes, Series};
 use super::{finish, markdown, median, progress, Case, Env};
@@ -35,6 +38,8 @@ pub struct KernelsPlan {
     pub attention: AttentionShape,
     /// Query tokens per session in the attention rows (decode, verify).
     pub attention_queries: Vec<usize>,
+    /// The verify step of the acceptance rows.
+    pub accept: AcceptShape,
     /// Untimed runs before each measurement.
     pub warmup: usize,
     /// Timed runs; the median is reported.
@@ -78,6 +83,11 @@ impl KernelsPlan {
                     window: 60,
                 },
                 attention_queries: vec![1, 5],
+                accept: AcceptShape {
+                    blocks: 4,
+                    drafts: 4,
+                    vocab: 4096,
+                },
                 warmup: 1,
                 reps: 3,
             }
@@ -103,6 +113,12 @@ impl KernelsPlan {
                     window: 1020,
                 },
                 attention_queries: vec![1, 5],
+                // 8 sessions' blocks of 4 drafts over Qwen3's vocabulary.
+                accept: AcceptShape {
+                    blocks: 8,
+                    drafts: 4,
+                    vocab: 151_936,
+                },
                 warmup: 3,
                 reps: 15,
             }
@@ -113,7 +129,8 @@ impl KernelsPlan {
 /// One measured kernel and shape, in the fields.
 #[derive(Debug, Clone, Serialize)]
 pub struct KernelRow {
-    /// `linear`, `linear+residual`, `swiglu`, `chain28` or `pooled_attention`.
+    /// `linear`, `linear+residual`, `swiglu`, `chain28`, `pooled_attention`, `greedy_accept` or
+    /// `sampled_accept`.
     pub kernel: String,
     /// The shape, as `m x k x n` (or what the kernel takes).
     pub shape: String,
@@ -125,7 +142,8 @@ pub struct KernelRow {
     pub ms: f64,
     /// Bytes the kernel must move over `ms`.
     pub gb_s: f64,
-    /// Median time of Burn's own ops on the same inputs.
+    /// Median time of Burn's own ops on the same inputs (for acceptance: of reading every logit
+    /// row back and deciding on the host).
     pub burn_ms: f64,
     /// Bytes over the device's copy bandwidth.
     pub floor_ms: f64,
@@ -186,7 +204,7 @@ fn run_on<B: KernelBackend>(
         &[]
     };
     let per_dtype = 3 * plan.rows.len() + plan.chain_rows.len() + attention.len();
-    let bar = progress((dtypes.len() * per_dtype + 1) as u64, "kernels");
+    let bar = progress((dtypes.len() * per_dtype + 3) as u64, "kernels");
     let mut rows = Vec::new();
     let timer = Timer::<B> {
         plan,
@@ -276,6 +294,27 @@ fn run_on<B: KernelBackend>(
             ));
             bar.inc(1);
         }
+    }
+    let sampled = SamplingParams {
+        temperature: 0.8,
+        top_p: 0.9,
+    };
+    for (kernel, params) in [
+        ("greedy_accept", SamplingParams::greedy()),
+        ("sampled_accept", sampled),
+    ] {
+        let case = AcceptCase::<B>::new(plan.accept, params, &device);
+        let times = timer.pair(|| case.device(), || case.host());
+        rows.push(KernelRow::new(
+            kernel.into(),
+            case.label(),
+            DType::F32,
+            env,
+            case.bytes(),
+            times,
+            copy_gb_s,
+        ));
+        bar.inc(1);
     }
     bar.finish_and_clear();
     let table = markdown(

@@ -236,3 +236,29 @@ pub fn sampled_accept_matches_host<B: KernelBackend>(device: &B::Device) {
     assert_eq!(B::sampled_accept(logits.clone(), &views), want, "backend");
     assert_eq!(sampled_accept(logits, &views), want, "reference");
 }
+
+/// A draft the nucleus leaves out has `p(d) = 0`, so even a zero uniform rejects it (the test is
+/// strict), and the block adds the nucleus's one token.
+pub fn draft_outside_the_nucleus_is_rejected<B: KernelBackend>(device: &B::Device) {
+    let vocab = 8;
+    // Row 0 keeps only token 0 at top_p 0.5 (p = e^5 / (e^5 + e^4 + 6) ≈ 0.71).
+    let mut host_logits = vec![0.0f32; 2 * vocab];
+    host_logits[0] = 5.0;
+    host_logits[1] = 4.0;
+    host_logits[vocab] = 1.0;
+    let logits = Tensor::<B, 2>::from_data(TensorData::new(host_logits, [2, vocab]), device);
+    let block = SampledBlock {
+        drafts: &[7],
+        draft_probs: None,
+        temperature: 1.0,
+        top_p: 0.5,
+        accept_u: &[0.0],
+        draw_u: 0.5,
+    };
+    let want = vec![BlockVerdict {
+        accepted: 0,
+        token: 0,
+    }];
+    assert_eq!(B::sampled_accept(logits.clone(), &[block]), want, "backend");
+    assert_eq!(sampled_accept(logits, &[block]), want, "reference");
+}
