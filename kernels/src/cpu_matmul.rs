@@ -114,7 +114,7 @@ fn accumulate_product(
         n,
         accumulate,
     };
-    let big = m * k * n >= 1 << 20;
+    let big = m * k * n >= 1 << 22;
     if m <= STREAM_ROWS {
         return job.split_k(y, big);
     }
