@@ -480,9 +480,11 @@ mod tests {
             (7, 300, 300),
             (13, 9, 513),
             (3, 0, 5),
-            // Large enough to split: bands of K on each core, then columns.
             (1, 1030, 1100),
             (3, 1030, 517),
+            // Large enough to split over the cores: bands of K, then columns.
+            (2, 2050, 1030),
+            (10, 700, 601),
             (8, 520, 300),
             (9, 520, 300),
             // Several row tiles, a ragged last one, and a strip of K one past a whole one.
