@@ -6,8 +6,11 @@
 //! rotates each at its rank in what a query sees, and serves every query head of its GQA group
 //! from those rotated keys, with f32 scores, a max-subtracted softmax and f32 sums. Until a
 //! session's window has overflowed every key's rank is its context index, so the rotated keys are
-//! computed once for all of its queries; after that a query's window keys are rotated at its own
-//! ranks.
+//! computed once for all of its queries. After that each query ranks its window keys one lower
+//! than the query before it; since a score depends on positions only through their difference,
+//! the keys are rotated once, for the first such query, and each later query is rotated as many
+//! positions further instead (when the RoPE table reaches that far; otherwise each query rotates
+//! its keys at its own ranks).
 
 use rayon::prelude::*;
 
@@ -131,6 +134,7 @@ impl<'a> Task<'a> {
         let mut out = vec![0.0f32; seq.queries.len() * group * hd];
         // Keys rotated at their context index: every key's rank until the window overflows.
         let mut at_index: Vec<f32> = Vec::new();
+        let shifted = self.shifted();
         let mut at_rank: Vec<f32> = Vec::new();
         let (mut scores, mut qr) = (Vec::new(), vec![0.0f32; hd]);
         let mut values: Vec<&[f32]> = Vec::new();
@@ -138,14 +142,28 @@ impl<'a> Task<'a> {
             let p = seq.query_index(layout, i);
             values.clear();
             values.extend(self.seen(p).map(|j| self.key(j).1));
-            let keys: &[f32] = if p < full {
+            // The rotated keys the query sees, in rank order, in runs that each pair with the
+            // query rotated at one position.
+            let runs: [(&[f32], usize); 2] = if p < full {
                 // Every key up to `p` is seen, at rank = index.
                 for j in at_index.len() / hd..=p {
                     let start = at_index.len();
                     at_index.resize(start + hd, 0.0);
                     self.rotate(self.key(j).0, j, &mut at_index[start..]);
                 }
-                &at_index[..(p + 1) * hd]
+                [(&at_index[..(p + 1) * hd], p), (&[], 0)]
+            } else if let Some(sh) = shifted.as_ref().filter(|sh| p >= sh.first) {
+                // Scores depend on positions only through their difference: the window keys
+                // rotated for the step's first overflowed query serve a later one with the query
+                // rotated as many positions further.
+                let from = (p + 1 - layout.window - sh.from) * hd;
+                [
+                    (&sh.sinks[..], full - 1),
+                    (
+                        &sh.window[from..from + layout.window * hd],
+                        full - 1 + p - sh.first,
+                    ),
+                ]
             } else {
                 // The sinks at their own index, then the latest `window - 1` keys and the query's
                 // own, ranked right after them.
@@ -155,14 +173,15 @@ impl<'a> Task<'a> {
                     at_rank.resize(start + hd, 0.0);
                     self.rotate(self.key(j).0, rank, &mut at_rank[start..]);
                 }
-                &at_rank
+                [(&at_rank[..], full - 1), (&[], 0)]
             };
-            let q_pos = p.min(full - 1);
             for head in 0..group {
                 let qh = &self.inputs.q[(row * h + self.g * group + head) * hd..][..hd];
-                self.rotate(qh, q_pos, &mut qr);
                 scores.clear();
-                scores.extend(keys.chunks_exact(hd).map(|k| dot(&qr, k) * scale));
+                for &(keys, q_pos) in runs.iter().filter(|r| !r.0.is_empty()) {
+                    self.rotate(qh, q_pos, &mut qr);
+                    scores.extend(keys.chunks_exact(hd).map(|k| dot(&qr, k) * scale));
+                }
                 let top = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let mut total = 0.0f32;
                 for s in scores.iter_mut() {
@@ -179,6 +198,38 @@ impl<'a> Task<'a> {
             }
         }
         out
+    }
+
+    /// For a step whose queries overflow the window: the sinks rotated at their index, and every
+    /// window key of those queries rotated at the rank the first of them gives it. `None` when
+    /// no query overflows or the RoPE table stops short of the later queries' positions.
+    fn shifted(&self) -> Option<Shifted> {
+        let (layout, seq) = (self.layout, self.seq);
+        let (hd, full) = (layout.head_dim, layout.capacity());
+        let n = seq.queries.len();
+        let first = (0..n)
+            .map(|i| seq.query_index(layout, i))
+            .find(|&p| p >= full)?;
+        let last = seq.query_index(layout, n - 1);
+        if full - 1 + last - first >= self.inputs.cos.len() / hd {
+            return None;
+        }
+        let from = first + 1 - layout.window;
+        let mut sinks = vec![0.0f32; layout.sink * hd];
+        for (j, out) in sinks.chunks_exact_mut(hd).enumerate() {
+            self.rotate(self.key(j).0, j, out);
+        }
+        let mut window = vec![0.0f32; (last + 1 - from) * hd];
+        for (t, out) in window.chunks_exact_mut(hd).enumerate() {
+            let j = from + t;
+            self.rotate(self.key(j).0, j + full - 1 - first, out);
+        }
+        Some(Shifted {
+            first,
+            from,
+            sinks,
+            window,
+        })
     }
 
     /// The context indices query `p` sees, in rank order: the sinks, then the latest `window`
@@ -200,6 +251,18 @@ impl<'a> Task<'a> {
             out[d + half] = x[d + half] * cos[d + half] + x[d] * sin[d + half];
         }
     }
+}
+
+/// Keys rotated once for all of a step's overflowed queries (see [`Task::shifted`]).
+struct Shifted {
+    /// Context index of the first overflowed query.
+    first: usize,
+    /// Context index of the first key in `window`.
+    from: usize,
+    /// `[sink, head_dim]`: the sinks at their index.
+    sinks: Vec<f32>,
+    /// `[keys, head_dim]`: keys `from..` at their rank for query `first`.
+    window: Vec<f32>,
 }
 
 /// Where one head of a key sits: an offset into the pool or into the step's rows.

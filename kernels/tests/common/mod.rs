@@ -218,7 +218,9 @@ pub fn pooled_attention_matches_host<B: KernelBackend>(device: &B::Device, tol: 
         let step_k = uniform(step_rows * kvh * hd, &mut seed);
         let step_v = uniform(step_rows * kvh * hd, &mut seed);
         let q = uniform(q_rows * h * hd, &mut seed);
-        let (cos, sin) = rope_table(cap, hd);
+        // Positions up to the window's, and a table that reaches further (which a kernel may use
+        // for the later queries of a step).
+        let (cos, sin) = rope_table(cap + 16, hd);
         // Slots spread out; query rows in the reverse order of the step rows.
         let mut seqs = Vec::new();
         let (mut k0, mut q_end) = (0, q_rows);
@@ -300,36 +302,51 @@ pub fn pooled_attention_matches_host<B: KernelBackend>(device: &B::Device, tol: 
         let t4 = |v: &[f32]| {
             Tensor::<B, 4>::from_data(TensorData::new(v.to_vec(), [slots, kvh, cap, hd]), device)
         };
-        let args = (
+        let want = Tensor::<B, 2>::from_data(
+            TensorData::new(want.iter().map(|&x| x as f32).collect(), [q_rows, h * hd]),
+            device,
+        );
+        let (qt, sk, sv, pk, pv) = (
             t2(&q, q_rows, h * hd),
             t2(&step_k, step_rows, kvh * hd),
             t2(&step_v, step_rows, kvh * hd),
             t4(&pool_k),
             t4(&pool_v),
-            t2(&cos, cap, hd),
-            t2(&sin, cap, hd),
         );
-        let want = Tensor::<B, 2>::from_data(
-            TensorData::new(want.iter().map(|&x| x as f32).collect(), [q_rows, h * hd]),
-            device,
-        );
-        let (qt, sk, sv, pk, pv, ct, st) = args;
-        let got = B::pooled_attention(
-            qt.clone(),
-            sk.clone(),
-            sv.clone(),
-            &pk,
-            &pv,
-            &ct,
-            &st,
-            &seqs,
-            layout,
-        );
-        let e = rel_err(got, want.clone());
-        assert!(e < tol, "pooled attention {layout:?}: error {e}");
-        let reference =
-            troupe_kernels::pool::reference(qt, sk, sv, &pk, &pv, &ct, &st, &seqs, layout);
-        let e = rel_err(reference, want);
-        assert!(e < tol, "pooled attention reference {layout:?}: error {e}");
+        for positions in [cap, cap + 16] {
+            let (ct, st) = (
+                t2(&cos[..positions * hd], positions, hd),
+                t2(&sin[..positions * hd], positions, hd),
+            );
+            let got = B::pooled_attention(
+                qt.clone(),
+                sk.clone(),
+                sv.clone(),
+                &pk,
+                &pv,
+                &ct,
+                &st,
+                &seqs,
+                layout,
+            );
+            let e = rel_err(got, want.clone());
+            assert!(
+                e < tol,
+                "pooled attention {layout:?}, {positions} positions: error {e}"
+            );
+            let reference = troupe_kernels::pool::reference(
+                qt.clone(),
+                sk.clone(),
+                sv.clone(),
+                &pk,
+                &pv,
+                &ct,
+                &st,
+                &seqs,
+                layout,
+            );
+            let e = rel_err(reference, want.clone());
+            assert!(e < tol, "pooled attention reference {layout:?}: error {e}");
+        }
     }
 }
