@@ -106,8 +106,8 @@ impl<B: KernelBackend> Engine<B> {
 
     /// Commits the first `keeps[i]` tokens of each of a step's `items` at once, as
     /// [`Engine::resolve`] does one by one. `items` are the step's, in its order, and `kv` is its
-    /// [`StepResult::kv`]: the windows of one shape take their keys and values from it in one
-    /// gather and one scatter per layer. A window holding scratch from an earlier step is resolved
+    /// [`StepResult::kv`]: the windows of one shape take their keys and values from it in one write
+    /// per layer ([`KvPool::commit_rows`]). A window holding scratch from an earlier step is resolved
     /// on its own. Nothing is written unless every keep is valid.
     pub fn resolve_step(
         &mut self,

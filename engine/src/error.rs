@@ -86,7 +86,7 @@ pub enum EngineError {
     /// The tokenizer could not be loaded or used.
     #[error("tokenizer error ({path}): {reason}")]
     Tokenizer {
-        /// The tokenizer file, or "<memory>".
+        /// The tokenizer file, or `<memory>`.
         path: PathBuf,
         /// What the tokenizers crate said.
         reason: String,

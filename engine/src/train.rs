@@ -105,7 +105,7 @@ impl Corpus {
 /// One parameter's moment tensor, on the backend without autodiff.
 pub type Moment<B> = Tensor<<B as AutodiffBackend>::InnerBackend, 2>;
 
-/// AdamW moments of every parameter, in the order [`params`] lists them.
+/// AdamW moments of every parameter, in the order `params` lists them.
 pub struct AdamW<B: AutodiffBackend> {
     m: Vec<Tensor<B::InnerBackend, 2>>,
     v: Vec<Tensor<B::InnerBackend, 2>>,
@@ -265,7 +265,7 @@ impl<B: AutodiffBackend> AdamW<B> {
         with_params(model, updated, &model.device)
     }
 
-    /// The moments in [`params`] order, for a checkpoint.
+    /// The moments in `params` order, for a checkpoint.
     pub fn moments(&self) -> [&[Moment<B>]; 2] {
         [&self.m, &self.v]
     }

@@ -4,11 +4,11 @@
 //! weight bytes, and the kernel's one job is to stream them at memory speed. Every weight byte is
 //! read once per call, in one of two ways:
 //! - Up to [`STREAM_ROWS`] rows there is little arithmetic per byte. Each core reads a contiguous
-//!   band of `W`'s rows front to back, in place, into partial sums of all of `y` (see [`split_k`]).
+//!   band of `W`'s rows front to back, in place, into partial sums of all of `y` (see `Block::split_k`).
 //! - Past that, each core owns a range of columns. It walks `W` down in packed strips of [`KB`]
 //!   rows and across in register tiles of [`MR`] rows × [`NR`] columns, so each core reads [`KB`]
 //!   rows of `W` side by side. Runs of 512 bytes are too short for the hardware prefetcher, so
-//!   the packing asks for each row's lines [`PREFETCH_ROWS`] rows ahead. The partial sums of `y`
+//!   the packing asks for each row's lines `PREFETCH_ROWS` rows ahead. The partial sums of `y`
 //!   (at most 64 rows of the core's columns) stay in cache between strips, and `x` is packed
 //!   once per call, each register tile's rows k-major.
 //!
@@ -27,7 +27,7 @@ pub const KB: usize = 256;
 /// Columns of a strip packed at once: 512 B from each row, 128 KiB in all (in L2).
 pub const CW: usize = 128;
 /// Up to this many rows, `W` is read in place instead, each core a band of its rows (see
-/// [`split_k`]).
+/// `Block::split_k`).
 pub const STREAM_ROWS: usize = 8;
 /// Columns of one block of [`band`]: up to 32 KiB of each row of `W` read in one sequential run
 /// (the whole row in common shapes), while 8 rows of `y` of that width (256 KiB) stay in L2.

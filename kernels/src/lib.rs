@@ -1,5 +1,5 @@
 //! troupe's compute kernels for the decode and verify step, each with a reference in plain Burn
-//! tensor ops ([`reference`]).
+//! tensor ops ([`mod@reference`]).
 //!
 //! A step multiplies a few rows by every weight, attends over bounded windows, and decides how many
 //! drafts to keep. [`KernelBackend`] is the one switch the engine calls through: its default
@@ -10,7 +10,7 @@
 //!   rejection-sampling acceptance [`cpu_sampled`], both on the host memory Flex computes in.
 //! - [`set_enabled`] (or `TROUPE_KERNELS=reference`) sends every backend to the references.
 //! - wgpu and CUDA (feature `cube`, which `wgpu` and `cuda` turn on): the skinny matmul with its
-//!   epilogues and greedy acceptance run the CubeCL kernels in [`cube`], fused backend or not.
+//!   epilogues and greedy acceptance run the CubeCL kernels in `cube`, fused backend or not.
 //! - Rejection-sampling acceptance ([`sampled`]) runs as Burn tensor ops on every other backend,
 //!   so a sampled verify step reads back two integers per block rather than its logit rows.
 //! - Every other backend (autodiff included) runs the references.
