@@ -313,7 +313,11 @@ fn kernels_case_reports_every_kernel_and_shape_beside_burn() {
     let v = written(dir.path(), Case::Kernels);
     positive(&v, "copy_gb_s");
     let rows = v["rows"].as_array().expect("rows");
-    assert_eq!(rows.len(), 3 * plan.rows.len() + plan.chain_rows.len());
+    // The CPU has an attention kernel: its rows come too, then greedy and sampled acceptance.
+    assert_eq!(
+        rows.len(),
+        3 * plan.rows.len() + plan.chain_rows.len() + plan.attention_queries.len() + 2
+    );
     for r in rows {
         for key in ["ms", "gb_s", "burn_ms", "floor_ms"] {
             positive(r, key);
@@ -325,9 +329,24 @@ fn kernels_case_reports_every_kernel_and_shape_beside_burn() {
         assert!((ratio - 1.0).abs() < 1e-6, "gb_s and floor disagree in {r}");
     }
     let kinds: Vec<&str> = rows.iter().map(|r| r["kernel"].as_str().unwrap()).collect();
-    for k in ["linear", "linear+residual", "swiglu", "chain2"] {
+    for k in [
+        "linear",
+        "linear+residual",
+        "swiglu",
+        "chain2",
+        "pooled_attention",
+        "greedy_accept",
+        "sampled_accept",
+    ] {
         assert!(kinds.contains(&k), "{k} missing");
     }
+    let a = plan.accept;
+    let accept = format!("{}x{}x{}", a.blocks, a.drafts + 1, a.vocab);
+    assert_eq!(
+        &kinds[kinds.len() - 2..],
+        ["greedy_accept", "sampled_accept"]
+    );
+    assert!(rows[rows.len() - 2..].iter().all(|r| r["shape"] == accept));
     for (r, m) in rows.iter().zip(plan.rows.iter().flat_map(|&m| [m; 3])) {
         assert_eq!(
             r["shape"],
