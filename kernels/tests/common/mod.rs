@@ -202,6 +202,19 @@ fn uniform(n: usize, seed: &mut u64) -> Vec<f32> {
         .collect()
 }
 
+/// The signature [`KernelBackend::pooled_attention`] and its reference share.
+type Attend<B> = fn(
+    Tensor<B, 2>,
+    Tensor<B, 2>,
+    Tensor<B, 2>,
+    &Tensor<B, 4>,
+    &Tensor<B, 4>,
+    &Tensor<B, 2>,
+    &Tensor<B, 2>,
+    &[PooledSeq],
+    &PoolLayout,
+) -> Tensor<B, 2>;
+
 /// Pooled attention against a host computation from first principles: the stream's held tokens
 /// are the sinks and the latest `window` committed ones, a query sees the sinks and the latest
 /// `window` context keys up to itself, and every position is a rank in what it sees.
@@ -318,35 +331,28 @@ pub fn pooled_attention_matches_host<B: KernelBackend>(device: &B::Device, tol: 
                 t2(&cos[..positions * hd], positions, hd),
                 t2(&sin[..positions * hd], positions, hd),
             );
-            let got = B::pooled_attention(
-                qt.clone(),
-                sk.clone(),
-                sv.clone(),
-                &pk,
-                &pv,
-                &ct,
-                &st,
-                &seqs,
-                layout,
-            );
-            let e = rel_err(got, want.clone());
-            assert!(
-                e < tol,
-                "pooled attention {layout:?}, {positions} positions: error {e}"
-            );
-            let reference = troupe_kernels::pool::reference(
-                qt.clone(),
-                sk.clone(),
-                sv.clone(),
-                &pk,
-                &pv,
-                &ct,
-                &st,
-                &seqs,
-                layout,
-            );
-            let e = rel_err(reference, want.clone());
-            assert!(e < tol, "pooled attention reference {layout:?}: error {e}");
+            let paths: [(&str, Attend<B>); 2] = [
+                ("backend", B::pooled_attention),
+                ("reference", troupe_kernels::pool::reference::<B>),
+            ];
+            for (path, attend) in paths {
+                let got = attend(
+                    qt.clone(),
+                    sk.clone(),
+                    sv.clone(),
+                    &pk,
+                    &pv,
+                    &ct,
+                    &st,
+                    &seqs,
+                    layout,
+                );
+                let e = rel_err(got, want.clone());
+                assert!(
+                    e < tol,
+                    "pooled attention, {path}, {layout:?}, {positions} positions: error {e}"
+                );
+            }
         }
     }
 }
