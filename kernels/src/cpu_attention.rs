@@ -113,14 +113,16 @@ impl<'a> Task<'a> {
             self.layout.head_dim,
             self.layout.capacity(),
         );
-        let at = match self.seq.key_at(self.layout, j) {
-            KeyAt::Pool(s) => Place::Pool(((self.seq.slot * kvh + self.g) * cap + s) * hd),
-            KeyAt::Step(r) => Place::Step((r * kvh + self.g) * hd),
-        };
         let i = self.inputs;
-        match at {
-            Place::Pool(o) => (&i.pool_k[o..o + hd], &i.pool_v[o..o + hd]),
-            Place::Step(o) => (&i.step_k[o..o + hd], &i.step_v[o..o + hd]),
+        match self.seq.key_at(self.layout, j) {
+            KeyAt::Pool(s) => {
+                let o = ((self.seq.slot * kvh + self.g) * cap + s) * hd;
+                (&i.pool_k[o..o + hd], &i.pool_v[o..o + hd])
+            }
+            KeyAt::Step(r) => {
+                let o = (r * kvh + self.g) * hd;
+                (&i.step_k[o..o + hd], &i.step_v[o..o + hd])
+            }
         }
     }
 
@@ -263,12 +265,6 @@ struct Shifted {
     sinks: Vec<f32>,
     /// `[keys, head_dim]`: keys `from..` at their rank for query `first`.
     window: Vec<f32>,
-}
-
-/// Where one head of a key sits: an offset into the pool or into the step's rows.
-enum Place {
-    Pool(usize),
-    Step(usize),
 }
 
 /// `Σ a_i · b_i` in eight independent lanes, so the compiler can keep them in one vector.

@@ -127,7 +127,7 @@ fn distribution(logits: &[f32], t: f32, top_p: f32, p: &mut [f32]) {
         total += *pi;
     }
     let mut kept = 0.0f32;
-    let threshold = nucleus_threshold(p, top_p * total);
+    let threshold = nucleus_threshold(p, total, top_p * total);
     for pi in p.iter_mut() {
         if *pi < threshold {
             *pi = 0.0;
@@ -140,9 +140,8 @@ fn distribution(logits: &[f32], t: f32, top_p: f32, p: &mut [f32]) {
 }
 
 /// The largest `t` such that the values at or above `t` hold at least `mass` (0 when even all of
-/// them fall short, so that every token stays). `values` are non-negative.
-fn nucleus_threshold(values: &[f32], mass: f32) -> f32 {
-    let total: f32 = values.iter().sum();
+/// them, `total`, fall short, so that every token stays). `values` are non-negative.
+fn nucleus_threshold(values: &[f32], total: f32, mass: f32) -> f32 {
     if mass >= total {
         return 0.0;
     }

@@ -104,9 +104,9 @@ impl KernelBackend for Flex {
         }
         let mut p = pool.into_primitive().tensor();
         let whole = p.layout().contiguous_offsets() == Some((0, p.layout().num_elements()));
-        let rows = f32_storage(rows.clone());
         let written = match p.try_storage_mut::<f32>() {
             Some(buf) if whole => {
+                let rows = f32_storage(rows.clone());
                 let rows = slice(&rows);
                 for (&s, &[slot, head, pos]) in src.iter().zip(dst) {
                     buf[((slot * kvh + head) * cap + pos) * hd..][..hd]
