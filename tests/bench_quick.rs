@@ -1,16 +1,12 @@
 //! Each `troupe bench` case, run in-process on a tiny plan into a temp dir: the JSON it writes has
 //! every field, with sane values. How fast anything runs is not checked here.
 
-#[allow(dead_code)]
-#[path = "../src/cli/bench.rs"]
-mod bench;
-
 use std::path::Path;
 use std::time::Duration;
 
-use bench::{batching, capacity, kernels, persona, rtt, spec, step, Case, Env};
 use serde_json::{json, Value};
 use troupe::engine::ModelConfig;
+use troupe_bench::{batching, capacity, kernels, persona, rtt, spec, step, Case, Env};
 
 fn tiny() -> ModelConfig {
     let mut c = ModelConfig::preset("tiny").expect("preset");

@@ -1,7 +1,6 @@
 //! 64 concurrent sessions against the scripted model with an injected 50 ms verifier delay: all
 //! complete, steps really batch, and the runtime adds little to each turn beyond model time.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::join_all;
@@ -19,36 +18,26 @@ async fn sixty_four_sessions_with_a_50ms_verifier_all_complete_and_batch() {
         "step",
         Duration::from_millis(DELAY_MS as u64),
     );
-    let rt = RuntimeBuilder::new(Arc::new(|| {
-        Ok(Box::new(ScriptedModel::new(Duration::ZERO)) as _)
-    }))
-    .drafter(Arc::new(|| {
-        Ok(Box::new(ScriptedDrafter::new(150, Duration::ZERO)) as _)
-    }))
-    .faults(plan)
-    // The scripted model has no cost per token: let every prefill fit in one step.
-    .scheduler(SchedulerConfig {
-        max_step_tokens: 8192,
-        ..Default::default()
-    })
-    .build()
-    .await
-    .unwrap();
+    let rt = RuntimeBuilder::new(|| Ok(ScriptedModel::new(Duration::ZERO)))
+        .drafter(|| Ok(ScriptedDrafter::new(150, Duration::ZERO)))
+        .faults(plan)
+        // The scripted model has no cost per token: let every prefill fit in one step.
+        .scheduler(SchedulerConfig::default().with_max_step_tokens(8192))
+        .build()
+        .await
+        .unwrap();
     let mut sessions = Vec::new();
     for _ in 0..64 {
         sessions.push(rt.spawn_session(SessionConfig::default()).await.unwrap());
     }
-    let params = GenerateParams {
-        max_new_tokens: 12,
-        ..Default::default()
-    };
+    let params = GenerateParams::greedy(12);
     for round in 0..2 {
         let turns = sessions.iter().enumerate().map(|(i, s)| {
             let prompt: Vec<u32> = format!("persona {i} says hello in round {round}")
                 .bytes()
                 .map(u32::from)
                 .collect();
-            s.generate(prompt, params).unwrap().collect()
+            s.generate(prompt, params.clone()).unwrap().collect()
         });
         let results: Vec<_> = join_all(turns).await;
         let mut overheads = Vec::new();

@@ -27,14 +27,11 @@ async fn run_concurrent(config: SchedulerConfig, faults: FaultPlan, n: usize, ne
     for _ in 0..n {
         sessions.push(rt.spawn_session(SessionConfig::default()).await.unwrap());
     }
-    let params = GenerateParams {
-        max_new_tokens: new_tokens,
-        ..Default::default()
-    };
+    let params = GenerateParams::greedy(new_tokens);
     let turns = sessions
         .iter()
         .zip(&prompts)
-        .map(|(s, p)| s.generate(p.clone(), params).unwrap().collect());
+        .map(|(s, p)| s.generate(p.clone(), params.clone()).unwrap().collect());
     let outputs: Vec<_> = join_all(turns)
         .await
         .into_iter()
@@ -59,29 +56,25 @@ async fn run_concurrent(config: SchedulerConfig, faults: FaultPlan, n: usize, ne
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_sessions_pipelined_speculation_is_lossless() {
-    let config = SchedulerConfig {
-        max_draft_len: 4,
-        adaptive: false,
-        pipelined: true,
+    let config = SchedulerConfig::default()
+        .with_max_draft_len(4)
+        .with_adaptive(false)
+        .with_pipelined(true)
         // Wait for drafts however loaded the machine is, so speculation surely happens.
-        draft_wait_s: Some(10.0),
-        ..Default::default()
-    };
+        .with_draft_wait(Some(Duration::from_secs(10)));
     run_concurrent(config, FaultPlan::default(), 64, 24).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adaptive_speculation_under_a_tight_token_budget_is_lossless() {
-    let config = SchedulerConfig {
-        max_step_tokens: 48,
-        prefill_chunk: 16,
-        max_draft_len: 6,
-        adaptive: true,
-        pipelined: true,
+    let config = SchedulerConfig::default()
+        .with_max_step_tokens(48)
+        .with_prefill_chunk(16)
+        .with_max_draft_len(6)
+        .with_adaptive(true)
+        .with_pipelined(true)
         // Wait for drafts however loaded the machine is, so speculation surely happens.
-        draft_wait_s: Some(10.0),
-        ..Default::default()
-    };
+        .with_draft_wait(Some(Duration::from_secs(10)));
     // The adaptive policy drafts when a step costs about the same whatever its tokens, as a large
     // model's weight-bound steps do; the tiny model's CPU steps grow with their tokens, and the
     // policy may rightly decline to draft at all. A fixed 20 ms of injected model time per step

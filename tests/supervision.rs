@@ -7,10 +7,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use futures::future::join_all;
-use troupe::actors::{DrafterFactory, SchedulerStats};
 use troupe::{
-    ActorKind, FaultPlan, GenerateParams, Runtime, RuntimeBuilder, SchedulerConfig, SessionConfig,
-    WindowSpec,
+    ActorKind, Drafter, EngineError, FaultPlan, GenerateParams, Runtime, RuntimeBuilder,
+    SchedulerConfig, SchedulerStats, SessionConfig, WindowSpec,
 };
 
 const NEW_TOKENS: usize = 30;
@@ -19,22 +18,22 @@ fn window() -> WindowSpec {
     WindowSpec::new(4, 32).unwrap()
 }
 
-async fn start(
+async fn start<D: Drafter + 'static>(
     dir: &Path,
-    drafter: DrafterFactory,
+    drafter: impl Fn() -> Result<D, EngineError> + Send + Sync + 'static,
     plan: FaultPlan,
     step_timeout: Duration,
 ) -> Runtime {
     RuntimeBuilder::new(common::verifier_factory(dir))
         .drafter(drafter)
         .default_window(window())
-        .scheduler(SchedulerConfig {
-            max_draft_len: 3,
-            adaptive: false,
-            // Wait for drafts however loaded the machine is, so speculation surely happens.
-            draft_wait_s: Some(10.0),
-            ..Default::default()
-        })
+        .scheduler(
+            SchedulerConfig::default()
+                .with_max_draft_len(3)
+                .with_adaptive(false)
+                // Wait for drafts however loaded the machine is, so speculation surely happens.
+                .with_draft_wait(Some(Duration::from_secs(10))),
+        )
         .faults(plan)
         .step_timeout(step_timeout)
         .build()
@@ -50,14 +49,11 @@ async fn round(rt: &Runtime, dir: &Path) {
     for _ in &prompts {
         sessions.push(rt.spawn_session(SessionConfig::default()).await.unwrap());
     }
-    let params = GenerateParams {
-        max_new_tokens: NEW_TOKENS,
-        ..Default::default()
-    };
+    let params = GenerateParams::greedy(NEW_TOKENS);
     let turns = sessions
         .iter()
         .zip(&prompts)
-        .map(|(s, p)| s.generate(p.clone(), params).unwrap().collect());
+        .map(|(s, p)| s.generate(p.clone(), params.clone()).unwrap().collect());
     let outputs = join_all(turns).await;
     for (i, (out, p)) in outputs.into_iter().zip(&prompts).enumerate() {
         let out = out.expect("every session finishes").0;

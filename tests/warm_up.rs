@@ -34,10 +34,7 @@ async fn a_warmed_up_runtime_reports_each_step_and_serves_the_same_tokens() {
     }
     let prompt = common::repetitive_prompts(1).remove(0);
     let session = rt.spawn_session(SessionConfig::default()).await.unwrap();
-    let params = GenerateParams {
-        max_new_tokens: 12,
-        ..Default::default()
-    };
+    let params = GenerateParams::greedy(12);
     let (tokens, _) = session
         .generate(prompt.clone(), params)
         .unwrap()

@@ -1,18 +1,22 @@
-//! An online model of what a verify step costs, `t(n) ≈ a + b·n` for a step of `n` tokens, fitted by
-//! least squares over the latest steps. The scheduler uses it to decide whether one more drafted token
-//! is worth its price at the current load.
+//! What speculation costs and gains: an online model of what a verify step costs, `t(n) ≈ a + b·n`
+//! for a step of `n` tokens, fitted by least squares over the latest steps; a running estimate of
+//! the per-token acceptance rate; and the draft length that pays best given both. The scheduler
+//! uses them to decide whether one more drafted token is worth its price at the current load.
 
 use std::collections::VecDeque;
 
 /// Step-time model fitted from observations.
 #[derive(Debug, Clone)]
 pub struct CostModel {
+    /// The latest steps observed, as (tokens, seconds).
     samples: VecDeque<(f64, f64)>,
+    /// Most steps kept.
     capacity: usize,
     /// Fixed cost per step, seconds.
     a: f64,
     /// Cost per token, seconds.
     b: f64,
+    /// Whether `a` and `b` come from a fit (steps of different sizes were seen).
     fitted: bool,
     /// Marginal-cost ratio used before the model has data.
     prior_ratio: f64,
@@ -46,6 +50,7 @@ impl CostModel {
         self.refit();
     }
 
+    /// Fits `a` and `b` to the samples, once there are enough of different sizes.
     fn refit(&mut self) {
         let n = self.samples.len() as f64;
         if n < 4.0 {
@@ -65,11 +70,6 @@ impl CostModel {
         self.b = (cov / var).max(0.0);
         self.a = (my - self.b * mx).max(0.0);
         self.fitted = true;
-    }
-
-    /// Predicted seconds for a step of `tokens`.
-    pub fn predict(&self, tokens: usize) -> f64 {
-        self.a + self.b * tokens as f64
     }
 
     /// The price of one more token in a step shared by `seqs` sequences, relative to one sequence's
@@ -94,15 +94,17 @@ impl CostModel {
 /// acceptances plus rejections, each decayed so the estimate follows the text. (The fraction of
 /// drafts accepted, `a / k`, underestimates it: at 0.8 per token, four drafts keep 59% on average.)
 #[derive(Debug, Clone)]
-pub struct Acceptance {
+pub struct AcceptanceRate {
+    /// Acceptances seen, decayed.
     accepted: f64,
+    /// Rejections seen, decayed.
     rejected: f64,
 }
 
 /// How much of its weight an acceptance estimate keeps at each block.
 const ACCEPTANCE_DECAY: f64 = 0.7;
 
-impl Acceptance {
+impl AcceptanceRate {
     /// An estimate starting at `prior` with the weight of a couple of blocks.
     pub fn new(prior: f64) -> Self {
         let prior = prior.clamp(0.0, 1.0);
@@ -162,7 +164,7 @@ mod tests {
         for n in [10, 20, 40, 80, 10, 30] {
             m.observe(n, 0.002 + 0.0001 * n as f64);
         }
-        assert!((m.predict(100) - 0.012).abs() < 1e-9);
+        assert!((m.a - 0.002).abs() < 1e-9 && (m.b - 0.0001).abs() < 1e-9);
         // a = 2 ms, b = 0.1 ms: with 8 sequences a share is 0.35 ms, of which 0.1 is per token.
         assert!((m.marginal_ratio(8) - 0.1 / 0.35).abs() < 1e-9);
     }
@@ -171,7 +173,7 @@ mod tests {
     fn acceptance_is_estimated_per_token_not_per_draft() {
         // Blocks of four drafts from a drafter right 80% of the time per token, in the proportions
         // a truncated geometric gives them: 0 (20%), 1 (16%), 2 (12.8%), 3 (10.2%), 4 (41%).
-        let mut est = Acceptance::new(0.5);
+        let mut est = AcceptanceRate::new(0.5);
         let pattern = [4, 0, 4, 1, 2, 4, 3, 0, 4, 1, 4, 2, 4, 4, 3, 0, 4, 1, 4, 2];
         for _ in 0..20 {
             for &a in &pattern {
@@ -183,15 +185,15 @@ mod tests {
         let alpha = est.alpha();
         assert!((0.7..0.9).contains(&alpha), "{alpha}");
         // Every draft accepted, or every one rejected.
-        let mut all = Acceptance::new(0.5);
-        let mut none = Acceptance::new(0.5);
+        let mut all = AcceptanceRate::new(0.5);
+        let mut none = AcceptanceRate::new(0.5);
         for _ in 0..30 {
             all.observe(4, 4);
             none.observe(0, 4);
         }
         assert!(all.alpha() > 0.99 && none.alpha() < 0.01);
         // No drafts: nothing learned.
-        let mut idle = Acceptance::new(0.6);
+        let mut idle = AcceptanceRate::new(0.6);
         idle.observe(0, 0);
         assert_eq!(idle.alpha(), 0.6);
     }

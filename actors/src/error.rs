@@ -1,11 +1,14 @@
 //! The runtime's error type.
 
+use std::sync::Arc;
+
 use troupe_engine::EngineError;
 
 use crate::SessionId;
 
 /// Which admission limit refused a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
 pub enum Limit {
     /// The cap on concurrent sessions.
     Sessions,
@@ -23,8 +26,13 @@ impl std::fmt::Display for Limit {
 }
 
 /// Everything the runtime can refuse or fail with.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+///
+/// Errors of the request come first (admission, unknown or closed sessions, a bad prompt), then
+/// the engine's own refusals, then failures of the runtime itself (its actors and its verifier).
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
 pub enum RuntimeError {
+    // The request.
     /// Admission control refused a new session: `requested` would exceed `limit` by `over`.
     #[error(
         "admission refused by the {limit}: needs {requested}, {available} available ({over} over)"
@@ -53,15 +61,43 @@ pub enum RuntimeError {
         /// The limit.
         limit: usize,
     },
+    /// The first turn of a session has no tokens to start from.
+    #[error("the first turn of a session needs a prompt")]
+    EmptyPrompt,
+    /// A turn was submitted while the session's previous one is still running (turns of one
+    /// session are queued by its actor, so this is a bug in a caller of the scheduler).
+    #[error("session {0} already has a turn in progress")]
+    TurnInProgress(SessionId),
+    /// A configuration the runtime cannot use (a session's template, a window, a limit).
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
     /// Text was given but the runtime has no tokenizer.
     #[error("this runtime has no tokenizer; pass token ids")]
     NoTokenizer,
-    /// The engine refused the request (bad token, bad parameters, ...).
+
+    // The engine.
+    /// The engine refused the request or the step (a bad token, bad parameters, a failed
+    /// forward); the turns of a failed step fail with it and their windows are rebuilt.
     #[error("engine: {0}")]
-    Engine(String),
+    Engine(Arc<EngineError>),
+
+    // The runtime itself.
     /// The runtime is shutting down and takes no new work.
     #[error("the runtime is shutting down")]
     ShuttingDown,
+    /// No verifier is running, and none is coming back: the last one failed and could not be
+    /// replaced.
+    #[error("no verifier is running")]
+    NoVerifier,
+    /// The verifier failed more often than the runtime's restart limit allows.
+    #[error("the verifier failed {restarts} times and was not restarted")]
+    TooManyRestarts {
+        /// Restarts so far.
+        restarts: u64,
+    },
+    /// A replacement verifier could not be built after a failure.
+    #[error("the verifier could not be rebuilt: {0}")]
+    RebuildFailed(String),
     /// An actor the request needed has stopped.
     #[error("actor unavailable: {0}")]
     ActorUnavailable(String),
@@ -72,7 +108,13 @@ pub enum RuntimeError {
 
 impl From<EngineError> for RuntimeError {
     fn from(e: EngineError) -> Self {
-        RuntimeError::Engine(e.to_string())
+        RuntimeError::Engine(Arc::new(e))
+    }
+}
+
+impl From<Arc<EngineError>> for RuntimeError {
+    fn from(e: Arc<EngineError>) -> Self {
+        RuntimeError::Engine(e)
     }
 }
 

@@ -32,7 +32,8 @@ pub struct TurnStats {
 }
 
 /// One event of a turn's stream.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum Event {
     /// New tokens, with the text they complete (empty while a UTF-8 character is incomplete).
     Tokens {

@@ -21,6 +21,7 @@ use rand::{Rng, SeedableRng};
 
 /// The kinds of actor a rule can target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
 pub enum ActorKind {
     /// A session actor (messages: "generate", "info", "tokens", "failed").
     Session,
@@ -34,6 +35,7 @@ pub enum ActorKind {
 
 /// What a rule does to a matching message.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
 pub enum FaultAction {
     /// Wait `fixed` plus a uniform draw from `0..=jitter` before handling.
     Delay {
@@ -56,6 +58,7 @@ pub enum FaultAction {
 
 /// One rule: an action on the messages of one kind that an actor kind handles.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
 pub struct FaultRule {
     /// Actor kind.
     pub actor: ActorKind,
@@ -63,6 +66,17 @@ pub struct FaultRule {
     pub message: String,
     /// What to do.
     pub action: FaultAction,
+}
+
+impl FaultRule {
+    /// `action` on the messages called `message` ("*": all) that `actor` handles.
+    pub fn new(actor: ActorKind, message: impl Into<String>, action: FaultAction) -> Self {
+        Self {
+            actor,
+            message: message.into(),
+            action,
+        }
+    }
 }
 
 /// What an actor must do with one message.

@@ -5,29 +5,32 @@
 //! Start with [`RuntimeBuilder`], then [`Runtime::spawn_session`] and [`SessionHandle::generate`].
 //! `docs/runtime-semantics.md` states the guarantees.
 
-pub mod cost;
+pub mod config;
+mod cost;
 pub mod error;
 pub mod events;
 pub mod faults;
-pub mod manager;
-pub mod policy;
+mod manager;
+mod policy;
 pub mod probes;
-pub mod proposer;
-pub mod runtime;
-pub mod scheduler;
+mod proposer;
+mod protocol;
+mod runtime;
+mod scheduler;
 pub mod scripted;
-pub mod session;
-pub mod verifier_actor;
-pub mod worker;
+mod session;
+mod verifier_actor;
+mod worker;
 
 /// Identifies a session (and its sequence in the verifier).
 pub type SessionId = u64;
 
+pub use config::{GenerateParams, Persona, Prompt, SchedulerConfig, SessionConfig};
 pub use error::{Limit, RuntimeError};
 pub use events::{quantile, Event, SessionInfo, TurnStats, TurnStream};
 pub use faults::{ActorKind, FaultAction, FaultPlan, FaultRule};
 pub use manager::BudgetInfo;
-pub use policy::{SchedulerConfig, SchedulerStats};
-pub use runtime::{Runtime, RuntimeBuilder, SessionHandle, WarmUpReport};
-pub use scheduler::{DrafterFactory, VerifierFactory};
-pub use session::{GenerateParams, Persona, Prompt, SessionConfig};
+pub use policy::{SchedulerStats, MAX_ORDERS_IN_FLIGHT};
+pub use runtime::{
+    DrafterFactory, Runtime, RuntimeBuilder, SessionHandle, VerifierFactory, WarmUpReport,
+};

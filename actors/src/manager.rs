@@ -5,14 +5,17 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use ractor::{
+    Actor, ActorProcessingErr, ActorRef, DerivedActorRef, RpcReplyPort, SupervisionEvent,
+};
 use serde::{Deserialize, Serialize};
 use troupe_engine::{Tokenizer, WindowSpec};
 
+use crate::config::SessionConfig;
 use crate::error::{Limit, RuntimeError};
 use crate::faults::FaultPlan;
-use crate::scheduler::SchedulerMsg;
-use crate::session::{SessionActor, SessionArgs, SessionConfig, SessionMsg};
+use crate::protocol::SeqRequest;
+use crate::session::{SessionActor, SessionArgs, SessionMsg};
 use crate::SessionId;
 
 /// The node's KV budget as it stands.
@@ -58,8 +61,8 @@ pub enum ManagerMsg {
     Lookup {
         /// Session.
         id: SessionId,
-        /// Its actor.
-        reply: RpcReplyPort<Result<ActorRef<SessionMsg>, RuntimeError>>,
+        /// Its actor and window.
+        reply: RpcReplyPort<Result<Spawned, RuntimeError>>,
     },
     /// The budget.
     Budget(RpcReplyPort<BudgetInfo>),
@@ -69,8 +72,8 @@ pub enum ManagerMsg {
 
 /// Start-up arguments of the manager.
 pub struct ManagerArgs {
-    /// The scheduler sessions talk to.
-    pub scheduler: ActorRef<SchedulerMsg>,
+    /// The scheduler sessions talk to (the manager closes their sequences there).
+    pub scheduler: DerivedActorRef<SeqRequest>,
     /// Session cap.
     pub max_sessions: usize,
     /// KV budget in bytes.
@@ -89,11 +92,22 @@ pub struct ManagerArgs {
     pub faults: FaultPlan,
 }
 
+/// One open session, as the manager keeps it.
+struct Open {
+    /// Its actor.
+    actor: ActorRef<SessionMsg>,
+    /// Bytes its window reserves in the budget.
+    bytes: u64,
+    /// Its window.
+    window: WindowSpec,
+}
+
 /// The manager's state.
 pub struct ManagerState {
     args: ManagerArgs,
     next_id: SessionId,
-    sessions: HashMap<SessionId, (ActorRef<SessionMsg>, u64)>,
+    /// Open sessions: each one's actor, the bytes its window reserves, and the window.
+    sessions: HashMap<SessionId, Open>,
     used: u64,
     admitting: bool,
 }
@@ -128,9 +142,12 @@ impl ManagerState {
 
     fn release(&mut self, id: SessionId) -> bool {
         match self.sessions.remove(&id) {
-            Some((_, bytes)) => {
-                self.used -= bytes;
-                let _ = self.args.scheduler.cast(SchedulerMsg::Close { seq: id });
+            Some(open) => {
+                self.used -= open.bytes;
+                let _ = self
+                    .args
+                    .scheduler
+                    .send_message(SeqRequest::Close { seq: id });
                 true
             }
             None => false,
@@ -170,7 +187,7 @@ impl Actor for ManagerActor {
             ManagerMsg::Spawn { config, reply } => {
                 let window = config.window.unwrap_or(st.args.default_window);
                 let bytes = st.args.slot_bytes * window.capacity() as u64;
-                let result = match st.admit(bytes) {
+                let result = match config.validate().and_then(|()| st.admit(bytes)) {
                     Err(e) => Err(e),
                     Ok(()) => {
                         let id = st.next_id;
@@ -189,7 +206,12 @@ impl Actor for ManagerActor {
                         match Actor::spawn_linked(None, SessionActor, args, myself.get_cell()).await
                         {
                             Ok((actor, _)) => {
-                                st.sessions.insert(id, (actor.clone(), bytes));
+                                let open = Open {
+                                    actor: actor.clone(),
+                                    bytes,
+                                    window,
+                                };
+                                st.sessions.insert(id, open);
                                 st.used += bytes;
                                 Ok(Spawned { id, actor, window })
                             }
@@ -200,7 +222,7 @@ impl Actor for ManagerActor {
                 let _ = reply.send(result);
             }
             ManagerMsg::Close { id, reply } => {
-                let actor = st.sessions.get(&id).map(|s| s.0.clone());
+                let actor = st.sessions.get(&id).map(|s| s.actor.clone());
                 let result = match actor {
                     Some(a) => {
                         st.release(id);
@@ -215,7 +237,11 @@ impl Actor for ManagerActor {
                 let r = st
                     .sessions
                     .get(&id)
-                    .map(|s| s.0.clone())
+                    .map(|s| Spawned {
+                        id,
+                        actor: s.actor.clone(),
+                        window: s.window,
+                    })
                     .ok_or(RuntimeError::UnknownSession(id));
                 let _ = reply.send(r);
             }
@@ -252,7 +278,7 @@ impl Actor for ManagerActor {
         let id = st
             .sessions
             .iter()
-            .find(|(_, s)| s.0.get_id() == cell.get_id())
+            .find(|(_, s)| s.actor.get_id() == cell.get_id())
             .map(|(&id, _)| id);
         if let Some(id) = id {
             st.release(id);

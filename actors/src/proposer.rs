@@ -8,15 +8,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor::{Actor, ActorProcessingErr, ActorRef, DerivedActorRef};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use troupe_engine::drafter::{DraftRequest, Drafter};
 use troupe_engine::{SeqId, WindowSpec};
 
 use crate::faults::{ActorKind, FaultPlan};
-use crate::policy::{DraftOrder, DraftReply};
-use crate::scheduler::SchedulerMsg;
+use crate::protocol::{DraftOrder, DraftReply, Drafts};
 use crate::worker::Worker;
 
 /// Messages of the proposer actor.
@@ -52,8 +51,8 @@ pub enum ProposerMsg {
 pub struct ProposerArgs {
     /// The drafter, moved onto the actor's thread.
     pub drafter: Box<dyn Drafter>,
-    /// Where drafts go.
-    pub scheduler: ActorRef<SchedulerMsg>,
+    /// Where drafts go: the scheduler, which this actor can only send drafts.
+    pub scheduler: DerivedActorRef<Drafts>,
     /// Injected faults, delays and round trip.
     pub faults: FaultPlan,
 }
@@ -174,7 +173,7 @@ impl Actor for ProposerActor {
                                 .zip(drafts)
                                 .map(|(order, draft)| DraftReply { order, draft })
                                 .collect();
-                            let _ = scheduler.cast(SchedulerMsg::Drafts(replies));
+                            let _ = scheduler.send_message(Drafts(replies));
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "drafting failed; sequences decode plainly")

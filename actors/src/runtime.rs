@@ -2,10 +2,9 @@
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), troupe_actors::RuntimeError> {
-//! use std::sync::Arc;
 //! use std::time::Duration;
 //! use troupe_actors::{GenerateParams, RuntimeBuilder, SessionConfig, scripted::ScriptedModel};
-//! let runtime = RuntimeBuilder::new(Arc::new(|| Ok(Box::new(ScriptedModel::new(Duration::ZERO)) as _)))
+//! let runtime = RuntimeBuilder::new(|| Ok(ScriptedModel::new(Duration::ZERO)))
 //!     .build()
 //!     .await?;
 //! let session = runtime.spawn_session(SessionConfig::default()).await?;
@@ -20,18 +19,25 @@ use std::time::Duration;
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef};
 use tokio::sync::mpsc;
-use troupe_engine::{warm_up, Tokenizer, WarmUp, WarmUpProgress, WindowSpec};
+use troupe_engine::{
+    warm_up, Drafter, EngineError, Tokenizer, Verifier, WarmUp, WarmUpProgress, WindowSpec,
+};
 
+use crate::config::{GenerateParams, Prompt, SchedulerConfig, SessionConfig};
 use crate::error::RuntimeError;
 use crate::events::{SessionInfo, TurnStream};
 use crate::faults::FaultPlan;
 use crate::manager::{BudgetInfo, ManagerActor, ManagerArgs, ManagerMsg, Spawned};
-use crate::policy::{SchedulerConfig, SchedulerStats};
-use crate::scheduler::{
-    DrafterFactory, SchedulerActor, SchedulerArgs, SchedulerMsg, VerifierFactory,
-};
-use crate::session::{GenerateParams, Prompt, SessionConfig, SessionMsg};
+use crate::policy::SchedulerStats;
+use crate::scheduler::{SchedulerActor, SchedulerArgs, SchedulerMsg};
+use crate::session::SessionMsg;
 use crate::SessionId;
+
+/// A shared factory of verifiers, for a caller that picks the model at run time:
+/// `RuntimeBuilder::new(move || factory())`.
+pub type VerifierFactory = Arc<dyn Fn() -> Result<Box<dyn Verifier>, EngineError> + Send + Sync>;
+/// A shared factory of drafters, for a caller that picks the drafter at run time.
+pub type DrafterFactory = Arc<dyn Fn() -> Result<Box<dyn Drafter>, EngineError> + Send + Sync>;
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -55,8 +61,15 @@ pub struct RuntimeBuilder {
 pub type WarmUpReport = Arc<dyn Fn(WarmUpProgress) + Send + Sync>;
 
 impl RuntimeBuilder {
-    /// A runtime whose verifier `verifier` builds (called once now, and again after a failure).
-    pub fn new(verifier: VerifierFactory) -> Self {
+    /// A runtime whose verifier `verifier` builds (called once by [`Self::build`], and again
+    /// after each failure of the verifier).
+    pub fn new<F, V>(verifier: F) -> Self
+    where
+        F: Fn() -> Result<V, EngineError> + Send + Sync + 'static,
+        V: Verifier + 'static,
+    {
+        let verifier: VerifierFactory =
+            Arc::new(move || verifier().map(|v| Box::new(v) as Box<dyn Verifier>));
         Self {
             verifier,
             drafter: None,
@@ -73,9 +86,16 @@ impl RuntimeBuilder {
         }
     }
 
-    /// Drafts with what `drafter` builds; without one, decoding is plain.
-    pub fn drafter(mut self, drafter: DrafterFactory) -> Self {
-        self.drafter = Some(drafter);
+    /// Drafts with what `drafter` builds (called once by [`Self::build`], and again after each
+    /// failure of the proposer); without one, decoding is plain.
+    pub fn drafter<F, D>(mut self, drafter: F) -> Self
+    where
+        F: Fn() -> Result<D, EngineError> + Send + Sync + 'static,
+        D: Drafter + 'static,
+    {
+        self.drafter = Some(Arc::new(move || {
+            drafter().map(|d| Box::new(d) as Box<dyn Drafter>)
+        }));
         self
     }
 
@@ -144,6 +164,7 @@ impl RuntimeBuilder {
     /// Builds the verifier (and drafter), warms it up if asked, and starts the actors on the
     /// current tokio runtime.
     pub async fn build(self) -> Result<Runtime, RuntimeError> {
+        self.scheduler.validate()?;
         let vf = self.verifier.clone();
         let warm = self.warm_up.clone();
         let verifier = tokio::task::spawn_blocking(move || {
@@ -198,7 +219,7 @@ impl RuntimeBuilder {
             None,
             ManagerActor,
             ManagerArgs {
-                scheduler: scheduler.clone(),
+                scheduler: scheduler.get_derived(),
                 max_sessions: self.max_sessions,
                 budget_bytes: self.kv_budget_bytes,
                 slot_bytes,
@@ -271,14 +292,13 @@ impl Runtime {
 
     /// The handle of an open session.
     pub async fn session(&self, id: SessionId) -> Result<SessionHandle, RuntimeError> {
-        let actor = ask(&self.inner.manager, "manager", |reply| ManagerMsg::Lookup {
-            id,
-            reply,
+        let Spawned { id, actor, window } = ask(&self.inner.manager, "manager", |reply| {
+            ManagerMsg::Lookup { id, reply }
         })
         .await??;
         Ok(SessionHandle {
             id,
-            window: WindowSpec::default(),
+            window,
             actor,
             manager: self.inner.manager.clone(),
         })

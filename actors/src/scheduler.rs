@@ -3,64 +3,33 @@
 //! decisions live in [`SchedulerState`](crate::policy::SchedulerState); this is the dispatcher.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
-use troupe_engine::drafter::Drafter;
-use troupe_engine::{EngineError, SeqId, Verifier, VerifyOutcome, WindowSpec};
-
-use crate::faults::{ActorKind, FaultPlan};
-use crate::policy::{
-    DraftOrder, DraftReply, SchedulerConfig, SchedulerState, SchedulerStats, Turn,
+use ractor::{
+    Actor, ActorProcessingErr, ActorRef, DerivedActorRef, RpcReplyPort, SupervisionEvent,
 };
+use troupe_engine::drafter::Drafter;
+use troupe_engine::{SeqId, Verifier, WindowSpec};
+
+use crate::config::SchedulerConfig;
+use crate::error::RuntimeError;
+use crate::faults::{ActorKind, FaultPlan};
+use crate::policy::{Completion, Dispatch, SchedulerState, SchedulerStats};
 use crate::proposer::{ProposerActor, ProposerArgs, ProposerMsg};
-use crate::session::SessionMsg;
+use crate::protocol::{DraftOrder, Drafts, SeqRequest, StepDone, TurnUpdate};
+use crate::runtime::{DrafterFactory, VerifierFactory};
 use crate::verifier_actor::{VerifierActor, VerifierArgs, VerifierMsg};
 
-/// Builds a fresh verifier (after a failure).
-pub type VerifierFactory = Arc<dyn Fn() -> Result<Box<dyn Verifier>, EngineError> + Send + Sync>;
-/// Builds a fresh drafter (after a failure).
-pub type DrafterFactory = Arc<dyn Fn() -> Result<Box<dyn Drafter>, EngineError> + Send + Sync>;
-
-/// Messages of the scheduler.
+/// Messages of the scheduler. Peers never hold this type: each holds a `DerivedActorRef` of
+/// the one message it may send ([`SeqRequest`], [`StepDone`], [`Drafts`]); the rest are the
+/// scheduler's own timers and the runtime's queries.
 pub enum SchedulerMsg {
-    /// Register a session's sequence.
-    Open {
-        /// Sequence.
-        seq: SeqId,
-        /// Its window.
-        spec: WindowSpec,
-        /// Sampling seed.
-        seed: u64,
-        /// Where its tokens go.
-        session: ActorRef<SessionMsg>,
-    },
-    /// Start a turn.
-    Submit {
-        /// Sequence.
-        seq: SeqId,
-        /// New tokens (prompt).
-        tokens: Vec<u32>,
-        /// The turn.
-        turn: Turn,
-    },
-    /// Forget a sequence.
-    Close {
-        /// Sequence.
-        seq: SeqId,
-    },
+    /// A session's request about its sequence.
+    Seq(SeqRequest),
     /// A step finished on the verifier thread.
-    StepDone {
-        /// Step number.
-        id: u64,
-        /// Outcomes, or the engine's error.
-        result: Result<Vec<VerifyOutcome>, String>,
-        /// Seconds the forward took.
-        seconds: f64,
-    },
+    StepDone(StepDone),
     /// Drafts from the proposer.
-    Drafts(Vec<DraftReply>),
+    Drafts(Drafts),
     /// Re-check whether to dispatch (turns arrived).
     Tick,
     /// A draft wait ran out: dispatch if the drafts have not come.
@@ -72,6 +41,35 @@ pub enum SchedulerMsg {
     /// Answer once no turn is active.
     Drain(RpcReplyPort<()>),
 }
+
+/// Lets `DerivedActorRef<$peer>` reach the scheduler: the conversion both ways that ractor
+/// needs, so a peer can send its one message and get it back if the scheduler is gone.
+macro_rules! peer_message {
+    ($peer:ident) => {
+        impl From<$peer> for SchedulerMsg {
+            fn from(m: $peer) -> Self {
+                SchedulerMsg::$peer(m)
+            }
+        }
+
+        impl TryFrom<SchedulerMsg> for $peer {
+            type Error = ();
+
+            fn try_from(m: SchedulerMsg) -> Result<Self, ()> {
+                match m {
+                    SchedulerMsg::$peer(m) => Ok(m),
+                    _ => Err(()),
+                }
+            }
+        }
+    };
+}
+
+/// What the session side sends, under the name the scheduler's variant has.
+type Seq = SeqRequest;
+peer_message!(Seq);
+peer_message!(StepDone);
+peer_message!(Drafts);
 
 /// Start-up arguments of the scheduler.
 pub struct SchedulerArgs {
@@ -96,7 +94,7 @@ pub struct SchedulerArgs {
 struct SeqInfo {
     spec: WindowSpec,
     seed: u64,
-    session: ActorRef<SessionMsg>,
+    session: DerivedActorRef<TurnUpdate>,
 }
 
 /// The scheduler's state: the policy plus the actor wiring.
@@ -117,7 +115,6 @@ pub struct SchedulerActorState {
     wait_timer: Option<Instant>,
     /// When the latest fresh and pipelined order of each sequence went out.
     orders_sent: HashMap<(SeqId, bool), Instant>,
-    step_started: Instant,
     submitted_at: HashMap<SeqId, Instant>,
     drains: Vec<RpcReplyPort<()>>,
 }
@@ -140,7 +137,7 @@ impl Actor for SchedulerActor {
             VerifierActor,
             VerifierArgs {
                 model: args.verifier,
-                scheduler: myself.clone(),
+                scheduler: myself.get_derived(),
                 faults: args.faults.clone(),
             },
             myself.get_cell(),
@@ -153,7 +150,7 @@ impl Actor for SchedulerActor {
                     ProposerActor,
                     ProposerArgs {
                         drafter: d,
-                        scheduler: myself.clone(),
+                        scheduler: myself.get_derived(),
                         faults: args.faults.clone(),
                     },
                     myself.get_cell(),
@@ -177,7 +174,6 @@ impl Actor for SchedulerActor {
             tick_pending: false,
             wait_timer: None,
             orders_sent: HashMap::new(),
-            step_started: Instant::now(),
             submitted_at: HashMap::new(),
             drains: Vec::new(),
         })
@@ -190,12 +186,12 @@ impl Actor for SchedulerActor {
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            SchedulerMsg::Open {
+            SchedulerMsg::Seq(SeqRequest::Open {
                 seq,
                 spec,
                 seed,
                 session,
-            } => {
+            }) => {
                 st.policy.open(seq);
                 if let Some(v) = &st.verifier {
                     let _ = v.cast(VerifierMsg::Open { seq, spec, seed });
@@ -212,7 +208,7 @@ impl Actor for SchedulerActor {
                     },
                 );
             }
-            SchedulerMsg::Submit { seq, tokens, turn } => {
+            SchedulerMsg::Seq(SeqRequest::Submit { seq, tokens, turn }) => {
                 let verdict = st.faults.check(ActorKind::Scheduler, "submit");
                 if verdict.drop {
                     return Ok(());
@@ -226,7 +222,7 @@ impl Actor for SchedulerActor {
                     }
                     Err(e) => {
                         if let Some(info) = st.seqs.get(&seq) {
-                            let _ = info.session.cast(SessionMsg::TurnFailed(e));
+                            let _ = info.session.send_message(TurnUpdate::Failed(e));
                         }
                     }
                 }
@@ -236,7 +232,7 @@ impl Actor for SchedulerActor {
                     let _ = myself.cast(SchedulerMsg::Tick);
                 }
             }
-            SchedulerMsg::Close { seq } => {
+            SchedulerMsg::Seq(SeqRequest::Close { seq }) => {
                 st.policy.close(seq);
                 st.seqs.remove(&seq);
                 st.orders_sent.retain(|k, _| k.0 != seq);
@@ -248,18 +244,14 @@ impl Actor for SchedulerActor {
                 }
                 st.pump(&myself);
             }
-            SchedulerMsg::StepDone {
-                id,
-                result,
-                seconds,
-            } => {
+            SchedulerMsg::StepDone(done) => {
                 let verdict = st.faults.check(ActorKind::Scheduler, "step_done");
                 if !verdict.delay.is_zero() {
                     tokio::time::sleep(verdict.delay).await;
                 }
-                st.step_done(&myself, id, result, seconds);
+                st.step_done(&myself, done);
             }
-            SchedulerMsg::Drafts(replies) => {
+            SchedulerMsg::Drafts(Drafts(replies)) => {
                 for r in &replies {
                     if let Some(t) = st.orders_sent.remove(&(r.order.seq, r.order.pipelined)) {
                         st.policy.observe_draft_latency(t.elapsed().as_secs_f64());
@@ -331,7 +323,7 @@ impl SchedulerActorState {
     fn pump(&mut self, myself: &ActorRef<SchedulerMsg>) {
         let Some(verifier) = self.verifier.clone() else {
             // Restarts happen inside one message, so no verifier here means none is coming back.
-            self.fail_all("no verifier is running");
+            self.fail_all(RuntimeError::NoVerifier);
             return;
         };
         if self.policy.busy() || !self.policy.has_work() {
@@ -353,11 +345,13 @@ impl SchedulerActorState {
         }
         self.awaiting_since = None;
         let span = tracing::info_span!("schedule", active = self.policy.active());
-        let step = {
+        let dispatch = {
             let _enter = span.enter();
-            self.policy.plan_step()
+            self.policy.dispatch()
         };
-        let Some(step) = step else { return };
+        let Some(Dispatch { step, orders }) = dispatch else {
+            return;
+        };
         for w in &step.works {
             if let Some(t) = self.submitted_at.remove(&w.seq) {
                 tracing::info!(
@@ -374,14 +368,12 @@ impl SchedulerActorState {
             tokens = step.tokens,
             "dispatch"
         );
-        self.step_started = Instant::now();
         let id = step.id;
         let _ = verifier.cast(VerifierMsg::Step {
             id,
             works: step.works,
         });
         myself.send_after(self.step_timeout, move || SchedulerMsg::StepTimeout(id));
-        let orders = self.policy.pipelined_orders();
         self.send_orders(orders);
     }
 
@@ -398,13 +390,12 @@ impl SchedulerActorState {
         }
     }
 
-    fn step_done(
-        &mut self,
-        myself: &ActorRef<SchedulerMsg>,
-        id: u64,
-        result: Result<Vec<VerifyOutcome>, String>,
-        seconds: f64,
-    ) {
+    fn step_done(&mut self, myself: &ActorRef<SchedulerMsg>, done: StepDone) {
+        let StepDone {
+            id,
+            result,
+            elapsed,
+        } = done;
         if self.policy.in_flight_id() != Some(id) {
             return; // a step from before a restart
         }
@@ -416,7 +407,8 @@ impl SchedulerActorState {
                 for seq in self.policy.in_flight_seqs() {
                     self.policy.abort_turn(seq);
                     if let Some(info) = self.seqs.get(&seq) {
-                        let _ = info.session.cast(SessionMsg::TurnFailed(e.clone()));
+                        let failed = TurnUpdate::Failed(RuntimeError::Engine(e.clone()));
+                        let _ = info.session.send_message(failed);
                     }
                 }
                 // Stopping it makes the supervisor event restart it and rebuild every window.
@@ -428,7 +420,7 @@ impl SchedulerActorState {
         };
         let span = tracing::info_span!("accept", step = id, seqs = outcomes.len());
         let _enter = span.enter();
-        let (emissions, orders) = self.policy.on_step_done(id, &outcomes, seconds);
+        let Completion { emissions, orders } = self.policy.complete(id, &outcomes, elapsed);
         for e in emissions {
             if !e.tokens.is_empty() {
                 if let Some(p) = &self.proposer {
@@ -439,13 +431,11 @@ impl SchedulerActorState {
                 }
             }
             if let Some(info) = self.seqs.get(&e.seq) {
-                let _ = info.session.cast(SessionMsg::Emitted(e));
+                let _ = info.session.send_message(TurnUpdate::Emitted(e));
             }
         }
         drop(_enter);
         self.send_orders(orders);
-        let fresh = self.policy.fresh_orders();
-        self.send_orders(fresh);
         self.pump(myself);
     }
 
@@ -455,7 +445,9 @@ impl SchedulerActorState {
     ) -> Result<(), ActorProcessingErr> {
         if self.policy.stats.verifier_restarts >= self.max_restarts {
             self.policy.verifier_restarted();
-            self.fail_all("the verifier failed too often and was not restarted");
+            self.fail_all(RuntimeError::TooManyRestarts {
+                restarts: self.max_restarts,
+            });
             return Ok(());
         }
         self.policy.verifier_restarted();
@@ -464,12 +456,12 @@ impl SchedulerActorState {
             Ok(Ok(m)) => m,
             Ok(Err(e)) => {
                 self.policy.verifier_restarted();
-                self.fail_all(&format!("the verifier could not be rebuilt: {e}"));
+                self.fail_all(RuntimeError::RebuildFailed(e.to_string()));
                 return Ok(());
             }
             Err(e) => {
                 self.policy.verifier_restarted();
-                self.fail_all(&format!("the verifier could not be rebuilt: {e}"));
+                self.fail_all(RuntimeError::RebuildFailed(e.to_string()));
                 return Ok(());
             }
         };
@@ -478,7 +470,7 @@ impl SchedulerActorState {
             VerifierActor,
             VerifierArgs {
                 model,
-                scheduler: myself.clone(),
+                scheduler: myself.get_derived(),
                 faults: self.faults.clone(),
             },
             myself.get_cell(),
@@ -523,7 +515,7 @@ impl SchedulerActorState {
             ProposerActor,
             ProposerArgs {
                 drafter,
-                scheduler: myself.clone(),
+                scheduler: myself.get_derived(),
                 faults: self.faults.clone(),
             },
             myself.get_cell(),
@@ -545,20 +537,20 @@ impl SchedulerActorState {
             }
         }
         self.proposer = Some(p);
-        let orders = self.policy.fresh_orders();
+        let orders = self.policy.orders_after_proposer_restart();
         self.send_orders(orders);
         self.pump(myself);
         Ok(())
     }
 
-    fn fail_all(&mut self, why: &str) {
+    fn fail_all(&mut self, why: RuntimeError) {
         if self.policy.active() > 0 {
-            tracing::error!(reason = why, "failing every active turn");
+            tracing::error!(reason = %why, "failing every active turn");
         }
         for seq in self.policy.seq_ids() {
             if self.policy.seq(seq).is_some_and(|e| e.turn.is_some()) {
                 if let Some(info) = self.seqs.get(&seq) {
-                    let _ = info.session.cast(SessionMsg::TurnFailed(why.into()));
+                    let _ = info.session.send_message(TurnUpdate::Failed(why.clone()));
                 }
                 self.policy.abort_turn(seq);
             }

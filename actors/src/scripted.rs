@@ -177,7 +177,7 @@ impl Verifier for ScriptedModel {
                             &mut track.rng,
                         )
                     }
-                    .stop_at(w.stop);
+                    .stop_at(&w.stop);
                     accepted = acc.accepted;
                     tokens = acc.tokens;
                 }

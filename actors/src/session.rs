@@ -6,88 +6,16 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use serde::{Deserialize, Serialize};
+use ractor::{Actor, ActorProcessingErr, ActorRef, DerivedActorRef, RpcReplyPort};
 use tokio::sync::mpsc;
 use troupe_engine::{SamplingParams, Tokenizer, WindowSpec};
 
+use crate::config::{GenerateParams, Prompt, SessionConfig};
 use crate::error::RuntimeError;
 use crate::events::{quantile, Event, SessionInfo, TurnStats};
 use crate::faults::{ActorKind, FaultPlan};
-use crate::policy::{Emission, Turn};
-use crate::scheduler::SchedulerMsg;
+use crate::protocol::{Emission, SeqRequest, Turn, TurnUpdate};
 use crate::SessionId;
-
-/// Who a session speaks as.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct Persona {
-    /// Name, used in the turn template (`"{prompt}\n{name}:"`).
-    pub name: String,
-    /// Text placed once at the start of the conversation.
-    pub system_prompt: String,
-}
-
-/// How to open a session.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct SessionConfig {
-    /// The persona; `None` sends prompts as they are.
-    pub persona: Option<Persona>,
-    /// The KV window; `None` uses the runtime's default.
-    pub window: Option<WindowSpec>,
-    /// Seed of the session's sampling.
-    pub seed: u64,
-}
-
-/// Parameters of one turn.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
-pub struct GenerateParams {
-    /// Tokens to generate at most.
-    pub max_new_tokens: usize,
-    /// Sampling temperature (0: greedy).
-    pub temperature: f32,
-    /// Nucleus mass.
-    pub top_p: f32,
-    /// Token that ends the turn (emitted, then the turn stops).
-    pub stop_token: Option<u32>,
-}
-
-impl Default for GenerateParams {
-    fn default() -> Self {
-        Self {
-            max_new_tokens: 64,
-            temperature: 0.0,
-            top_p: 1.0,
-            stop_token: None,
-        }
-    }
-}
-
-/// A turn's input: text (tokenized and templated by the session) or token ids (sent as they are).
-#[derive(Debug, Clone, PartialEq)]
-pub enum Prompt {
-    /// Text.
-    Text(String),
-    /// Token ids.
-    Tokens(Vec<u32>),
-}
-
-impl From<&str> for Prompt {
-    fn from(s: &str) -> Self {
-        Prompt::Text(s.into())
-    }
-}
-
-impl From<String> for Prompt {
-    fn from(s: String) -> Self {
-        Prompt::Text(s)
-    }
-}
-
-impl From<Vec<u32>> for Prompt {
-    fn from(t: Vec<u32>) -> Self {
-        Prompt::Tokens(t)
-    }
-}
 
 /// Messages of a session actor.
 pub enum SessionMsg {
@@ -100,12 +28,27 @@ pub enum SessionMsg {
         /// Where the turn's events go.
         events: mpsc::UnboundedSender<Event>,
     },
-    /// Tokens from the scheduler.
-    Emitted(Emission),
-    /// The current turn failed.
-    TurnFailed(String),
+    /// The scheduler's word on the current turn.
+    Update(TurnUpdate),
     /// Report.
     Info(RpcReplyPort<SessionInfo>),
+}
+
+impl From<TurnUpdate> for SessionMsg {
+    fn from(u: TurnUpdate) -> Self {
+        SessionMsg::Update(u)
+    }
+}
+
+impl TryFrom<SessionMsg> for TurnUpdate {
+    type Error = ();
+
+    fn try_from(m: SessionMsg) -> Result<Self, ()> {
+        match m {
+            SessionMsg::Update(u) => Ok(u),
+            _ => Err(()),
+        }
+    }
 }
 
 /// Start-up arguments of a session actor.
@@ -124,8 +67,8 @@ pub struct SessionArgs {
     pub vocab_size: usize,
     /// Tokenizer for text prompts.
     pub tokenizer: Option<Arc<Tokenizer>>,
-    /// The scheduler.
-    pub scheduler: ActorRef<SchedulerMsg>,
+    /// The scheduler, which a session can only ask about its own sequence.
+    pub scheduler: DerivedActorRef<SeqRequest>,
     /// Injected faults.
     pub faults: FaultPlan,
 }
@@ -167,11 +110,11 @@ impl Actor for SessionActor {
         myself: ActorRef<Self::Msg>,
         args: SessionArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        args.scheduler.cast(SchedulerMsg::Open {
+        args.scheduler.send_message(SeqRequest::Open {
             seq: args.id,
             spec: args.window,
             seed: args.config.seed,
-            session: myself,
+            session: myself.get_derived(),
         })?;
         Ok(SessionState {
             args,
@@ -193,8 +136,8 @@ impl Actor for SessionActor {
     ) -> Result<(), ActorProcessingErr> {
         let name = match &msg {
             SessionMsg::Generate { .. } => "generate",
-            SessionMsg::Emitted(_) => "tokens",
-            SessionMsg::TurnFailed(_) => "failed",
+            SessionMsg::Update(TurnUpdate::Emitted(_)) => "tokens",
+            SessionMsg::Update(TurnUpdate::Failed(_)) => "failed",
             SessionMsg::Info(_) => "info",
         };
         let verdict = st.args.faults.check(ActorKind::Session, name);
@@ -216,10 +159,10 @@ impl Actor for SessionActor {
                 st.queue.push_back((prompt, params, events));
                 st.start_next();
             }
-            SessionMsg::Emitted(e) => st.emitted(e),
-            SessionMsg::TurnFailed(why) => {
+            SessionMsg::Update(TurnUpdate::Emitted(e)) => st.emitted(e),
+            SessionMsg::Update(TurnUpdate::Failed(why)) => {
                 if let Some(a) = st.active.take() {
-                    let _ = a.events.send(Event::Error(RuntimeError::Engine(why)));
+                    let _ = a.events.send(Event::Error(why));
                 }
                 st.start_next();
             }
@@ -242,20 +185,7 @@ impl SessionState {
             .tokenizer
             .as_ref()
             .ok_or(RuntimeError::NoTokenizer)?;
-        let mut full = String::new();
-        match &self.args.config.persona {
-            Some(p) => {
-                if self.tokens_seen == 0 && !p.system_prompt.is_empty() {
-                    full.push_str(&p.system_prompt);
-                    full.push('\n');
-                }
-                full.push_str(&text);
-                full.push('\n');
-                full.push_str(&p.name);
-                full.push(':');
-            }
-            None => full = text,
-        }
+        let full = self.args.config.render(&text, self.tokens_seen == 0);
         Ok(tok.encode(&full)?)
     }
 
@@ -284,9 +214,7 @@ impl SessionState {
                     );
                 }
                 if tokens.is_empty() && self.tokens_seen == 0 {
-                    return Err(RuntimeError::Engine(
-                        "the first turn of a session needs a prompt".into(),
-                    ));
+                    return Err(RuntimeError::EmptyPrompt);
                 }
                 Ok((tokens, sampling))
             });
@@ -302,13 +230,20 @@ impl SessionState {
                 continue;
             }
             self.tokens_seen += tokens.len() as u64;
-            let sent = self.args.scheduler.cast(SchedulerMsg::Submit {
+            let mut stop = self.args.config.stop_tokens.clone();
+            for &t in &params.stop_tokens {
+                if !stop.contains(&t) {
+                    stop.push(t);
+                }
+            }
+            let sent = self.args.scheduler.send_message(SeqRequest::Submit {
                 seq: self.args.id,
                 tokens,
                 turn: Turn {
                     remaining: params.max_new_tokens,
                     params: sampling,
-                    stop: params.stop_token,
+                    stop,
+                    stop_after_content: params.stop_after_content,
                 },
             });
             if sent.is_err() {
@@ -338,7 +273,7 @@ impl SessionState {
         let span = tracing::info_span!("stream", seq = e.seq, tokens = e.tokens.len());
         let _enter = span.enter();
         a.steps += 1;
-        a.model_ms += e.step_seconds * 1e3;
+        a.model_ms += e.step_time.as_secs_f64() * 1e3;
         a.drafted += e.drafted;
         a.accepted += e.accepted;
         self.drafted += e.drafted as u64;

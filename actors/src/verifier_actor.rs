@@ -2,13 +2,14 @@
 //! scheduler's batched steps there. A panic on that thread fails the actor, which its supervisor
 //! (the scheduler) sees and answers with a restart.
 
+use std::sync::Arc;
 use std::time::Instant;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor::{Actor, ActorProcessingErr, ActorRef, DerivedActorRef};
 use troupe_engine::{SeqId, Verifier, VerifyWork, WindowSpec};
 
 use crate::faults::{ActorKind, FaultPlan};
-use crate::scheduler::SchedulerMsg;
+use crate::protocol::StepDone;
 use crate::worker::Worker;
 
 /// Messages of the verifier actor.
@@ -42,8 +43,8 @@ pub enum VerifierMsg {
 pub struct VerifierArgs {
     /// The model, moved onto the actor's thread.
     pub model: Box<dyn Verifier>,
-    /// Where outcomes go.
-    pub scheduler: ActorRef<SchedulerMsg>,
+    /// Where outcomes go: the scheduler, which this actor can only tell that a step is done.
+    pub scheduler: DerivedActorRef<StepDone>,
     /// Injected faults and delays.
     pub faults: FaultPlan,
 }
@@ -105,12 +106,11 @@ impl Actor for VerifierActor {
                     let tokens: usize = works.iter().map(|w| w.fed.len() + w.draft.len()).sum();
                     let span = tracing::info_span!("verify", step = id, seqs = works.len(), tokens);
                     let _enter = span.enter();
-                    let result = model.verify(&works).map_err(|e| e.to_string());
-                    let seconds = start.elapsed().as_secs_f64();
-                    let _ = scheduler.cast(SchedulerMsg::StepDone {
+                    let result = model.verify(&works).map_err(Arc::new);
+                    let _ = scheduler.send_message(StepDone {
                         id,
                         result,
-                        seconds,
+                        elapsed: start.elapsed(),
                     });
                 }
             },

@@ -15,10 +15,10 @@ pub struct Acceptance {
 }
 
 impl Acceptance {
-    /// Cuts the emitted tokens after the first `stop` token. Drafts past it are no longer accepted,
-    /// so only what plain decoding would have committed is committed.
-    pub fn stop_at(mut self, stop: Option<u32>) -> Self {
-        if let Some(p) = stop.and_then(|s| self.tokens.iter().position(|&t| t == s)) {
+    /// Cuts the emitted tokens after the first of the `stop` tokens. Drafts past it are no longer
+    /// accepted, so only what plain decoding would have committed is committed.
+    pub fn stop_at(mut self, stop: &[u32]) -> Self {
+        if let Some(p) = self.tokens.iter().position(|t| stop.contains(t)) {
             self.tokens.truncate(p + 1);
             self.accepted = self.accepted.min(p);
         }
@@ -132,7 +132,7 @@ mod tests {
 
     #[test]
     fn a_stop_token_ends_the_block() {
-        let a = accept_greedy(&[5, 0, 7], &[5, 0, 7, 9]).stop_at(Some(0));
+        let a = accept_greedy(&[5, 0, 7], &[5, 0, 7, 9]).stop_at(&[0]);
         assert_eq!(
             a,
             Acceptance {
@@ -140,8 +140,17 @@ mod tests {
                 tokens: vec![5, 0]
             }
         );
-        let untouched = accept_greedy(&[5, 6], &[5, 6, 8]).stop_at(Some(0));
+        let untouched = accept_greedy(&[5, 6], &[5, 6, 8]).stop_at(&[0]);
         assert_eq!(untouched.tokens, vec![5, 6, 8]);
+        // Of a set, the first stop token emitted ends the block, whichever it is.
+        let either = accept_greedy(&[5, 6, 7], &[5, 6, 7, 9]).stop_at(&[7, 6]);
+        assert_eq!(
+            either,
+            Acceptance {
+                accepted: 1,
+                tokens: vec![5, 6]
+            }
+        );
     }
 
     /// The first emitted token of a sampled block must follow the verifier's distribution, whatever

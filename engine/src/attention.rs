@@ -10,7 +10,7 @@ use burn::prelude::*;
 use burn::tensor::activation::softmax;
 
 use crate::config::ModelConfig;
-use crate::model::to_f32;
+use crate::dtype::to_f32;
 use crate::rope::{self, RopeTable};
 use crate::window::KvWindow;
 

@@ -50,6 +50,28 @@ pub trait Drafter: Send {
     }
 }
 
+/// A boxed drafter is a drafter, so a factory may return whichever drafter it built.
+impl<D: Drafter + ?Sized> Drafter for Box<D> {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+    fn open(&mut self, seq: SeqId, spec: WindowSpec, seed: u64) -> Result<()> {
+        (**self).open(seq, spec, seed)
+    }
+    fn close(&mut self, seq: SeqId) {
+        (**self).close(seq)
+    }
+    fn observe(&mut self, seq: SeqId, tokens: &[u32]) -> Result<()> {
+        (**self).observe(seq, tokens)
+    }
+    fn draft(&mut self, requests: &[DraftRequest]) -> Result<Vec<Draft>> {
+        (**self).draft(requests)
+    }
+    fn hidden_layers(&self) -> Vec<usize> {
+        (**self).hidden_layers()
+    }
+}
+
 /// Prompt-lookup drafting: find the latest earlier occurrence of the sequence's last n tokens and
 /// propose what followed it. No model, no memory beyond the token history.
 #[derive(Debug, Clone)]

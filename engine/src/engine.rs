@@ -9,9 +9,10 @@ use rand::{Rng, SeedableRng};
 use troupe_kernels::{BlockVerdict, DraftBlock, KernelBackend, SampledBlock};
 
 use crate::accept::Acceptance;
+use crate::batch::SeqInput;
 use crate::error::{EngineError, Result};
 use crate::kv_pool::KvPool;
-use crate::model::{Model, SeqInput};
+use crate::model::Model;
 use crate::sampling::SamplingParams;
 use crate::verifier::{SeqId, Verifier, VerifyOutcome, VerifyWork};
 use crate::window::{KvWindow, WindowSpec};
@@ -387,7 +388,7 @@ where
                     tokens,
                 }
             });
-            let acceptance = acceptance.map(|a| a.stop_at(w.stop));
+            let acceptance = acceptance.map(|a| a.stop_at(&w.stop));
             let accepted = acceptance.as_ref().map_or(0, |a| a.accepted);
             let keep = w.fed.len() + accepted;
             keeps.push(keep);

@@ -24,8 +24,8 @@ pub struct GenerateOptions {
     pub seed: u64,
     /// The sequence's window.
     pub window: WindowSpec,
-    /// Stop after emitting this token.
-    pub stop_token: Option<u32>,
+    /// Stop after emitting any of these tokens.
+    pub stop_tokens: Vec<u32>,
     /// Largest prefill chunk.
     pub prefill_chunk: usize,
 }
@@ -38,7 +38,7 @@ impl Default for GenerateOptions {
             params: SamplingParams::greedy(),
             seed: 0,
             window: WindowSpec::default(),
-            stop_token: None,
+            stop_tokens: Vec::new(),
             prefill_chunk: 256,
         }
     }
@@ -127,7 +127,7 @@ fn run<'d>(
             draft_probs: None,
             sample: is_last,
             params: opts.params,
-            stop: opts.stop_token,
+            stop: opts.stop_tokens.clone(),
         }])?;
         if is_last {
             last = o[0].tokens.first().copied();
@@ -139,7 +139,7 @@ fn run<'d>(
         d.observe(seq, prompt)?;
         d.observe(seq, &[last])?;
     }
-    while out.len() < opts.max_new_tokens && Some(last) != opts.stop_token {
+    while out.len() < opts.max_new_tokens && !opts.stop_tokens.contains(&last) {
         let remaining = opts.max_new_tokens - out.len();
         let k = opts.draft_len.min(remaining.saturating_sub(1));
         let draft = match drafter.as_deref_mut() {
@@ -164,7 +164,7 @@ fn run<'d>(
                 draft_probs: draft.probs,
                 sample: true,
                 params: opts.params,
-                stop: opts.stop_token,
+                stop: opts.stop_tokens.clone(),
             }])?
             .pop()
             .ok_or_else(|| EngineError::Backend("verify returned nothing".into()))?;
@@ -172,10 +172,8 @@ fn run<'d>(
         stats.accepted += o.accepted;
         let mut emitted = o.tokens;
         emitted.truncate(remaining);
-        if let Some(stop) = opts.stop_token {
-            if let Some(p) = emitted.iter().position(|&t| t == stop) {
-                emitted.truncate(p + 1);
-            }
+        if let Some(p) = emitted.iter().position(|t| opts.stop_tokens.contains(t)) {
+            emitted.truncate(p + 1);
         }
         last = *emitted
             .last()

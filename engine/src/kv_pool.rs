@@ -18,7 +18,7 @@ use burn::tensor::{DType, IndexingUpdateOp};
 
 use troupe_kernels::KernelBackend;
 
-use crate::window::WindowSpec;
+use crate::window_spec::WindowSpec;
 
 /// The pools of one window shape: per layer, keys and values (`None` only while being written).
 struct Pool<B: Backend> {

@@ -7,10 +7,13 @@
 
 pub mod accept;
 pub mod attention;
+pub mod batch;
 pub mod causal;
 pub mod config;
+pub mod corpus;
 pub mod device;
 pub mod drafter;
+pub mod dtype;
 pub mod engine;
 pub mod error;
 pub mod generate;
@@ -23,12 +26,15 @@ pub mod rope;
 pub mod sampling;
 pub mod save;
 pub mod tokenizer;
+#[cfg(feature = "train")]
 pub mod train;
 pub mod verifier;
 pub mod warm_up;
 pub mod window;
+pub mod window_spec;
 
 pub use config::{Architecture, ModelConfig, RopeScaling};
+pub use corpus::Corpus;
 pub use device::{load_model_drafter, load_verifier, DeviceKind, ModelSource};
 pub use drafter::{Draft, DraftRequest, Drafter, NgramDrafter};
 pub use engine::{Engine, StepItem, StepResult};

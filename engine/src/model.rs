@@ -9,7 +9,9 @@ use burn::tensor::DType;
 use troupe_kernels::KernelBackend;
 
 use crate::attention::{attend, SeqPlan};
-use crate::config::{Architecture, ModelConfig};
+use crate::batch::SeqInput;
+use crate::config::ModelConfig;
+use crate::dtype::to_f32;
 use crate::kv_pool::KvPool;
 use crate::pooled_step::PooledStep;
 use crate::rope::RopeTable;
@@ -64,15 +66,6 @@ pub fn rms_norm<B: Backend, const D: usize>(
     normed.cast(dtype)
 }
 
-/// Casts to f32 unless it already is.
-pub fn to_f32<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    if x.dtype() == DType::F32 {
-        x
-    } else {
-        x.cast(DType::F32)
-    }
-}
-
 /// One decoder layer.
 #[derive(Debug, Clone)]
 pub struct DecoderLayer<B: Backend> {
@@ -118,14 +111,6 @@ pub struct Model<B: Backend> {
     /// The device the weights live on.
     pub device: B::Device,
     rope: RopeTable<B>,
-}
-
-/// One sequence's share of a batched forward: its window and how many of the batch's tokens are its.
-pub struct SeqInput<'a, B: Backend> {
-    /// The sequence's window; the step's keys and values land in its scratch.
-    pub window: &'a mut KvWindow<B>,
-    /// Tokens of this sequence in the batch, consecutive.
-    pub len: usize,
 }
 
 /// What a batched forward returns, rows in batch order.
@@ -302,10 +287,5 @@ impl<B: KernelBackend> Model<B> {
             None => self.embed.clone().transpose(),
         };
         to_f32(hidden.matmul(head))
-    }
-
-    /// Whether this is a Qwen3 model (q/k norms present).
-    pub fn is_qwen3(&self) -> bool {
-        self.config.architecture == Architecture::Qwen3
     }
 }

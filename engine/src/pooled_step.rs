@@ -4,9 +4,9 @@
 use burn::prelude::*;
 use troupe_kernels::{KernelBackend, PoolLayout, PooledSeq};
 
+use crate::batch::SeqInput;
 use crate::config::ModelConfig;
 use crate::kv_pool::KvPool;
-use crate::model::SeqInput;
 use crate::window::WindowSpec;
 
 /// What every layer of one step shares.

@@ -1,15 +1,14 @@
 //! Training a byte-level model on a text corpus with Burn's autodiff: AdamW with warm-up and cosine
 //! decay, validation in bits per byte, and checkpoints in the Hugging Face layout that can resume.
 
-use std::path::Path;
-
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use troupe_kernels::KernelBackend;
 
+pub use crate::corpus::Corpus;
 use crate::error::{EngineError, Result};
 use crate::model::{DecoderLayer, Linear, Model};
 
@@ -58,47 +57,6 @@ impl TrainConfig {
         let span = (self.steps.saturating_sub(self.warmup)).max(1) as f64;
         let p = ((step - self.warmup) as f64 / span).min(1.0);
         self.lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * p).cos()))
-    }
-}
-
-/// A corpus of bytes split into training and validation parts (the last `val_fraction`).
-pub struct Corpus {
-    /// Training bytes.
-    pub train: Vec<u8>,
-    /// Validation bytes.
-    pub val: Vec<u8>,
-}
-
-impl Corpus {
-    /// Reads a text file and holds out its tail for validation.
-    pub fn from_file(path: &Path, val_fraction: f64) -> Result<Self> {
-        if !path.exists() {
-            return Err(EngineError::MissingFile { path: path.into() });
-        }
-        let bytes = std::fs::read(path).map_err(|source| EngineError::Io {
-            path: path.into(),
-            source,
-        })?;
-        Ok(Self::split(bytes, val_fraction))
-    }
-
-    /// Splits bytes at `1 - val_fraction`.
-    pub fn split(bytes: Vec<u8>, val_fraction: f64) -> Self {
-        let cut = ((bytes.len() as f64) * (1.0 - val_fraction)) as usize;
-        let val = bytes[cut..].to_vec();
-        let mut train = bytes;
-        train.truncate(cut);
-        Self { train, val }
-    }
-
-    /// `batch` random windows of `len` bytes from `data`.
-    pub fn windows(data: &[u8], batch: usize, len: usize, rng: &mut StdRng) -> Vec<i64> {
-        let mut out = Vec::with_capacity(batch * len);
-        for _ in 0..batch {
-            let start = rng.random_range(0..data.len() - len);
-            out.extend(data[start..start + len].iter().map(|&b| b as i64));
-        }
-        out
     }
 }
 

@@ -26,10 +26,10 @@ pub struct VerifyWork {
     pub sample: bool,
     /// How to pick tokens.
     pub params: SamplingParams,
-    /// A token that ends the turn: emission stops after it, and drafts accepted beyond it are not
-    /// committed, exactly as plain decoding would have stopped.
+    /// Tokens that end the turn: emission stops after the first of them, and drafts accepted
+    /// beyond it are not committed, exactly as plain decoding would have stopped.
     #[serde(default)]
-    pub stop: Option<u32>,
+    pub stop: Vec<u32>,
 }
 
 /// What a verify step did for one sequence.
@@ -62,4 +62,29 @@ pub trait Verifier: Send {
     fn set_hidden_layers(&mut self, _layers: Vec<usize>) {}
     /// Tokens seen and tokens held in the window of `seq`.
     fn window_fill(&self, seq: SeqId) -> Option<(u64, usize)>;
+}
+
+/// A boxed verifier is a verifier, so a factory may return whichever model it loaded.
+impl<V: Verifier + ?Sized> Verifier for Box<V> {
+    fn open(&mut self, seq: SeqId, spec: WindowSpec, seed: u64) -> Result<()> {
+        (**self).open(seq, spec, seed)
+    }
+    fn close(&mut self, seq: SeqId) -> Result<()> {
+        (**self).close(seq)
+    }
+    fn verify(&mut self, works: &[VerifyWork]) -> Result<Vec<VerifyOutcome>> {
+        (**self).verify(works)
+    }
+    fn kv_bytes(&self, spec: WindowSpec) -> u64 {
+        (**self).kv_bytes(spec)
+    }
+    fn vocab_size(&self) -> usize {
+        (**self).vocab_size()
+    }
+    fn set_hidden_layers(&mut self, layers: Vec<usize>) {
+        (**self).set_hidden_layers(layers)
+    }
+    fn window_fill(&self, seq: SeqId) -> Option<(u64, usize)> {
+        (**self).window_fill(seq)
+    }
 }

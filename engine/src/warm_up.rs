@@ -115,7 +115,7 @@ pub fn warm_up(
                         draft_probs: None,
                         sample: true,
                         params,
-                        stop: None,
+                        stop: Vec::new(),
                     })
                     .collect();
                 verifier.verify(&works)?;

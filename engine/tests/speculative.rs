@@ -427,7 +427,7 @@ fn speculative_decoding_stops_like_plain_decoding() {
         .expect("a fresh token late in the continuation");
     let want = plain[..=pos].to_vec();
     let stopped = GenerateOptions {
-        stop_token: Some(stop),
+        stop_tokens: vec![stop],
         ..base.clone()
     };
     assert_eq!(

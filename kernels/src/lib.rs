@@ -29,7 +29,6 @@ pub mod sampled;
 mod switch;
 
 use burn::prelude::*;
-use burn::tensor::backend::AutodiffBackend;
 
 pub use accept::{BlockVerdict, DraftBlock};
 pub use pool::{PoolLayout, PooledSeq};
@@ -112,9 +111,11 @@ pub trait KernelBackend: Backend {
     }
 }
 
+/// Training runs the references: gradients flow through plain Burn ops.
+#[cfg(feature = "autodiff")]
 impl<B: KernelBackend, C: burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy>
     KernelBackend for burn::backend::Autodiff<B, C>
 where
-    burn::backend::Autodiff<B, C>: AutodiffBackend,
+    burn::backend::Autodiff<B, C>: burn::tensor::backend::AutodiffBackend,
 {
 }

@@ -4,14 +4,13 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use troupe::actors::{DrafterFactory, VerifierFactory};
 use troupe::engine::device::CpuBackend;
 use troupe::engine::tokenizer::byte_level_tokenizer_json;
 use troupe::engine::{
     generate, load_model_drafter, load_verifier, random_model, save_pretrained, DeviceKind,
-    GenerateOptions, ModelConfig, ModelSource, NgramDrafter, WindowSpec,
+    Drafter, EngineError, GenerateOptions, ModelConfig, ModelSource, NgramDrafter, Verifier,
+    WindowSpec,
 };
 
 /// A tiny Qwen3-shaped model with random weights, saved in HF layout under a temp dir.
@@ -32,21 +31,25 @@ pub fn tiny_model(seed: u64, layers: usize) -> tempfile::TempDir {
 }
 
 /// A factory that loads the verifier from `dir` (again after each failure).
-pub fn verifier_factory(dir: &Path) -> VerifierFactory {
+pub fn verifier_factory(
+    dir: &Path,
+) -> impl Fn() -> Result<Box<dyn Verifier>, EngineError> + Send + Sync + 'static {
     let dir: PathBuf = dir.into();
-    Arc::new(move || load_verifier(&ModelSource::Dir(&dir), DeviceKind::Cpu, None))
+    move || load_verifier(&ModelSource::Dir(&dir), DeviceKind::Cpu, None)
 }
 
 /// A factory of prompt-lookup drafters.
-pub fn ngram_factory() -> DrafterFactory {
-    Arc::new(|| Ok(Box::new(NgramDrafter::default()) as _))
+pub fn ngram_factory() -> impl Fn() -> Result<NgramDrafter, EngineError> + Send + Sync + 'static {
+    || Ok(NgramDrafter::default())
 }
 
 /// A factory of draft models loaded from `dir`. Given the verifier's own weights, its greedy
 /// drafts are nearly always accepted, so speculation surely happens.
-pub fn model_drafter_factory(dir: &Path) -> DrafterFactory {
+pub fn model_drafter_factory(
+    dir: &Path,
+) -> impl Fn() -> Result<Box<dyn Drafter>, EngineError> + Send + Sync + 'static {
     let dir: PathBuf = dir.into();
-    Arc::new(move || load_model_drafter(&ModelSource::Dir(&dir), DeviceKind::Cpu, None))
+    move || load_model_drafter(&ModelSource::Dir(&dir), DeviceKind::Cpu, None)
 }
 
 /// Plain greedy decoding of `prompt` alone: the reference every runtime output must equal.

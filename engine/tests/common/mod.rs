@@ -493,7 +493,7 @@ pub fn work(
         draft_probs,
         sample,
         params,
-        stop: None,
+        stop: Vec::new(),
     }
 }
 

@@ -2,14 +2,16 @@
 //! models, plainly and with each drafter at each draft length, and with the adaptive policy that
 //! picks the length from acceptance and load. Every output must equal plain decoding's.
 
-use anyhow::Result;
+use std::time::Duration;
+
 use serde::Serialize;
 use serde_json::{json, Value};
 use troupe::{FaultPlan, GenerateParams, SchedulerConfig};
 
-use super::demo::{DemoModels, DrafterKind, Setup, StreamRun};
-use super::plot::{lines, Axes, Series};
-use super::{finish, fmt, markdown, mean, progress, Case, Env};
+use crate::demo::{DemoModels, DrafterKind, Setup, StreamRun};
+use crate::error::{BenchError, Result};
+use crate::plot::{lines, Axes, Series};
+use crate::{finish, fmt, markdown, mean, progress, Case, Env};
 
 /// What the `spec-speedup` case measures.
 #[derive(Debug, Clone)]
@@ -69,7 +71,8 @@ pub fn run(plan: &SpecPlan, env: &Env) -> Result<Value> {
     let bar = progress(runs as u64, "spec-speedup");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?;
+        .build()
+        .map_err(BenchError::AsyncRuntime)?;
     let (ar_runs, rows) = rt.block_on(measure(plan, env, &bar))?;
     let ar = mean(&ar_runs);
     bar.finish_and_clear();
@@ -120,17 +123,14 @@ async fn measure(
     let prompts = plan
         .models
         .held_out_prompts(plan.prompts, plan.prompt_len)?;
-    let params = GenerateParams {
-        max_new_tokens: plan.new_tokens,
-        ..Default::default()
-    };
+    let params = GenerateParams::greedy(plan.new_tokens);
     let plain = || async {
         let run = plan
             .models
-            .decode(env.device, Setup::plain(), &prompts, params)
+            .decode(env.device, Setup::plain(), &prompts, params.clone())
             .await?;
         bar.inc(1);
-        anyhow::Ok(run)
+        Ok::<_, BenchError>(run)
     };
     let first = plain().await?;
     let mut runs: Vec<(DrafterKind, Option<usize>, StreamRun)> = Vec::new();
@@ -140,16 +140,11 @@ async fn measure(
         for k in lens {
             let config = match k {
                 // A fixed length: no adaptation, and every step waits for its draft.
-                Some(k) => SchedulerConfig {
-                    max_draft_len: k,
-                    adaptive: false,
-                    draft_wait_s: Some(600.0),
-                    ..Default::default()
-                },
-                None => SchedulerConfig {
-                    max_draft_len: longest,
-                    ..Default::default()
-                },
+                Some(k) => SchedulerConfig::default()
+                    .with_max_draft_len(k)
+                    .with_adaptive(false)
+                    .with_draft_wait(Some(Duration::from_secs(600))),
+                None => SchedulerConfig::default().with_max_draft_len(longest),
             };
             let setup = Setup {
                 drafter: Some(d),
@@ -158,7 +153,7 @@ async fn measure(
             };
             let run = plan
                 .models
-                .decode(env.device, setup, &prompts, params)
+                .decode(env.device, setup, &prompts, params.clone())
                 .await?;
             bar.inc(1);
             runs.push((d, k, run));

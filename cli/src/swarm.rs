@@ -165,9 +165,9 @@ pub fn run(a: SwarmArgs) -> Result<()> {
 async fn swarm(a: SwarmArgs) -> Result<()> {
     let (verifier, drafter, tokenizer) = factories(&a)?;
     let window = WindowSpec::new(4, 508)?;
-    let mut builder = RuntimeBuilder::new(verifier).default_window(window);
+    let mut builder = RuntimeBuilder::new(move || verifier()).default_window(window);
     if let Some(d) = drafter {
-        builder = builder.drafter(d);
+        builder = builder.drafter(move || d());
     }
     if let Some(t) = tokenizer {
         builder = builder.tokenizer(t);
@@ -217,23 +217,15 @@ async fn converse(a: SwarmArgs, rt: troupe::Runtime) -> Result<()> {
         } else {
             format!("{name}{}", i / NAMES.len())
         };
-        let persona = Persona {
-            name: name.clone(),
-            system_prompt: system.into(),
-        };
-        let config = SessionConfig {
-            persona: Some(persona),
-            seed: i as u64,
-            ..Default::default()
-        };
+        let config = SessionConfig::persona(Persona::new(name.clone(), system)).with_seed(i as u64);
         sessions.push((name, rt.spawn_session(config).await?));
     }
-    let params = GenerateParams {
-        max_new_tokens: a.max_new_tokens,
-        temperature: a.temperature,
-        stop_token: Some(b'\n' as u32),
-        ..Default::default()
-    };
+    // A reply ends at the newline after its first words: a newline before them (the model's
+    // line break after the speaker's tag) is part of the reply, so no persona answers with nothing.
+    let params = GenerateParams::greedy(a.max_new_tokens)
+        .with_sampling(a.temperature, 1.0)
+        .with_stop_tokens([b'\n' as u32])
+        .with_stop_after_content(true);
     let mut rows: Vec<PersonaRow> = sessions
         .iter()
         .map(|(n, _)| PersonaRow {
@@ -251,6 +243,7 @@ async fn converse(a: SwarmArgs, rt: troupe::Runtime) -> Result<()> {
         // Everyone answers the topic and the last thing said, at the same time.
         let asks = sessions.iter().map(|(_, s)| {
             let prompt = format!("{last_reply}\nHost: {topic}");
+            let params = params.clone();
             async move { s.generate(prompt, params)?.collect().await }
         });
         if !a.json {
@@ -292,7 +285,7 @@ async fn converse(a: SwarmArgs, rt: troupe::Runtime) -> Result<()> {
     // The runtime's share of a turn: its latency minus the model time of the steps it was part of.
     let step_ms = match a.inject_delay_ms {
         Some(ms) => ms as f64,
-        None => stats.forward_seconds * 1e3 / stats.steps.max(1) as f64,
+        None => stats.forward_time.as_secs_f64() * 1e3 / stats.steps.max(1) as f64,
     };
     let overheads: Vec<f64> = turn_times
         .iter()

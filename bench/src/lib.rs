@@ -1,44 +1,33 @@
-//! `troupe bench <case>`: the measured figures the README quotes. Each case prints a markdown
-//! table, writes `DIR/<case>.json` (with the machine and the commit) and plots its curve to
-//! `DIR/<case>.svg`.
-//!
-//! The cases live in sibling files (`bench_*.rs`), included by path as children of this module so
-//! that `tests/bench_quick.rs` can include the whole tree and run each case's plan in-process.
+//! troupe's benchmark cases, the measured figures the README quotes: `troupe bench <case>` runs
+//! them, and `tests/bench_quick.rs` runs each case's quick plan in-process. Each case prints a
+//! markdown table, writes `DIR/<case>.json` (with the machine and the commit) and plots its curve
+//! to `DIR/<case>.svg`.
 
 use std::path::PathBuf;
+use std::str::FromStr;
 
-use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use troupe::engine::DeviceKind;
 
-#[path = "bench_batching.rs"]
 pub mod batching;
-#[path = "bench_capacity.rs"]
 pub mod capacity;
-#[path = "bench_decode.rs"]
 pub mod decode;
-#[path = "bench_demo.rs"]
 pub mod demo;
-#[path = "bench_kernels.rs"]
+pub mod error;
 pub mod kernels;
-#[path = "bench_kernels_accept.rs"]
 pub mod kernels_accept;
-#[path = "bench_kernels_attention.rs"]
 pub mod kernels_attention;
-#[path = "bench_persona.rs"]
 pub mod persona;
-#[path = "bench_plot.rs"]
 pub mod plot;
-#[path = "bench_rtt.rs"]
 pub mod rtt;
-#[path = "bench_spec.rs"]
 pub mod spec;
-#[path = "bench_step.rs"]
 pub mod step;
 
+pub use error::{BenchError, Result};
+
 /// Which benchmark to run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Case {
     /// The engine alone: verify-step time against batch size and draft length, then the decoding
     /// speed of one session with and without drafting.
@@ -64,6 +53,17 @@ pub enum Case {
 }
 
 impl Case {
+    /// Every case, in the order `troupe bench --help` lists them.
+    pub const ALL: [Case; 7] = [
+        Case::Step,
+        Case::Batching,
+        Case::PersonaStress,
+        Case::AgentCapacity,
+        Case::RttSweep,
+        Case::SpecSpeedup,
+        Case::Kernels,
+    ];
+
     /// The name used on the command line and for the output files.
     pub fn name(self) -> &'static str {
         match self {
@@ -78,21 +78,18 @@ impl Case {
     }
 }
 
-/// Arguments of `troupe bench`.
-#[derive(clap::Args)]
-pub struct BenchArgs {
-    /// The case to run.
-    #[arg(value_enum)]
-    case: Case,
-    /// A smaller sweep: about a minute per case on 2 CPU cores.
-    #[arg(long)]
-    quick: bool,
-    /// Directory for `<case>.json` and `<case>.svg`.
-    #[arg(long, default_value = "results")]
-    out: PathBuf,
-    /// cpu, wgpu or cuda (persona-stress runs the scripted model and only records it).
-    #[arg(long, default_value = "cpu")]
-    device: String,
+impl FromStr for Case {
+    type Err = BenchError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Case::ALL
+            .into_iter()
+            .find(|c| c.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Case::ALL.iter().map(|c| c.name()).collect();
+                BenchError::Invalid(format!("unknown case {s:?}; one of {}", names.join(", ")))
+            })
+    }
 }
 
 /// Where a case writes its results, and what it computes on.
@@ -118,25 +115,26 @@ impl Env {
 
     /// `DIR/<case>.<ext>`, creating `DIR` if needed.
     pub fn out_file(&self, case: Case, ext: &str) -> Result<PathBuf> {
-        std::fs::create_dir_all(&self.out)
-            .with_context(|| format!("creating {}", self.out.display()))?;
+        std::fs::create_dir_all(&self.out).map_err(|source| BenchError::Io {
+            what: "creating",
+            path: self.out.clone(),
+            source,
+        })?;
         Ok(self.out.join(format!("{}.{ext}", case.name())))
     }
 }
 
-/// Runs `troupe bench`.
-pub fn run(a: BenchArgs) -> Result<()> {
-    let env = Env::new(a.out, &a.device)?;
-    match a.case {
-        Case::Step => step::run(&step::StepPlan::new(a.quick), &env)?,
-        Case::Batching => batching::run(&batching::BatchingPlan::new(a.quick), &env)?,
-        Case::PersonaStress => persona::run(&persona::PersonaPlan::new(a.quick), &env)?,
-        Case::AgentCapacity => capacity::run(&capacity::CapacityPlan::new(a.quick)?, &env)?,
-        Case::RttSweep => rtt::run(&rtt::RttPlan::new(a.quick), &env)?,
-        Case::SpecSpeedup => spec::run(&spec::SpecPlan::new(a.quick), &env)?,
-        Case::Kernels => kernels::run(&kernels::KernelsPlan::new(a.quick), &env)?,
-    };
-    Ok(())
+/// Runs `case` with its full plan, or its quick one.
+pub fn run(case: Case, quick: bool, env: &Env) -> Result<Value> {
+    match case {
+        Case::Step => step::run(&step::StepPlan::new(quick), env),
+        Case::Batching => batching::run(&batching::BatchingPlan::new(quick), env),
+        Case::PersonaStress => persona::run(&persona::PersonaPlan::new(quick), env),
+        Case::AgentCapacity => capacity::run(&capacity::CapacityPlan::new(quick)?, env),
+        Case::RttSweep => rtt::run(&rtt::RttPlan::new(quick), env),
+        Case::SpecSpeedup => spec::run(&spec::SpecPlan::new(quick), env),
+        Case::Kernels => kernels::run(&kernels::KernelsPlan::new(quick), env),
+    }
 }
 
 /// Cores this process may use.
@@ -163,8 +161,13 @@ pub fn finish(env: &Env, case: Case, mut report: Value, table: &str) -> Result<V
     report["machine"] = json!({ "cores": cores(), "device": env.device_name });
     report["commit"] = json!(commit());
     let path = env.out_file(case, "json")?;
-    std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")
-        .with_context(|| format!("writing {}", path.display()))?;
+    std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n").map_err(|source| {
+        BenchError::Io {
+            what: "writing",
+            path: path.clone(),
+            source,
+        }
+    })?;
     println!("{table}");
     eprintln!("wrote {}", path.display());
     Ok(report)

@@ -5,11 +5,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use crate::error::Result;
 use troupe::actors::{DrafterFactory, VerifierFactory};
-use troupe::engine::train::Corpus;
+use troupe::engine::Corpus;
 use troupe::engine::{
-    load_model_drafter, load_verifier, DeviceKind, ModelSource, NgramDrafter, Tokenizer,
+    load_model_drafter, load_verifier, DeviceKind, Drafter, ModelSource, NgramDrafter, Tokenizer,
 };
 use troupe::{FaultPlan, GenerateParams, Runtime, RuntimeBuilder, SchedulerConfig, SessionConfig};
 
@@ -69,7 +69,9 @@ impl DemoModels {
     /// A factory of `kind` drafters on `device`.
     pub fn drafter_factory(&self, kind: DrafterKind, device: DeviceKind) -> Result<DrafterFactory> {
         Ok(match kind {
-            DrafterKind::Ngram => Arc::new(|| Ok(Box::new(NgramDrafter::default()) as _)),
+            DrafterKind::Ngram => {
+                Arc::new(|| Ok(Box::new(NgramDrafter::default()) as Box<dyn Drafter>))
+            }
             DrafterKind::Model => {
                 let dir = self.drafter.clone();
                 check_dir(&dir)?;
@@ -86,7 +88,7 @@ impl DemoModels {
         let tok = Tokenizer::from_file(&self.verifier.join("tokenizer.json"))?;
         let ids = tok.encode(&text)?;
         let newline = tok.encode("\n")?;
-        anyhow::ensure!(
+        crate::error::ensure!(
             ids.len() > len * 2,
             "the held-out corpus has {} tokens, too few for {len}-token prompts",
             ids.len()
@@ -110,7 +112,7 @@ impl DemoModels {
 }
 
 fn check_dir(dir: &Path) -> Result<()> {
-    anyhow::ensure!(
+    crate::error::ensure!(
         dir.join("config.json").exists(),
         "no model in {} (the demo models ship in models/; `troupe train` makes them)",
         dir.display()
@@ -156,20 +158,17 @@ pub async fn stream(
     let mut run = StreamRun::default();
     for (i, p) in prompts.iter().enumerate() {
         let s = rt
-            .spawn_session(SessionConfig {
-                seed: i as u64,
-                ..Default::default()
-            })
+            .spawn_session(SessionConfig::default().with_seed(i as u64))
             .await?;
         let start = Instant::now();
-        let (ids, stats) = s.generate(p.clone(), params)?.collect().await?;
+        let (ids, stats) = s.generate(p.clone(), params.clone())?.collect().await?;
         run.seconds += start.elapsed().as_secs_f64();
         run.tokens += ids.len();
         run.drafted += stats.drafted;
         run.accepted += stats.accepted;
         run.steps += stats.steps;
         run.outputs.push(ids);
-        s.close().await.context("closing a session")?;
+        s.close().await?;
     }
     Ok(run)
 }
@@ -189,10 +188,7 @@ impl Setup {
     pub fn plain() -> Self {
         Self {
             drafter: None,
-            config: SchedulerConfig {
-                max_draft_len: 0,
-                ..Default::default()
-            },
+            config: SchedulerConfig::default().with_max_draft_len(0),
             faults: FaultPlan::default(),
         }
     }
@@ -208,14 +204,16 @@ impl DemoModels {
         prompts: &[Vec<u32>],
         params: GenerateParams,
     ) -> Result<StreamRun> {
-        let mut b = RuntimeBuilder::new(self.verifier_factory(device)?)
+        let verifier = self.verifier_factory(device)?;
+        let mut b = RuntimeBuilder::new(move || verifier())
             .scheduler(setup.config)
             .faults(setup.faults);
         if let Some(kind) = setup.drafter {
-            b = b.drafter(self.drafter_factory(kind, device)?);
+            let drafter = self.drafter_factory(kind, device)?;
+            b = b.drafter(move || drafter());
         }
         let rt = b.build().await?;
-        stream(&rt, &prompts[..1], params).await?;
+        stream(&rt, &prompts[..1], params.clone()).await?;
         let run = stream(&rt, prompts, params).await;
         rt.shutdown().await;
         run

@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use anyhow::Result;
+use crate::error::{BenchError, Result};
 use burn::prelude::*;
 use burn::tensor::{DType, Distribution};
 use serde::Serialize;
@@ -16,10 +16,10 @@ use serde_json::json;
 use troupe::engine::{DeviceKind, SamplingParams};
 use troupe::kernels::{reference, set_enabled, KernelBackend};
 
-use super::kernels_accept::{AcceptCase, AcceptShape};
-use super::kernels_attention::{AttentionCase, AttentionShape};
-use super::plot::{lines, Axes, Series};
-use super::{finish, markdown, median, progress, Case, Env};
+use crate::kernels_accept::{AcceptCase, AcceptShape};
+use crate::kernels_attention::{AttentionCase, AttentionShape};
+use crate::plot::{lines, Axes, Series};
+use crate::{finish, markdown, median, progress, Case, Env};
 
 /// What the `kernels` case measures.
 #[derive(Debug, Clone)]
@@ -183,11 +183,11 @@ pub fn run(plan: &KernelsPlan, env: &Env) -> Result<serde_json::Value> {
         #[cfg(feature = "cuda")]
         DeviceKind::Cuda => run_on::<burn::backend::Cuda>(plan, env, &[DType::F32, DType::BF16]),
         #[allow(unreachable_patterns)]
-        other => anyhow::bail!(
+        other => Err(BenchError::Invalid(format!(
             "this build has no {} backend (build with --features {})",
             other.feature(),
             other.feature()
-        ),
+        ))),
     }
 }
 

@@ -7,17 +7,18 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use crate::error::{BenchError, Result};
 use futures::future::join_all;
 use serde::Serialize;
 use serde_json::json;
-use troupe::actors::{DrafterFactory, SchedulerStats, VerifierFactory};
+use troupe::actors::VerifierFactory;
 use troupe::engine::{load_verifier, DeviceKind, ModelConfig, ModelSource, NgramDrafter};
+use troupe::SchedulerStats;
 use troupe::{GenerateParams, RuntimeBuilder, SchedulerConfig, SessionConfig, WindowSpec};
 
-use super::plot::{lines, Axes, Series};
-use super::step::bench_model;
-use super::{finish, fmt, markdown, mean, progress, Case, Env};
+use crate::plot::{lines, Axes, Series};
+use crate::step::bench_model;
+use crate::{finish, fmt, markdown, mean, progress, Case, Env};
 
 /// What the `batching` case measures.
 #[derive(Debug, Clone)]
@@ -113,13 +114,14 @@ fn verifier_factory(
 
 /// Runs the case; returns the report it wrote.
 pub fn run(plan: &BatchingPlan, env: &Env) -> Result<serde_json::Value> {
-    let dir = tempfile::tempdir().context("temp dir for the model")?;
+    let dir = tempfile::tempdir().map_err(BenchError::TempDir)?;
     let factory = verifier_factory(&plan.model, env.device, dir.path())?;
     let turns: usize = plan.sessions.iter().sum::<usize>() * plan.speculative.len();
     let bar = progress(turns as u64, "batching");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?;
+        .build()
+        .map_err(BenchError::AsyncRuntime)?;
     let rows = rt.block_on(measure(plan, factory, &bar))?;
     bar.finish_and_clear();
 
@@ -166,50 +168,42 @@ async fn measure(
     // f32 bytes: an upper bound on any device.
     let per_session =
         (2 * c.num_layers * c.num_kv_heads * c.head_dim * window.capacity() * 4) as u64;
-    let params = GenerateParams {
-        max_new_tokens: plan.new_tokens,
-        ..Default::default()
-    };
+    let params = GenerateParams::greedy(plan.new_tokens);
     let mut rows = Vec::new();
     for &spec in &plan.speculative {
-        let mut builder = RuntimeBuilder::new(factory.clone())
+        let factory = factory.clone();
+        let mut builder = RuntimeBuilder::new(move || factory())
             .max_sessions(most + 1)
             .kv_budget_bytes(per_session * (most as u64 + 1))
             .default_window(window)
-            .scheduler(SchedulerConfig {
-                max_step_seqs: most.max(256),
-                ..Default::default()
-            });
+            .scheduler(SchedulerConfig::default().with_max_step_seqs(most.max(256)));
         if spec {
-            let ngram: DrafterFactory = Arc::new(|| Ok(Box::new(NgramDrafter::default()) as _));
-            builder = builder.drafter(ngram);
+            builder = builder.drafter(|| Ok(NgramDrafter::default()));
         }
         let rt = builder.build().await?;
         // Warm the model and the actors up before the first measurement.
         let s = rt.spawn_session(SessionConfig::default()).await?;
-        s.generate(prompt(0, plan.prompt_len), params)?
+        s.generate(prompt(0, plan.prompt_len), params.clone())?
             .collect()
             .await?;
         s.close().await?;
         for &n in &plan.sessions {
-            let spawned = join_all((0..n).map(|i| {
-                rt.spawn_session(SessionConfig {
-                    seed: i as u64,
-                    ..Default::default()
-                })
-            }))
+            let spawned = join_all(
+                (0..n).map(|i| rt.spawn_session(SessionConfig::default().with_seed(i as u64))),
+            )
             .await;
             let sessions = spawned.into_iter().collect::<Result<Vec<_>, _>>()?;
             let before = rt.stats().await?;
             let start = Instant::now();
+            let params = &params;
             let turns = sessions.iter().enumerate().map(|(i, s)| async move {
                 let t = Instant::now();
                 let (ids, _) = s
-                    .generate(prompt(i, plan.prompt_len), params)?
+                    .generate(prompt(i, plan.prompt_len), params.clone())?
                     .collect()
                     .await?;
                 bar.inc(1);
-                anyhow::Ok(t.elapsed().as_secs_f64() * 1e3 / ids.len().max(1) as f64)
+                Ok::<_, BenchError>(t.elapsed().as_secs_f64() * 1e3 / ids.len().max(1) as f64)
             });
             let per_token = join_all(turns)
                 .await

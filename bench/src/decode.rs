@@ -3,14 +3,14 @@
 
 use std::collections::HashSet;
 
-use anyhow::Result;
+use crate::error::Result;
 use serde::Serialize;
 use troupe::engine::{
     generate, load_model_drafter, Drafter, GenerateOptions, ModelSource, NgramDrafter, Verifier,
 };
 
-use super::step::StepPlan;
-use super::{fmt, markdown, Env};
+use crate::step::StepPlan;
+use crate::{fmt, markdown, Env};
 
 /// One session's decoding with one drafter.
 #[derive(Debug, Clone, Serialize)]

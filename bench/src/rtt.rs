@@ -4,15 +4,15 @@
 //! draft (the raw curve the seed measured); the adaptive policy, which stops waiting when drafts
 //! stop paying, is measured beside it.
 
-use anyhow::Result;
+use crate::error::{BenchError, Result};
 use serde::Serialize;
 use serde_json::json;
 use std::time::Duration;
 use troupe::{FaultPlan, GenerateParams, SchedulerConfig};
 
-use super::demo::{DemoModels, DrafterKind, Setup};
-use super::plot::{lines, Axes, Series};
-use super::{finish, fmt, markdown, median, progress, Case, Env};
+use crate::demo::{DemoModels, DrafterKind, Setup};
+use crate::plot::{lines, Axes, Series};
+use crate::{finish, fmt, markdown, median, progress, Case, Env};
 
 /// The seed report on an H200 (Gemma-4-26B verifier, DFlash drafter): (round trip ms, speedup over AR).
 const SEED: &[(f64, f64)] = &[(0.0, 2.20), (100.0, 1.0), (150.0, 0.77)];
@@ -77,7 +77,8 @@ pub fn run(plan: &RttPlan, env: &Env) -> Result<serde_json::Value> {
     let bar = progress(3 * plan.rtts_ms.len() as u64, "rtt-sweep");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?;
+        .build()
+        .map_err(BenchError::AsyncRuntime)?;
     let (ar_runs, rows, adaptive) = rt.block_on(measure(plan, env, &bar))?;
     bar.finish_and_clear();
 
@@ -154,10 +155,7 @@ async fn measure(
     let prompts = plan
         .models
         .held_out_prompts(plan.prompts, plan.prompt_len)?;
-    let params = GenerateParams {
-        max_new_tokens: plan.new_tokens,
-        ..Default::default()
-    };
+    let params = GenerateParams::greedy(plan.new_tokens);
     let mut ar_runs = Vec::new();
     let mut rows = Vec::new();
     let mut adaptive = Vec::new();
@@ -166,17 +164,15 @@ async fn measure(
         for (pipelined, waits) in [(true, true), (false, true), (true, false)] {
             let ar = plan
                 .models
-                .decode(env.device, Setup::plain(), &prompts, params)
+                .decode(env.device, Setup::plain(), &prompts, params.clone())
                 .await?;
             ar_runs.push(ar.tokens_per_s());
-            let config = SchedulerConfig {
-                max_draft_len: plan.draft_len,
-                pipelined,
-                adaptive: !waits,
+            let config = SchedulerConfig::default()
+                .with_max_draft_len(plan.draft_len)
+                .with_pipelined(pipelined)
+                .with_adaptive(!waits)
                 // The raw curve: every step waits for its draft, however late.
-                draft_wait_s: waits.then_some(600.0),
-                ..Default::default()
-            };
+                .with_draft_wait(waits.then_some(Duration::from_secs(600)));
             let setup = Setup {
                 drafter: Some(plan.drafter),
                 config,
@@ -184,7 +180,7 @@ async fn measure(
             };
             let run = plan
                 .models
-                .decode(env.device, setup, &prompts, params)
+                .decode(env.device, setup, &prompts, params.clone())
                 .await?;
             bar.inc(1);
             let row = RttRow {

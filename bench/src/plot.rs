@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use anyhow::{anyhow, Result};
+use crate::error::{BenchError, Result};
 use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
 use plotters::prelude::*;
 
@@ -53,7 +53,10 @@ where
     X: AsRangedCoord<Value = f64>,
     X::CoordDescType: ValueFormatter<f64>,
 {
-    let err = |e: &dyn std::fmt::Display| anyhow!("plotting {}: {e}", path.display());
+    let err = |e: &dyn std::fmt::Display| BenchError::Plot {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let mut chart = ChartBuilder::on(root)
         .caption(axes.title, ("sans-serif", 20))

@@ -6,16 +6,16 @@
 
 use std::time::Instant;
 
-use anyhow::Result;
+use crate::error::{BenchError, Result};
 use futures::future::join_all;
 use serde::Serialize;
 use serde_json::json;
 use troupe::actors::events::quantile;
 use troupe::{GenerateParams, Runtime, RuntimeBuilder, SchedulerConfig, SessionConfig, WindowSpec};
 
-use super::demo::DemoModels;
-use super::plot::{lines, Axes, Series};
-use super::{finish, fmt, markdown, progress, Case, Env};
+use crate::demo::DemoModels;
+use crate::plot::{lines, Axes, Series};
+use crate::{finish, fmt, markdown, progress, Case, Env};
 
 /// The seed report on a Mac M4 (serialized gRPC server, Qwen-class verifier): heavy-context clients and
 /// their create latency in ms.
@@ -104,7 +104,8 @@ pub fn run(plan: &CapacityPlan, env: &Env) -> Result<serde_json::Value> {
     let bar = progress(clients as u64, "agent-capacity");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?;
+        .build()
+        .map_err(BenchError::AsyncRuntime)?;
     let mut rows = rt.block_on(measure(plan, env, Mode::Light, &bar))?;
     rows.extend(rt.block_on(measure(plan, env, Mode::Heavy, &bar))?);
     bar.finish_and_clear();
@@ -190,24 +191,21 @@ async fn measure(
     let Some(&most) = ramp.iter().max() else {
         return Ok(Vec::new());
     };
-    let rt = RuntimeBuilder::new(plan.models.verifier_factory(env.device)?)
+    let factory = plan.models.verifier_factory(env.device)?;
+    let rt = RuntimeBuilder::new(move || factory())
         .default_window(window)
         .max_sessions(most)
         .kv_budget_bytes(plan.kv_budget_bytes)
-        .scheduler(SchedulerConfig {
-            max_draft_len: 0,
-            ..Default::default()
-        })
+        .scheduler(SchedulerConfig::default().with_max_draft_len(0))
         .build()
         .await?;
     let prompts = plan.models.held_out_prompts(64, prompt_len)?;
-    let params = GenerateParams {
-        max_new_tokens: plan.new_tokens,
-        ..Default::default()
-    };
+    let params = GenerateParams::greedy(plan.new_tokens);
     // Warm the model up on both shapes a turn has (prefill, decode).
     let s = rt.spawn_session(SessionConfig::default()).await?;
-    s.generate(prompts[0].clone(), params)?.collect().await?;
+    s.generate(prompts[0].clone(), params.clone())?
+        .collect()
+        .await?;
     s.close().await?;
 
     let mut rows = Vec::new();
@@ -216,6 +214,7 @@ async fn measure(
         let clients = (0..n).map(|i| {
             let rt = rt.clone();
             let prompt = prompts[i % prompts.len()].clone();
+            let params = params.clone();
             tokio::spawn(async move {
                 let r = client(&rt, i, prompt, params).await;
                 r.map_err(|e| e.to_string())
@@ -268,10 +267,7 @@ async fn client(
 ) -> Result<(f64, f64, troupe::SessionHandle)> {
     let t = Instant::now();
     let s = rt
-        .spawn_session(SessionConfig {
-            seed: i as u64,
-            ..Default::default()
-        })
+        .spawn_session(SessionConfig::default().with_seed(i as u64))
         .await?;
     let create = t.elapsed().as_secs_f64() * 1e3;
     let t = Instant::now();

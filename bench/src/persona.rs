@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Result};
+use crate::error::{BenchError, Result};
 use futures::future::join_all;
 use futures::StreamExt;
 use serde::Serialize;
@@ -19,8 +19,8 @@ use troupe::{
     SessionConfig, Tokenizer, WindowSpec,
 };
 
-use super::plot::{lines, Axes, Series};
-use super::{finish, fmt, markdown, mean, progress, Case, Env};
+use crate::plot::{lines, Axes, Series};
+use crate::{finish, fmt, markdown, mean, progress, Case, Env};
 
 /// The seed's measurements: (personas, messages, mean turn ms, max turn ms).
 const SEED: &[(usize, usize, f64, f64)] = &[
@@ -96,7 +96,8 @@ pub fn run(plan: &PersonaPlan, env: &Env) -> Result<serde_json::Value> {
     let bar = progress(turns as u64, "persona-stress");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?;
+        .build()
+        .map_err(BenchError::AsyncRuntime)?;
     let mut rows = Vec::new();
     for &(n, m) in &plan.sizes {
         rows.push(rt.block_on(measure(plan, n, m, &bar))?);
@@ -142,53 +143,46 @@ async fn measure(
     bar: &indicatif::ProgressBar,
 ) -> Result<PersonaRow> {
     let window = WindowSpec::default();
-    let rt = RuntimeBuilder::new(Arc::new(|| {
-        Ok(Box::new(ScriptedModel::new(Duration::ZERO)) as _)
-    }))
-    .tokenizer(Tokenizer::from_json(&byte_level_tokenizer_json())?)
-    .faults(FaultPlan::default().delay(ActorKind::Verifier, "step", plan.delay))
-    // One step holds every session; every prompt is prefilled in one chunk.
-    .scheduler(SchedulerConfig {
-        max_step_tokens: 1 << 20,
-        max_step_seqs: n.max(1),
-        prefill_chunk: 4096,
-        max_draft_len: 0,
-        ..Default::default()
-    })
-    .max_sessions(n)
-    .kv_budget_bytes(n as u64 * DEFAULT_SLOT_BYTES * window.capacity() as u64)
-    .default_window(window)
-    .build()
-    .await?;
+    let rt = RuntimeBuilder::new(|| Ok(ScriptedModel::new(Duration::ZERO)))
+        .tokenizer(Tokenizer::from_json(&byte_level_tokenizer_json())?)
+        .faults(FaultPlan::default().delay(ActorKind::Verifier, "step", plan.delay))
+        // One step holds every session; every prompt is prefilled in one chunk.
+        .scheduler(
+            SchedulerConfig::default()
+                .with_max_step_tokens(1 << 20)
+                .with_max_step_seqs(n.max(1))
+                .with_prefill_chunk(4096)
+                .with_max_draft_len(0),
+        )
+        .max_sessions(n)
+        .kv_budget_bytes(n as u64 * DEFAULT_SLOT_BYTES * window.capacity() as u64)
+        .default_window(window)
+        .build()
+        .await?;
 
     let start = Instant::now();
     let spawned = join_all((0..n).map(|i| {
-        rt.spawn_session(SessionConfig {
-            persona: Some(Persona {
-                name: format!("persona-{i}"),
-                system_prompt: format!("You are persona {i}, one voice in a room of {n}."),
-            }),
-            window: None,
-            seed: i as u64,
-        })
+        let persona = Persona::new(
+            format!("persona-{i}"),
+            format!("You are persona {i}, one voice in a room of {n}."),
+        );
+        rt.spawn_session(SessionConfig::persona(persona).with_seed(i as u64))
     }))
     .await;
     let sessions = spawned.into_iter().collect::<Result<Vec<_>, _>>()?;
     let materialize_ms = start.elapsed().as_secs_f64() * 1e3;
 
     let turns: Arc<Mutex<Vec<Turn>>> = Arc::default();
-    let params = GenerateParams {
-        max_new_tokens: plan.new_tokens,
-        ..Default::default()
-    };
+    let params = GenerateParams::greedy(plan.new_tokens);
     let start = Instant::now();
     let loops = sessions.iter().enumerate().map(|(i, s)| {
         let (s, turns, bar) = (s.clone(), turns.clone(), bar.clone());
+        let params = params.clone();
         tokio::spawn(async move {
             for j in 0..m {
                 let t = Instant::now();
                 let message = format!("message {j} to persona {i}: what do you say?");
-                let mut events = s.generate(message, params)?;
+                let mut events = s.generate(message, params.clone())?;
                 let mut first_ms = None;
                 let steps = loop {
                     match events.next().await {
@@ -197,7 +191,12 @@ async fn measure(
                         }
                         Some(Event::Done(stats)) => break stats.steps,
                         Some(Event::Error(e)) => return Err(e.into()),
-                        None => anyhow::bail!("persona {i}: the turn's stream ended early"),
+                        Some(_) => {}
+                        None => {
+                            return Err(BenchError::Task(format!(
+                                "persona {i}: the turn's stream ended early"
+                            )))
+                        }
                     }
                 };
                 let ms = t.elapsed().as_secs_f64() * 1e3;
@@ -210,11 +209,11 @@ async fn measure(
                 turns.lock().expect("not poisoned").push(turn);
                 bar.inc(1);
             }
-            anyhow::Ok(())
+            Ok::<_, BenchError>(())
         })
     });
     for r in join_all(loops).await {
-        r.map_err(|e| anyhow!("a persona task failed: {e}"))??;
+        r.map_err(|e| BenchError::Task(format!("a persona task: {e}")))??;
     }
     let serve_wall_ms = start.elapsed().as_secs_f64() * 1e3;
     let stats = rt.stats().await?;

@@ -1,6 +1,9 @@
 //! The `troupe` command line.
 
-mod cli;
+mod bench;
+mod generate;
+mod swarm;
+mod train;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -16,13 +19,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Generate from one prompt, optionally with speculative decoding.
-    Generate(cli::generate::GenerateArgs),
+    Generate(generate::GenerateArgs),
     /// Train the byte-level demo models on the corpus.
-    Train(cli::train::TrainArgs),
+    Train(train::TrainArgs),
     /// Run a room of personas, each its own session, through the shared model.
-    Swarm(cli::swarm::SwarmArgs),
+    Swarm(swarm::SwarmArgs),
     /// Measure the engine and the runtime; writes results/<case>.json and .svg.
-    Bench(cli::bench::BenchArgs),
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> Result<()> {
@@ -30,9 +33,9 @@ fn main() -> Result<()> {
     // TROUPE_PROBES=FILE writes every stage of every turn as JSON lines (docs/probes.md).
     troupe::actors::probes::init_from_env();
     match cli.command {
-        Command::Generate(args) => cli::generate::run(args),
-        Command::Train(args) => cli::train::run(args),
-        Command::Swarm(args) => cli::swarm::run(args),
-        Command::Bench(args) => cli::bench::run(args),
+        Command::Generate(args) => generate::run(args),
+        Command::Train(args) => train::run(args),
+        Command::Swarm(args) => swarm::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }

@@ -4,16 +4,16 @@
 
 use std::time::Instant;
 
-use anyhow::{ensure, Result};
+use crate::error::{ensure, Result};
 use serde::Serialize;
 use serde_json::json;
 use troupe::engine::{
     load_verifier, ModelConfig, ModelSource, SamplingParams, Verifier, VerifyWork, WindowSpec,
 };
 
-use super::decode::{decode_rows, decode_table, DecodeRow};
-use super::plot::{lines, Axes, Series};
-use super::{finish, fmt, markdown, median, progress, Case, Env};
+use crate::decode::{decode_rows, decode_table, DecodeRow};
+use crate::plot::{lines, Axes, Series};
+use crate::{finish, fmt, markdown, median, progress, Case, Env};
 
 /// What the `step` case measures.
 #[derive(Debug, Clone)]
@@ -99,7 +99,7 @@ fn work(seq: u64, fed: Vec<u32>, draft: Vec<u32>) -> VerifyWork {
         draft_probs: None,
         sample: true,
         params: SamplingParams::greedy(),
-        stop: None,
+        stop: Vec::new(),
     }
 }
 

@@ -100,10 +100,10 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         },
         seed: a.seed,
         window: WindowSpec::new(a.sink, a.window)?,
-        stop_token: if a.stop_at_eos {
-            config.eos_token_id
+        stop_tokens: if a.stop_at_eos {
+            config.eos_token_id.into_iter().collect()
         } else {
-            None
+            Vec::new()
         },
         prefill_chunk: 256,
     };
