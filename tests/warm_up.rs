@@ -12,10 +12,7 @@ use troupe::{GenerateParams, RuntimeBuilder, SessionConfig, WindowSpec};
 async fn a_warmed_up_runtime_reports_each_step_and_serves_the_same_tokens() {
     let dir = common::tiny_model(61, 2);
     let window = WindowSpec::new(4, 32).unwrap();
-    let plan = WarmUp {
-        window,
-        ..WarmUp::up_to(3, 2, 8)
-    };
+    let plan = WarmUp::up_to(3, 2, 8).with_window(window);
     let seen: Arc<Mutex<Vec<WarmUpProgress>>> = Arc::default();
     let sink = seen.clone();
     let rt = RuntimeBuilder::new(common::verifier_factory(dir.path()))

@@ -183,10 +183,8 @@ async fn swarm(a: SwarmArgs) -> Result<()> {
     let mut bar = None;
     if gpu && !a.no_warm_up {
         let config = SchedulerConfig::default();
-        let plan = WarmUp {
-            window,
-            ..WarmUp::up_to(a.personas, config.max_draft_len, config.prefill_chunk)
-        };
+        let plan = WarmUp::up_to(a.personas, config.max_draft_len, config.prefill_chunk)
+            .with_window(window);
         let shown = ProgressBar::new(plan.steps() as u64).with_style(
             ProgressStyle::with_template("warm-up {bar:30} {pos}/{len} {msg}")
                 .expect("a valid template"),

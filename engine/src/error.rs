@@ -5,6 +5,7 @@ use std::path::PathBuf;
 /// Everything that can go wrong in the numeric core. Each variant names what it concerns (a file, a
 /// tensor, a session) so that a caller can report it without guessing.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum EngineError {
     // ---- loading ----
     /// A file the model directory must contain is not there.

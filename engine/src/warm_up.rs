@@ -15,6 +15,7 @@ use crate::window::WindowSpec;
 
 /// The step shapes a warm-up runs.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct WarmUp {
     /// Sequences per step, one round of steps for each.
     pub batches: Vec<usize>,
@@ -39,6 +40,12 @@ impl WarmUp {
             prefill_chunk: prefill_chunk.max(1),
             window: WindowSpec::default(),
         }
+    }
+
+    /// Runs the temporary sequences in windows of `window` (the shape the runtime's sessions use).
+    pub fn with_window(mut self, window: WindowSpec) -> Self {
+        self.window = window;
+        self
     }
 
     /// Steps the warm-up takes: a prefill, a plain decode, a greedy and a sampled verify per batch.
