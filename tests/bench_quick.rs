@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use troupe::engine::ModelConfig;
+use troupe_bench::models::{preset_dir, ModelChoice};
 use troupe_bench::{batching, capacity, kernels, persona, rtt, spec, step, Case, Env};
 
 fn tiny() -> ModelConfig {
@@ -47,6 +48,7 @@ fn step_case_reports_every_batch_and_draft_length() {
         batches: vec![1, 3],
         draft_lens: vec![0, 2],
         context: 16,
+        capacities: vec![16, 40],
         warmup: 1,
         reps: 2,
         decode_tokens: 12,
@@ -55,13 +57,21 @@ fn step_case_reports_every_batch_and_draft_length() {
     step::run(&plan, &Env::new(dir.path(), "cpu").unwrap()).unwrap();
     let v = written(dir.path(), Case::Step);
     let rows = v["rows"].as_array().expect("rows");
-    assert_eq!(rows.len(), 4);
-    for (row, (b, k)) in rows.iter().zip([(1, 0), (1, 2), (3, 0), (3, 2)]) {
+    assert_eq!(rows.len(), 8);
+    let shapes = [16, 40]
+        .into_iter()
+        .flat_map(|c| [(c, 1, 0), (c, 1, 2), (c, 3, 0), (c, 3, 2)]);
+    for (row, (c, b, k)) in rows.iter().zip(shapes) {
+        assert_eq!(row["capacity"], c);
         assert_eq!(row["batch"], b);
         assert_eq!(row["draft_len"], k);
         positive(row, "ms_per_step");
         positive(row, "tokens_per_s");
     }
+    positive(&v["prefill"], "tokens_per_s");
+    assert_eq!(v["prefill"]["tokens"], 16);
+    assert!(num(&v, "peak_rss_bytes") > 1e6);
+    assert_eq!(v["model_choice"], "default");
     let decode = v["decode"].as_array().expect("decode");
     let drafters: Vec<&str> = decode
         .iter()
@@ -349,4 +359,53 @@ fn kernels_case_reports_every_kernel_and_shape_beside_burn() {
             format!("{m}x{}x{}", plan.product.0, plan.product.1)
         );
     }
+}
+
+/// `--model DIR`: the step case runs the directory's model, with the plan for real shapes, and
+/// says so in its report.
+#[test]
+fn step_case_runs_a_model_directory() {
+    let (model, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let cache = model.path().join("cache");
+    let dir = preset_dir("tiny", &cache).unwrap();
+    let choice = ModelChoice::from_args(Some(dir.clone()), None).unwrap();
+    let config = choice.config(&step::bench_model()).unwrap();
+    assert_eq!(
+        config.hidden_size,
+        ModelConfig::preset("tiny").unwrap().hidden_size
+    );
+    let mut plan = step::StepPlan::for_model(true, config);
+    plan.capacities = vec![128, 160];
+    plan.reps = 1;
+    step::run(
+        &plan,
+        &Env::new(out.path(), "cpu").unwrap().with_model(choice),
+    )
+    .unwrap();
+    let v = written(out.path(), Case::Step);
+    assert_eq!(v["model_choice"], dir.display().to_string());
+    assert_eq!(v["model"]["hidden"], 64);
+    assert_eq!(v["rows"].as_array().expect("rows").len(), 8);
+    assert!(v["decode"].as_array().expect("decode").is_empty());
+}
+
+/// A preset is written once, complete, and found again; unknown presets and two models at once
+/// are refused.
+#[test]
+fn presets_are_written_once_to_the_cache() {
+    let cache = tempfile::tempdir().unwrap();
+    let dir = preset_dir("tiny", cache.path()).unwrap();
+    let weights = dir.join("model.safetensors");
+    let written = std::fs::metadata(&weights).unwrap().modified().unwrap();
+    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    assert_eq!(config.vocab_size, 256);
+    assert_eq!(preset_dir("tiny", cache.path()).unwrap(), dir);
+    assert_eq!(
+        std::fs::metadata(&weights).unwrap().modified().unwrap(),
+        written
+    );
+    let leftovers = std::fs::read_dir(dir.parent().unwrap()).unwrap().count();
+    assert_eq!(leftovers, 1, "no partial directory is left behind");
+    assert!(ModelChoice::from_args(None, Some("qwen9-70b".into())).is_err());
+    assert!(ModelChoice::from_args(Some(dir), Some("tiny".into())).is_err());
 }

@@ -46,6 +46,18 @@ impl BatchingPlan {
             speculative: vec![false, true],
         }
     }
+
+    /// The sweep for a real shape (`--model`, `--preset`): a 4-token prompt and 16 new tokens
+    /// at 1, 8 (and 64) sessions, as llama.cpp's `llama-batched-bench -npp 4 -ntg 16` measures.
+    pub fn for_model(quick: bool, model: ModelConfig) -> Self {
+        Self {
+            model,
+            sessions: if quick { vec![1, 8] } else { vec![1, 8, 64] },
+            new_tokens: 16,
+            prompt_len: 4,
+            speculative: vec![false, true],
+        }
+    }
 }
 
 /// One measurement.
@@ -115,7 +127,19 @@ fn verifier_factory(
 /// Runs the case; returns the report it wrote.
 pub fn run(plan: &BatchingPlan, env: &Env) -> Result<serde_json::Value> {
     let dir = tempfile::tempdir().map_err(BenchError::TempDir)?;
-    let factory = verifier_factory(&plan.model, env.device, dir.path())?;
+    let factory = match env.model.dir()? {
+        Some(model) => {
+            let device = env.device;
+            let f: VerifierFactory =
+                Arc::new(move || load_verifier(&ModelSource::Dir(&model), device, None));
+            f
+        }
+        None => verifier_factory(&plan.model, env.device, dir.path())?,
+    };
+    let plan = &BatchingPlan {
+        model: env.model.config(&plan.model)?,
+        ..plan.clone()
+    };
     let turns: usize = plan.sessions.iter().sum::<usize>() * plan.speculative.len();
     let bar = progress(turns as u64, "batching");
     let rt = tokio::runtime::Builder::new_multi_thread()

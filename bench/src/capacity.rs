@@ -14,6 +14,7 @@ use troupe::actors::events::quantile;
 use troupe::{GenerateParams, Runtime, RuntimeBuilder, SchedulerConfig, SessionConfig, WindowSpec};
 
 use crate::demo::DemoModels;
+use crate::models::rss_bytes;
 use crate::plot::{lines, Axes, Series};
 use crate::{finish, fmt, markdown, progress, Case, Env};
 
@@ -273,19 +274,6 @@ async fn client(
     let t = Instant::now();
     s.generate(prompt, params)?.collect().await?;
     Ok((create, t.elapsed().as_secs_f64() * 1e3, s))
-}
-
-/// Resident memory of this process (Linux `/proc/self/status`; 0 elsewhere).
-pub fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
 }
 
 fn mb(bytes: u64) -> String {

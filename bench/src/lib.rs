@@ -18,6 +18,7 @@ pub mod error;
 pub mod kernels;
 pub mod kernels_accept;
 pub mod kernels_attention;
+pub mod models;
 pub mod persona;
 pub mod plot;
 pub mod rtt;
@@ -25,6 +26,7 @@ pub mod spec;
 pub mod step;
 
 pub use error::{BenchError, Result};
+pub use models::ModelChoice;
 
 /// Which benchmark to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,6 +103,8 @@ pub struct Env {
     pub device: DeviceKind,
     /// The device as the user named it, recorded in the JSON.
     pub device_name: String,
+    /// The verifier of the cases that run a model.
+    pub model: ModelChoice,
 }
 
 impl Env {
@@ -110,7 +114,14 @@ impl Env {
             out: out.into(),
             device: device.parse()?,
             device_name: device.to_owned(),
+            model: ModelChoice::Default,
         })
+    }
+
+    /// The same environment, running `model` in the cases that run one.
+    pub fn with_model(mut self, model: ModelChoice) -> Self {
+        self.model = model;
+        self
     }
 
     /// `DIR/<case>.<ext>`, creating `DIR` if needed.
@@ -127,7 +138,15 @@ impl Env {
 /// Runs `case` with its full plan, or its quick one.
 pub fn run(case: Case, quick: bool, env: &Env) -> Result<Value> {
     match case {
+        Case::Step if !env.model.is_default() => {
+            let model = env.model.config(&step::bench_model())?;
+            step::run(&step::StepPlan::for_model(quick, model), env)
+        }
         Case::Step => step::run(&step::StepPlan::new(quick), env),
+        Case::Batching if !env.model.is_default() => {
+            let model = env.model.config(&step::bench_model())?;
+            batching::run(&batching::BatchingPlan::for_model(quick, model), env)
+        }
         Case::Batching => batching::run(&batching::BatchingPlan::new(quick), env),
         Case::PersonaStress => persona::run(&persona::PersonaPlan::new(quick), env),
         Case::AgentCapacity => capacity::run(&capacity::CapacityPlan::new(quick)?, env),
@@ -159,6 +178,8 @@ pub fn commit() -> String {
 /// to stdout and returns the report as written.
 pub fn finish(env: &Env, case: Case, mut report: Value, table: &str) -> Result<Value> {
     report["machine"] = json!({ "cores": cores(), "device": env.device_name });
+    report["model_choice"] = json!(env.model.name());
+    report["peak_rss_bytes"] = json!(models::peak_rss_bytes());
     report["commit"] = json!(commit());
     let path = env.out_file(case, "json")?;
     std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n").map_err(|source| {

@@ -4,11 +4,11 @@
 
 use std::time::Instant;
 
-use crate::error::{ensure, Result};
+use crate::error::{ensure, BenchError, Result};
 use serde::Serialize;
 use serde_json::json;
 use troupe::engine::{
-    load_verifier, ModelConfig, ModelSource, SamplingParams, Verifier, VerifyWork, WindowSpec,
+    load_verifier, ModelConfig, SamplingParams, Verifier, VerifyWork, WindowSpec,
 };
 
 use crate::decode::{decode_rows, decode_table, DecodeRow};
@@ -24,9 +24,11 @@ pub struct StepPlan {
     pub batches: Vec<usize>,
     /// Drafted tokens per sequence per step.
     pub draft_lens: Vec<usize>,
-    /// Tokens in each sequence's window while timing (the window is this size and full, so the
-    /// context stays the same however many steps run).
+    /// Tokens in each sequence's window when timing starts.
     pub context: usize,
+    /// Slots of each window, each measured in turn; a window of exactly `context` slots stays
+    /// full, so its context is the same however many steps run.
+    pub capacities: Vec<usize>,
     /// Untimed steps before each measurement.
     pub warmup: usize,
     /// Timed steps per measurement; the median is reported.
@@ -45,10 +47,28 @@ impl StepPlan {
             batches: vec![1, 2, 4, 8, 16, 32, 64],
             draft_lens: vec![0, 4, 8],
             context: 128,
+            capacities: vec![128],
             warmup: if quick { 2 } else { 3 },
             reps: if quick { 5 } else { 15 },
             decode_tokens: if quick { 128 } else { 512 },
             decode_draft_lens: vec![4, 8],
+        }
+    }
+
+    /// The sweep for a real shape (`--model`, `--preset`), whose steps take a thousand times
+    /// longer: decode and verify at 1, 8 (and 64) sequences, and no drafted decoding.
+    pub fn for_model(quick: bool, model: ModelConfig) -> Self {
+        Self {
+            model,
+            batches: if quick { vec![1, 8] } else { vec![1, 8, 64] },
+            draft_lens: vec![0, 4],
+            context: 128,
+            // Equal fill, two capacities: what a step costs must not depend on the second.
+            capacities: vec![128, 1024],
+            warmup: 1,
+            reps: if quick { 3 } else { 5 },
+            decode_tokens: 0,
+            decode_draft_lens: Vec::new(),
         }
     }
 }
@@ -72,6 +92,8 @@ pub fn bench_model() -> ModelConfig {
 /// One measured step shape.
 #[derive(Debug, Clone, Serialize)]
 pub struct StepRow {
+    /// Slots of each window.
+    pub capacity: usize,
     /// Sequences in the step.
     pub batch: usize,
     /// Drafted tokens per sequence.
@@ -79,6 +101,19 @@ pub struct StepRow {
     /// Median wall time of one step.
     pub ms_per_step: f64,
     /// Query tokens through the verifier per second: batch × (1 + draft_len) / step time.
+    pub tokens_per_s: f64,
+}
+
+/// How fast the windows were filled: prefill steps of up to 8 sequences × `context` tokens.
+#[derive(Debug, Clone, Serialize)]
+pub struct PrefillRow {
+    /// Sequences per prefill step.
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub tokens: usize,
+    /// Median wall time of one prefill step.
+    pub ms_per_step: f64,
+    /// Prompt tokens per second.
     pub tokens_per_s: f64,
 }
 
@@ -109,17 +144,37 @@ pub fn run(plan: &StepPlan, env: &Env) -> Result<serde_json::Value> {
         plan.context > 4,
         "the context must exceed the 4 sink tokens"
     );
-    let mut v = load_verifier(
-        &ModelSource::Random(plan.model.clone(), 1),
-        env.device,
-        None,
-    )?;
+    let source = env.model.source(&plan.model)?;
+    let plan = &StepPlan {
+        model: env.model.config(&plan.model)?,
+        ..plan.clone()
+    };
+    let loading = Instant::now();
+    let mut v = load_verifier(&source.as_model_source(), env.device, None)?;
+    let load_ms = loading.elapsed().as_secs_f64() * 1e3;
+    let decoding = plan.decode_tokens > 0 && !plan.decode_draft_lens.is_empty();
     let bar = progress(
-        (plan.batches.len() * plan.draft_lens.len() + 1 + 2 * plan.decode_draft_lens.len()) as u64,
+        (plan.capacities.len() * plan.batches.len() * plan.draft_lens.len()
+            + if decoding {
+                1 + 2 * plan.decode_draft_lens.len()
+            } else {
+                0
+            }) as u64,
         "step",
     );
-    let rows = step_rows(plan, v.as_mut(), &bar)?;
-    let decode = decode_rows(plan, v.as_mut(), env, &bar)?;
+    let mut rows = Vec::new();
+    let mut prefill = None;
+    for &capacity in &plan.capacities {
+        let (p, r) = step_rows(plan, capacity, v.as_mut(), &bar)?;
+        prefill.get_or_insert(p);
+        rows.extend(r);
+    }
+    let prefill = prefill.ok_or_else(|| BenchError::Invalid("no capacity to measure".into()))?;
+    let decode = if decoding {
+        decode_rows(plan, v.as_mut(), env, &bar)?
+    } else {
+        Vec::new()
+    };
     bar.finish_and_clear();
 
     let report = json!({
@@ -131,18 +186,21 @@ pub fn run(plan: &StepPlan, env: &Env) -> Result<serde_json::Value> {
             "vocab": plan.model.vocab_size,
         },
         "context": plan.context,
+        "load_ms": load_ms,
+        "prefill": prefill,
         "reps": plan.reps,
         "decode_tokens": plan.decode_tokens,
         "rows": rows,
         "decode": decode,
     });
     let series: Vec<Series> = plan
-        .draft_lens
+        .capacities
         .iter()
-        .map(|&k| {
-            let pts = rows.iter().filter(|r| r.draft_len == k);
+        .flat_map(|&c| plan.draft_lens.iter().map(move |&k| (c, k)))
+        .map(|(c, k)| {
+            let pts = rows.iter().filter(|r| r.draft_len == k && r.capacity == c);
             (
-                format!("draft {k}"),
+                format!("draft {k}, {c} slots"),
                 pts.map(|r| (r.batch as f64, r.ms_per_step)).collect(),
             )
         })
@@ -154,17 +212,28 @@ pub fn run(plan: &StepPlan, env: &Env) -> Result<serde_json::Value> {
         log_x: true,
     };
     lines(&env.out_file(Case::Step, "svg")?, &axes, &series)?;
-    finish(env, Case::Step, report, &tables(plan, &rows, &decode))
+    finish(
+        env,
+        Case::Step,
+        report,
+        &tables(plan, &prefill, &rows, &decode),
+    )
 }
 
 /// Times the verify step for every batch size and draft length.
 fn step_rows(
     plan: &StepPlan,
+    capacity: usize,
     v: &mut dyn Verifier,
     bar: &indicatif::ProgressBar,
-) -> Result<Vec<StepRow>> {
+) -> Result<(PrefillRow, Vec<StepRow>)> {
     let vocab = plan.model.vocab_size;
-    let spec = WindowSpec::new(4, plan.context - 4)?;
+    ensure!(
+        capacity >= plan.context,
+        "a window of {capacity} slots cannot hold the {} context tokens",
+        plan.context
+    );
+    let spec = WindowSpec::new(4, capacity - 4)?;
     let n = plan.batches.iter().copied().max().unwrap_or(1) as u64;
     for s in 0..n {
         v.open(s, spec, s)?;
@@ -172,6 +241,7 @@ fn step_rows(
     // Fill every window, a few sequences per step; keep each one's last emitted token.
     let mut last = vec![0u32; n as usize];
     let seqs: Vec<u64> = (0..n).collect();
+    let mut fills = Vec::new();
     for group in seqs.chunks(8) {
         let works: Vec<VerifyWork> = group
             .iter()
@@ -180,10 +250,22 @@ fn step_rows(
                 work(s, fed.collect(), Vec::new())
             })
             .collect();
-        for o in v.verify(&works)? {
+        let t = Instant::now();
+        let out = v.verify(&works)?;
+        fills.push((group.len(), t.elapsed().as_secs_f64() * 1e3));
+        for o in out {
             last[o.seq as usize] = *o.tokens.last().unwrap_or(&0);
         }
     }
+    let batch = fills.first().map_or(0, |f| f.0);
+    let full: Vec<f64> = fills.iter().filter(|f| f.0 == batch).map(|f| f.1).collect();
+    let ms = median(&full);
+    let prefill = PrefillRow {
+        batch,
+        tokens: plan.context,
+        ms_per_step: ms,
+        tokens_per_s: (batch * plan.context) as f64 / (ms / 1e3).max(1e-12),
+    };
     let mut rows = Vec::new();
     let mut salt = 0u64;
     for &batch in &plan.batches {
@@ -209,6 +291,7 @@ fn step_rows(
             }
             let ms = median(&times);
             rows.push(StepRow {
+                capacity,
                 batch,
                 draft_len: k,
                 ms_per_step: ms,
@@ -220,33 +303,45 @@ fn step_rows(
     for s in 0..n {
         v.close(s)?;
     }
-    Ok(rows)
+    Ok((prefill, rows))
 }
 
-fn tables(plan: &StepPlan, rows: &[StepRow], decode: &[DecodeRow]) -> String {
-    let mut headers = vec!["batch".to_owned()];
+fn tables(plan: &StepPlan, prefill: &PrefillRow, rows: &[StepRow], decode: &[DecodeRow]) -> String {
+    let mut headers = vec!["slots".to_owned(), "batch".to_owned()];
     for k in &plan.draft_lens {
         headers.push(format!("k={k} ms/step"));
         headers.push(format!("k={k} tok/s"));
     }
-    let body: Vec<Vec<String>> = plan
-        .batches
-        .iter()
-        .map(|&b| {
-            let mut r = vec![b.to_string()];
-            for row in rows.iter().filter(|r| r.batch == b) {
+    let mut body: Vec<Vec<String>> = Vec::new();
+    for &capacity in &plan.capacities {
+        for &b in &plan.batches {
+            let mut r = vec![capacity.to_string(), b.to_string()];
+            for row in rows
+                .iter()
+                .filter(|r| r.batch == b && r.capacity == capacity)
+            {
                 r.push(format!("{:.2}", row.ms_per_step));
                 r.push(fmt(row.tokens_per_s));
             }
-            r
-        })
-        .collect();
+            body.push(r);
+        }
+    }
     let h: Vec<&str> = headers.iter().map(String::as_str).collect();
+    let decode = if decode.is_empty() {
+        String::new()
+    } else {
+        decode_table(plan, decode)
+    };
     format!(
-        "Verify step, context {} tokens per sequence (k = drafted tokens per sequence; tok/s = \
-         query tokens through the verifier):\n\n{}\n{}",
+        "Verify step, {} context tokens per sequence (slots = window capacity; k = drafted tokens \
+         per sequence; tok/s = query tokens through the verifier):\n\n{}\nPrefill: {} sequences \
+         × {} tokens in {:.1} ms ({} tokens/s)\n\n{}",
         plan.context,
         markdown(&h, &body),
-        decode_table(plan, decode)
+        prefill.batch,
+        prefill.tokens,
+        prefill.ms_per_step,
+        fmt(prefill.tokens_per_s),
+        decode
     )
 }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use troupe_bench::{Case, Env};
+use troupe_bench::{Case, Env, ModelChoice};
 
 /// Arguments of `troupe bench`.
 #[derive(clap::Args)]
@@ -21,6 +21,14 @@ pub struct BenchArgs {
     /// cpu, wgpu or cuda (persona-stress runs the scripted model and only records it).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// `step` and `batching`: run this Hugging Face model directory instead of the case's own
+    /// small random model.
+    #[arg(long, conflicts_with = "preset")]
+    model: Option<PathBuf>,
+    /// `step` and `batching`: run random weights of a named real shape (qwen3-0.6b, qwen3-1.7b,
+    /// qwen3-4b, llama-3.2-1b), written once in bf16 to $TROUPE_CACHE (default ~/.cache/troupe).
+    #[arg(long)]
+    preset: Option<String>,
 }
 
 fn parse_case(s: &str) -> Result<Case, String> {
@@ -30,7 +38,11 @@ fn parse_case(s: &str) -> Result<Case, String> {
 
 /// Runs `troupe bench`.
 pub fn run(a: BenchArgs) -> Result<()> {
-    let env = Env::new(a.out, &a.device)?;
+    let model = ModelChoice::from_args(a.model, a.preset)?;
+    if !model.is_default() && !matches!(a.case, Case::Step | Case::Batching) {
+        anyhow::bail!("--model and --preset apply to the step and batching cases");
+    }
+    let env = Env::new(a.out, &a.device)?.with_model(model);
     troupe_bench::run(a.case, a.quick, &env)?;
     Ok(())
 }

@@ -280,12 +280,13 @@ impl<B: KernelBackend> Model<B> {
         }
     }
 
-    /// Logits `[rows, vocab]` in f32 for final-normed hidden rows.
+    /// Logits `[rows, vocab]` in f32 for final-normed hidden rows. A tied head reads the
+    /// embedding by rows where it lies (`x · Eᵀ`), so no step copies or transposes it.
     pub fn logits(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
-        let head = match &self.lm_head {
-            Some(w) => w.clone(),
-            None => self.embed.clone().transpose(),
+        let logits = match &self.lm_head {
+            Some(w) => B::skinny_linear(hidden, w, None),
+            None => B::skinny_linear_t(hidden, &self.embed),
         };
-        to_f32(hidden.matmul(head))
+        to_f32(logits)
     }
 }

@@ -114,7 +114,10 @@ fn accumulate_product(
         n,
         accumulate,
     };
-    let big = m * k * n >= 1 << 22;
+    // Worth the cores' fork and join once `W` is 4 MiB (reading it is then the cost, and one
+    // core alone streams it at about half the memory's speed) or the arithmetic is 4M
+    // multiply-adds; a 256-wide model's 0.1 ms products lose to the split.
+    let big = k * n >= 1 << 20 || m * k * n >= 1 << 22;
     if m <= STREAM_ROWS {
         return job.split_k(y, big);
     }

@@ -10,6 +10,7 @@ use burn::tensor::{DType, TensorPrimitive};
 use crate::accept::verdicts_from_argmax;
 use crate::cpu_attention::{pooled_attention, PooledInputs};
 use crate::cpu_matmul::{skinny_matmul, CpuEpilogue};
+use crate::cpu_matmul_t::skinny_matmul_t;
 use crate::{cpu_sampled, enabled, pool, reference, sampled, KernelBackend, MAX_SKINNY_ROWS};
 use crate::{BlockVerdict, DraftBlock, PoolLayout, PooledSeq, SampledBlock};
 
@@ -36,6 +37,16 @@ impl KernelBackend for Flex {
             None => skinny_matmul(slice(&x), slice(&w), m, k, n, CpuEpilogue::None),
         };
         from_rows(y, [m, n])
+    }
+
+    fn skinny_linear_t(x: Tensor<Self, 2>, w: &Tensor<Self, 2>) -> Tensor<Self, 2> {
+        let ([m, k], [n, kw]) = (x.dims(), w.dims());
+        let f32s = x.dtype() == DType::F32 && w.dtype() == DType::F32;
+        if !enabled() || m > MAX_SKINNY_ROWS || k != kw || !f32s {
+            return reference::linear_t(x, w);
+        }
+        let (x, w) = (f32_storage(x), f32_storage(w.clone()));
+        from_rows(skinny_matmul_t(slice(&x), slice(&w), m, k, n), [m, n])
     }
 
     fn skinny_swiglu(

@@ -18,6 +18,7 @@
 pub mod accept;
 pub mod cpu_attention;
 pub mod cpu_matmul;
+pub mod cpu_matmul_t;
 pub mod cpu_sampled;
 #[cfg(feature = "cube")]
 pub mod cube;
@@ -47,6 +48,12 @@ pub trait KernelBackend: Backend {
         residual: Option<Tensor<Self, 2>>,
     ) -> Tensor<Self, 2> {
         reference::linear(x, w, residual)
+    }
+
+    /// `x · wᵀ`: `x` is `[m, k]`, `w` is `[n, k]`, read by rows where it lies (a tied output
+    /// head, whose weight is the embedding `[vocab, hidden]`).
+    fn skinny_linear_t(x: Tensor<Self, 2>, w: &Tensor<Self, 2>) -> Tensor<Self, 2> {
+        reference::linear_t(x, w)
     }
 
     /// `silu(x · gate) ⊙ (x · up)`.

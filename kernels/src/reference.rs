@@ -20,6 +20,11 @@ pub fn linear<B: Backend>(
     }
 }
 
+/// `x · wᵀ` for `w` stored `[n, k]`: a tied output head, whose weight is the embedding.
+pub fn linear_t<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
+    x.matmul(w.clone().transpose())
+}
+
 /// `silu(x · gate) ⊙ (x · up)`, the SwiGLU half of a gated MLP.
 pub fn swiglu<B: Backend>(x: Tensor<B, 2>, gate: &Tensor<B, 2>, up: &Tensor<B, 2>) -> Tensor<B, 2> {
     silu(x.clone().matmul(gate.clone())) * x.matmul(up.clone())
