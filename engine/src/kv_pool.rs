@@ -1,15 +1,17 @@
-//! The committed keys and values of every open window, in one pool tensor per window shape and
-//! layer: `[sessions, kv_heads, sink + window, head_dim]`, each window at its own slot.
+//! The committed keys and values of every open window, per window shape in chunks of slots: each
+//! chunk one tensor per layer, `[slots, kv_heads, sink + window, head_dim]`, each window at its own
+//! slot of one chunk.
 //!
-//! One tensor per layer lets a backend's attention kernel serve every session of a step in one
+//! A chunk per layer lets a backend's attention kernel serve every session of that chunk in one
 //! launch ([`troupe_kernels::KernelBackend::pooled_attention`]).
 //!
-//! Memory: a pool holds `slots × window bytes`. When its slots run out it grows by a quarter (at
-//! least one slot), copying what it holds once, so it stays within 25% of the most windows of its
-//! shape open at once, plus the old pool while a growth copies it, and each key is copied a
-//! bounded number of times on average. Slots of closed windows are handed out again; the pool
-//! is dropped, memory and all, when its last window closes. The runtime's KV budget counts each
-//! open window's bytes, so the slack above it is at most that quarter.
+//! Memory: a shape's slots grow by a new chunk of half as many slots as it already has (at least
+//! one) when its slots run out, and nothing is ever copied to grow: a window's keys stay where they
+//! were first written. So a shape holds at most 1.5 times the most windows of it open at once (plus
+//! one), its chunks number about `log1.5` of that, and opening a window costs the same whether one
+//! or a hundred are open. Slots of closed windows are handed out again, lowest first; a shape's
+//! chunks are dropped, memory and all, when its last window closes. The runtime's KV budget counts
+//! each open window's bytes, so the slack above it is at most that half.
 
 use std::collections::HashMap;
 
@@ -20,14 +22,34 @@ use troupe_kernels::KernelBackend;
 
 use crate::window_spec::WindowSpec;
 
-/// The pools of one window shape: per layer, keys and values (`None` only while being written).
-struct Pool<B: Backend> {
+/// A run of slots with one tensor per layer for keys and one for values (`None` only while
+/// being written).
+struct Chunk<B: Backend> {
     k: Vec<Option<Tensor<B, 4>>>,
     v: Vec<Option<Tensor<B, 4>>>,
-    /// Slots allocated in each tensor.
+    /// The first slot it holds.
+    first: usize,
+    /// Slots it holds.
+    slots: usize,
+}
+
+/// The chunks of one window shape.
+struct Pool<B: Backend> {
+    chunks: Vec<Chunk<B>>,
+    /// Slots allocated in all chunks.
     slots: usize,
     /// Slots no window holds, lowest last.
     free: Vec<usize>,
+}
+
+impl<B: Backend> Pool<B> {
+    /// The chunk holding `slot`, and the slot's index in it.
+    fn locate(&self, slot: usize) -> (usize, usize) {
+        let at = self.chunks.partition_point(|c| c.first + c.slots <= slot);
+        let chunk = &self.chunks[at];
+        assert!(slot >= chunk.first, "slot {slot} was never allocated");
+        (at, slot - chunk.first)
+    }
 }
 
 /// Every window's committed keys and values, on one device.
@@ -59,53 +81,36 @@ impl<B: Backend> KvPool<B> {
         }
     }
 
-    /// A free slot for a window of shape `spec`, growing its pool by a quarter when none is left.
-    pub fn alloc(&mut self, spec: WindowSpec) -> usize {
-        let shape = [self.kv_heads, spec.capacity(), self.head_dim];
-        let (layers, dtype, device) = (self.layers, self.dtype, self.device.clone());
-        let pool = self.pools.entry(spec).or_insert_with(|| Pool {
-            k: vec![None; layers],
-            v: vec![None; layers],
-            slots: 0,
-            free: Vec::new(),
-        });
-        if let Some(slot) = pool.free.pop() {
-            return slot;
-        }
-        let (old, new) = (pool.slots, pool.slots + (pool.slots / 4).max(1));
-        let grow = |t: Option<Tensor<B, 4>>| {
-            let more = Tensor::zeros([new - old, shape[0], shape[1], shape[2]], (&device, dtype));
-            Some(match t {
-                Some(t) => Tensor::cat(vec![t, more], 0),
-                None => more,
-            })
-        };
-        for t in pool.k.iter_mut().chain(pool.v.iter_mut()) {
-            *t = grow(t.take());
-        }
-        pool.slots = new;
-        pool.free = (old + 1..new).rev().collect();
-        old
-    }
-
-    /// Gives `slot` back; the pool of `spec` goes away with its last window.
+    /// Gives `slot` back; the chunks of `spec` go away with its last window.
     pub fn release(&mut self, spec: WindowSpec, slot: usize) {
         if let Some(pool) = self.pools.get_mut(&spec) {
-            pool.free.push(slot);
+            // Lowest last, so that the lowest chunks fill first.
+            let at = pool.free.partition_point(|&s| s > slot);
+            pool.free.insert(at, slot);
             if pool.free.len() == pool.slots {
                 self.pools.remove(&spec);
             }
         }
     }
 
-    /// Keys and values of layer `layer` for every window of shape `spec`,
-    /// `[slots, kv_heads, capacity, head_dim]`.
-    pub fn layer(&self, spec: WindowSpec, layer: usize) -> (&Tensor<B, 4>, &Tensor<B, 4>) {
-        let pool = &self.pools[&spec];
+    /// Where the window at `slot` of shape `spec` lives: its chunk, and its slot in that chunk.
+    pub fn locate(&self, spec: WindowSpec, slot: usize) -> (usize, usize) {
+        self.pools[&spec].locate(slot)
+    }
+
+    /// Keys and values of layer `layer` for every window of chunk `chunk` of shape `spec`,
+    /// `[chunk slots, kv_heads, capacity, head_dim]`.
+    pub fn layer(
+        &self,
+        spec: WindowSpec,
+        chunk: usize,
+        layer: usize,
+    ) -> (&Tensor<B, 4>, &Tensor<B, 4>) {
+        let chunk = &self.pools[&spec].chunks[chunk];
         let present = "a pool tensor is only absent while written";
         (
-            pool.k[layer].as_ref().expect(present),
-            pool.v[layer].as_ref().expect(present),
+            chunk.k[layer].as_ref().expect(present),
+            chunk.v[layer].as_ref().expect(present),
         )
     }
 
@@ -116,9 +121,10 @@ impl<B: Backend> KvPool<B> {
         slot: usize,
         layer: usize,
     ) -> (Tensor<B, 3>, Tensor<B, 3>) {
-        let (k, v) = self.layer(spec, layer);
+        let (chunk, local) = self.locate(spec, slot);
+        let (k, v) = self.layer(spec, chunk, layer);
         let [_, h, c, d] = k.dims();
-        let one = |t: &Tensor<B, 4>| t.clone().slice(slot..slot + 1).reshape([h, c, d]);
+        let one = |t: &Tensor<B, 4>| t.clone().slice(local..local + 1).reshape([h, c, d]);
         (one(k), one(v))
     }
 
@@ -126,15 +132,52 @@ impl<B: Backend> KvPool<B> {
     pub fn slots(&self, spec: WindowSpec) -> usize {
         self.pools.get(&spec).map_or(0, |p| p.slots)
     }
+
+    /// Chunks holding the windows of shape `spec` (0 when none is open).
+    pub fn chunks(&self, spec: WindowSpec) -> usize {
+        self.pools.get(&spec).map_or(0, |p| p.chunks.len())
+    }
 }
 
 impl<B: KernelBackend> KvPool<B> {
+    /// A free slot for a window of shape `spec`, adding a chunk of half as many slots as the
+    /// shape has (at least one) when none is left.
+    pub fn alloc(&mut self, spec: WindowSpec) -> usize {
+        let shape = [self.kv_heads, spec.capacity(), self.head_dim];
+        let pool = self.pools.entry(spec).or_insert_with(|| Pool {
+            chunks: Vec::new(),
+            slots: 0,
+            free: Vec::new(),
+        });
+        if let Some(slot) = pool.free.pop() {
+            return slot;
+        }
+        let (first, more) = (pool.slots, (pool.slots / 2).max(1));
+        let (dtype, device) = (self.dtype, &self.device);
+        let zeros = || {
+            Some(B::pool_zeros(
+                [more, shape[0], shape[1], shape[2]],
+                dtype,
+                device,
+            ))
+        };
+        pool.chunks.push(Chunk {
+            k: (0..self.layers).map(|_| zeros()).collect(),
+            v: (0..self.layers).map(|_| zeros()).collect(),
+            first,
+            slots: more,
+        });
+        pool.slots += more;
+        pool.free = (first + 1..pool.slots).rev().collect();
+        first
+    }
+
     /// Commits rows of one step's keys and values to many windows of shape `spec` at once: row
     /// `rows[i]` of every layer's `(k, v)` in `step` (token-major `[n, kv_heads, head_dim]`) goes to
     /// position `targets[i].1` of the window at slot `targets[i].0`, however many windows;
-    /// targets must be distinct. A backend that can writes the rows into the pool in place
-    /// ([`KernelBackend::write_pool_rows`]); elsewhere each layer's keys and values take one
-    /// gather and one scatter.
+    /// targets must be distinct. A backend that can writes the rows into each chunk in place
+    /// ([`KernelBackend::write_pool_rows`]); elsewhere each chunk's keys and values of a layer take
+    /// one gather and one scatter.
     pub fn commit_rows(
         &mut self,
         spec: WindowSpec,
@@ -143,39 +186,42 @@ impl<B: KernelBackend> KvPool<B> {
         targets: &[(usize, usize)],
     ) {
         assert_eq!(rows.len(), targets.len(), "one target per row");
-        if rows.is_empty() {
-            return;
-        }
         let pool = self.pools.get_mut(&spec).expect("the windows' pool exists");
         let (h, d) = (self.kv_heads, self.head_dim);
-        // Every head of every row: its row in `[n · kv_heads, head_dim]`, and its (slot, head,
-        // position) in the pool.
-        let src: Vec<usize> = rows
-            .iter()
-            .flat_map(|&r| (0..h).map(move |hh| r * h + hh))
-            .collect();
-        let dst: Vec<[usize; 3]> = targets
-            .iter()
-            .flat_map(|&(slot, pos)| (0..h).map(move |hh| [slot, hh, pos]))
-            .collect();
-        // The gather and scatter's index tensors, built when a backend first cannot write in place.
-        let mut indices: Option<(Tensor<B, 1, Int>, Tensor<B, 2, Int>)> = None;
-        for (layer, (k, v)) in step.iter().enumerate() {
-            for (store, rows) in [(&mut pool.k[layer], k), (&mut pool.v[layer], v)] {
-                let n = rows.dims()[0];
-                let rows = rows.clone().reshape([n * h, d]);
-                let t = store
-                    .take()
-                    .expect("a pool tensor is present between writes");
-                *store = Some(match B::write_pool_rows(t, &rows, &src, &dst) {
-                    Ok(t) => t,
-                    Err(t) => {
-                        let (s, i) =
-                            indices.get_or_insert_with(|| index_tensors(&src, &dst, &self.device));
-                        let values = rows.select(0, s.clone());
-                        t.scatter_nd(i.clone(), values, IndexingUpdateOp::Assign)
-                    }
-                });
+        // Every head of every row, by chunk: its row in `[n · kv_heads, head_dim]`, and its (slot
+        // in the chunk, head, position).
+        let mut by_chunk: Vec<(Vec<usize>, Vec<[usize; 3]>)> =
+            vec![(Vec::new(), Vec::new()); pool.chunks.len()];
+        for (&r, &(slot, pos)) in rows.iter().zip(targets) {
+            let (chunk, local) = pool.locate(slot);
+            let (src, dst) = &mut by_chunk[chunk];
+            src.extend((0..h).map(|hh| r * h + hh));
+            dst.extend((0..h).map(|hh| [local, hh, pos]));
+        }
+        for (chunk, (src, dst)) in pool.chunks.iter_mut().zip(by_chunk) {
+            if src.is_empty() {
+                continue;
+            }
+            // The gather and scatter's index tensors, built when a backend first cannot write
+            // in place.
+            let mut indices: Option<(Tensor<B, 1, Int>, Tensor<B, 2, Int>)> = None;
+            for (layer, (k, v)) in step.iter().enumerate() {
+                for (store, rows) in [(&mut chunk.k[layer], k), (&mut chunk.v[layer], v)] {
+                    let n = rows.dims()[0];
+                    let rows = rows.clone().reshape([n * h, d]);
+                    let t = store
+                        .take()
+                        .expect("a pool tensor is present between writes");
+                    *store = Some(match B::write_pool_rows(t, &rows, &src, &dst) {
+                        Ok(t) => t,
+                        Err(t) => {
+                            let (s, i) = indices
+                                .get_or_insert_with(|| index_tensors(&src, &dst, &self.device));
+                            let values = rows.select(0, s.clone());
+                            t.scatter_nd(i.clone(), values, IndexingUpdateOp::Assign)
+                        }
+                    });
+                }
             }
         }
     }
@@ -223,9 +269,19 @@ mod tests {
         pool.commit_rows(spec, &step(300.0, 400.0), &[1], &[(b, 3)]);
         let c = pool.alloc(spec);
         assert_eq!(
-            (c, pool.slots(spec)),
-            (2, 3),
-            "the pool grows by a quarter, at least one"
+            (c, pool.slots(spec), pool.chunks(spec)),
+            (2, 3, 3),
+            "a shape grows by a chunk of half its slots, at least one"
+        );
+        let (d, e) = (pool.alloc(spec), pool.alloc(spec));
+        assert_eq!((d, e, pool.slots(spec), pool.chunks(spec)), (3, 4, 6, 5));
+        assert_eq!(pool.locate(spec, e), (4, 0), "slots 4 and 5 share a chunk");
+        pool.commit_rows(spec, &step(500.0, 600.0), &[0], &[(e, 2)]);
+        let (k, _) = pool.window(spec, e, 1);
+        assert_eq!(
+            host(k)[(4 + 2) * 3],
+            503.0,
+            "head 1 at position 2 of the fifth window"
         );
         assert_eq!(pool.alloc(other), 0, "another shape has a pool of its own");
         let (k, v) = pool.window(spec, a, 1);
@@ -251,9 +307,16 @@ mod tests {
             "row 1 of the source at position 3"
         );
         assert_eq!(k.iter().filter(|&&x| x != 0.0).count(), 2 * 3);
+        pool.release(spec, d);
         pool.release(spec, b);
-        assert_eq!(pool.alloc(spec), b, "a released slot is handed out again");
-        for slot in [a, b, c] {
+        assert_eq!(
+            pool.alloc(spec),
+            b,
+            "the lowest released slot is handed out first"
+        );
+        assert_eq!(pool.alloc(spec), d);
+        assert_eq!(pool.alloc(spec), 5, "then the last chunk's free slot");
+        for slot in [a, b, c, d, e, 5] {
             pool.release(spec, slot);
         }
         assert_eq!(

@@ -199,7 +199,7 @@ impl<B: KernelBackend> Model<B> {
                 self.rope
                     .ensure(s.window.len() + s.window.scratch_len() + s.len);
             }
-            PooledStep::new(seqs)
+            PooledStep::new(seqs, pool)
         });
         let plans: Vec<SeqPlan<B>> = match pooled {
             Some(_) => Vec::new(),

@@ -1,5 +1,5 @@
 //! A step's attention through the backend's pooled sink-window kernel: the sessions whose windows
-//! share a shape are served by one launch per layer, over the [`KvPool`] of that shape.
+//! share a shape and a chunk of the [`KvPool`] are served by one launch per layer.
 
 use burn::prelude::*;
 use troupe_kernels::{KernelBackend, PoolLayout, PooledSeq};
@@ -11,8 +11,9 @@ use crate::window::WindowSpec;
 
 /// What every layer of one step shares.
 pub struct PooledStep {
-    /// Per window shape in the step: its sessions' slots, fills, step keys and query rows.
-    groups: Vec<(WindowSpec, Vec<PooledSeq>)>,
+    /// Per window shape and chunk of the pool in the step: its sessions' slots in the chunk,
+    /// fills, step keys and query rows.
+    groups: Vec<((WindowSpec, usize), Vec<PooledSeq>)>,
     /// Whether a session still holds scratch from an earlier step, so that the step's keys are
     /// every session's scratch rather than this step's rows alone.
     earlier: bool,
@@ -20,13 +21,15 @@ pub struct PooledStep {
 
 impl PooledStep {
     /// Plans a step of `seqs` (before the step's keys are appended to their scratch).
-    pub fn new<B: Backend>(seqs: &[SeqInput<'_, B>]) -> Self {
-        let mut groups: Vec<(WindowSpec, Vec<PooledSeq>)> = Vec::new();
+    pub fn new<B: Backend>(seqs: &[SeqInput<'_, B>], pool: &KvPool<B>) -> Self {
+        let mut groups: Vec<((WindowSpec, usize), Vec<PooledSeq>)> = Vec::new();
         let (mut row, mut key) = (0, 0);
         for s in seqs {
             let (spec, earlier) = (s.window.spec(), s.window.scratch_len());
+            let (chunk, slot) = pool.locate(spec, s.window.slot());
+            let spec = (spec, chunk);
             let seq = PooledSeq {
-                slot: s.window.slot(),
+                slot,
                 seen: s.window.seen(),
                 keys: key..key + earlier + s.len,
                 queries: row..row + s.len,
@@ -79,7 +82,7 @@ impl PooledStep {
         // Rows outside a launch's sessions come back zero, so the launches add up.
         self.groups
             .iter()
-            .map(|(spec, group)| {
+            .map(|((spec, chunk), group)| {
                 let layout = PoolLayout {
                     sink: spec.sink,
                     window: spec.window,
@@ -87,7 +90,7 @@ impl PooledStep {
                     kv_heads: kvh,
                     head_dim: hd,
                 };
-                let (pool_k, pool_v) = pool.layer(*spec, layer);
+                let (pool_k, pool_v) = pool.layer(*spec, *chunk, layer);
                 B::pooled_attention(
                     q.clone(),
                     k.clone(),

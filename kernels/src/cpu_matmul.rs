@@ -286,8 +286,10 @@ impl Block<'_> {
 
     /// `y += x[:, ks] · W[ks, :]`: rows `ks` of `W`, [`BAND_ROWS`] at a time, onto every row of
     /// `y`, in column blocks of [`BAND_FLOATS`]: long sequential reads of `W`, `y`'s block in L2.
+    /// Each vector of a group's weights is loaded once for all the rows of `x` (see [`axpy`]), so
+    /// a verify block of a few rows reads `W` as a single row does.
     fn band(&self, y: &mut [f32], ks: std::ops::Range<usize>) {
-        let (x, w, k, n) = (self.x, self.w, self.k, self.n);
+        let (x, w, m, k, n) = (self.x, self.w, self.m, self.k, self.n);
         for c0 in (0..n).step_by(BAND_FLOATS) {
             let width = BAND_FLOATS.min(n - c0);
             let mut k0 = ks.start;
@@ -298,11 +300,16 @@ impl Block<'_> {
                     let kk = k0 + i.min(kb - 1);
                     &w[kk * n + c0..][..width]
                 });
-                for r in 0..self.m {
-                    let xs: [f32; BAND_ROWS] =
-                        std::array::from_fn(|i| if i < kb { x[r * k + k0 + i] } else { 0.0 });
-                    axpy(&mut y[r * n + c0..][..width], xs, rows);
-                }
+                let xs: [[f32; BAND_ROWS]; STREAM_ROWS] = std::array::from_fn(|r| {
+                    std::array::from_fn(|i| {
+                        if r < m && i < kb {
+                            x[r * k + k0 + i]
+                        } else {
+                            0.0
+                        }
+                    })
+                });
+                axpy(&mut y[..m * n], n, c0, &xs[..m], rows);
                 k0 += kb;
             }
         }
@@ -356,15 +363,36 @@ fn prefetch(run: &[f32]) {
     }
 }
 
-/// `y += Σ_i xs[i] · rows[i]`.
-fn axpy<const R: usize>(y: &mut [f32], xs: [f32; R], rows: [&[f32]; R]) {
+/// For each row `r` of `xs`: `y[r · ldy + c0 ..][..width] += Σ_i xs[r][i] · rows[i]`, `width`
+/// being the rows' length; at most [`STREAM_ROWS`] rows.
+fn axpy<const R: usize>(y: &mut [f32], ldy: usize, c0: usize, xs: &[[f32; R]], rows: [&[f32]; R]) {
+    let width = rows[0].len();
+    assert!(xs.len() <= STREAM_ROWS && rows.iter().all(|r| r.len() == width));
+    assert!(xs.is_empty() || y.len() >= (xs.len() - 1) * ldy + c0 + width);
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the features were just detected; the lengths are checked inside.
-        return unsafe { avx2::axpy(y, xs, rows) };
+        let yp = y.as_mut_ptr();
+        // SAFETY: the features were just detected; row `r` of `y` holds `c0 + width` floats
+        // from `r · ldy` (checked above), and the rows are disjoint when `ldy >= c0 + width`,
+        // which `band` gives (`ldy` is `n`).
+        return unsafe {
+            match xs.len() {
+                0 => {}
+                1 => avx2::axpy::<1, R>(yp, ldy, c0, xs, rows),
+                2 => avx2::axpy::<2, R>(yp, ldy, c0, xs, rows),
+                3 => avx2::axpy::<3, R>(yp, ldy, c0, xs, rows),
+                4 => avx2::axpy::<4, R>(yp, ldy, c0, xs, rows),
+                5 => avx2::axpy::<5, R>(yp, ldy, c0, xs, rows),
+                6 => avx2::axpy::<6, R>(yp, ldy, c0, xs, rows),
+                7 => avx2::axpy::<7, R>(yp, ldy, c0, xs, rows),
+                _ => avx2::axpy::<8, R>(yp, ldy, c0, xs, rows),
+            }
+        };
     }
-    for (j, yj) in y.iter_mut().enumerate() {
-        *yj += (0..R).map(|i| xs[i] * rows[i][j]).sum::<f32>();
+    for (r, xr) in xs.iter().enumerate() {
+        for (j, yj) in y[r * ldy + c0..][..width].iter_mut().enumerate() {
+            *yj += (0..R).map(|i| xr[i] * rows[i][j]).sum::<f32>();
+        }
     }
 }
 
@@ -393,26 +421,45 @@ mod avx2 {
         }
     }
 
-    /// `y += Σ_i xs[i] · rows[i]`, eight columns at a time.
+    /// [`super::axpy`] for `M` rows of `x`, eight columns at a time: each vector of the `R`
+    /// weight rows is loaded once and feeds the `M` accumulators.
+    ///
+    /// # Safety
+    /// Row `r < M` of `y` (at `y + r · ldy + c0`) must hold as many floats as each of `rows`, the
+    /// rows of `y` must not overlap, and `xs` must hold `M` rows.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn axpy<const R: usize>(y: &mut [f32], xs: [f32; R], rows: [&[f32]; R]) {
-        let n = y.len();
-        assert!(rows.iter().all(|r| r.len() >= n));
-        // SAFETY: every row holds at least `n` floats, checked above.
+    pub unsafe fn axpy<const M: usize, const R: usize>(
+        y: *mut f32,
+        ldy: usize,
+        c0: usize,
+        xs: &[[f32; R]],
+        rows: [&[f32]; R],
+    ) {
+        let n = rows[0].len();
+        assert!(xs.len() >= M);
+        // SAFETY: the caller bounds every row of `y`; each weight row holds `n` floats.
         unsafe {
-            let xv = xs.map(|v| _mm256_set1_ps(v));
+            let ys: [*mut f32; M] = std::array::from_fn(|r| y.add(r * ldy + c0));
+            let xv: [[__m256; R]; M] = std::array::from_fn(|r| xs[r].map(|v| _mm256_set1_ps(v)));
             let mut j = 0;
             while j + 8 <= n {
-                let mut a = _mm256_loadu_ps(y.as_ptr().add(j));
+                let mut acc: [__m256; M] = std::array::from_fn(|r| _mm256_loadu_ps(ys[r].add(j)));
                 for i in 0..R {
-                    a = _mm256_fmadd_ps(xv[i], _mm256_loadu_ps(rows[i].as_ptr().add(j)), a);
+                    let wv = _mm256_loadu_ps(rows[i].as_ptr().add(j));
+                    for r in 0..M {
+                        acc[r] = _mm256_fmadd_ps(xv[r][i], wv, acc[r]);
+                    }
                 }
-                _mm256_storeu_ps(y.as_mut_ptr().add(j), a);
+                for r in 0..M {
+                    _mm256_storeu_ps(ys[r].add(j), acc[r]);
+                }
                 j += 8;
             }
             for jj in j..n {
-                for i in 0..R {
-                    y[jj] += xs[i] * rows[i][jj];
+                for r in 0..M {
+                    for i in 0..R {
+                        *ys[r].add(jj) += xs[r][i] * rows[i][jj];
+                    }
                 }
             }
         }

@@ -135,6 +135,19 @@ impl KernelBackend for Flex {
         }
     }
 
+    /// Flex's own zeros go through a byte buffer that is copied to be aligned, touching every
+    /// page; a zeroed `f32` vector is taken over as it is, its pages zeroed by the system on first
+    /// write.
+    fn pool_zeros(shape: [usize; 4], dtype: DType, device: &Self::Device) -> Tensor<Self, 4> {
+        if dtype != DType::F32 {
+            return Tensor::zeros(shape, (device, dtype));
+        }
+        let zeros = vec![0.0f32; shape.iter().product()];
+        Tensor::from_primitive(TensorPrimitive::Float(FlexTensor::from_data(
+            TensorData::new(zeros, shape),
+        )))
+    }
+
     fn has_attention_kernel() -> bool {
         enabled()
     }

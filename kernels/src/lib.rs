@@ -92,6 +92,17 @@ pub trait KernelBackend: Backend {
         Err(pool)
     }
 
+    /// A zero-filled pool tensor of `shape` (`[slots, kv_heads, capacity, head_dim]`). A backend
+    /// whose host memory is its device's hands out pages the system zeroes when first written,
+    /// so a window reserved but not yet filled costs no time and no resident memory.
+    fn pool_zeros(
+        shape: [usize; 4],
+        dtype: burn::tensor::DType,
+        device: &Self::Device,
+    ) -> Tensor<Self, 4> {
+        Tensor::zeros(shape, (device, dtype))
+    }
+
     /// Whether [`KernelBackend::pooled_attention`] runs a kernel of this backend's own (the engine
     /// then calls it instead of its batched Burn ops; the reference gathers key by key).
     fn has_attention_kernel() -> bool {
