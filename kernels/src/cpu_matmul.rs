@@ -168,18 +168,28 @@ impl Block<'_> {
         // Rows of W sit a multiple of 4 KiB apart in common shapes (6144 floats, say), so a strip
         // read in place would fight over a few L1 sets; each chunk of it is packed first.
         let mut packed = vec![0.0f32; KB * CW];
+        let wide = wide_tiles();
         for k0 in (0..self.k).step_by(KB) {
             let kb = KB.min(self.k - k0);
             let add = self.accumulate || k0 > 0;
             for chunk in (cols.start..cols.end).step_by(CW) {
                 let width = CW.min(cols.end - chunk);
                 self.pack(k0, kb, chunk, width, &mut packed);
-                for (t, c0) in (chunk..chunk + width).step_by(NR).enumerate() {
-                    let nr = NR.min(chunk + width - c0);
-                    let ws = &packed[t * KB * NR..][..KB * NR];
+                let tiles = width.div_ceil(NR);
+                let mut t = 0;
+                while t < tiles {
+                    let c0 = chunk + t * NR;
+                    // Two whole tiles side by side where the CPU has the registers for them.
+                    let pair = wide && chunk + width - c0 >= 2 * NR;
+                    let nr = if pair {
+                        2 * NR
+                    } else {
+                        NR.min(chunk + width - c0)
+                    };
+                    let ws = &packed[t * KB * NR..];
                     for r0 in (0..self.m).step_by(MR) {
                         let mr = MR.min(self.m - r0);
-                        let mut acc = [[0.0f32; NR]; MR];
+                        let mut acc = [[0.0f32; 2 * NR]; MR];
                         if add {
                             for (r, a) in acc.iter_mut().enumerate().take(mr) {
                                 let row = (r0 + r) * self.n + c0;
@@ -188,15 +198,32 @@ impl Block<'_> {
                                 a[..nr].copy_from_slice(src);
                             }
                         }
-                        let strip = Strip {
-                            xs: &xpacked[(r0 / MR * self.k + k0) * MR..][..kb * MR],
-                            ws,
-                            ldw: NR,
-                            kb,
-                            mr,
-                            nr: NR,
-                        };
-                        strip.product(&mut acc);
+                        let xs = &xpacked[(r0 / MR * self.k + k0) * MR..][..kb * MR];
+                        if pair {
+                            #[cfg(target_arch = "x86_64")]
+                            // SAFETY: `wide_tiles` checked AVX-512F; two packed tiles of `KB`
+                            // rows follow `ws`, and `xs` holds `kb` steps of `MR`.
+                            unsafe {
+                                avx512::pair(xs, &ws[..2 * KB * NR], kb, mr, &mut acc)
+                            };
+                        } else {
+                            let mut one = [[0.0f32; NR]; MR];
+                            for (o, a) in one.iter_mut().zip(&acc) {
+                                o.copy_from_slice(&a[..NR]);
+                            }
+                            let strip = Strip {
+                                xs,
+                                ws: &ws[..KB * NR],
+                                ldw: NR,
+                                kb,
+                                mr,
+                                nr: NR,
+                            };
+                            strip.product(&mut one);
+                            for (a, o) in acc.iter_mut().zip(&one) {
+                                a[..NR].copy_from_slice(o);
+                            }
+                        }
                         for (r, a) in acc.iter().enumerate().take(mr) {
                             let row = (r0 + r) * self.n + c0;
                             // SAFETY: as above.
@@ -204,6 +231,7 @@ impl Block<'_> {
                             dst.copy_from_slice(&a[..nr]);
                         }
                     }
+                    t += if pair { 2 } else { 1 };
                 }
             }
         }
@@ -392,6 +420,84 @@ fn axpy<const R: usize>(y: &mut [f32], ldy: usize, c0: usize, xs: &[[f32; R]], r
     for (r, xr) in xs.iter().enumerate() {
         for (j, yj) in y[r * ldy + c0..][..width].iter_mut().enumerate() {
             *yj += (0..R).map(|i| xr[i] * rows[i][j]).sum::<f32>();
+        }
+    }
+}
+
+/// Whether the packed path takes two tiles at once (AVX-512F: 32 vector registers).
+fn wide_tiles() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        return true;
+    }
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{KB, MR, NR};
+
+    /// `acc[r] += Σ_kk xs[r, kk] · (tile0[kk] ‖ tile1[kk])` for `mr` rows: two packed tiles of
+    /// `W` side by side (`ws` holds tile 0's [`KB`] rows of [`NR`], then tile 1's), one 512-bit
+    /// vector each, so every broadcast of `x` feeds two fused multiply-adds.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn pair(
+        xs: &[f32],
+        ws: &[f32],
+        kb: usize,
+        mr: usize,
+        acc: &mut [[f32; 2 * NR]; MR],
+    ) {
+        assert!(kb > 0 && kb <= KB && mr > 0 && mr <= MR);
+        assert!(ws.len() >= 2 * KB * NR && xs.len() >= kb * MR);
+        // SAFETY (all arms): the asserts above bound every load.
+        unsafe {
+            match mr {
+                1 => rows::<1>(xs, ws, kb, acc),
+                2 => rows::<2>(xs, ws, kb, acc),
+                3 => rows::<3>(xs, ws, kb, acc),
+                4 => rows::<4>(xs, ws, kb, acc),
+                5 => rows::<5>(xs, ws, kb, acc),
+                _ => rows::<6>(xs, ws, kb, acc),
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn rows<const R: usize>(
+        xs: &[f32],
+        ws: &[f32],
+        kb: usize,
+        acc: &mut [[f32; 2 * NR]; MR],
+    ) {
+        // SAFETY: `pair` bounds `xs` and `ws`; `acc` rows are 32 floats.
+        unsafe {
+            let mut lo = [_mm512_setzero_ps(); R];
+            let mut hi = [_mm512_setzero_ps(); R];
+            for r in 0..R {
+                lo[r] = _mm512_loadu_ps(acc[r].as_ptr());
+                hi[r] = _mm512_loadu_ps(acc[r].as_ptr().add(NR));
+            }
+            let (xp, w0, w1) = (xs.as_ptr(), ws.as_ptr(), ws.as_ptr().add(KB * NR));
+            for kk in 0..kb {
+                let a = _mm512_loadu_ps(w0.add(kk * NR));
+                let b = _mm512_loadu_ps(w1.add(kk * NR));
+                for r in 0..R {
+                    let xv = _mm512_set1_ps(*xp.add(kk * MR + r));
+                    lo[r] = _mm512_fmadd_ps(xv, a, lo[r]);
+                    hi[r] = _mm512_fmadd_ps(xv, b, hi[r]);
+                }
+            }
+            for r in 0..R {
+                _mm512_storeu_ps(acc[r].as_mut_ptr(), lo[r]);
+                _mm512_storeu_ps(acc[r].as_mut_ptr().add(NR), hi[r]);
+            }
         }
     }
 }

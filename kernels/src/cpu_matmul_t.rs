@@ -113,21 +113,64 @@ mod avx2 {
         acc: &mut [[f32; TW]; TX],
     ) {
         assert!(x.len() >= tx * k && w.len() >= tw * k && tx <= TX && tw <= TW);
-        // SAFETY (all arms): the assert above bounds every load.
+        let wide = is_x86_feature_detected!("avx512f");
+        /// Calls the loop whose sizes match `(tx, tw)`.
+        macro_rules! sized {
+            ($f:ident) => {
+                match (tx, tw) {
+                    (4, 3) => $f::<4, 3>(x, w, k, acc),
+                    (4, 2) => $f::<4, 2>(x, w, k, acc),
+                    (4, _) => $f::<4, 1>(x, w, k, acc),
+                    (3, 3) => $f::<3, 3>(x, w, k, acc),
+                    (3, 2) => $f::<3, 2>(x, w, k, acc),
+                    (3, _) => $f::<3, 1>(x, w, k, acc),
+                    (2, 3) => $f::<2, 3>(x, w, k, acc),
+                    (2, 2) => $f::<2, 2>(x, w, k, acc),
+                    (2, _) => $f::<2, 1>(x, w, k, acc),
+                    (_, 3) => $f::<1, 3>(x, w, k, acc),
+                    (_, 2) => $f::<1, 2>(x, w, k, acc),
+                    _ => $f::<1, 1>(x, w, k, acc),
+                }
+            };
+        }
+        // SAFETY (all arms): the assert above bounds every load; `wide` checked AVX-512F.
         unsafe {
-            match (tx, tw) {
-                (4, 3) => fixed::<4, 3>(x, w, k, acc),
-                (4, 2) => fixed::<4, 2>(x, w, k, acc),
-                (4, _) => fixed::<4, 1>(x, w, k, acc),
-                (3, 3) => fixed::<3, 3>(x, w, k, acc),
-                (3, 2) => fixed::<3, 2>(x, w, k, acc),
-                (3, _) => fixed::<3, 1>(x, w, k, acc),
-                (2, 3) => fixed::<2, 3>(x, w, k, acc),
-                (2, 2) => fixed::<2, 2>(x, w, k, acc),
-                (2, _) => fixed::<2, 1>(x, w, k, acc),
-                (_, 3) => fixed::<1, 3>(x, w, k, acc),
-                (_, 2) => fixed::<1, 2>(x, w, k, acc),
-                _ => fixed::<1, 1>(x, w, k, acc),
+            if wide {
+                sized!(fixed16)
+            } else {
+                sized!(fixed)
+            }
+        }
+    }
+
+    /// [`fixed`] sixteen lanes at a time, on AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn fixed16<const RX: usize, const RW: usize>(
+        x: &[f32],
+        w: &[f32],
+        k: usize,
+        acc: &mut [[f32; TW]; TX],
+    ) {
+        // SAFETY: as in `fixed`, with `p + 16 <= k` for every vector load.
+        unsafe {
+            let mut sums = [[_mm512_setzero_ps(); RW]; RX];
+            let mut p = 0;
+            while p + 16 <= k {
+                let ws: [__m512; RW] =
+                    std::array::from_fn(|b| _mm512_loadu_ps(w.as_ptr().add(b * k + p)));
+                for (a, row) in sums.iter_mut().enumerate() {
+                    let xv = _mm512_loadu_ps(x.as_ptr().add(a * k + p));
+                    for (s, wv) in row.iter_mut().zip(&ws) {
+                        *s = _mm512_fmadd_ps(xv, *wv, *s);
+                    }
+                }
+                p += 16;
+            }
+            for a in 0..RX {
+                for b in 0..RW {
+                    let tail = dot(&x[a * k + p..(a + 1) * k], &w[b * k + p..(b + 1) * k]);
+                    acc[a][b] = _mm512_reduce_add_ps(sums[a][b]) + tail;
+                }
             }
         }
     }
