@@ -562,9 +562,10 @@ mod avx2 {
                 j += 8;
             }
             for jj in j..n {
-                for r in 0..M {
-                    for i in 0..R {
-                        *ys[r].add(jj) += xs[r][i] * rows[i][jj];
+                for (y, xr) in ys.iter().zip(xs) {
+                    let y = &mut *y.add(jj);
+                    for (xi, row) in xr.iter().zip(&rows) {
+                        *y += xi * row[jj];
                     }
                 }
             }
