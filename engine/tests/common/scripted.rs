@@ -9,8 +9,9 @@ use super::random_tokens;
 /// Logits of every row of a scripted run, all batched: sessions whose prompts overflow a window
 /// of 2 sinks + 6 and one with a window of 5 and no sinks (two pools, two launches per layer),
 /// decode steps, a verify step of which only the first token is kept (the rest rolls back), a
-/// session closed and three opened mid-run (a reused slot, and a pool that grows while it holds
-/// keys), more decode steps, the last over one session's scratch from the step before.
+/// session closed and three opened mid-run (a reused slot, and a shape whose pool gains chunks,
+/// the last of two slots, while it holds keys: sessions in five chunks attend in one step), more
+/// decode steps, the last over one session's scratch from the step before.
 pub fn scripted_run<B: KernelBackend>(engine: &mut Engine<B>, vocab: usize) -> Vec<Vec<f32>>
 where
     Engine<B>: Verifier,
