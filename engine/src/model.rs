@@ -50,20 +50,17 @@ fn swiglu<B: KernelBackend>(x: Tensor<B, 2>, gate: &Linear<B>, up: &Linear<B>) -
     }
 }
 
-/// RMSNorm over the last dimension, computed in f32 whatever the activations' dtype.
-pub fn rms_norm<B: Backend, const D: usize>(
+/// RMSNorm over the last dimension, computed in f32 whatever the activations' dtype, through
+/// the backend's kernel ([`KernelBackend::rms_norm`]).
+pub fn rms_norm<B: KernelBackend, const D: usize>(
     x: Tensor<B, D>,
     weight: &Tensor<B, 1>,
     eps: f64,
 ) -> Tensor<B, D> {
-    let dtype = x.dtype();
-    let x = to_f32(x);
-    let rms = x.clone().square().mean_dim(D - 1).add_scalar(eps).sqrt();
-    let w = to_f32(weight.clone());
-    let mut shape = [1usize; D];
-    shape[D - 1] = w.dims()[0];
-    let normed = (x / rms) * w.reshape(shape);
-    normed.cast(dtype)
+    let dims = x.dims();
+    let cols = dims[D - 1];
+    let rows = dims.iter().product::<usize>() / cols.max(1);
+    B::rms_norm(x.reshape([rows, cols]), weight, eps).reshape(dims)
 }
 
 /// One decoder layer.

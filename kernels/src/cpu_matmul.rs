@@ -144,7 +144,7 @@ fn accumulate_product(
 
 /// A raw output pointer shared by tasks that write disjoint columns.
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+pub(crate) struct SendPtr(pub(crate) *mut f32);
 // SAFETY: the tasks holding copies write disjoint elements, and the owner outlives them all.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}

@@ -10,12 +10,18 @@
 
 use rayon::prelude::*;
 
+use crate::cpu_matmul::SendPtr;
+
 /// Rows of `x` in one tile.
 pub const TX: usize = 4;
-/// Rows of `W` in one tile (4 × 3 accumulators, three weight vectors and one of `x` fit in the
-/// 16 vector registers of AVX2).
-pub const TW: usize = 3;
-/// Rows of `W` one task reads (a multiple of [`TW`]): about 400 KiB at `K` = 1024.
+/// Most rows of `W` in one tile: 4 × 6 accumulators, six weight vectors and one of `x` fit in
+/// the 32 vector registers of AVX-512; AVX2's 16 take half as many rows ([`TW_NARROW`]).
+pub const TW: usize = 6;
+/// Rows of `W` in one tile without AVX-512 (4 × 3 accumulators, three weight vectors and one of
+/// `x` in 16 registers).
+pub const TW_NARROW: usize = 3;
+/// Rows of `W` one task reads (a multiple of [`TW`] and [`TW_NARROW`]): about 400 KiB at `K` =
+/// 1024.
 const TASK_ROWS: usize = 96;
 
 /// `y[M, N] = x[M, K] · w[N, K]ᵀ`, all row-major f32. Panics when a slice is shorter than its
@@ -28,30 +34,31 @@ pub fn skinny_matmul_t(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Ve
     if m == 0 || n == 0 {
         return vec![0.0; m * n];
     }
-    // Column-major while computing, so each task owns one contiguous run of the output.
-    let mut yt = vec![f32::NAN; n * m];
-    yt.par_chunks_mut(TASK_ROWS * m)
-        .enumerate()
-        .for_each(|(task, out)| {
-            let first = task * TASK_ROWS;
-            let rows = out.len() / m;
-            dot_rows(x, &w[first * k..(first + rows) * k], m, k, out);
-        });
-    let mut y = vec![0.0; m * n];
-    for (j, col) in yt.chunks_exact(m).enumerate() {
-        for (i, &v) in col.iter().enumerate() {
-            y[i * n + j] = v;
-        }
-    }
+    // Written in full by the tasks, each page first touched by the core that fills it.
+    let mut y: Vec<f32> = Vec::with_capacity(m * n);
+    let out = SendPtr(y.as_mut_ptr());
+    (0..n.div_ceil(TASK_ROWS)).into_par_iter().for_each(|task| {
+        let first = task * TASK_ROWS;
+        let rows = TASK_ROWS.min(n - first);
+        // SAFETY: this task alone writes columns `first..first + rows` of `y`, `m * n` floats.
+        unsafe { dot_rows(x, &w[first * k..(first + rows) * k], m, k, out, n, first) };
+    });
+    // SAFETY: the tasks wrote every column of every row.
+    unsafe { y.set_len(m * n) };
     y
 }
 
-/// `out[j · m + i] = x[i] · w[j]` for every row `j` of `w` and `i` of `x`.
-fn dot_rows(x: &[f32], w: &[f32], m: usize, k: usize, out: &mut [f32]) {
+/// `y[i · n + first + j] = x[i] · w[j]` for every row `j` of `w` and `i` of `x`.
+///
+/// # Safety
+/// `y` must point to `m · n` floats, and no other thread may write columns `first..first +
+/// rows of w`.
+unsafe fn dot_rows(x: &[f32], w: &[f32], m: usize, k: usize, y: SendPtr, n: usize, first: usize) {
     let rows = w.len() / k;
+    let most = if wide_tiles() { TW } else { TW_NARROW };
     let mut j = 0;
     while j < rows {
-        let tw = TW.min(rows - j);
+        let tw = most.min(rows - j);
         let mut i = 0;
         while i < m {
             let tx = TX.min(m - i);
@@ -65,9 +72,10 @@ fn dot_rows(x: &[f32], w: &[f32], m: usize, k: usize, out: &mut [f32]) {
                 &mut acc,
             );
             for (a, row) in acc.iter().take(tx).enumerate() {
-                for (b, &v) in row.iter().take(tw).enumerate() {
-                    out[(j + b) * m + i + a] = v;
-                }
+                let at = (i + a) * n + first + j;
+                // SAFETY: row `i + a < m`, columns `first + j..first + j + tw` are this task's.
+                unsafe { std::slice::from_raw_parts_mut(y.0.add(at), tw) }
+                    .copy_from_slice(&row[..tw]);
             }
             i += tx;
         }
@@ -89,6 +97,15 @@ fn tile(x: &[f32], w: &[f32], tx: usize, tw: usize, k: usize, acc: &mut [[f32; T
             *v = dot(&x[a * k..(a + 1) * k], &w[b * k..(b + 1) * k]);
         }
     }
+}
+
+/// Whether tiles take [`TW`] rows of `W` (AVX-512F) rather than [`TW_NARROW`].
+fn wide_tiles() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        return true;
+    }
+    false
 }
 
 /// A plain dot product (the fallback, and the tails shorter than a vector).
@@ -113,32 +130,24 @@ mod avx2 {
         acc: &mut [[f32; TW]; TX],
     ) {
         assert!(x.len() >= tx * k && w.len() >= tw * k && tx <= TX && tw <= TW);
-        let wide = is_x86_feature_detected!("avx512f");
-        /// Calls the loop whose sizes match `(tx, tw)`.
+        /// Calls the loop whose sizes match `(tx, tw)`, for the `tw` sizes listed.
         macro_rules! sized {
-            ($f:ident) => {
-                match (tx, tw) {
-                    (4, 3) => $f::<4, 3>(x, w, k, acc),
-                    (4, 2) => $f::<4, 2>(x, w, k, acc),
-                    (4, _) => $f::<4, 1>(x, w, k, acc),
-                    (3, 3) => $f::<3, 3>(x, w, k, acc),
-                    (3, 2) => $f::<3, 2>(x, w, k, acc),
-                    (3, _) => $f::<3, 1>(x, w, k, acc),
-                    (2, 3) => $f::<2, 3>(x, w, k, acc),
-                    (2, 2) => $f::<2, 2>(x, w, k, acc),
-                    (2, _) => $f::<2, 1>(x, w, k, acc),
-                    (_, 3) => $f::<1, 3>(x, w, k, acc),
-                    (_, 2) => $f::<1, 2>(x, w, k, acc),
-                    _ => $f::<1, 1>(x, w, k, acc),
+            ($f:ident, $($tw:literal)+) => {
+                match tx {
+                    4 => match tw { $($tw => $f::<4, $tw>(x, w, k, acc),)+ _ => unreachable!() },
+                    3 => match tw { $($tw => $f::<3, $tw>(x, w, k, acc),)+ _ => unreachable!() },
+                    2 => match tw { $($tw => $f::<2, $tw>(x, w, k, acc),)+ _ => unreachable!() },
+                    _ => match tw { $($tw => $f::<1, $tw>(x, w, k, acc),)+ _ => unreachable!() },
                 }
             };
         }
-        // SAFETY (all arms): the assert above bounds every load; `wide` checked AVX-512F.
+        // SAFETY (all arms): the assert above bounds every load; `wide_tiles` checked AVX-512F.
         unsafe {
-            if wide {
-                sized!(fixed16)
+            if super::wide_tiles() {
+                sized!(fixed16, 1 2 3 4 5 6)
             } else {
-                sized!(fixed)
+                assert!(tw <= super::TW_NARROW, "AVX2 tiles hold three rows of W");
+                sized!(fixed, 1 2 3)
             }
         }
     }

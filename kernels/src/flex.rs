@@ -11,6 +11,7 @@ use crate::accept::verdicts_from_argmax;
 use crate::cpu_attention::{pooled_attention, PooledInputs};
 use crate::cpu_matmul::{skinny_matmul, CpuEpilogue};
 use crate::cpu_matmul_t::skinny_matmul_t;
+use crate::cpu_norm;
 use crate::{cpu_sampled, enabled, pool, reference, sampled, KernelBackend, MAX_SKINNY_ROWS};
 use crate::{BlockVerdict, DraftBlock, PoolLayout, PooledSeq, SampledBlock};
 
@@ -72,6 +73,20 @@ impl KernelBackend for Flex {
             CpuEpilogue::SwiGlu(slice(&u)),
         );
         from_rows(y, [m, n])
+    }
+
+    /// One pass over each row where it lies (Flex's broadcasting ops walk strided iterators).
+    fn rms_norm(x: Tensor<Self, 2>, weight: &Tensor<Self, 1>, eps: f64) -> Tensor<Self, 2> {
+        let cols = x.dims()[1];
+        if !enabled() || x.dtype() != DType::F32 || weight.dtype() != DType::F32 || cols == 0 {
+            return reference::rms_norm(x, weight, eps);
+        }
+        let rows = x.dims()[0];
+        let (x, w) = (f32_storage(x), f32_storage(weight.clone()));
+        from_rows(
+            cpu_norm::rms_norm(slice(&x), slice(&w), cols, eps as f32),
+            [rows, cols],
+        )
     }
 
     /// On the CPU the host is the device: the argmax rows are compared where they are.

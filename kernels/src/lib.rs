@@ -19,6 +19,7 @@ pub mod accept;
 pub mod cpu_attention;
 pub mod cpu_matmul;
 pub mod cpu_matmul_t;
+pub mod cpu_norm;
 pub mod cpu_sampled;
 #[cfg(feature = "cube")]
 pub mod cube;
@@ -63,6 +64,12 @@ pub trait KernelBackend: Backend {
         up: &Tensor<Self, 2>,
     ) -> Tensor<Self, 2> {
         reference::swiglu(x, gate, up)
+    }
+
+    /// RMSNorm of each row of `x` `[rows, cols]` scaled by `weight` `[cols]`, in f32 whatever
+    /// the activations' dtype.
+    fn rms_norm(x: Tensor<Self, 2>, weight: &Tensor<Self, 1>, eps: f64) -> Tensor<Self, 2> {
+        reference::rms_norm(x, weight, eps)
     }
 
     /// Greedy acceptance of every block of a verify step; `logits` holds each block's

@@ -30,6 +30,23 @@ pub fn swiglu<B: Backend>(x: Tensor<B, 2>, gate: &Tensor<B, 2>, up: &Tensor<B, 2
     silu(x.clone().matmul(gate.clone())) * x.matmul(up.clone())
 }
 
+/// RMSNorm of each row of `x` `[rows, cols]`, scaled by `weight` `[cols]`, computed in f32
+/// whatever the activations' dtype and given back in it.
+pub fn rms_norm<B: Backend>(x: Tensor<B, 2>, weight: &Tensor<B, 1>, eps: f64) -> Tensor<B, 2> {
+    let dtype = x.dtype();
+    let f32s = |t: Tensor<B, 2>| {
+        if t.dtype() == DType::F32 {
+            t
+        } else {
+            t.cast(DType::F32)
+        }
+    };
+    let x = f32s(x);
+    let rms = x.clone().square().mean_dim(1).add_scalar(eps).sqrt();
+    let w = f32s(weight.clone().unsqueeze_dim(0));
+    ((x / rms) * w).cast(dtype)
+}
+
 /// Greedy acceptance for every block at once: the verifier's argmax is taken on the device and
 /// compared with the drafts there; only two integers per block come back.
 ///
