@@ -10,7 +10,7 @@ const PARALLEL_ELEMENTS: usize = 1 << 16;
 /// f32, the sum of squares in f64. Panics when `x` is not a whole number of rows.
 pub fn rms_norm(x: &[f32], w: &[f32], cols: usize, eps: f32) -> Vec<f32> {
     assert!(
-        cols > 0 && w.len() == cols && x.len() % cols == 0,
+        cols > 0 && w.len() == cols && x.len().is_multiple_of(cols),
         "rms_norm: shapes"
     );
     let mut y = vec![0.0f32; x.len()];
