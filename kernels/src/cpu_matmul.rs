@@ -22,6 +22,8 @@ pub const NR: usize = 16;
 /// Rows of one register tile (6 × 2 accumulators, two weight vectors and a broadcast fit in the
 /// 16 vector registers of AVX2).
 pub const MR: usize = 6;
+/// Most rows of `x` one pass over `W` serves; taller products run in blocks of this many.
+pub const MAX_BLOCK_ROWS: usize = 64;
 /// Rows of `W` in one strip.
 pub const KB: usize = 256;
 /// Columns of a strip packed at once: 512 B from each row, 128 KiB in all (in L2).
@@ -69,11 +71,11 @@ pub fn skinny_matmul(
         _ => vec![f32::NAN; m * n],
     };
     let accumulate = matches!(epilogue, CpuEpilogue::Residual(_));
-    accumulate_product(&mut y, x, w, m, k, n, accumulate);
+    by_row_blocks(&mut y, x, w, m, k, n, accumulate);
     if let CpuEpilogue::SwiGlu(u) = epilogue {
         assert!(u.len() >= k * n, "skinny_matmul: short up weight");
         let mut up = vec![f32::NAN; m * n];
-        accumulate_product(&mut up, x, u, m, k, n, false);
+        by_row_blocks(&mut up, x, u, m, k, n, false);
         for (g, u) in y.iter_mut().zip(&up) {
             *g = silu(*g) * u;
         }
@@ -85,6 +87,25 @@ pub fn skinny_matmul(
 #[inline]
 fn silu(v: f32) -> f32 {
     v / (1.0 + (-v).exp())
+}
+
+/// [`accumulate_product`] over blocks of at most [`MAX_BLOCK_ROWS`] rows: a taller product
+/// (a prefill chunk) reads `W` once per block, and each block is the skinny product the kernel
+/// is built for, its partial sums in cache.
+fn by_row_blocks(
+    y: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+) {
+    for r0 in (0..m).step_by(MAX_BLOCK_ROWS) {
+        let rows = MAX_BLOCK_ROWS.min(m - r0);
+        let (yb, xb) = (&mut y[r0 * n..(r0 + rows) * n], &x[r0 * k..(r0 + rows) * k]);
+        accumulate_product(yb, xb, w, rows, k, n, accumulate);
+    }
 }
 
 /// `y = x · w`, or `y += x · w` when `accumulate`.
@@ -647,6 +668,8 @@ mod tests {
             // Several row tiles, a ragged last one, and a strip of K one past a whole one.
             (17, 257, 70),
             (64, 600, 200),
+            // Taller than one block: two whole blocks of rows and a ragged third.
+            (131, 90, 70),
         ] {
             let (x, w) = (noise(m * k, 1), noise(k * n, 2));
             let y = skinny_matmul(&x, &w, m, k, n, CpuEpilogue::None);

@@ -157,7 +157,18 @@ impl KernelBackend for Flex {
         if dtype != DType::F32 {
             return Tensor::zeros(shape, (device, dtype));
         }
-        let zeros = vec![0.0f32; shape.iter().product()];
+        let n: usize = shape.iter().product();
+        // glibc serves an allocation under its mmap threshold (which it raises up to 32 MiB as
+        // large blocks are freed) from its heap, where `calloc` must clear it; past that it maps
+        // fresh pages, which the kernel zeroes when first written. A pool tensor of a MiB or more
+        // asks for past the threshold and keeps only its own length of it.
+        let zeros = if n * 4 >= 1 << 20 {
+            let mut v = vec![0.0f32; n.max((MAPPED_BYTES / 4) + 1)];
+            v.truncate(n);
+            v
+        } else {
+            vec![0.0f32; n]
+        };
         Tensor::from_primitive(TensorPrimitive::Float(FlexTensor::from_data(
             TensorData::new(zeros, shape),
         )))
@@ -204,11 +215,15 @@ impl KernelBackend for Flex {
     }
 }
 
-/// Whether the kernel takes this product: few rows, f32 throughout, matching inner sizes.
+/// Bytes past which glibc always maps an allocation afresh (its largest mmap threshold).
+const MAPPED_BYTES: usize = 32 << 20;
+
+/// Whether the kernel takes this product: f32 throughout, matching inner sizes. A product of
+/// any height does: past [`crate::cpu_matmul::MAX_BLOCK_ROWS`] it runs in blocks of rows, each
+/// faster than Flex's own matmul on these shapes.
 fn skinny_f32(x: &Tensor<Flex, 2>, weights: &[&Tensor<Flex, 2>]) -> bool {
-    let [m, k] = x.dims();
+    let k = x.dims()[1];
     enabled()
-        && m <= MAX_SKINNY_ROWS
         && x.dtype() == DType::F32
         && weights
             .iter()
