@@ -30,7 +30,10 @@ pub const KB: usize = 256;
 pub const CW: usize = 128;
 /// Up to this many rows, `W` is read in place instead, each core a band of its rows (see
 /// `Block::split_k`).
-pub const STREAM_ROWS: usize = 8;
+pub const STREAM_ROWS: usize = 16;
+/// Rows of `x` one pass of [`axpy`] carries in registers; [`Block::band`] serves more rows in
+/// passes of this many over each group of `W`'s rows while the group is in cache.
+const TILE_ROWS: usize = 8;
 /// Columns of one block of [`band`]: up to 32 KiB of each row of `W` read in one sequential run
 /// (the whole row in common shapes), while 8 rows of `y` of that width (256 KiB) stay in L2.
 const BAND_FLOATS: usize = 8192;
@@ -349,16 +352,19 @@ impl Block<'_> {
                     let kk = k0 + i.min(kb - 1);
                     &w[kk * n + c0..][..width]
                 });
-                let xs: [[f32; BAND_ROWS]; STREAM_ROWS] = std::array::from_fn(|r| {
-                    std::array::from_fn(|i| {
-                        if r < m && i < kb {
-                            x[r * k + k0 + i]
-                        } else {
-                            0.0
-                        }
-                    })
-                });
-                axpy(&mut y[..m * n], n, c0, &xs[..m], rows);
+                for r0 in (0..m).step_by(TILE_ROWS) {
+                    let tile = TILE_ROWS.min(m - r0);
+                    let xs: [[f32; BAND_ROWS]; TILE_ROWS] = std::array::from_fn(|r| {
+                        std::array::from_fn(|i| {
+                            if r < tile && i < kb {
+                                x[(r0 + r) * k + k0 + i]
+                            } else {
+                                0.0
+                            }
+                        })
+                    });
+                    axpy(&mut y[r0 * n..(r0 + tile) * n], n, c0, &xs[..tile], rows);
+                }
                 k0 += kb;
             }
         }
@@ -413,10 +419,10 @@ fn prefetch(run: &[f32]) {
 }
 
 /// For each row `r` of `xs`: `y[r · ldy + c0 ..][..width] += Σ_i xs[r][i] · rows[i]`, `width`
-/// being the rows' length; at most [`STREAM_ROWS`] rows.
+/// being the rows' length; at most [`TILE_ROWS`] rows.
 fn axpy<const R: usize>(y: &mut [f32], ldy: usize, c0: usize, xs: &[[f32; R]], rows: [&[f32]; R]) {
     let width = rows[0].len();
-    assert!(xs.len() <= STREAM_ROWS && rows.iter().all(|r| r.len() == width));
+    assert!(xs.len() <= TILE_ROWS && rows.iter().all(|r| r.len() == width));
     assert!(xs.is_empty() || y.len() >= (xs.len() - 1) * ldy + c0 + width);
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
