@@ -352,6 +352,12 @@ impl Block<'_> {
                     let kk = k0 + i.min(kb - 1);
                     &w[kk * n + c0..][..width]
                 });
+                // The next group's rows, asked for while this one is read.
+                let next = k0 + kb;
+                let ahead: [&[f32]; BAND_ROWS] = std::array::from_fn(|i| {
+                    let kk = (next + i).min(ks.end.max(1) - 1);
+                    &w[kk * n + c0..][..width]
+                });
                 for r0 in (0..m).step_by(TILE_ROWS) {
                     let tile = TILE_ROWS.min(m - r0);
                     let xs: [[f32; BAND_ROWS]; TILE_ROWS] = std::array::from_fn(|r| {
@@ -363,7 +369,16 @@ impl Block<'_> {
                             }
                         })
                     });
-                    axpy(&mut y[r0 * n..(r0 + tile) * n], n, c0, &xs[..tile], rows);
+                    // The first pass over the group asks for the next one.
+                    let ahead = (r0 == 0 && next < ks.end).then_some(ahead);
+                    axpy(
+                        &mut y[r0 * n..(r0 + tile) * n],
+                        n,
+                        c0,
+                        &xs[..tile],
+                        rows,
+                        ahead,
+                    );
                 }
                 k0 += kb;
             }
@@ -420,7 +435,14 @@ fn prefetch(run: &[f32]) {
 
 /// For each row `r` of `xs`: `y[r · ldy + c0 ..][..width] += Σ_i xs[r][i] · rows[i]`, `width`
 /// being the rows' length; at most [`TILE_ROWS`] rows.
-fn axpy<const R: usize>(y: &mut [f32], ldy: usize, c0: usize, xs: &[[f32; R]], rows: [&[f32]; R]) {
+fn axpy<const R: usize>(
+    y: &mut [f32],
+    ldy: usize,
+    c0: usize,
+    xs: &[[f32; R]],
+    rows: [&[f32]; R],
+    ahead: Option<[&[f32]; R]>,
+) {
     let width = rows[0].len();
     assert!(xs.len() <= TILE_ROWS && rows.iter().all(|r| r.len() == width));
     assert!(xs.is_empty() || y.len() >= (xs.len() - 1) * ldy + c0 + width);
@@ -433,17 +455,19 @@ fn axpy<const R: usize>(y: &mut [f32], ldy: usize, c0: usize, xs: &[[f32; R]], r
         return unsafe {
             match xs.len() {
                 0 => {}
-                1 => avx2::axpy::<1, R>(yp, ldy, c0, xs, rows),
-                2 => avx2::axpy::<2, R>(yp, ldy, c0, xs, rows),
-                3 => avx2::axpy::<3, R>(yp, ldy, c0, xs, rows),
-                4 => avx2::axpy::<4, R>(yp, ldy, c0, xs, rows),
-                5 => avx2::axpy::<5, R>(yp, ldy, c0, xs, rows),
-                6 => avx2::axpy::<6, R>(yp, ldy, c0, xs, rows),
-                7 => avx2::axpy::<7, R>(yp, ldy, c0, xs, rows),
-                _ => avx2::axpy::<8, R>(yp, ldy, c0, xs, rows),
+                1 => avx2::axpy::<1, R>(yp, ldy, c0, xs, rows, ahead),
+                2 => avx2::axpy::<2, R>(yp, ldy, c0, xs, rows, ahead),
+                3 => avx2::axpy::<3, R>(yp, ldy, c0, xs, rows, ahead),
+                4 => avx2::axpy::<4, R>(yp, ldy, c0, xs, rows, ahead),
+                5 => avx2::axpy::<5, R>(yp, ldy, c0, xs, rows, ahead),
+                6 => avx2::axpy::<6, R>(yp, ldy, c0, xs, rows, ahead),
+                7 => avx2::axpy::<7, R>(yp, ldy, c0, xs, rows, ahead),
+                _ => avx2::axpy::<8, R>(yp, ldy, c0, xs, rows, ahead),
             }
         };
     }
+    // Prefetching is a hint the portable loop goes without.
+    let _ = ahead;
     for (r, xr) in xs.iter().enumerate() {
         for (j, yj) in y[r * ldy + c0..][..width].iter_mut().enumerate() {
             *yj += (0..R).map(|i| xr[i] * rows[i][j]).sum::<f32>();
@@ -567,6 +591,7 @@ mod avx2 {
         c0: usize,
         xs: &[[f32; R]],
         rows: [&[f32]; R],
+        ahead: Option<[&[f32]; R]>,
     ) {
         let n = rows[0].len();
         assert!(xs.len() >= M);
@@ -576,6 +601,13 @@ mod avx2 {
             let xv: [[__m256; R]; M] = std::array::from_fn(|r| xs[r].map(|v| _mm256_set1_ps(v)));
             let mut j = 0;
             while j + 8 <= n {
+                if let Some(ahead) = &ahead {
+                    if j % 16 == 0 {
+                        for row in ahead {
+                            _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().add(j).cast());
+                        }
+                    }
+                }
                 let mut acc: [__m256; M] = std::array::from_fn(|r| _mm256_loadu_ps(ys[r].add(j)));
                 for i in 0..R {
                     let wv = _mm256_loadu_ps(rows[i].as_ptr().add(j));
