@@ -6,7 +6,8 @@
 //! methods are the references, and a backend with a kernel of its own overrides them.
 //!
 //! - Flex (feature `cpu`): the skinny matmul and its SwiGLU and residual epilogues run
-//!   [`cpu_matmul`], a weight-streaming f32 kernel; pooled attention runs [`cpu_attention`] and
+//!   [`cpu_matmul`], a weight-streaming f32 kernel (its transposed twin [`cpu_matmul_t`] serves a
+//!   tied output head), RMSNorm [`cpu_norm`]; pooled attention runs [`cpu_attention`] and
 //!   rejection-sampling acceptance [`cpu_sampled`], both on the host memory Flex computes in.
 //! - [`set_enabled`] (or `TROUPE_KERNELS=reference`) sends every backend to the references.
 //! - wgpu and CUDA (feature `cube`, which `wgpu` and `cuda` turn on): the skinny matmul with its
