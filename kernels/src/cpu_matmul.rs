@@ -74,11 +74,11 @@ pub fn skinny_matmul(
         _ => vec![f32::NAN; m * n],
     };
     let accumulate = matches!(epilogue, CpuEpilogue::Residual(_));
-    by_row_blocks(&mut y, x, w, m, k, n, accumulate);
+    accumulate_product(&mut y, x, w, m, k, n, accumulate);
     if let CpuEpilogue::SwiGlu(u) = epilogue {
         assert!(u.len() >= k * n, "skinny_matmul: short up weight");
         let mut up = vec![f32::NAN; m * n];
-        by_row_blocks(&mut up, x, u, m, k, n, false);
+        accumulate_product(&mut up, x, u, m, k, n, false);
         for (g, u) in y.iter_mut().zip(&up) {
             *g = silu(*g) * u;
         }
@@ -92,26 +92,9 @@ fn silu(v: f32) -> f32 {
     v / (1.0 + (-v).exp())
 }
 
-/// [`accumulate_product`] over blocks of at most [`MAX_BLOCK_ROWS`] rows: a taller product
-/// (a prefill chunk) reads `W` once per block, and each block is the skinny product the kernel
-/// is built for, its partial sums in cache.
-fn by_row_blocks(
-    y: &mut [f32],
-    x: &[f32],
-    w: &[f32],
-    m: usize,
-    k: usize,
-    n: usize,
-    accumulate: bool,
-) {
-    for r0 in (0..m).step_by(MAX_BLOCK_ROWS) {
-        let rows = MAX_BLOCK_ROWS.min(m - r0);
-        let (yb, xb) = (&mut y[r0 * n..(r0 + rows) * n], &x[r0 * k..(r0 + rows) * k]);
-        accumulate_product(yb, xb, w, rows, k, n, accumulate);
-    }
-}
-
-/// `y = x · w`, or `y += x · w` when `accumulate`.
+/// `y = x · w`, or `y += x · w` when `accumulate`. A product taller than [`MAX_BLOCK_ROWS`]
+/// (a prefill chunk) runs in blocks of that many rows, each the skinny product the kernel is
+/// built for, reading `W` once per block.
 fn accumulate_product(
     y: &mut [f32],
     x: &[f32],
@@ -121,6 +104,14 @@ fn accumulate_product(
     n: usize,
     accumulate: bool,
 ) {
+    if m > MAX_BLOCK_ROWS {
+        for r0 in (0..m).step_by(MAX_BLOCK_ROWS) {
+            let rows = MAX_BLOCK_ROWS.min(m - r0);
+            let (yb, xb) = (&mut y[r0 * n..(r0 + rows) * n], &x[r0 * k..(r0 + rows) * k]);
+            accumulate_product(yb, xb, w, rows, k, n, accumulate);
+        }
+        return;
+    }
     if m == 0 || n == 0 {
         return;
     }
