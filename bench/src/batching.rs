@@ -129,9 +129,9 @@ pub fn run(plan: &BatchingPlan, env: &Env) -> Result<serde_json::Value> {
     let dir = tempfile::tempdir().map_err(BenchError::TempDir)?;
     let factory = match env.model.dir()? {
         Some(model) => {
-            let device = env.device;
+            let (device, weights) = (env.device, env.weights);
             let f: VerifierFactory =
-                Arc::new(move || load_verifier(&ModelSource::Dir(&model), device, None));
+                Arc::new(move || load_verifier(&ModelSource::Dir(&model), device, weights));
             f
         }
         None => verifier_factory(&plan.model, env.device, dir.path())?,

@@ -8,7 +8,7 @@ use std::str::FromStr;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
-use troupe::engine::DeviceKind;
+use troupe::engine::{DeviceKind, WeightDtype};
 
 pub mod batching;
 pub mod capacity;
@@ -105,6 +105,8 @@ pub struct Env {
     pub device_name: String,
     /// The verifier of the cases that run a model.
     pub model: ModelChoice,
+    /// The width its weights are kept in; `None`: the device's default (the checkpoint's own).
+    pub weights: Option<WeightDtype>,
 }
 
 impl Env {
@@ -115,7 +117,14 @@ impl Env {
             device: device.parse()?,
             device_name: device.to_owned(),
             model: ModelChoice::Default,
+            weights: None,
         })
+    }
+
+    /// The same environment, keeping the verifier's weights in `weights`.
+    pub fn with_weights(mut self, weights: Option<WeightDtype>) -> Self {
+        self.weights = weights;
+        self
     }
 
     /// The same environment, running `model` in the cases that run one.

@@ -150,7 +150,7 @@ pub fn run(plan: &StepPlan, env: &Env) -> Result<serde_json::Value> {
         ..plan.clone()
     };
     let loading = Instant::now();
-    let mut v = load_verifier(&source.as_model_source(), env.device, None)?;
+    let mut v = load_verifier(&source.as_model_source(), env.device, env.weights)?;
     let load_ms = loading.elapsed().as_secs_f64() * 1e3;
     let decoding = plan.decode_tokens > 0 && !plan.decode_draft_lens.is_empty();
     let bar = progress(

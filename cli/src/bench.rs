@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
+use troupe::engine::WeightDtype;
 use troupe_bench::{Case, Env, ModelChoice};
 
 /// Arguments of `troupe bench`.
@@ -29,6 +30,16 @@ pub struct BenchArgs {
     /// qwen3-4b, llama-3.2-1b), written once in bf16 to $TROUPE_CACHE (default ~/.cache/troupe).
     #[arg(long)]
     preset: Option<String>,
+    /// `step` and `batching`: the width the verifier's weights are kept in: f32, bf16, f16 or
+    /// stored (the checkpoint's own, the default).
+    #[arg(long, value_parser = parse_weights)]
+    weights: Option<WeightDtype>,
+}
+
+/// Parses `--weights`.
+pub fn parse_weights(s: &str) -> Result<WeightDtype, String> {
+    s.parse()
+        .map_err(|e: troupe::engine::EngineError| e.to_string())
 }
 
 fn parse_case(s: &str) -> Result<Case, String> {
@@ -42,7 +53,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if !model.is_default() && !matches!(a.case, Case::Step | Case::Batching) {
         anyhow::bail!("--model and --preset apply to the step and batching cases");
     }
-    let env = Env::new(a.out, &a.device)?.with_model(model);
+    if a.weights.is_some() && !matches!(a.case, Case::Step | Case::Batching) {
+        anyhow::bail!("--weights applies to the step and batching cases");
+    }
+    let env = Env::new(a.out, &a.device)?
+        .with_model(model)
+        .with_weights(a.weights);
     troupe_bench::run(a.case, a.quick, &env)?;
     Ok(())
 }

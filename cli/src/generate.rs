@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use troupe::engine::{
     generate, load_model_drafter, load_verifier, DeviceKind, Drafter, GenerateOptions, ModelSource,
-    NgramDrafter, SamplingParams, Tokenizer, WindowSpec,
+    NgramDrafter, SamplingParams, Tokenizer, WeightDtype, WindowSpec,
 };
 
 /// Arguments of `troupe generate`.
@@ -51,6 +51,10 @@ pub struct GenerateArgs {
     /// cpu, wgpu or cuda.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// The width the weights are kept in: f32, bf16, f16 or stored (the checkpoint's own, the
+    /// default).
+    #[arg(long, value_parser = crate::bench::parse_weights)]
+    weights: Option<WeightDtype>,
     /// Stop after the model's EOS token.
     #[arg(long)]
     stop_at_eos: bool,
@@ -81,7 +85,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         (None, Some(ids)) => ids.clone(),
         (None, None) => bail!("give --prompt or --prompt-ids"),
     };
-    let mut verifier = load_verifier(&ModelSource::Dir(&a.model), device, None)?;
+    let mut verifier = load_verifier(&ModelSource::Dir(&a.model), device, a.weights)?;
     let mut drafter: Option<Box<dyn Drafter>> = match a.drafter.as_deref() {
         None => None,
         Some("ngram") => Some(Box::new(NgramDrafter::default())),

@@ -37,6 +37,10 @@ pub struct SwarmArgs {
     /// cpu, wgpu or cuda.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// The width the verifier's weights are kept in: f32, bf16, f16 or stored (the checkpoint's
+    /// own, the default).
+    #[arg(long, value_parser = crate::bench::parse_weights)]
+    weights: Option<troupe::engine::WeightDtype>,
     /// Longest reply, in tokens (a reply also ends at a newline).
     #[arg(long, default_value_t = 48)]
     max_new_tokens: usize,
@@ -140,7 +144,9 @@ fn factories(
     }
     let tok = Tokenizer::from_file(&dir.join("tokenizer.json"))
         .context("the verifier needs tokenizer.json")?;
-    let v: VerifierFactory = Arc::new(move || load_verifier(&ModelSource::Dir(&dir), device, None));
+    let weights = a.weights;
+    let v: VerifierFactory =
+        Arc::new(move || load_verifier(&ModelSource::Dir(&dir), device, weights));
     let d: Option<DrafterFactory> = match a.drafter.as_str() {
         "none" => None,
         "ngram" => Some(Arc::new(|| Ok(Box::new(NgramDrafter::default()) as _))),

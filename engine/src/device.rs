@@ -73,13 +73,10 @@ impl DeviceKind {
         }
     }
 
-    /// Dtype weights are kept in when the checkpoint does not force one: f32 on the CPU (Flex's bf16
-    /// matmul is about ten times slower), the stored dtype on GPUs.
+    /// Width weights are kept in unless asked otherwise: the checkpoint's own, on every device
+    /// (the CPU kernels widen bf16 and f16 in registers).
     pub fn default_weights(self) -> WeightDtype {
-        match self {
-            DeviceKind::Cpu => WeightDtype::F32,
-            _ => WeightDtype::AsStored,
-        }
+        WeightDtype::AsStored
     }
 }
 
@@ -124,12 +121,12 @@ fn build<B: KernelBackend>(
             load_model::<B>(dir, &config, wd, &device)
         }
         ModelSource::Random(config, seed) => {
-            let dt = match wd {
-                WeightDtype::F32 => DType::F32,
-                WeightDtype::Bf16 => DType::BF16,
-                WeightDtype::AsStored if config.torch_dtype == "float32" => DType::F32,
-                WeightDtype::AsStored => DType::BF16,
+            let stored = match config.torch_dtype.as_str() {
+                "float32" => DType::F32,
+                "float16" => DType::F16,
+                _ => DType::BF16,
             };
+            let dt = wd.kept(stored, B::widens_weights());
             Ok(random_model::<B>(config, dt, *seed, &device))
         }
     }

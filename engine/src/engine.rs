@@ -294,35 +294,9 @@ pub fn argmax_rows<B: Backend>(logits: Tensor<B, 2>) -> Result<Vec<u32>> {
     Ok(v.into_iter().map(|x| x as u32).collect())
 }
 
-impl<B: KernelBackend> Verifier for Engine<B>
-where
-    B::Device: Send,
-{
-    fn open(&mut self, seq: SeqId, spec: WindowSpec, seed: u64) -> Result<()> {
-        if self.seqs.contains_key(&seq) {
-            return Err(EngineError::DuplicateSequence(seq));
-        }
-        let window = self.model.new_window(spec, self.pool.alloc(spec));
-        self.seqs.insert(
-            seq,
-            SeqState {
-                window,
-                rng: StdRng::seed_from_u64(seed),
-            },
-        );
-        Ok(())
-    }
-
-    fn close(&mut self, seq: SeqId) -> Result<()> {
-        let state = self
-            .seqs
-            .remove(&seq)
-            .ok_or(EngineError::UnknownSequence(seq))?;
-        self.pool.release(state.window.spec(), state.window.slot());
-        Ok(())
-    }
-
-    fn verify(&mut self, works: &[VerifyWork]) -> Result<Vec<VerifyOutcome>> {
+impl<B: KernelBackend> Engine<B> {
+    /// [`Verifier::verify`], on the backend's workers.
+    fn verify_on_workers(&mut self, works: &[VerifyWork]) -> Result<Vec<VerifyOutcome>> {
         for w in works {
             if let Some(p) = &w.draft_probs {
                 if p.len() != w.draft.len() {
@@ -408,6 +382,39 @@ where
         }
         self.resolve_step(&step.kv, &items, &keeps)?;
         Ok(outcomes)
+    }
+}
+
+impl<B: KernelBackend> Verifier for Engine<B>
+where
+    B::Device: Send,
+{
+    fn open(&mut self, seq: SeqId, spec: WindowSpec, seed: u64) -> Result<()> {
+        if self.seqs.contains_key(&seq) {
+            return Err(EngineError::DuplicateSequence(seq));
+        }
+        let window = self.model.new_window(spec, self.pool.alloc(spec));
+        self.seqs.insert(
+            seq,
+            SeqState {
+                window,
+                rng: StdRng::seed_from_u64(seed),
+            },
+        );
+        Ok(())
+    }
+
+    fn close(&mut self, seq: SeqId) -> Result<()> {
+        let state = self
+            .seqs
+            .remove(&seq)
+            .ok_or(EngineError::UnknownSequence(seq))?;
+        self.pool.release(state.window.spec(), state.window.slot());
+        Ok(())
+    }
+
+    fn verify(&mut self, works: &[VerifyWork]) -> Result<Vec<VerifyOutcome>> {
+        B::on_workers(|| self.verify_on_workers(works))
     }
 
     fn kv_bytes(&self, spec: WindowSpec) -> u64 {

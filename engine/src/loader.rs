@@ -1,28 +1,82 @@
 //! Loading a Hugging Face model directory: `config.json`, one or several safetensors files, and
 //! random initialisation of the same structure for benchmarks.
+//!
+//! Each file is memory-mapped and each tensor read once, straight from the map into its final
+//! width and layout (a projection's `[out, in]` transposed to the `[in, out]` the kernels read,
+//! in cache-sized blocks over the cores); the map's pages are handed back as each tensor is done,
+//! so the load never holds a second copy of the model.
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
 use burn::tensor::{DType, Distribution};
 use half::{bf16, f16};
+use memmap2::{Mmap, UncheckedAdvice};
+use rayon::prelude::*;
+use safetensors::tensor::Metadata;
 use safetensors::{Dtype as StDtype, SafeTensors};
 use serde_json::Value;
+use troupe_kernels::KernelBackend;
 
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{EngineError, Result};
 use crate::model::{DecoderLayer, Linear, Model};
 
-/// Which dtype the weights are kept in on the device.
+/// Which width the weight matrices (projections, embedding, head) are kept in on the device.
+/// Norms and biases follow the activations (f32 on the CPU).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightDtype {
-    /// Always f32 (the CPU default: Flex's bf16 matmul is far slower).
+    /// f32, whatever the checkpoint stores.
     F32,
-    /// Always bf16.
+    /// bf16, whatever the checkpoint stores.
     Bf16,
-    /// Whatever the checkpoint stores, bf16 and f16 kept as bf16.
+    /// f16, whatever the checkpoint stores.
+    F16,
+    /// The checkpoint's own width (its embedding's). On a backend that does not read f16
+    /// weights beside f32 activations, f16 is kept as bf16.
     AsStored,
+}
+
+impl std::str::FromStr for WeightDtype {
+    type Err = EngineError;
+
+    /// `f32`, `bf16`, `f16` or `stored`.
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            "f16" => Ok(Self::F16),
+            "stored" => Ok(Self::AsStored),
+            other => Err(EngineError::InvalidConfig(format!(
+                "unknown weight dtype {other:?}; expected f32, bf16, f16 or stored"
+            ))),
+        }
+    }
+}
+
+impl WeightDtype {
+    /// The dtype weights stored as `stored` are kept in; `widens`: whether the backend reads
+    /// narrow weights beside f32 activations (see [`KernelBackend::widens_weights`]).
+    pub fn kept(self, stored: DType, widens: bool) -> DType {
+        match (self, stored) {
+            (Self::F32, _) => DType::F32,
+            (Self::Bf16, _) => DType::BF16,
+            (Self::F16, _) => DType::F16,
+            (Self::AsStored, DType::F32) => DType::F32,
+            (Self::AsStored, DType::F16) if widens => DType::F16,
+            (Self::AsStored, _) => DType::BF16,
+        }
+    }
+}
+
+/// One mapped safetensors file and its parsed header.
+struct Mapped {
+    map: Mmap,
+    /// Where the tensors' data begins.
+    data_start: usize,
+    meta: Metadata,
 }
 
 /// The checkpoint files of a model directory, and which file holds which tensor.
@@ -30,7 +84,7 @@ pub struct Checkpoint {
     dir: PathBuf,
     files: Vec<PathBuf>,
     location: HashMap<String, usize>,
-    mapped: Vec<Option<Vec<u8>>>,
+    mapped: Vec<Option<Mapped>>,
 }
 
 impl Checkpoint {
@@ -81,7 +135,7 @@ impl Checkpoint {
                 return Err(EngineError::MissingFile { path: f.clone() });
             }
         }
-        let mapped = vec![None; files.len()];
+        let mapped = (0..files.len()).map(|_| None).collect();
         let mut ckpt = Self {
             dir: dir.into(),
             files,
@@ -90,12 +144,7 @@ impl Checkpoint {
         };
         if ckpt.location.is_empty() {
             // A single file: learn its tensor names from its header.
-            let names: Vec<String> = ckpt
-                .parse(0)?
-                .names()
-                .into_iter()
-                .map(str::to_owned)
-                .collect();
+            let names: Vec<String> = ckpt.mapped(0)?.meta.tensors().into_keys().collect();
             for n in names {
                 ckpt.location.insert(n, 0);
             }
@@ -103,25 +152,39 @@ impl Checkpoint {
         Ok(ckpt)
     }
 
-    fn bytes(&mut self, file: usize) -> Result<&[u8]> {
+    /// The file mapped and its header parsed, on first use.
+    fn mapped(&mut self, file: usize) -> Result<&Mapped> {
         if self.mapped[file].is_none() {
             let path = &self.files[file];
-            let data = std::fs::read(path).map_err(|source| EngineError::Io {
+            let io = |source| EngineError::Io {
                 path: path.clone(),
                 source,
-            })?;
-            self.mapped[file] = Some(data);
+            };
+            let handle = File::open(path).map_err(io)?;
+            // SAFETY: the map is read only; a checkpoint rewritten while it loads is outside
+            // what any loader can guard against (the same holds for every mmap-based reader).
+            let map = unsafe { Mmap::map(&handle) }.map_err(io)?;
+            let corrupt = |reason: String| EngineError::CorruptCheckpoint {
+                path: path.clone(),
+                reason,
+            };
+            let (header, meta) =
+                SafeTensors::read_metadata(&map).map_err(|e| corrupt(e.to_string()))?;
+            let data_start = 8 + header;
+            if data_start + meta.data_len() > map.len() {
+                return Err(corrupt(format!(
+                    "the header describes {} bytes of data, the file holds {}",
+                    meta.data_len(),
+                    map.len().saturating_sub(data_start)
+                )));
+            }
+            self.mapped[file] = Some(Mapped {
+                map,
+                data_start,
+                meta,
+            });
         }
-        Ok(self.mapped[file].as_deref().unwrap_or_default())
-    }
-
-    fn parse(&mut self, file: usize) -> Result<SafeTensors<'_>> {
-        let path = self.files[file].clone();
-        let bytes = self.bytes(file)?;
-        SafeTensors::deserialize(bytes).map_err(|e| EngineError::CorruptCheckpoint {
-            path,
-            reason: e.to_string(),
-        })
+        Ok(self.mapped[file].as_ref().expect("mapped just above"))
     }
 
     /// Whether a tensor of that name exists.
@@ -129,8 +192,19 @@ impl Checkpoint {
         self.location.contains_key(name)
     }
 
-    /// Reads one tensor as f32 or bf16 values, checking its shape.
-    pub fn read(&mut self, name: &str, expected: &[usize], keep_bf16: bool) -> Result<HostTensor> {
+    /// The dtype a tensor is stored in.
+    pub fn stored_dtype(&mut self, name: &str) -> Result<DType> {
+        let (file, path) = self.file_of(name)?;
+        let info = self.mapped(file)?.meta.info(name).cloned();
+        let info = info.ok_or_else(|| self.missing(name, &path))?;
+        dtype_of(info.dtype).ok_or_else(|| EngineError::UnsupportedDtype {
+            tensor: name.into(),
+            path,
+            dtype: format!("{:?}", info.dtype),
+        })
+    }
+
+    fn file_of(&self, name: &str) -> Result<(usize, PathBuf)> {
         let file = *self
             .location
             .get(name)
@@ -138,77 +212,154 @@ impl Checkpoint {
                 tensor: name.into(),
                 dir: self.dir.clone(),
             })?;
-        let path = self.files[file].clone();
-        let st = self.parse(file)?;
-        let view = st.tensor(name).map_err(|_| EngineError::MissingTensor {
+        Ok((file, self.files[file].clone()))
+    }
+
+    fn missing(&self, name: &str, path: &Path) -> EngineError {
+        EngineError::MissingTensor {
             tensor: name.into(),
             dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
-        })?;
-        if view.shape() != expected {
+        }
+    }
+
+    /// Reads one tensor into `kept`'s width, checking its shape; `transpose` turns a `[rows,
+    /// cols]` matrix into `[cols, rows]` on the way. The tensor's pages of the map are handed
+    /// back once it is read.
+    pub fn read(
+        &mut self,
+        name: &str,
+        expected: &[usize],
+        kept: DType,
+        transpose: bool,
+    ) -> Result<HostTensor> {
+        let (file, path) = self.file_of(name)?;
+        let missing = self.missing(name, &path);
+        let m = self.mapped(file)?;
+        let info = m.meta.info(name).ok_or(missing)?;
+        if info.shape != expected {
             return Err(EngineError::ShapeMismatch {
                 tensor: name.into(),
                 path,
-                found: view.shape().to_vec(),
+                found: info.shape.clone(),
                 expected: expected.to_vec(),
             });
         }
-        let data = view.data();
-        let host = match view.dtype() {
-            StDtype::F32 => HostTensor::F32(bytemuck::pod_collect_to_vec::<u8, f32>(data)),
-            StDtype::BF16 => {
-                let v: Vec<bf16> = bytemuck::pod_collect_to_vec(data);
-                if keep_bf16 {
-                    HostTensor::Bf16(v)
-                } else {
-                    HostTensor::F32(v.into_iter().map(f32::from).collect())
-                }
-            }
-            StDtype::F16 => {
-                let v: Vec<f16> = bytemuck::pod_collect_to_vec(data);
-                if keep_bf16 {
-                    HostTensor::Bf16(v.into_iter().map(|x| bf16::from_f32(x.to_f32())).collect())
-                } else {
-                    HostTensor::F32(v.into_iter().map(f32::from).collect())
-                }
-            }
-            other => {
-                return Err(EngineError::UnsupportedDtype {
-                    tensor: name.into(),
-                    path,
-                    dtype: format!("{other:?}"),
-                })
-            }
+        let (begin, end) = info.data_offsets;
+        let bytes = &m.map[m.data_start + begin..m.data_start + end];
+        let stored = dtype_of(info.dtype).ok_or_else(|| EngineError::UnsupportedDtype {
+            tensor: name.into(),
+            path: path.clone(),
+            dtype: format!("{:?}", info.dtype),
+        })?;
+        let (rows, cols) = match (transpose, expected) {
+            (true, [r, c]) => (*r, *c),
+            _ => (1, expected.iter().product()),
+        };
+        let host = HostTensor::convert(bytes, stored, kept, rows, cols, transpose);
+        // SAFETY: the map is private and read only; pages dropped here are read from the file
+        // again if touched, and nothing borrows them past this call.
+        let _ = unsafe {
+            m.map.unchecked_advise_range(
+                UncheckedAdvice::DontNeed,
+                m.data_start + begin,
+                end - begin,
+            )
         };
         Ok(host)
     }
 
-    /// Frees the bytes of every file read so far.
+    /// Unmaps every file mapped so far.
     pub fn release(&mut self) {
         self.mapped.iter_mut().for_each(|m| *m = None);
     }
 }
 
-/// Tensor values read from a checkpoint, before they go to the device.
+/// The Burn dtype of a safetensors dtype the loader reads.
+fn dtype_of(d: StDtype) -> Option<DType> {
+    match d {
+        StDtype::F32 => Some(DType::F32),
+        StDtype::BF16 => Some(DType::BF16),
+        StDtype::F16 => Some(DType::F16),
+        _ => None,
+    }
+}
+
+/// Tensor values read from a checkpoint, in the width they are kept in, before they go to the
+/// device.
 pub enum HostTensor {
     /// f32 values.
     F32(Vec<f32>),
     /// bf16 values.
     Bf16(Vec<bf16>),
+    /// f16 values.
+    F16(Vec<f16>),
 }
 
+/// A width a checkpoint stores or the loader keeps: converts through f32, which holds every
+/// value of all three exactly.
+trait Element: bytemuck::Pod + Default + Send + Sync {
+    fn to_f32(self) -> f32;
+    fn from_f32(v: f32) -> Self;
+}
+
+impl Element for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+
+impl Element for bf16 {
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+}
+
+impl Element for f16 {
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+}
+
+/// Side of the square blocks a transposition moves at once (a block of f32 is 4 KiB).
+const TRANSPOSE_BLOCK: usize = 32;
+
 impl HostTensor {
-    /// Transposes a `[rows, cols]` matrix into `[cols, rows]`.
-    fn transpose(self, rows: usize, cols: usize) -> Self {
-        fn t<T: Copy>(v: &[T], rows: usize, cols: usize) -> Vec<T> {
-            let mut out = Vec::with_capacity(v.len());
-            for c in 0..cols {
-                out.extend((0..rows).map(|r| v[r * cols + c]));
+    /// `bytes` (`rows × cols` elements of `stored`) in `kept`'s width, transposed to `[cols,
+    /// rows]` when `transpose`.
+    fn convert(
+        bytes: &[u8],
+        stored: DType,
+        kept: DType,
+        rows: usize,
+        cols: usize,
+        transpose: bool,
+    ) -> Self {
+        fn to<K: Element>(
+            bytes: &[u8],
+            stored: DType,
+            rows: usize,
+            cols: usize,
+            transpose: bool,
+        ) -> Vec<K> {
+            match stored {
+                DType::BF16 => from::<bf16, K>(bytes, rows, cols, transpose),
+                DType::F16 => from::<f16, K>(bytes, rows, cols, transpose),
+                _ => from::<f32, K>(bytes, rows, cols, transpose),
             }
-            out
         }
-        match self {
-            HostTensor::F32(v) => HostTensor::F32(t(&v, rows, cols)),
-            HostTensor::Bf16(v) => HostTensor::Bf16(t(&v, rows, cols)),
+        match kept {
+            DType::BF16 => Self::Bf16(to(bytes, stored, rows, cols, transpose)),
+            DType::F16 => Self::F16(to(bytes, stored, rows, cols, transpose)),
+            _ => Self::F32(to(bytes, stored, rows, cols, transpose)),
         }
     }
 
@@ -224,32 +375,93 @@ impl HostTensor {
             HostTensor::Bf16(v) => {
                 Tensor::from_data(TensorData::new(v, shape), (device, DType::BF16))
             }
+            HostTensor::F16(v) => {
+                Tensor::from_data(TensorData::new(v, shape), (device, DType::F16))
+            }
         }
     }
 }
 
-/// Loads the weights of `config`'s architecture from `dir`.
-pub fn load_model<B: Backend>(
+/// `rows × cols` elements of `S` from `bytes` as `K`, transposed when asked. Read in place when
+/// the bytes are aligned for `S` (a safetensors header pads its data to 8 bytes), through one
+/// copy when not.
+fn from<S: Element, K: Element>(bytes: &[u8], rows: usize, cols: usize, transpose: bool) -> Vec<K> {
+    let copied;
+    let src: &[S] = match bytemuck::try_cast_slice(bytes) {
+        Ok(s) => s,
+        Err(_) => {
+            copied = bytemuck::pod_collect_to_vec::<u8, S>(bytes);
+            &copied
+        }
+    };
+    let same = std::mem::size_of::<S>() == std::mem::size_of::<K>()
+        && std::any::type_name::<S>() == std::any::type_name::<K>();
+    if !transpose {
+        if same {
+            return bytemuck::cast_slice::<S, K>(src).to_vec();
+        }
+        let mut out = vec![K::default(); src.len()];
+        out.par_chunks_mut(1 << 16)
+            .zip(src.par_chunks(1 << 16))
+            .for_each(|(o, s)| {
+                for (o, s) in o.iter_mut().zip(s) {
+                    *o = K::from_f32(s.to_f32());
+                }
+            });
+        return out;
+    }
+    // out[c][r] = src[r][c], one block of output rows per task, square blocks inside.
+    let mut out = vec![K::default(); rows * cols];
+    if rows == 0 || cols == 0 {
+        return out;
+    }
+    out.par_chunks_mut(TRANSPOSE_BLOCK * rows)
+        .enumerate()
+        .for_each(|(block, o)| {
+            let c0 = block * TRANSPOSE_BLOCK;
+            let nc = o.len() / rows;
+            for r0 in (0..rows).step_by(TRANSPOSE_BLOCK) {
+                for r in r0..(r0 + TRANSPOSE_BLOCK).min(rows) {
+                    let line = &src[r * cols + c0..][..nc];
+                    if same {
+                        let line: &[K] = bytemuck::cast_slice(line);
+                        for (c, v) in line.iter().enumerate() {
+                            o[c * rows + r] = *v;
+                        }
+                    } else {
+                        for (c, v) in line.iter().enumerate() {
+                            o[c * rows + r] = K::from_f32(v.to_f32());
+                        }
+                    }
+                }
+            }
+        });
+    out
+}
+
+/// Loads the weights of `config`'s architecture from `dir`: the matrices in the width `dtype`
+/// names, norms and biases in the activations' dtype.
+pub fn load_model<B: KernelBackend>(
     dir: &Path,
     config: &ModelConfig,
     dtype: WeightDtype,
     device: &B::Device,
 ) -> Result<Model<B>> {
     let mut ckpt = Checkpoint::open(dir)?;
-    let keep_bf16 = match dtype {
-        WeightDtype::F32 => false,
-        WeightDtype::Bf16 => true,
-        WeightDtype::AsStored => config.torch_dtype != "float32",
-    };
+    let stored = ckpt.stored_dtype("model.embed_tokens.weight")?;
+    let kept = dtype.kept(stored, B::widens_weights());
+    let small = activation_dtype::<B>(kept);
     let c = config;
     let (h, i, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
     let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
-    let as_dtype = |t: HostTensor| if keep_bf16 { to_bf16(t) } else { t };
 
     let vector = |ckpt: &mut Checkpoint, name: &str, n: usize| -> Result<Tensor<B, 1>> {
-        Ok(as_dtype(ckpt.read(name, &[n], keep_bf16)?).into_device([n], device))
+        Ok(ckpt
+            .read(name, &[n], small, false)?
+            .into_device([n], device))
     };
-    let embed = as_dtype(ckpt.read("model.embed_tokens.weight", &[c.vocab_size, h], keep_bf16)?)
+    let embed = ckpt
+        .read("model.embed_tokens.weight", &[c.vocab_size, h], kept, false)?
         .into_device([c.vocab_size, h], device);
     let linear = |ckpt: &mut Checkpoint,
                   name: &str,
@@ -257,14 +469,11 @@ pub fn load_model<B: Backend>(
                   inp: usize,
                   bias: bool|
      -> Result<Linear<B>> {
-        let w = as_dtype(ckpt.read(&format!("{name}.weight"), &[out, inp], keep_bf16)?)
-            .transpose(out, inp)
+        let w = ckpt
+            .read(&format!("{name}.weight"), &[out, inp], kept, true)?
             .into_device([inp, out], device);
         let bias = if bias {
-            Some(
-                as_dtype(ckpt.read(&format!("{name}.bias"), &[out], keep_bf16)?)
-                    .into_device([out], device),
-            )
+            Some(vector(ckpt, &format!("{name}.bias"), out)?)
         } else {
             None
         };
@@ -349,31 +558,36 @@ pub fn load_model<B: Backend>(
     ))
 }
 
-fn to_bf16(t: HostTensor) -> HostTensor {
-    match t {
-        HostTensor::F32(v) => HostTensor::Bf16(v.into_iter().map(bf16::from_f32).collect()),
-        b => b,
+/// The dtype of the activations, norms and windows of a model whose matrices are kept in
+/// `weights`: f32 on a backend that widens narrow weights, the weights' own otherwise.
+pub fn activation_dtype<B: KernelBackend>(weights: DType) -> DType {
+    if B::widens_weights() {
+        DType::F32
+    } else {
+        weights
     }
 }
 
 /// A model of `config`'s shape with random weights (normal, std 0.02; norms at one), for benchmarks.
-pub fn random_model<B: Backend>(
+/// `dtype` is the width of its matrices; norms and biases take the activations' dtype.
+pub fn random_model<B: KernelBackend>(
     config: &ModelConfig,
     dtype: DType,
     seed: u64,
     device: &B::Device,
 ) -> Model<B> {
     B::seed(device, seed);
+    let small = activation_dtype::<B>(dtype);
     let c = config;
     let (h, i, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
     let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
     let normal = |shape: [usize; 2]| -> Tensor<B, 2> {
         Tensor::<B, 2>::random(shape, Distribution::Normal(0.0, 0.02), device).cast(dtype)
     };
-    let ones = |n: usize| Tensor::<B, 1>::ones([n], (device, dtype));
+    let ones = |n: usize| Tensor::<B, 1>::ones([n], (device, small));
     let linear = |inp: usize, out: usize, bias: bool| Linear {
         weight: normal([inp, out]),
-        bias: bias.then(|| Tensor::zeros([out], (device, dtype))),
+        bias: bias.then(|| Tensor::zeros([out], (device, small))),
     };
     let qwen = c.architecture == Architecture::Qwen3;
     let layers = (0..c.num_layers)

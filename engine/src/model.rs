@@ -1,7 +1,8 @@
 //! The decoder: Qwen3 and Llama 3 share one structure, differing only in Qwen3's per-head q/k RMSNorm.
 //!
 //! References: the Hugging Face `modeling_qwen3.py` and `modeling_llama.py`; weights are kept as
-//! `[in, out]` so that a projection is `x.matmul(w)`.
+//! `[in, out]` so that a projection is `x.matmul(w)`, in their own width (see
+//! [`crate::WeightDtype`]).
 
 use burn::prelude::*;
 use burn::tensor::activation::silu;
@@ -13,6 +14,7 @@ use crate::batch::SeqInput;
 use crate::config::ModelConfig;
 use crate::dtype::to_f32;
 use crate::kv_pool::KvPool;
+use crate::loader::activation_dtype;
 use crate::pooled_step::PooledStep;
 use crate::rope::RopeTable;
 use crate::window::{KvWindow, WindowSpec};
@@ -103,7 +105,7 @@ pub struct Model<B: Backend> {
     pub norm: Tensor<B, 1>,
     /// Output head `[hidden, vocab]`; `None` when tied to the embedding.
     pub lm_head: Option<Tensor<B, 2>>,
-    /// Dtype of the weights and activations.
+    /// Dtype of the activations and windows (f32 where the backend widens narrower weights).
     pub dtype: DType,
     /// The device the weights live on.
     pub device: B::Device,
@@ -121,8 +123,9 @@ pub struct ForwardOutput<B: Backend> {
     pub kv: Vec<(Tensor<B, 3>, Tensor<B, 3>)>,
 }
 
-impl<B: Backend> Model<B> {
-    /// Assembles a model from its parts.
+impl<B: KernelBackend> Model<B> {
+    /// Assembles a model from its parts. Its activations and windows take the dtype
+    /// [`activation_dtype`] gives for the embedding's.
     pub fn from_parts(
         config: ModelConfig,
         embed: Tensor<B, 2>,
@@ -131,7 +134,22 @@ impl<B: Backend> Model<B> {
         lm_head: Option<Tensor<B, 2>>,
         device: B::Device,
     ) -> Self {
-        let dtype = embed.dtype();
+        let dtype = activation_dtype::<B>(embed.dtype());
+        Self::with_dtype(config, embed, layers, norm, lm_head, dtype, device)
+    }
+}
+
+impl<B: Backend> Model<B> {
+    /// [`Model::from_parts`] with the activations' dtype given.
+    pub(crate) fn with_dtype(
+        config: ModelConfig,
+        embed: Tensor<B, 2>,
+        layers: Vec<DecoderLayer<B>>,
+        norm: Tensor<B, 1>,
+        lm_head: Option<Tensor<B, 2>>,
+        dtype: DType,
+        device: B::Device,
+    ) -> Self {
         let rope = RopeTable::new(&config, 1024, &device);
         Self {
             config,
@@ -188,6 +206,9 @@ impl<B: KernelBackend> Model<B> {
         let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
         let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [total]), &self.device);
         let mut x = self.embed.clone().select(0, ids);
+        if x.dtype() != self.dtype {
+            x = x.cast(self.dtype);
+        }
 
         // The backend's pooled attention kernel serves each window shape in one launch per layer
         // and needs only RoPE rows; Burn ops need a plan per sequence.

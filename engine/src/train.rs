@@ -149,12 +149,13 @@ fn with_params<B: Backend, C: Backend>(
     }
     let norm = mat().squeeze_dim(0);
     let lm_head = m.lm_head.as_ref().map(|_| mat());
-    Model::from_parts(
+    Model::with_dtype(
         m.config.clone(),
         embed,
         layers,
         norm,
         lm_head,
+        m.dtype,
         device.clone(),
     )
 }

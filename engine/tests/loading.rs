@@ -198,37 +198,120 @@ fn config_accepts_top_level_rope_theta() {
     assert_eq!(ModelConfig::from_file(&path).unwrap(), llama_config());
 }
 
-/// Kept in bf16 on the device (`AsStored`), activations run in bf16 too: only a loose agreement is
-/// possible, but a wrong layout or a broken cast would be far outside it.
-#[test]
-fn bf16_weights_kept_as_stored_roughly_match_reference() {
-    let ck = Checkpoint::write(&qwen3_config(), 17, Format::BF16);
+/// Loads `ck` keeping its matrices in `dtype`'s width.
+fn load_as(ck: &Checkpoint, dtype: WeightDtype) -> troupe_engine::Model<B> {
     let config = ModelConfig::from_file(&ck.config_path()).unwrap();
-    let model = troupe_engine::load_model::<B>(
-        ck.path(),
-        &config,
-        WeightDtype::AsStored,
-        &Default::default(),
-    )
-    .unwrap();
-    assert_eq!(model.dtype, burn::tensor::DType::BF16);
-    let mut engine = Engine::new(model);
-    engine.open(1, WindowSpec::new(4, 256).unwrap(), 0).unwrap();
-    let tokens = random_tokens(7, 16, 256);
-    let got = step_all(&mut engine, 1, &tokens);
-    let want = Reference::new(&ck.weights).forward(&tokens);
-    // Observed: about 0.09 on logits of magnitude up to ~8.
-    assert_rows_close("bf16 activations", &got, &want, 0.25);
-    let agree = got
-        .iter()
-        .zip(&want)
-        .filter(|(g, w)| argmax(g) == argmax(w))
-        .count();
+    troupe_engine::load_model::<B>(ck.path(), &config, dtype, &Default::default()).unwrap()
+}
+
+/// Greedy tokens of `model` after `prompt`.
+fn greedy(model: troupe_engine::Model<B>, prompt: &[u32], n: usize) -> Vec<u32> {
+    let opts = GenerateOptions {
+        max_new_tokens: n,
+        draft_len: 0,
+        ..Default::default()
+    };
+    generate(&mut Engine::new(model), None, prompt, &opts)
+        .unwrap()
+        .tokens
+}
+
+/// On the CPU a bf16 or f16 checkpoint keeps its matrices in their width (`AsStored`, the
+/// default), and an f32 one is narrowed at load when asked; the kernels widen them in registers
+/// and run everything else in f32. Logits match the f32 reference on the same rounded weights
+/// as closely as an f32 load does, and greedy tokens equal the f32 load's of those weights.
+#[test]
+fn narrow_weights_stay_narrow_and_match_the_f32_run_of_their_values() {
+    use burn::tensor::DType;
+    let cases = [
+        (
+            Checkpoint::write(&qwen3_config(), 17, Format::BF16),
+            WeightDtype::AsStored,
+            DType::BF16,
+        ),
+        (
+            Checkpoint::write(&llama_config(), 19, Format::F16),
+            WeightDtype::AsStored,
+            DType::F16,
+        ),
+        (
+            Checkpoint::write(&qwen3_config(), 20, Format::F32),
+            WeightDtype::Bf16,
+            DType::BF16,
+        ),
+        (
+            Checkpoint::write(&llama_config(), 21, Format::F32),
+            WeightDtype::F16,
+            DType::F16,
+        ),
+    ];
+    for (ck, dtype, kept) in cases {
+        let what = format!("{dtype:?} from {}", ck.weights.config.torch_dtype);
+        let model = load_as(&ck, dtype);
+        assert_eq!(model.embed.dtype(), kept, "{what}: embedding");
+        assert_eq!(
+            model.layers[0].down_proj.weight.dtype(),
+            kept,
+            "{what}: projection"
+        );
+        assert_eq!(
+            model.layers[0].input_norm.dtype(),
+            DType::F32,
+            "{what}: norm"
+        );
+        assert_eq!(model.dtype, DType::F32, "{what}: activations");
+
+        let mut rounded = match kept {
+            DType::BF16 => ck.weights.rounded_bf16(),
+            _ => ck.weights.rounded_f16(),
+        };
+        // Norms and biases stay as stored: narrowing at load touches the matrices only.
+        for (name, t) in rounded.tensors.iter_mut() {
+            if name.ends_with("norm.weight") || name.ends_with(".bias") {
+                t.data = ck.weights.get(name).to_vec();
+            }
+        }
+        let tokens = random_tokens(7, 16, 256);
+        let mut engine = Engine::new(model);
+        engine.open(1, WindowSpec::new(4, 256).unwrap(), 0).unwrap();
+        let got = step_all(&mut engine, 1, &tokens);
+        assert_rows_close(&what, &got, &Reference::new(&rounded).forward(&tokens), TOL);
+
+        // The f32 run of the same values: the checkpoint as stored when it is narrow, else the
+        // rounded weights written in f32.
+        let wide = if dtype == WeightDtype::AsStored {
+            load_as(&ck, WeightDtype::F32)
+        } else {
+            let dir = tempfile::tempdir().unwrap();
+            write_model_dir(dir.path(), &rounded, Format::F32);
+            let config = ModelConfig::from_file(&dir.path().join("config.json")).unwrap();
+            troupe_engine::load_model::<B>(
+                dir.path(),
+                &config,
+                WeightDtype::F32,
+                &Default::default(),
+            )
+            .unwrap()
+        };
+        let prompt = random_tokens(9, 5, 256);
+        let narrow_tokens = greedy(load_as(&ck, dtype), &prompt, 12);
+        assert_eq!(
+            narrow_tokens,
+            greedy(wide, &prompt, 12),
+            "{what}: greedy tokens"
+        );
+    }
+}
+
+/// Asking for a width the loader does not know is a typed error, not a panic.
+#[test]
+fn unknown_weight_width_is_refused() {
+    let err = "int4".parse::<WeightDtype>().unwrap_err();
     assert!(
-        agree * 4 >= tokens.len() * 3,
-        "argmax agrees on {agree} of {} rows",
-        tokens.len()
+        matches!(err, troupe_engine::EngineError::InvalidConfig(_)),
+        "{err}"
     );
+    assert_eq!("bf16".parse::<WeightDtype>().unwrap(), WeightDtype::Bf16);
 }
 
 /// The backend-free entry point loads the same model: `generate` through `load_verifier` gives the

@@ -1,10 +1,14 @@
 //! Times the CPU skinny matmul `x[m, 2048] · W[2048, 6144]` for m = 1..64 the way a model meets its
-//! weights: eight distinct weights (400 MB, past every cache) are multiplied in turn, so each
-//! product streams its weight from memory while the caches hold other weights' clean lines. Prints
-//! the median over five rounds of 32 products (ms per product). `cpu_skinny_numpy.py` beside this
-//! file does the same through numpy's BLAS, for comparison on the same machine.
+//! weights: eight distinct weights (400 MB in f32, past every cache) are multiplied in turn, so
+//! each product streams its weight from memory while the caches hold other weights' clean lines.
+//! Prints, for weights kept in f32, bf16 and f16, the median over five rounds of 32 products (ms
+//! per product) and the weight bytes streamed per second at m = 1. `cpu_skinny_numpy.py` beside
+//! this file does the f32 product through numpy's BLAS, for comparison on the same machine.
 use std::time::Instant;
+
+use half::{bf16, f16};
 use troupe_kernels::cpu_matmul::{skinny_matmul, CpuEpilogue};
+use troupe_kernels::cpu_weight::Weight;
 
 fn main() {
     let (k, n) = (2048usize, 6144usize);
@@ -15,7 +19,23 @@ fn main() {
                 .collect()
         })
         .collect();
-    let mut line = String::from("kernel");
+    time("f32", &weights, k, n);
+    let narrow = |f: fn(f32) -> bf16| -> Vec<Vec<bf16>> {
+        weights
+            .iter()
+            .map(|w| w.iter().map(|&v| f(v)).collect())
+            .collect()
+    };
+    time("bf16", &narrow(bf16::from_f32), k, n);
+    let halves: Vec<Vec<f16>> = weights
+        .iter()
+        .map(|w| w.iter().map(|&v| f16::from_f32(v)).collect())
+        .collect();
+    time("f16", &halves, k, n);
+}
+
+fn time<W: Weight>(name: &str, weights: &[Vec<W>], k: usize, n: usize) {
+    let mut line = format!("{name:>4}");
     for m in [1usize, 2, 4, 8, 16, 32, 64] {
         let x: Vec<f32> = (0..m * k)
             .map(|i| ((i * 31 % 97) as f32) / 97.0 - 0.5)
@@ -24,7 +44,7 @@ fn main() {
             .map(|_| {
                 let t = Instant::now();
                 for _ in 0..4 {
-                    for w in &weights {
+                    for w in weights {
                         std::hint::black_box(skinny_matmul(&x, w, m, k, n, CpuEpilogue::None));
                     }
                 }
@@ -32,7 +52,12 @@ fn main() {
             })
             .collect();
         rounds.sort_by(f64::total_cmp);
-        line += &format!(" m{m}={:.2}", rounds[rounds.len() / 2]);
+        let ms = rounds[rounds.len() / 2];
+        line += &format!(" m{m}={ms:.2}");
+        if m == 1 {
+            let gbs = (k * n * std::mem::size_of::<W>()) as f64 / ms / 1e6;
+            line += &format!(" ({gbs:.1} GB/s)");
+        }
     }
     println!("{line}");
 }

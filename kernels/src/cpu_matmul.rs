@@ -17,6 +17,8 @@
 
 use rayon::prelude::*;
 
+use crate::cpu_weight::Weight;
+
 /// Columns of one register tile: two 256-bit vectors of f32.
 pub const NR: usize = 16;
 /// Rows of one register tile (6 × 2 accumulators, two weight vectors and a broadcast fit in the
@@ -44,24 +46,25 @@ const PREFETCH_ROWS: usize = 8;
 
 /// What happens to the product before it is stored.
 #[derive(Debug, Clone, Copy)]
-pub enum CpuEpilogue<'a> {
+pub enum CpuEpilogue<'a, W = f32> {
     /// `y = x · W`.
     None,
     /// `y = r + x · W`, `r` row-major `[M, N]`.
     Residual(&'a [f32]),
-    /// `y = silu(x · W) ⊙ (x · U)`, `U` row-major `[K, N]` like `W`.
-    SwiGlu(&'a [f32]),
+    /// `y = silu(x · W) ⊙ (x · U)`, `U` row-major `[K, N]` like `W` and in its width.
+    SwiGlu(&'a [W]),
 }
 
-/// `y[M, N] = epilogue(x[M, K] · w[K, N])`, all row-major f32. Panics when a slice is shorter
+/// `y[M, N] = epilogue(x[M, K] · w[K, N])`, all row-major, `x` and `y` f32, `w` in any
+/// [`Weight`] width (widened in registers, accumulated in f32). Panics when a slice is shorter
 /// than its shape says (the callers check shapes first).
-pub fn skinny_matmul(
+pub fn skinny_matmul<W: Weight>(
     x: &[f32],
-    w: &[f32],
+    w: &[W],
     m: usize,
     k: usize,
     n: usize,
-    epilogue: CpuEpilogue<'_>,
+    epilogue: CpuEpilogue<'_, W>,
 ) -> Vec<f32> {
     assert!(
         x.len() >= m * k && w.len() >= k * n,
@@ -95,10 +98,10 @@ fn silu(v: f32) -> f32 {
 /// `y = x · w`, or `y += x · w` when `accumulate`. A product taller than [`MAX_BLOCK_ROWS`]
 /// (a prefill chunk) runs in blocks of that many rows, each the skinny product the kernel is
 /// built for, reading `W` once per block.
-fn accumulate_product(
+fn accumulate_product<W: Weight>(
     y: &mut [f32],
     x: &[f32],
-    w: &[f32],
+    w: &[W],
     m: usize,
     k: usize,
     n: usize,
@@ -165,16 +168,16 @@ unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
 /// One product's operands.
-struct Block<'a> {
+struct Block<'a, W> {
     x: &'a [f32],
-    w: &'a [f32],
+    w: &'a [W],
     m: usize,
     k: usize,
     n: usize,
     accumulate: bool,
 }
 
-impl Block<'_> {
+impl<W: Weight> Block<'_, W> {
     /// Computes columns `cols` of `y` for all rows.
     ///
     /// # Safety
@@ -266,8 +269,8 @@ impl Block<'_> {
         packed
     }
 
-    /// Copies `W[k0..k0 + kb, c0..c0 + width]` into `packed` as `[tile][KB][NR]`, the last tile
-    /// zero-padded to [`NR`] columns.
+    /// Copies `W[k0..k0 + kb, c0..c0 + width]`, widened to f32, into `packed` as
+    /// `[tile][KB][NR]`, the last tile zero-padded to [`NR`] columns.
     fn pack(&self, k0: usize, kb: usize, c0: usize, width: usize, packed: &mut [f32]) {
         for kk in 0..kb {
             if kk + PREFETCH_ROWS < kb {
@@ -276,13 +279,8 @@ impl Block<'_> {
             let src = &self.w[(k0 + kk) * self.n + c0..][..width];
             for (t, seg) in src.chunks(NR).enumerate() {
                 let dst = &mut packed[t * KB * NR + kk * NR..][..NR];
-                match <&[f32; NR]>::try_from(seg) {
-                    Ok(full) => dst.copy_from_slice(full),
-                    Err(_) => {
-                        dst[..seg.len()].copy_from_slice(seg);
-                        dst[seg.len()..].fill(0.0);
-                    }
-                }
+                W::widen_into(seg, &mut dst[..seg.len()]);
+                dst[seg.len()..].fill(0.0);
             }
         }
     }
@@ -339,13 +337,13 @@ impl Block<'_> {
             while k0 < ks.end {
                 let kb = BAND_ROWS.min(ks.end - k0);
                 // A short last group repeats its last row with a zero weight.
-                let rows: [&[f32]; BAND_ROWS] = std::array::from_fn(|i| {
+                let rows: [&[W]; BAND_ROWS] = std::array::from_fn(|i| {
                     let kk = k0 + i.min(kb - 1);
                     &w[kk * n + c0..][..width]
                 });
                 // The next group's rows, asked for while this one is read.
                 let next = k0 + kb;
-                let ahead: [&[f32]; BAND_ROWS] = std::array::from_fn(|i| {
+                let ahead: [&[W]; BAND_ROWS] = std::array::from_fn(|i| {
                     let kk = (next + i).min(ks.end.max(1) - 1);
                     &w[kk * n + c0..][..width]
                 });
@@ -413,9 +411,9 @@ impl Strip<'_> {
 
 /// Asks for every cache line of `run` to be brought into L1.
 #[inline]
-fn prefetch(run: &[f32]) {
+fn prefetch<W>(run: &[W]) {
     #[cfg(target_arch = "x86_64")]
-    for line in run.chunks(16) {
+    for line in run.chunks(64 / std::mem::size_of::<W>()) {
         // SAFETY: a prefetch is a hint and reads nothing; the address is inside `run`.
         unsafe {
             use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
@@ -426,19 +424,19 @@ fn prefetch(run: &[f32]) {
 
 /// For each row `r` of `xs`: `y[r · ldy + c0 ..][..width] += Σ_i xs[r][i] · rows[i]`, `width`
 /// being the rows' length; at most [`TILE_ROWS`] rows.
-fn axpy<const R: usize>(
+fn axpy<W: Weight, const R: usize>(
     y: &mut [f32],
     ldy: usize,
     c0: usize,
     xs: &[[f32; R]],
-    rows: [&[f32]; R],
-    ahead: Option<[&[f32]; R]>,
+    rows: [&[W]; R],
+    ahead: Option<[&[W]; R]>,
 ) {
     let width = rows[0].len();
     assert!(xs.len() <= TILE_ROWS && rows.iter().all(|r| r.len() == width));
     assert!(xs.is_empty() || y.len() >= (xs.len() - 1) * ldy + c0 + width);
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if crate::cpu_weight::has_avx2() {
         let yp = y.as_mut_ptr();
         // SAFETY: the features were just detected; row `r` of `y` holds `c0 + width` floats
         // from `r · ldy` (checked above), and the rows are disjoint when `ldy >= c0 + width`,
@@ -446,14 +444,14 @@ fn axpy<const R: usize>(
         return unsafe {
             match xs.len() {
                 0 => {}
-                1 => avx2::axpy::<1, R>(yp, ldy, c0, xs, rows, ahead),
-                2 => avx2::axpy::<2, R>(yp, ldy, c0, xs, rows, ahead),
-                3 => avx2::axpy::<3, R>(yp, ldy, c0, xs, rows, ahead),
-                4 => avx2::axpy::<4, R>(yp, ldy, c0, xs, rows, ahead),
-                5 => avx2::axpy::<5, R>(yp, ldy, c0, xs, rows, ahead),
-                6 => avx2::axpy::<6, R>(yp, ldy, c0, xs, rows, ahead),
-                7 => avx2::axpy::<7, R>(yp, ldy, c0, xs, rows, ahead),
-                _ => avx2::axpy::<8, R>(yp, ldy, c0, xs, rows, ahead),
+                1 => avx2::axpy::<W, 1, R>(yp, ldy, c0, xs, rows, ahead),
+                2 => avx2::axpy::<W, 2, R>(yp, ldy, c0, xs, rows, ahead),
+                3 => avx2::axpy::<W, 3, R>(yp, ldy, c0, xs, rows, ahead),
+                4 => avx2::axpy::<W, 4, R>(yp, ldy, c0, xs, rows, ahead),
+                5 => avx2::axpy::<W, 5, R>(yp, ldy, c0, xs, rows, ahead),
+                6 => avx2::axpy::<W, 6, R>(yp, ldy, c0, xs, rows, ahead),
+                7 => avx2::axpy::<W, 7, R>(yp, ldy, c0, xs, rows, ahead),
+                _ => avx2::axpy::<W, 8, R>(yp, ldy, c0, xs, rows, ahead),
             }
         };
     }
@@ -461,7 +459,7 @@ fn axpy<const R: usize>(
     let _ = ahead;
     for (r, xr) in xs.iter().enumerate() {
         for (j, yj) in y[r * ldy + c0..][..width].iter_mut().enumerate() {
-            *yj += (0..R).map(|i| xr[i] * rows[i][j]).sum::<f32>();
+            *yj += (0..R).map(|i| xr[i] * rows[i][j].to_f32()).sum::<f32>();
         }
     }
 }
@@ -549,6 +547,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{Strip, MR, NR};
+    use crate::cpu_weight::{load8, Weight};
 
     /// The register-tiled loop over a full-width tile.
     #[target_feature(enable = "avx2,fma")]
@@ -575,14 +574,14 @@ mod avx2 {
     /// # Safety
     /// Row `r < M` of `y` (at `y + r · ldy + c0`) must hold as many floats as each of `rows`, the
     /// rows of `y` must not overlap, and `xs` must hold `M` rows.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn axpy<const M: usize, const R: usize>(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn axpy<W: Weight, const M: usize, const R: usize>(
         y: *mut f32,
         ldy: usize,
         c0: usize,
         xs: &[[f32; R]],
-        rows: [&[f32]; R],
-        ahead: Option<[&[f32]; R]>,
+        rows: [&[W]; R],
+        ahead: Option<[&[W]; R]>,
     ) {
         let n = rows[0].len();
         assert!(xs.len() >= M);
@@ -593,7 +592,7 @@ mod avx2 {
             let mut j = 0;
             while j + 8 <= n {
                 if let Some(ahead) = &ahead {
-                    if j % 16 == 0 {
+                    if j.is_multiple_of(64 / std::mem::size_of::<W>()) {
                         for row in ahead {
                             _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().add(j).cast());
                         }
@@ -601,7 +600,7 @@ mod avx2 {
                 }
                 let mut acc: [__m256; M] = std::array::from_fn(|r| _mm256_loadu_ps(ys[r].add(j)));
                 for i in 0..R {
-                    let wv = _mm256_loadu_ps(rows[i].as_ptr().add(j));
+                    let wv = load8!(W, rows[i].as_ptr().add(j));
                     for r in 0..M {
                         acc[r] = _mm256_fmadd_ps(xv[r][i], wv, acc[r]);
                     }
@@ -615,7 +614,7 @@ mod avx2 {
                 for (y, xr) in ys.iter().zip(xs) {
                     let y = &mut *y.add(jj);
                     for (xi, row) in xr.iter().zip(&rows) {
-                        *y += xi * row[jj];
+                        *y += xi * row[jj].to_f32();
                     }
                 }
             }
@@ -715,5 +714,35 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// bf16 and f16 weights, widened in the kernel, give the f32 product of the same rounded
+    /// weights on both paths (the band and the packed strips) and through the SwiGLU epilogue.
+    #[test]
+    fn narrow_weights_match_the_product_of_their_widened_values() {
+        fn check<W: Weight>(narrow: impl Fn(f32) -> W) {
+            for &(m, k, n) in &[(1, 70, 33), (3, 1030, 517), (9, 520, 300), (40, 300, 77)] {
+                let x = noise(m * k, 5);
+                let (w, u): (Vec<W>, Vec<W>) = (
+                    noise(k * n, 6).into_iter().map(&narrow).collect(),
+                    noise(k * n, 7).into_iter().map(&narrow).collect(),
+                );
+                let wide = |v: &[W]| v.iter().map(|e| e.to_f32()).collect::<Vec<_>>();
+                let (ww, uw) = (wide(&w), wide(&u));
+                let y = skinny_matmul(&x, &w, m, k, n, CpuEpilogue::None);
+                let want = naive(&x, &ww, m, k, n);
+                for (a, b) in y.iter().zip(&want) {
+                    assert!((a - b).abs() < 1e-3, "{m}x{k}x{n}: {a} vs {b}");
+                }
+                let g = skinny_matmul(&x, &w, m, k, n, CpuEpilogue::SwiGlu(&u));
+                let up = naive(&x, &uw, m, k, n);
+                for ((a, gate), up) in g.iter().zip(&want).zip(&up) {
+                    let want = silu(*gate) * up;
+                    assert!((a - want).abs() < 1e-3, "{m}x{k}x{n} swiglu: {a} vs {want}");
+                }
+            }
+        }
+        check(half::bf16::from_f32);
+        check(half::f16::from_f32);
     }
 }

@@ -11,6 +11,7 @@
 use rayon::prelude::*;
 
 use crate::cpu_matmul::SendPtr;
+use crate::cpu_weight::Weight;
 
 /// Rows of `x` in one tile.
 pub const TX: usize = 4;
@@ -24,9 +25,10 @@ pub const TW_NARROW: usize = 3;
 /// 1024.
 const TASK_ROWS: usize = 96;
 
-/// `y[M, N] = x[M, K] · w[N, K]ᵀ`, all row-major f32. Panics when a slice is shorter than its
-/// shape says (the callers check shapes first).
-pub fn skinny_matmul_t(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+/// `y[M, N] = x[M, K] · w[N, K]ᵀ`, all row-major, `x` and `y` f32, `w` in any [`Weight`] width
+/// (widened in registers). Panics when a slice is shorter than its shape says (the callers check
+/// shapes first).
+pub fn skinny_matmul_t<W: Weight>(x: &[f32], w: &[W], m: usize, k: usize, n: usize) -> Vec<f32> {
     assert!(
         x.len() >= m * k && w.len() >= n * k,
         "skinny_matmul_t: short input"
@@ -53,7 +55,15 @@ pub fn skinny_matmul_t(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Ve
 /// # Safety
 /// `y` must point to `m · n` floats, and no other thread may write columns `first..first +
 /// rows of w`.
-unsafe fn dot_rows(x: &[f32], w: &[f32], m: usize, k: usize, y: SendPtr, n: usize, first: usize) {
+unsafe fn dot_rows<W: Weight>(
+    x: &[f32],
+    w: &[W],
+    m: usize,
+    k: usize,
+    y: SendPtr,
+    n: usize,
+    first: usize,
+) {
     let rows = w.len() / k;
     let most = if wide_tiles() { TW } else { TW_NARROW };
     let mut j = 0;
@@ -84,9 +94,9 @@ unsafe fn dot_rows(x: &[f32], w: &[f32], m: usize, k: usize, y: SendPtr, n: usiz
 }
 
 /// `acc[a][b] = x[a] · w[b]` for `tx` rows of `x` and `tw` rows of `w`, each `k` long.
-fn tile(x: &[f32], w: &[f32], tx: usize, tw: usize, k: usize, acc: &mut [[f32; TW]; TX]) {
+fn tile<W: Weight>(x: &[f32], w: &[W], tx: usize, tw: usize, k: usize, acc: &mut [[f32; TW]; TX]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if crate::cpu_weight::has_avx2() {
         // SAFETY: the CPU has AVX2 and FMA, checked just above; `x` and `w` hold `tx` and `tw`
         // rows of `k`, as `dot_rows` slices them.
         unsafe { avx2::tile(x, w, tx, tw, k, acc) };
@@ -109,8 +119,8 @@ fn wide_tiles() -> bool {
 }
 
 /// A plain dot product (the fallback, and the tails shorter than a vector).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(p, q)| p * q).sum()
+fn dot<W: Weight>(a: &[f32], b: &[W]) -> f32 {
+    a.iter().zip(b).map(|(p, q)| p * q.to_f32()).sum()
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -118,12 +128,13 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{dot, TW, TX};
+    use crate::cpu_weight::{load16, load8, Weight};
 
     /// The tile of [`super::tile`], dispatched to a loop whose sizes are known.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn tile(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn tile<W: Weight>(
         x: &[f32],
-        w: &[f32],
+        w: &[W],
         tx: usize,
         tw: usize,
         k: usize,
@@ -134,10 +145,10 @@ mod avx2 {
         macro_rules! sized {
             ($f:ident, $($tw:literal)+) => {
                 match tx {
-                    4 => match tw { $($tw => $f::<4, $tw>(x, w, k, acc),)+ _ => unreachable!() },
-                    3 => match tw { $($tw => $f::<3, $tw>(x, w, k, acc),)+ _ => unreachable!() },
-                    2 => match tw { $($tw => $f::<2, $tw>(x, w, k, acc),)+ _ => unreachable!() },
-                    _ => match tw { $($tw => $f::<1, $tw>(x, w, k, acc),)+ _ => unreachable!() },
+                    4 => match tw { $($tw => $f::<W, 4, $tw>(x, w, k, acc),)+ _ => unreachable!() },
+                    3 => match tw { $($tw => $f::<W, 3, $tw>(x, w, k, acc),)+ _ => unreachable!() },
+                    2 => match tw { $($tw => $f::<W, 2, $tw>(x, w, k, acc),)+ _ => unreachable!() },
+                    _ => match tw { $($tw => $f::<W, 1, $tw>(x, w, k, acc),)+ _ => unreachable!() },
                 }
             };
         }
@@ -154,9 +165,9 @@ mod avx2 {
 
     /// [`fixed`] sixteen lanes at a time, on AVX-512F.
     #[target_feature(enable = "avx512f")]
-    unsafe fn fixed16<const RX: usize, const RW: usize>(
+    unsafe fn fixed16<W: Weight, const RX: usize, const RW: usize>(
         x: &[f32],
-        w: &[f32],
+        w: &[W],
         k: usize,
         acc: &mut [[f32; TW]; TX],
     ) {
@@ -165,8 +176,15 @@ mod avx2 {
             let mut sums = [[_mm512_setzero_ps(); RW]; RX];
             let mut p = 0;
             while p + 16 <= k {
+                if (p * std::mem::size_of::<W>()).is_multiple_of(64) {
+                    for b in 0..RW {
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            w.as_ptr().wrapping_add((RW + b) * k + p).cast(),
+                        );
+                    }
+                }
                 let ws: [__m512; RW] =
-                    std::array::from_fn(|b| _mm512_loadu_ps(w.as_ptr().add(b * k + p)));
+                    std::array::from_fn(|b| load16!(W, w.as_ptr().add(b * k + p)));
                 for (a, row) in sums.iter_mut().enumerate() {
                     let xv = _mm512_loadu_ps(x.as_ptr().add(a * k + p));
                     for (s, wv) in row.iter_mut().zip(&ws) {
@@ -185,10 +203,10 @@ mod avx2 {
     }
 
     /// `RX × RW` dot products of length `k`, eight lanes at a time, the tail in scalar.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn fixed<const RX: usize, const RW: usize>(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn fixed<W: Weight, const RX: usize, const RW: usize>(
         x: &[f32],
-        w: &[f32],
+        w: &[W],
         k: usize,
         acc: &mut [[f32; TW]; TX],
     ) {
@@ -199,7 +217,7 @@ mod avx2 {
             let mut p = 0;
             while p + 8 <= k {
                 let ws: [__m256; RW] =
-                    std::array::from_fn(|b| _mm256_loadu_ps(w.as_ptr().add(b * k + p)));
+                    std::array::from_fn(|b| load8!(W, w.as_ptr().add(b * k + p)));
                 for (a, row) in sums.iter_mut().enumerate() {
                     let xv = _mm256_loadu_ps(x.as_ptr().add(a * k + p));
                     for (s, wv) in row.iter_mut().zip(&ws) {
@@ -274,5 +292,27 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// bf16 and f16 rows of `W`, widened in the kernel, give the product of their f32 values.
+    #[test]
+    fn narrow_weights_match_the_product_of_their_widened_values() {
+        fn check<W: Weight>(narrow: impl Fn(f32) -> W) {
+            for (m, k, n) in [(1, 1030, 301), (5, 64, 193), (13, 33, 290)] {
+                let x = values(m * k, 3);
+                let w: Vec<W> = values(n * k, 4).into_iter().map(&narrow).collect();
+                let wide: Vec<f32> = w.iter().map(|e| e.to_f32()).collect();
+                let got = skinny_matmul_t(&x, &w, m, k, n);
+                let want = reference(&x, &wide, m, k, n);
+                for (idx, (g, r)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - r).abs() <= 1e-4 * (1.0 + r.abs()),
+                        "{m}×{k}×{n} at {idx}: {g} vs {r}"
+                    );
+                }
+            }
+        }
+        check(half::bf16::from_f32);
+        check(half::f16::from_f32);
     }
 }

@@ -5,7 +5,7 @@
 use burn::backend::flex::FlexTensor;
 use burn::backend::Flex;
 use burn::prelude::*;
-use burn::tensor::{DType, TensorPrimitive};
+use burn::tensor::{bf16, f16, DType, TensorPrimitive};
 
 use crate::accept::verdicts_from_argmax;
 use crate::cpu_attention::{pooled_attention, PooledInputs};
@@ -15,39 +15,56 @@ use crate::cpu_norm;
 use crate::{cpu_sampled, enabled, pool, reference, sampled, KernelBackend, MAX_SKINNY_ROWS};
 use crate::{BlockVerdict, DraftBlock, PoolLayout, PooledSeq, SampledBlock};
 
+/// Runs `$body` with `$w` bound to the contiguous elements of a weight of any width
+/// [`is_weight_width`] accepts, as `&[f32]`, `&[bf16]` or `&[f16]`.
+macro_rules! by_width {
+    ($t:expr, |$w:ident| $body:expr) => {{
+        let t: &FlexTensor = $t;
+        match t.dtype() {
+            DType::BF16 => {
+                let $w: &[bf16] = t.as_slice().expect("made contiguous");
+                $body
+            }
+            DType::F16 => {
+                let $w: &[f16] = t.as_slice().expect("made contiguous");
+                $body
+            }
+            _ => {
+                let $w: &[f32] = t.as_slice().expect("made contiguous");
+                $body
+            }
+        }
+    }};
+}
+
 impl KernelBackend for Flex {
     fn skinny_linear(
         x: Tensor<Self, 2>,
         w: &Tensor<Self, 2>,
         residual: Option<Tensor<Self, 2>>,
     ) -> Tensor<Self, 2> {
-        if !skinny_f32(&x, &[w]) || residual.as_ref().is_some_and(|r| r.dtype() != DType::F32) {
+        if !skinny_takes(&x, &[w]) || residual.as_ref().is_some_and(|r| r.dtype() != DType::F32) {
             return reference::linear(x, w, residual);
         }
         let ([m, k], n) = (x.dims(), w.dims()[1]);
-        let (x, w) = (f32_storage(x), f32_storage(w.clone()));
-        let y = match residual.map(f32_storage) {
-            Some(r) => skinny_matmul(
-                slice(&x),
-                slice(&w),
-                m,
-                k,
-                n,
-                CpuEpilogue::Residual(slice(&r)),
-            ),
-            None => skinny_matmul(slice(&x), slice(&w), m, k, n, CpuEpilogue::None),
-        };
+        let (x, w) = (f32_storage(x), contiguous(w.clone()));
+        let r = residual.map(f32_storage);
+        let y = by_width!(&w, |w| match &r {
+            Some(r) => skinny_matmul(slice(&x), w, m, k, n, CpuEpilogue::Residual(slice(r))),
+            None => skinny_matmul(slice(&x), w, m, k, n, CpuEpilogue::None),
+        });
         from_rows(y, [m, n])
     }
 
     fn skinny_linear_t(x: Tensor<Self, 2>, w: &Tensor<Self, 2>) -> Tensor<Self, 2> {
         let ([m, k], [n, kw]) = (x.dims(), w.dims());
-        let f32s = x.dtype() == DType::F32 && w.dtype() == DType::F32;
-        if !enabled() || m > MAX_SKINNY_ROWS || k != kw || !f32s {
+        let takes = x.dtype() == DType::F32 && is_weight_width(w.dtype());
+        if !enabled() || m > MAX_SKINNY_ROWS || k != kw || !takes {
             return reference::linear_t(x, w);
         }
-        let (x, w) = (f32_storage(x), f32_storage(w.clone()));
-        from_rows(skinny_matmul_t(slice(&x), slice(&w), m, k, n), [m, n])
+        let (x, w) = (f32_storage(x), contiguous(w.clone()));
+        let y = by_width!(&w, |w| skinny_matmul_t(slice(&x), w, m, k, n));
+        from_rows(y, [m, n])
     }
 
     fn skinny_swiglu(
@@ -55,23 +72,19 @@ impl KernelBackend for Flex {
         gate: &Tensor<Self, 2>,
         up: &Tensor<Self, 2>,
     ) -> Tensor<Self, 2> {
-        if !skinny_f32(&x, &[gate, up]) || gate.dims() != up.dims() {
+        if !skinny_takes(&x, &[gate, up]) || gate.dims() != up.dims() {
             return reference::swiglu(x, gate, up);
         }
         let ([m, k], n) = (x.dims(), gate.dims()[1]);
         let (x, g, u) = (
             f32_storage(x),
-            f32_storage(gate.clone()),
-            f32_storage(up.clone()),
+            contiguous(gate.clone()),
+            contiguous(up.clone()),
         );
-        let y = skinny_matmul(
-            slice(&x),
-            slice(&g),
-            m,
-            k,
-            n,
-            CpuEpilogue::SwiGlu(slice(&u)),
-        );
+        let y = by_width!(&g, |gw| {
+            let u = u.as_slice().expect("gate and up share a width");
+            skinny_matmul(slice(&x), gw, m, k, n, CpuEpilogue::SwiGlu(u))
+        });
         from_rows(y, [m, n])
     }
 
@@ -174,6 +187,16 @@ impl KernelBackend for Flex {
         )))
     }
 
+    /// On a thread of rayon's pool, where the kernels fork.
+    fn on_workers<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+        rayon::scope(|_| work())
+    }
+
+    /// The CPU kernels widen bf16 and f16 weights in registers; the references cast them.
+    fn widens_weights() -> bool {
+        true
+    }
+
     fn has_attention_kernel() -> bool {
         enabled()
     }
@@ -218,26 +241,39 @@ impl KernelBackend for Flex {
 /// Bytes past which glibc always maps an allocation afresh (its largest mmap threshold).
 const MAPPED_BYTES: usize = 32 << 20;
 
-/// Whether the kernel takes this product: f32 throughout, matching inner sizes. A product of
-/// any height does: past [`crate::cpu_matmul::MAX_BLOCK_ROWS`] it runs in blocks of rows, each
-/// faster than Flex's own matmul on these shapes.
-fn skinny_f32(x: &Tensor<Flex, 2>, weights: &[&Tensor<Flex, 2>]) -> bool {
+/// Whether the kernel takes this product: f32 rows, weights of one width the kernel widens
+/// (f32, bf16 or f16), matching inner sizes. A product of any height does: past
+/// [`crate::cpu_matmul::MAX_BLOCK_ROWS`] it runs in blocks of rows, each faster than Flex's own
+/// matmul on these shapes.
+fn skinny_takes(x: &Tensor<Flex, 2>, weights: &[&Tensor<Flex, 2>]) -> bool {
     let k = x.dims()[1];
+    let width = weights.first().map(|w| w.dtype());
     enabled()
         && x.dtype() == DType::F32
+        && width.is_some_and(is_weight_width)
         && weights
             .iter()
-            .all(|w| w.dtype() == DType::F32 && w.dims()[0] == k)
+            .all(|w| Some(w.dtype()) == width && w.dims()[0] == k)
+}
+
+/// Whether the CPU kernels read weights of this dtype in place.
+fn is_weight_width(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
 }
 
 /// The tensor's storage, made contiguous when it is a strided view.
-fn f32_storage<const D: usize>(t: Tensor<Flex, D>) -> FlexTensor {
+fn contiguous<const D: usize>(t: Tensor<Flex, D>) -> FlexTensor {
     let t = t.into_primitive().tensor();
-    if t.as_slice::<f32>().is_some() {
+    if t.layout().contiguous_offsets().is_some() {
         t
     } else {
         t.to_contiguous()
     }
+}
+
+/// The tensor's f32 storage, made contiguous when it is a strided view.
+fn f32_storage<const D: usize>(t: Tensor<Flex, D>) -> FlexTensor {
+    contiguous(t)
 }
 
 /// The contiguous f32 elements of a tensor from [`f32_storage`].

@@ -22,6 +22,7 @@ pub mod cpu_matmul;
 pub mod cpu_matmul_t;
 pub mod cpu_norm;
 pub mod cpu_sampled;
+pub mod cpu_weight;
 #[cfg(feature = "cube")]
 pub mod cube;
 #[cfg(feature = "cpu")]
@@ -109,6 +110,20 @@ pub trait KernelBackend: Backend {
         device: &Self::Device,
     ) -> Tensor<Self, 4> {
         Tensor::zeros(shape, (device, dtype))
+    }
+
+    /// Runs a whole step's work. A backend whose kernels fork over a thread pool runs it on one
+    /// of the pool's own threads, so each kernel's fork and join stays inside the pool instead of
+    /// waking it from outside and sleeping until it is done, a few hundred times a step.
+    fn on_workers<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+        work()
+    }
+
+    /// Whether this backend's products read weights narrower than the rows they multiply (bf16
+    /// or f16 weights, f32 activations), widening them where they are read. A model on such a
+    /// backend keeps its activations, norms and windows in f32 whatever its weights' width.
+    fn widens_weights() -> bool {
+        false
     }
 
     /// Whether [`KernelBackend::pooled_attention`] runs a kernel of this backend's own (the engine

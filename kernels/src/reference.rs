@@ -13,7 +13,8 @@ pub fn linear<B: Backend>(
     w: &Tensor<B, 2>,
     residual: Option<Tensor<B, 2>>,
 ) -> Tensor<B, 2> {
-    let y = x.matmul(w.clone());
+    let w = like(w, &x);
+    let y = x.matmul(w);
     match residual {
         Some(r) => r + y,
         None => y,
@@ -22,12 +23,24 @@ pub fn linear<B: Backend>(
 
 /// `x · wᵀ` for `w` stored `[n, k]`: a tied output head, whose weight is the embedding.
 pub fn linear_t<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
-    x.matmul(w.clone().transpose())
+    let w = like(w, &x);
+    x.matmul(w.transpose())
 }
 
 /// `silu(x · gate) ⊙ (x · up)`, the SwiGLU half of a gated MLP.
 pub fn swiglu<B: Backend>(x: Tensor<B, 2>, gate: &Tensor<B, 2>, up: &Tensor<B, 2>) -> Tensor<B, 2> {
-    silu(x.clone().matmul(gate.clone())) * x.matmul(up.clone())
+    let (gate, up) = (like(gate, &x), like(up, &x));
+    silu(x.clone().matmul(gate)) * x.matmul(up)
+}
+
+/// A weight in the activations' dtype: kept narrower than the rows it multiplies (bf16 weights
+/// for f32 activations on the CPU), it is widened here, a copy only the reference makes.
+fn like<B: Backend, const D: usize>(w: &Tensor<B, D>, x: &Tensor<B, 2>) -> Tensor<B, D> {
+    if w.dtype() == x.dtype() {
+        w.clone()
+    } else {
+        w.clone().cast(x.dtype())
+    }
 }
 
 /// RMSNorm of each row of `x` `[rows, cols]`, scaled by `weight` `[cols]`, computed in f32
