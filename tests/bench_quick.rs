@@ -53,6 +53,7 @@ fn step_case_reports_every_batch_and_draft_length() {
         reps: 2,
         decode_tokens: 12,
         decode_draft_lens: vec![2],
+        prompt: 24,
     };
     step::run(&plan, &Env::new(dir.path(), "cpu").unwrap()).unwrap();
     let v = written(dir.path(), Case::Step);
@@ -70,6 +71,8 @@ fn step_case_reports_every_batch_and_draft_length() {
     }
     positive(&v["prefill"], "tokens_per_s");
     assert_eq!(v["prefill"]["tokens"], 16);
+    positive(&v["prompt"], "tokens_per_s");
+    assert_eq!(v["prompt"]["tokens"], 24);
     assert!(num(&v, "peak_rss_bytes") > 1e6);
     assert_eq!(v["model_choice"], "default");
     let decode = v["decode"].as_array().expect("decode");

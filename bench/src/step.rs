@@ -37,6 +37,9 @@ pub struct StepPlan {
     pub decode_tokens: usize,
     /// Draft lengths of the decoding comparison (each with both drafters).
     pub decode_draft_lens: Vec<usize>,
+    /// Tokens of one sequence's prompt run in one step into a fresh window, as
+    /// `llama-bench -p` measures prompt speed (0: not measured).
+    pub prompt: usize,
 }
 
 impl StepPlan {
@@ -52,6 +55,7 @@ impl StepPlan {
             reps: if quick { 5 } else { 15 },
             decode_tokens: if quick { 128 } else { 512 },
             decode_draft_lens: vec![4, 8],
+            prompt: 0,
         }
     }
 
@@ -69,6 +73,7 @@ impl StepPlan {
             reps: if quick { 3 } else { 5 },
             decode_tokens: 0,
             decode_draft_lens: Vec::new(),
+            prompt: 256,
         }
     }
 }
@@ -170,6 +175,7 @@ pub fn run(plan: &StepPlan, env: &Env) -> Result<serde_json::Value> {
         rows.extend(r);
     }
     let prefill = prefill.ok_or_else(|| BenchError::Invalid("no capacity to measure".into()))?;
+    let prompt = prompt_row(plan, v.as_mut())?;
     let decode = if decoding {
         decode_rows(plan, v.as_mut(), env, &bar)?
     } else {
@@ -188,6 +194,7 @@ pub fn run(plan: &StepPlan, env: &Env) -> Result<serde_json::Value> {
         "context": plan.context,
         "load_ms": load_ms,
         "prefill": prefill,
+        "prompt": prompt,
         "reps": plan.reps,
         "decode_tokens": plan.decode_tokens,
         "rows": rows,
@@ -216,8 +223,38 @@ pub fn run(plan: &StepPlan, env: &Env) -> Result<serde_json::Value> {
         env,
         Case::Step,
         report,
-        &tables(plan, &prefill, &rows, &decode),
+        &tables(plan, &prefill, prompt.as_ref(), &rows, &decode),
     )
+}
+
+/// One sequence's prompt of `plan.prompt` tokens in one step into a fresh window (the median
+/// of `plan.reps` after one untimed), as `llama-bench -p` measures prompt speed.
+fn prompt_row(plan: &StepPlan, v: &mut dyn Verifier) -> Result<Option<PrefillRow>> {
+    if plan.prompt == 0 {
+        return Ok(None);
+    }
+    let spec = WindowSpec::new(4, plan.prompt + 4)?;
+    let mut times = Vec::with_capacity(plan.reps);
+    for rep in 0..=plan.reps {
+        let seq = 1 << 40 | rep as u64;
+        v.open(seq, spec, 0)?;
+        let fed = (0..plan.prompt as u64).map(|i| token(seq + i, plan.model.vocab_size));
+        let t = Instant::now();
+        let done = v.verify(&[work(seq, fed.collect(), Vec::new())]);
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        v.close(seq)?;
+        done?;
+        if rep > 0 {
+            times.push(ms);
+        }
+    }
+    let ms = median(&times);
+    Ok(Some(PrefillRow {
+        batch: 1,
+        tokens: plan.prompt,
+        ms_per_step: ms,
+        tokens_per_s: plan.prompt as f64 / (ms / 1e3).max(1e-12),
+    }))
 }
 
 /// Times the verify step for every batch size and draft length.
@@ -306,7 +343,13 @@ fn step_rows(
     Ok((prefill, rows))
 }
 
-fn tables(plan: &StepPlan, prefill: &PrefillRow, rows: &[StepRow], decode: &[DecodeRow]) -> String {
+fn tables(
+    plan: &StepPlan,
+    prefill: &PrefillRow,
+    prompt: Option<&PrefillRow>,
+    rows: &[StepRow],
+    decode: &[DecodeRow],
+) -> String {
     let mut headers = vec!["slots".to_owned(), "batch".to_owned()];
     for k in &plan.draft_lens {
         headers.push(format!("k={k} ms/step"));
@@ -332,16 +375,25 @@ fn tables(plan: &StepPlan, prefill: &PrefillRow, rows: &[StepRow], decode: &[Dec
     } else {
         decode_table(plan, decode)
     };
+    let prompt = prompt.map_or(String::new(), |p| {
+        format!(
+            "Prompt: 1 sequence × {} tokens in one step, {:.1} ms ({} tokens/s)\n\n",
+            p.tokens,
+            p.ms_per_step,
+            fmt(p.tokens_per_s)
+        )
+    });
     format!(
         "Verify step, {} context tokens per sequence (slots = window capacity; k = drafted tokens \
          per sequence; tok/s = query tokens through the verifier):\n\n{}\nPrefill: {} sequences \
-         × {} tokens in {:.1} ms ({} tokens/s)\n\n{}",
+         × {} tokens in {:.1} ms ({} tokens/s)\n\n{}{}",
         plan.context,
         markdown(&h, &body),
         prefill.batch,
         prefill.tokens,
         prefill.ms_per_step,
         fmt(prefill.tokens_per_s),
+        prompt,
         decode
     )
 }

@@ -36,6 +36,11 @@ pub struct PooledInputs<'a> {
     pub sin: &'a [f32],
 }
 
+/// Queries of one session one pass over its keys serves, while their keys all sit at their
+/// context index (prefill chunks, verify blocks): each key and value is then read once for this
+/// many queries times the GQA group's heads.
+const QUERY_BLOCK: usize = 8;
+
 /// Below this many multiply-adds a call runs on the calling thread.
 const PARALLEL_WORK: usize = 1 << 16;
 
@@ -140,43 +145,52 @@ impl<'a> Task<'a> {
         let mut at_rank: Vec<f32> = Vec::new();
         let (mut scores, mut qr) = (Vec::new(), vec![0.0f32; hd]);
         let mut values: Vec<&[f32]> = Vec::new();
-        for (i, row) in seq.queries.clone().enumerate() {
+        let mut i = 0;
+        while i < seq.queries.len() {
+            let row = seq.queries.start + i;
             let p = seq.query_index(layout, i);
-            values.clear();
-            values.extend(self.seen(p).map(|j| self.key(j).1));
-            // The rotated keys the query sees, in rank order, in runs that each pair with the
-            // query rotated at one position.
-            let runs: [(&[f32], usize); 2] = if p < full {
-                // Every key up to `p` is seen, at rank = index.
-                for j in at_index.len() / hd..=p {
+            if p < full {
+                // Queries whose keys all sit at their index: a block of them shares one pass
+                // over the keys and values.
+                let count = QUERY_BLOCK.min(seq.queries.len() - i).min(full - p);
+                for j in at_index.len() / hd..p + count {
                     let start = at_index.len();
                     at_index.resize(start + hd, 0.0);
                     self.rotate(self.key(j).0, j, &mut at_index[start..]);
                 }
-                [(&at_index[..(p + 1) * hd], p), (&[], 0)]
-            } else if let Some(sh) = shifted.as_ref().filter(|sh| p >= sh.first) {
-                // Scores depend on positions only through their difference: the window keys
-                // rotated for the step's first overflowed query serve a later one with the query
-                // rotated as many positions further.
-                let from = (p + 1 - layout.window - sh.from) * hd;
-                [
-                    (&sh.sinks[..], full - 1),
-                    (
-                        &sh.window[from..from + layout.window * hd],
-                        full - 1 + p - sh.first,
-                    ),
-                ]
-            } else {
-                // The sinks at their own index, then the latest `window - 1` keys and the query's
-                // own, ranked right after them.
-                at_rank.clear();
-                for (rank, j) in self.seen(p).enumerate() {
-                    let start = at_rank.len();
-                    at_rank.resize(start + hd, 0.0);
-                    self.rotate(self.key(j).0, rank, &mut at_rank[start..]);
-                }
-                [(&at_rank[..], full - 1), (&[], 0)]
-            };
+                let o = &mut out[i * group * hd..(i + count) * group * hd];
+                self.block(i, count, &at_index[..(p + count) * hd], o);
+                i += count;
+                continue;
+            }
+            values.clear();
+            values.extend(self.seen(p).map(|j| self.key(j).1));
+            // The rotated keys the query sees, in rank order, in runs that each pair with the
+            // query rotated at one position.
+            let runs: [(&[f32], usize); 2] =
+                if let Some(sh) = shifted.as_ref().filter(|sh| p >= sh.first) {
+                    // Scores depend on positions only through their difference: the window keys
+                    // rotated for the step's first overflowed query serve a later one with the query
+                    // rotated as many positions further.
+                    let from = (p + 1 - layout.window - sh.from) * hd;
+                    [
+                        (&sh.sinks[..], full - 1),
+                        (
+                            &sh.window[from..from + layout.window * hd],
+                            full - 1 + p - sh.first,
+                        ),
+                    ]
+                } else {
+                    // The sinks at their own index, then the latest `window - 1` keys and the query's
+                    // own, ranked right after them.
+                    at_rank.clear();
+                    for (rank, j) in self.seen(p).enumerate() {
+                        let start = at_rank.len();
+                        at_rank.resize(start + hd, 0.0);
+                        self.rotate(self.key(j).0, rank, &mut at_rank[start..]);
+                    }
+                    [(&at_rank[..], full - 1), (&[], 0)]
+                };
             for head in 0..group {
                 let qh = &self.inputs.q[(row * h + self.g * group + head) * hd..][..hd];
                 scores.clear();
@@ -192,14 +206,52 @@ impl<'a> Task<'a> {
                 }
                 let o = &mut out[(i * group + head) * hd..][..hd];
                 for (s, v) in scores.iter().zip(&values) {
-                    let w = s / total;
-                    for (od, vd) in o.iter_mut().zip(*v) {
-                        *od += w * vd;
-                    }
+                    add_scaled(o, s / total, v);
                 }
             }
+            i += 1;
         }
         out
+    }
+
+    /// Queries `first..first + count` of the session, whose context indices are all below the
+    /// window's capacity, over `keys` (`[keys, head_dim]`, rotated at their index, up to the
+    /// last query's): every head of the group for every query, as `[count, group, head_dim]`
+    /// into `out`. Each key and value is read once for all `count · group` rows; a query's rows
+    /// see keys up to its own index.
+    fn block(&self, first: usize, count: usize, keys: &[f32], out: &mut [f32]) {
+        let (layout, seq) = (self.layout, self.seq);
+        let (h, hd) = (layout.heads, layout.head_dim);
+        let group = h / layout.kv_heads;
+        let n = keys.len() / hd;
+        let rows = count * group;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let first_p = seq.query_index(layout, first);
+        let mut qr = vec![0.0f32; rows * hd];
+        for b in 0..count {
+            let row = seq.queries.start + first + b;
+            for head in 0..group {
+                let qh = &self.inputs.q[(row * h + self.g * group + head) * hd..][..hd];
+                self.rotate(qh, first_p + b, &mut qr[(b * group + head) * hd..][..hd]);
+            }
+        }
+        let mut scores = vec![0.0f32; rows * n];
+        block_scores(&qr, keys, hd, scale, &mut scores);
+        for r in 0..rows {
+            // Query `first + b` sees keys up to its own index.
+            let seen = first_p + r / group + 1;
+            let s = &mut scores[r * n..(r + 1) * n];
+            let top = s[..seen].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut total = 0.0f32;
+            for v in s[..seen].iter_mut() {
+                *v = (*v - top).exp();
+                total += *v;
+            }
+            s[..seen].iter_mut().for_each(|v| *v /= total);
+            s[seen..].fill(0.0);
+        }
+        let values: Vec<&[f32]> = (0..n).map(|j| self.key(j).1).collect();
+        block_values(&scores, &values, hd, out);
     }
 
     /// For a step whose queries overflow the window: the sinks rotated at their index, and every
@@ -267,8 +319,266 @@ struct Shifted {
     window: Vec<f32>,
 }
 
-/// `Σ a_i · b_i` in eight independent lanes, so the compiler can keep them in one vector.
+/// `Σ a_i · b_i`, on AVX-512 or AVX2 with FMA where the CPU has them.
 fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if a.len() == b.len() && a.len().is_multiple_of(16) {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F was just detected; the lengths are equal multiples of 16.
+            return unsafe { simd::dot16(a, b) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: AVX2 and FMA were just detected; the lengths are equal multiples of 8.
+            return unsafe { simd::dot8(a, b) };
+        }
+    }
+    dot_lanes(a, b)
+}
+
+/// `scores[r][j] = scale · q[r] · k[j]` for every row of `q` and `keys` (`[rows, hd]`, `[n, hd]`;
+/// `scores` `[rows, n]`): each key read once for all rows.
+fn block_scores(q: &[f32], keys: &[f32], hd: usize, scale: f32, scores: &mut [f32]) {
+    let n = keys.len() / hd;
+    #[cfg(target_arch = "x86_64")]
+    if hd.is_multiple_of(16) && hd <= 256 && std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F was just detected; the shapes are checked inside.
+        return unsafe { simd::block_scores16(q, keys, hd, scale, scores) };
+    }
+    for (j, k) in keys.chunks_exact(hd).enumerate() {
+        for (r, qr) in q.chunks_exact(hd).enumerate() {
+            scores[r * n + j] = dot(qr, k) * scale;
+        }
+    }
+}
+
+/// `out[r] = Σ_j scores[r][j] · values[j]` (`scores` `[rows, n]`, `out` `[rows, hd]`): each value
+/// read once for all rows.
+fn block_values(scores: &[f32], values: &[&[f32]], hd: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if hd.is_multiple_of(16) && hd <= 128 && std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F was just detected; the shapes are checked inside.
+        return unsafe { simd::block_values16(scores, values, hd, out) };
+    }
+    let n = values.len();
+    out.fill(0.0);
+    for (j, v) in values.iter().enumerate() {
+        for (r, o) in out.chunks_exact_mut(hd).enumerate() {
+            let w = scores[r * n + j];
+            if w != 0.0 {
+                add_scaled(o, w, v);
+            }
+        }
+    }
+}
+
+/// `o += w · v`, on AVX-512 or AVX2 with FMA where the CPU has them.
+fn add_scaled(o: &mut [f32], w: f32, v: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if o.len() == v.len() && o.len().is_multiple_of(16) {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F was just detected; the lengths are equal multiples of 16.
+            return unsafe { simd::add_scaled16(o, w, v) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: AVX2 and FMA were just detected; the lengths are equal multiples of 8.
+            return unsafe { simd::add_scaled8(o, w, v) };
+        }
+    }
+    for (od, vd) in o.iter_mut().zip(v) {
+        *od += w * vd;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+
+    /// [`super::block_scores`] with each key held in registers while every row meets it.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; `hd` a multiple of 16 up to 256.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn block_scores16(
+        q: &[f32],
+        keys: &[f32],
+        hd: usize,
+        scale: f32,
+        scores: &mut [f32],
+    ) {
+        let (n, rows, lanes) = (keys.len() / hd, q.len() / hd, hd / 16);
+        assert!(hd.is_multiple_of(16) && lanes <= 16 && scores.len() >= rows * n);
+        // SAFETY: every load reads 16 floats inside row `j` of `keys` or row `r` of `q`.
+        unsafe {
+            let mut k = [_mm512_setzero_ps(); 16];
+            for j in 0..n {
+                let kp = keys.as_ptr().add(j * hd);
+                #[allow(clippy::needless_range_loop)]
+                for c in 0..lanes {
+                    k[c] = _mm512_loadu_ps(kp.add(c * 16));
+                }
+                for r in 0..rows {
+                    let qp = q.as_ptr().add(r * hd);
+                    let mut acc = _mm512_mul_ps(_mm512_loadu_ps(qp), k[0]);
+                    #[allow(clippy::needless_range_loop)]
+                    for c in 1..lanes {
+                        acc = _mm512_fmadd_ps(_mm512_loadu_ps(qp.add(c * 16)), k[c], acc);
+                    }
+                    *scores.get_unchecked_mut(r * n + j) = _mm512_reduce_add_ps(acc) * scale;
+                }
+            }
+        }
+    }
+
+    /// [`super::block_values`]: two rows at a time, their sums held in registers while every
+    /// value they weigh is added in.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; `hd` a multiple of 16 up to 128.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn block_values16(scores: &[f32], values: &[&[f32]], hd: usize, out: &mut [f32]) {
+        let (n, rows, lanes) = (values.len(), out.len() / hd, hd / 16);
+        assert!(hd.is_multiple_of(16) && lanes <= 8 && scores.len() >= rows * n);
+        assert!(values.iter().all(|v| v.len() >= hd));
+        // SAFETY: every access covers 16 floats inside row `r` of `out` or a value of `hd`.
+        unsafe {
+            let mut r = 0;
+            while r < rows {
+                let two = rows - r >= 2;
+                let mut a = [_mm512_setzero_ps(); 8];
+                let mut b = [_mm512_setzero_ps(); 8];
+                for (j, v) in values.iter().enumerate() {
+                    let wa = _mm512_set1_ps(*scores.get_unchecked(r * n + j));
+                    let wb = _mm512_set1_ps(if two {
+                        *scores.get_unchecked((r + 1) * n + j)
+                    } else {
+                        0.0
+                    });
+                    for c in 0..lanes {
+                        let vv = _mm512_loadu_ps(v.as_ptr().add(c * 16));
+                        a[c] = _mm512_fmadd_ps(wa, vv, a[c]);
+                        b[c] = _mm512_fmadd_ps(wb, vv, b[c]);
+                    }
+                }
+                for c in 0..lanes {
+                    _mm512_storeu_ps(out.as_mut_ptr().add(r * hd + c * 16), a[c]);
+                    if two {
+                        _mm512_storeu_ps(out.as_mut_ptr().add((r + 1) * hd + c * 16), b[c]);
+                    }
+                }
+                r += 2;
+            }
+        }
+    }
+
+    /// [`super::dot`] sixteen lanes at a time, two accumulators.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; `a` and `b` must be equally long, a multiple of 16.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot16(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len();
+        // SAFETY: every load reads 16 floats below `n`, which both slices hold.
+        unsafe {
+            let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            let mut i = 0;
+            while i + 32 <= n {
+                s0 = _mm512_fmadd_ps(
+                    _mm512_loadu_ps(a.as_ptr().add(i)),
+                    _mm512_loadu_ps(b.as_ptr().add(i)),
+                    s0,
+                );
+                s1 = _mm512_fmadd_ps(
+                    _mm512_loadu_ps(a.as_ptr().add(i + 16)),
+                    _mm512_loadu_ps(b.as_ptr().add(i + 16)),
+                    s1,
+                );
+                i += 32;
+            }
+            if i < n {
+                s0 = _mm512_fmadd_ps(
+                    _mm512_loadu_ps(a.as_ptr().add(i)),
+                    _mm512_loadu_ps(b.as_ptr().add(i)),
+                    s0,
+                );
+            }
+            _mm512_reduce_add_ps(_mm512_add_ps(s0, s1))
+        }
+    }
+
+    /// [`super::dot`] eight lanes at a time, two accumulators.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; `a` and `b` must be equally long, a multiple of 16.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot8(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len();
+        // SAFETY: every load reads 8 floats below `n`, which both slices hold.
+        unsafe {
+            let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut i = 0;
+            while i + 16 <= n {
+                s0 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(a.as_ptr().add(i)),
+                    _mm256_loadu_ps(b.as_ptr().add(i)),
+                    s0,
+                );
+                s1 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(a.as_ptr().add(i + 8)),
+                    _mm256_loadu_ps(b.as_ptr().add(i + 8)),
+                    s1,
+                );
+                i += 16;
+            }
+            let s = _mm256_add_ps(s0, s1);
+            let half = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+            let pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
+            _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)))
+        }
+    }
+
+    /// [`super::add_scaled`] sixteen lanes at a time.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; `o` and `v` must be equally long, a multiple of 16.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn add_scaled16(o: &mut [f32], w: f32, v: &[f32]) {
+        // SAFETY: every access covers 16 floats below the common length.
+        unsafe {
+            let wv = _mm512_set1_ps(w);
+            for i in (0..o.len()).step_by(16) {
+                let p = o.as_mut_ptr().add(i);
+                _mm512_storeu_ps(
+                    p,
+                    _mm512_fmadd_ps(wv, _mm512_loadu_ps(v.as_ptr().add(i)), _mm512_loadu_ps(p)),
+                );
+            }
+        }
+    }
+
+    /// [`super::add_scaled`] eight lanes at a time.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; `o` and `v` must be equally long, a multiple of 16.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn add_scaled8(o: &mut [f32], w: f32, v: &[f32]) {
+        // SAFETY: every access covers 8 floats below the common length.
+        unsafe {
+            let wv = _mm256_set1_ps(w);
+            for i in (0..o.len()).step_by(8) {
+                let p = o.as_mut_ptr().add(i);
+                _mm256_storeu_ps(
+                    p,
+                    _mm256_fmadd_ps(wv, _mm256_loadu_ps(v.as_ptr().add(i)), _mm256_loadu_ps(p)),
+                );
+            }
+        }
+    }
+}
+
+/// `Σ a_i · b_i` in eight independent lanes, so the compiler can keep them in one vector.
+fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0.0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ca

@@ -25,7 +25,7 @@ pub const NR: usize = 16;
 /// 16 vector registers of AVX2).
 pub const MR: usize = 6;
 /// Most rows of `x` one pass over `W` serves; taller products run in blocks of this many.
-pub const MAX_BLOCK_ROWS: usize = 64;
+pub const MAX_BLOCK_ROWS: usize = 256;
 /// Rows of `W` in one strip.
 pub const KB: usize = 256;
 /// Columns of a strip packed at once: 512 B from each row, 128 KiB in all (in L2).
