@@ -272,15 +272,23 @@ impl<W: Weight> Block<'_, W> {
     /// Copies `W[k0..k0 + kb, c0..c0 + width]`, widened to f32, into `packed` as
     /// `[tile][KB][NR]`, the last tile zero-padded to [`NR`] columns.
     fn pack(&self, k0: usize, kb: usize, c0: usize, width: usize, packed: &mut [f32]) {
+        // One row's run widened at once, then dealt out to the tiles.
+        let mut wide = [0.0f32; CW];
         for kk in 0..kb {
             if kk + PREFETCH_ROWS < kb {
                 prefetch(&self.w[(k0 + kk + PREFETCH_ROWS) * self.n + c0..][..width]);
             }
             let src = &self.w[(k0 + kk) * self.n + c0..][..width];
-            for (t, seg) in src.chunks(NR).enumerate() {
+            crate::cpu_weight::widen(src, &mut wide[..width]);
+            for (t, seg) in wide[..width].chunks(NR).enumerate() {
                 let dst = &mut packed[t * KB * NR + kk * NR..][..NR];
-                W::widen_into(seg, &mut dst[..seg.len()]);
-                dst[seg.len()..].fill(0.0);
+                match <&[f32; NR]>::try_from(seg) {
+                    Ok(full) => dst.copy_from_slice(full),
+                    Err(_) => {
+                        dst[..seg.len()].copy_from_slice(seg);
+                        dst[seg.len()..].fill(0.0);
+                    }
+                }
             }
         }
     }

@@ -114,6 +114,66 @@ macro_rules! load16 {
 #[cfg(target_arch = "x86_64")]
 pub(crate) use {load16, load8};
 
+/// `dst = src` widened to f32 (equal lengths), sixteen or eight at a time where the CPU can.
+pub fn widen<W: Weight>(src: &[W], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len(), "widen: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if W::KIND != WeightKind::F32 {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F was just detected; the lengths are equal.
+            return unsafe { simd::widen16(src, dst) };
+        }
+        if has_avx2() {
+            // SAFETY: AVX2 and F16C were just detected; the lengths are equal.
+            return unsafe { simd::widen8(src, dst) };
+        }
+    }
+    W::widen_into(src, dst);
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+
+    use super::Weight;
+
+    /// [`super::widen`] sixteen at a time.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; `src` and `dst` equally long.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn widen16<W: Weight>(src: &[W], dst: &mut [f32]) {
+        let n = src.len();
+        let mut i = 0;
+        // SAFETY: every access covers 16 elements below `n`.
+        unsafe {
+            while i + 16 <= n {
+                _mm512_storeu_ps(dst.as_mut_ptr().add(i), load16!(W, src.as_ptr().add(i)));
+                i += 16;
+            }
+        }
+        W::widen_into(&src[i..], &mut dst[i..]);
+    }
+
+    /// [`super::widen`] eight at a time.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and F16C; `src` and `dst` equally long.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn widen8<W: Weight>(src: &[W], dst: &mut [f32]) {
+        let n = src.len();
+        let mut i = 0;
+        // SAFETY: every access covers 8 elements below `n`.
+        unsafe {
+            while i + 8 <= n {
+                _mm256_storeu_ps(dst.as_mut_ptr().add(i), load8!(W, src.as_ptr().add(i)));
+                i += 8;
+            }
+        }
+        W::widen_into(&src[i..], &mut dst[i..]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -59,7 +59,10 @@ impl KernelBackend for Flex {
     fn skinny_linear_t(x: Tensor<Self, 2>, w: &Tensor<Self, 2>) -> Tensor<Self, 2> {
         let ([m, k], [n, kw]) = (x.dims(), w.dims());
         let takes = x.dtype() == DType::F32 && is_weight_width(w.dtype());
-        if !enabled() || m > MAX_SKINNY_ROWS || k != kw || !takes {
+        // Past 64 rows an f32 head goes to Flex's own matmul; a narrow one stays on the kernel,
+        // which reads it where it lies rather than widening a copy of it.
+        let tall = m > MAX_SKINNY_ROWS && w.dtype() == DType::F32;
+        if !enabled() || tall || k != kw || !takes {
             return reference::linear_t(x, w);
         }
         let (x, w) = (f32_storage(x), contiguous(w.clone()));
