@@ -9,7 +9,8 @@ use crate::error::Result;
 use troupe::actors::{DrafterFactory, VerifierFactory};
 use troupe::engine::Corpus;
 use troupe::engine::{
-    load_model_drafter, load_verifier, DeviceKind, Drafter, ModelSource, NgramDrafter, Tokenizer,
+    load_model_drafter, load_verifier, DeviceKind, Drafter, ModelConfig, ModelSource, NgramDrafter,
+    Tokenizer, WeightDtype,
 };
 use troupe::{FaultPlan, GenerateParams, Runtime, RuntimeBuilder, SchedulerConfig, SessionConfig};
 
@@ -25,6 +26,8 @@ pub struct DemoModels {
     pub drafter: PathBuf,
     /// The training corpus; prompts come from its held-out tail.
     pub corpus: PathBuf,
+    /// The width the verifier's weights are kept in; `None`: the checkpoint's own.
+    pub weights: Option<WeightDtype>,
 }
 
 impl Default for DemoModels {
@@ -33,6 +36,7 @@ impl Default for DemoModels {
             verifier: "models/verifier".into(),
             drafter: "models/drafter".into(),
             corpus: "corpus/rust-docs.txt".into(),
+            weights: None,
         }
     }
 }
@@ -59,10 +63,10 @@ impl DrafterKind {
 impl DemoModels {
     /// Loads the verifier from its directory on `device`, again after each failure.
     pub fn verifier_factory(&self, device: DeviceKind) -> Result<VerifierFactory> {
-        let dir = self.verifier.clone();
+        let (dir, weights) = (self.verifier.clone(), self.weights);
         check_dir(&dir)?;
         Ok(Arc::new(move || {
-            load_verifier(&ModelSource::Dir(&dir), device, None)
+            load_verifier(&ModelSource::Dir(&dir), device, weights)
         }))
     }
 
@@ -85,8 +89,23 @@ impl DemoModels {
     pub fn held_out_prompts(&self, n: usize, len: usize) -> Result<Vec<Vec<u32>>> {
         let corpus = Corpus::from_file(&self.corpus, HELD_OUT)?;
         let text = String::from_utf8_lossy(&corpus.val).into_owned();
-        let tok = Tokenizer::from_file(&self.verifier.join("tokenizer.json"))?;
+        // A verifier without a tokenizer (random weights of a real shape) reads the corpus
+        // through the demo models' byte-level one, whose ids every real vocabulary holds.
+        let own = self.verifier.join("tokenizer.json");
+        let path = if own.exists() {
+            own
+        } else {
+            DemoModels::default().verifier.join("tokenizer.json")
+        };
+        let tok = Tokenizer::from_file(&path)?;
         let ids = tok.encode(&text)?;
+        let vocab = ModelConfig::from_file(&self.verifier.join("config.json"))?.vocab_size;
+        crate::error::ensure!(
+            ids.iter().all(|&t| (t as usize) < vocab),
+            "{} gives token ids past the vocabulary of {} ({vocab})",
+            path.display(),
+            self.verifier.display()
+        );
         let newline = tok.encode("\n")?;
         crate::error::ensure!(
             ids.len() > len * 2,

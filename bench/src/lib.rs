@@ -107,6 +107,8 @@ pub struct Env {
     pub model: ModelChoice,
     /// The width its weights are kept in; `None`: the device's default (the checkpoint's own).
     pub weights: Option<WeightDtype>,
+    /// The draft model of the cases that speculate with one; `None`: the shipped one.
+    pub drafter: Option<PathBuf>,
 }
 
 impl Env {
@@ -118,7 +120,28 @@ impl Env {
             device_name: device.to_owned(),
             model: ModelChoice::Default,
             weights: None,
+            drafter: None,
         })
+    }
+
+    /// The same environment, drafting with the model in `drafter` in the cases that speculate.
+    pub fn with_drafter(mut self, drafter: Option<PathBuf>) -> Self {
+        self.drafter = drafter;
+        self
+    }
+
+    /// The verifier, draft model and width the demo-model cases run: the shipped models unless
+    /// `--model`/`--preset` and `--drafter` name others.
+    pub fn demo_models(&self) -> Result<demo::DemoModels> {
+        let mut models = demo::DemoModels::default();
+        if let Some(dir) = self.model.dir()? {
+            models.verifier = dir;
+        }
+        if let Some(dir) = &self.drafter {
+            models.drafter = dir.clone();
+        }
+        models.weights = self.weights;
+        Ok(models)
     }
 
     /// The same environment, keeping the verifier's weights in `weights`.
@@ -158,9 +181,31 @@ pub fn run(case: Case, quick: bool, env: &Env) -> Result<Value> {
         }
         Case::Batching => batching::run(&batching::BatchingPlan::new(quick), env),
         Case::PersonaStress => persona::run(&persona::PersonaPlan::new(quick), env),
-        Case::AgentCapacity => capacity::run(&capacity::CapacityPlan::new(quick)?, env),
-        Case::RttSweep => rtt::run(&rtt::RttPlan::new(quick), env),
-        Case::SpecSpeedup => spec::run(&spec::SpecPlan::new(quick), env),
+        Case::AgentCapacity => {
+            let plan = capacity::CapacityPlan::new(quick)?;
+            let models = env.demo_models()?;
+            capacity::run(&capacity::CapacityPlan { models, ..plan }, env)
+        }
+        Case::RttSweep => {
+            let models = env.demo_models()?;
+            rtt::run(
+                &rtt::RttPlan {
+                    models,
+                    ..rtt::RttPlan::new(quick)
+                },
+                env,
+            )
+        }
+        Case::SpecSpeedup => {
+            let models = env.demo_models()?;
+            spec::run(
+                &spec::SpecPlan {
+                    models,
+                    ..spec::SpecPlan::new(quick)
+                },
+                env,
+            )
+        }
         Case::Kernels => kernels::run(&kernels::KernelsPlan::new(quick), env),
     }
 }

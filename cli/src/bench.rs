@@ -22,16 +22,21 @@ pub struct BenchArgs {
     /// cpu, wgpu or cuda (persona-stress runs the scripted model and only records it).
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// `step` and `batching`: run this Hugging Face model directory instead of the case's own
-    /// small random model.
+    /// The cases that run a model (all but persona-stress and kernels): run this Hugging Face
+    /// model directory as the verifier instead of the case's own.
     #[arg(long, conflicts_with = "preset")]
     model: Option<PathBuf>,
-    /// `step` and `batching`: run random weights of a named real shape (qwen3-0.6b, qwen3-1.7b,
-    /// qwen3-4b, llama-3.2-1b), written once in bf16 to $TROUPE_CACHE (default ~/.cache/troupe).
+    /// The cases that run a model: run random weights of a named real shape (qwen3-0.6b,
+    /// qwen3-1.7b, qwen3-4b, llama-3.2-1b), written once in bf16 to $TROUPE_CACHE (default
+    /// ~/.cache/troupe).
     #[arg(long)]
     preset: Option<String>,
-    /// `step` and `batching`: the width the verifier's weights are kept in: f32, bf16, f16 or
-    /// stored (the checkpoint's own, the default).
+    /// The cases that speculate with a draft model (spec-speedup, rtt-sweep): draft with this
+    /// Hugging Face directory instead of models/drafter.
+    #[arg(long)]
+    drafter: Option<PathBuf>,
+    /// The cases that run a model: the width the verifier's weights are kept in: f32, bf16, f16
+    /// or stored (the checkpoint's own, the default).
     #[arg(long, value_parser = parse_weights)]
     weights: Option<WeightDtype>,
 }
@@ -50,15 +55,17 @@ fn parse_case(s: &str) -> Result<Case, String> {
 /// Runs `troupe bench`.
 pub fn run(a: BenchArgs) -> Result<()> {
     let model = ModelChoice::from_args(a.model, a.preset)?;
-    if !model.is_default() && !matches!(a.case, Case::Step | Case::Batching) {
-        anyhow::bail!("--model and --preset apply to the step and batching cases");
+    let runs_model = !matches!(a.case, Case::PersonaStress | Case::Kernels);
+    if !runs_model && (!model.is_default() || a.weights.is_some()) {
+        anyhow::bail!("--model, --preset and --weights apply to the cases that run a model");
     }
-    if a.weights.is_some() && !matches!(a.case, Case::Step | Case::Batching) {
-        anyhow::bail!("--weights applies to the step and batching cases");
+    if a.drafter.is_some() && !matches!(a.case, Case::SpecSpeedup | Case::RttSweep) {
+        anyhow::bail!("--drafter applies to spec-speedup and rtt-sweep");
     }
     let env = Env::new(a.out, &a.device)?
         .with_model(model)
-        .with_weights(a.weights);
+        .with_weights(a.weights)
+        .with_drafter(a.drafter);
     troupe_bench::run(a.case, a.quick, &env)?;
     Ok(())
 }
