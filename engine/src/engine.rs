@@ -393,6 +393,13 @@ where
         if self.seqs.contains_key(&seq) {
             return Err(EngineError::DuplicateSequence(seq));
         }
+        let positions = self.model.config.max_position_embeddings;
+        if spec.capacity() > positions {
+            return Err(EngineError::WindowPastPositions {
+                capacity: spec.capacity(),
+                positions,
+            });
+        }
         let window = self.model.new_window(spec, self.pool.alloc(spec));
         self.seqs.insert(
             seq,

@@ -130,6 +130,17 @@ pub enum EngineError {
     /// A window spec that cannot hold a token.
     #[error("invalid window: {0}")]
     InvalidWindow(String),
+    /// A window holds more positions than the model was built for.
+    #[error(
+        "a window of {capacity} tokens exceeds the model's {positions} positions \
+         (max_position_embeddings)"
+    )]
+    WindowPastPositions {
+        /// The window's capacity, sinks included.
+        capacity: usize,
+        /// The model's `max_position_embeddings`.
+        positions: usize,
+    },
     /// The backend failed while running a step.
     #[error("backend failure: {0}")]
     Backend(String),

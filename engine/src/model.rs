@@ -213,9 +213,11 @@ impl<B: KernelBackend> Model<B> {
         // The backend's pooled attention kernel serves each window shape in one launch per layer
         // and needs only RoPE rows; Burn ops need a plan per sequence.
         let pooled = B::has_attention_kernel().then(|| {
+            // Every rank of the window, however little of it is filled yet: the kernel rotates
+            // a key at its rank in what a query sees.
             for s in seqs.iter() {
-                self.rope
-                    .ensure(s.window.len() + s.window.scratch_len() + s.len);
+                let seen = s.window.len() + s.window.scratch_len() + s.len;
+                self.rope.ensure(seen.max(s.window.spec().capacity()));
             }
             PooledStep::new(seqs, pool)
         });

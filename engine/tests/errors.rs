@@ -445,3 +445,31 @@ fn generate_rejects_bad_requests() {
     let g = generate(&mut e, None, &[1, 2, 3], &opts).unwrap();
     assert_eq!(g.tokens.len(), 4);
 }
+
+/// A window wider than the first RoPE table (1,024 rows) decodes without panicking: the table
+/// covers every rank of the window, not only its fill. One wider than the model's positions is
+/// refused when it opens, with both numbers, and the engine stays usable.
+#[test]
+fn windows_up_to_the_models_positions_and_no_further() {
+    let (_ck, mut e) = engine();
+    let spec = WindowSpec::new(4, 1400).unwrap();
+    e.open(1, spec, 0).unwrap();
+    let opts = GenerateOptions {
+        max_new_tokens: 3,
+        draft_len: 0,
+        window: spec,
+        ..Default::default()
+    };
+    let g = generate(&mut e, None, &[1, 2, 3], &opts).unwrap();
+    assert_eq!(g.tokens.len(), 3);
+
+    let too_wide = WindowSpec::new(4, 4093).unwrap();
+    match err(e.open(2, too_wide, 0)) {
+        EngineError::WindowPastPositions {
+            capacity,
+            positions,
+        } => assert_eq!((capacity, positions), (4097, 4096)),
+        other => panic!("wrong error {other:?}"),
+    }
+    e.open(2, WindowSpec::new(4, 4092).unwrap(), 0).unwrap();
+}
