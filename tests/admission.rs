@@ -172,3 +172,47 @@ async fn bad_prompts_fail_the_turn_and_the_session_lives_on() {
     );
     rt.shutdown().await;
 }
+
+/// A drafter over another vocabulary than the verifier's: refused when the runtime is built, with
+/// both sizes, rather than panicking the verifier on its first drafts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drafter_over_another_vocabulary_is_refused_at_build() {
+    use troupe::engine::{Draft, DraftRequest, Drafter, SeqId};
+
+    struct Wider;
+    impl Drafter for Wider {
+        fn name(&self) -> &str {
+            "wider"
+        }
+        fn open(&mut self, _: SeqId, _: WindowSpec, _: u64) -> troupe::engine::Result<()> {
+            Ok(())
+        }
+        fn close(&mut self, _: SeqId) {}
+        fn observe(&mut self, _: SeqId, _: &[u32]) -> troupe::engine::Result<()> {
+            Ok(())
+        }
+        fn draft(&mut self, r: &[DraftRequest]) -> troupe::engine::Result<Vec<Draft>> {
+            Ok(r.iter()
+                .map(|_| Draft {
+                    tokens: vec![300],
+                    probs: None,
+                })
+                .collect())
+        }
+        fn vocab_size(&self) -> Option<usize> {
+            Some(301)
+        }
+    }
+    let err = scripted()
+        .drafter(|| Ok(Wider))
+        .build()
+        .await
+        .err()
+        .expect("a drafter over 301 tokens cannot serve a 256-token verifier");
+    match err {
+        RuntimeError::InvalidConfig(why) => {
+            assert!(why.contains("301") && why.contains("256"), "{why}")
+        }
+        other => panic!("wrong error {other}"),
+    }
+}

@@ -200,6 +200,14 @@ impl RuntimeBuilder {
         };
         let slot_bytes = verifier.kv_bytes(WindowSpec { sink: 0, window: 1 });
         let vocab_size = verifier.vocab_size();
+        if let Some(theirs) = drafter.as_ref().and_then(|d| d.vocab_size()) {
+            if theirs != vocab_size {
+                return Err(RuntimeError::InvalidConfig(format!(
+                    "the drafter's vocabulary has {theirs} tokens, the verifier's {vocab_size}: \
+                     its drafts could not be verified"
+                )));
+            }
+        }
         let (scheduler, _) = Actor::spawn(
             None,
             SchedulerActor,

@@ -236,6 +236,10 @@ impl Drafter for ScriptedDrafter {
         "scripted"
     }
 
+    fn vocab_size(&self) -> Option<usize> {
+        Some(self.vocab as usize)
+    }
+
     fn open(&mut self, seq: SeqId, _spec: WindowSpec, _seed: u64) -> Result<()> {
         self.history.insert(seq, Vec::new());
         Ok(())

@@ -48,6 +48,11 @@ pub trait Drafter: Send {
     fn hidden_layers(&self) -> Vec<usize> {
         Vec::new()
     }
+    /// The vocabulary its drafts and their distributions are over; `None` for a drafter that only
+    /// repeats the sequence's own tokens (prompt lookup), which fits any verifier.
+    fn vocab_size(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// A boxed drafter is a drafter, so a factory may return whichever drafter it built.
@@ -69,6 +74,9 @@ impl<D: Drafter + ?Sized> Drafter for Box<D> {
     }
     fn hidden_layers(&self) -> Vec<usize> {
         (**self).hidden_layers()
+    }
+    fn vocab_size(&self) -> Option<usize> {
+        (**self).vocab_size()
     }
 }
 

@@ -48,6 +48,10 @@ where
         "model"
     }
 
+    fn vocab_size(&self) -> Option<usize> {
+        Some(self.engine.model().config.vocab_size)
+    }
+
     fn open(&mut self, seq: SeqId, spec: WindowSpec, seed: u64) -> Result<()> {
         Verifier::open(&mut self.engine, seq, spec, seed)?;
         self.tracks.insert(
