@@ -207,46 +207,49 @@ impl<W: Weight> Block<'_, W> {
                     let ws = &packed[t * KB * NR..];
                     for r0 in (0..self.m).step_by(MR) {
                         let mr = MR.min(self.m - r0);
-                        let mut acc = [[0.0f32; 2 * NR]; MR];
+                        let xs = &xpacked[(r0 / MR * self.k + k0) * MR..][..kb * MR];
+                        #[cfg(target_arch = "x86_64")]
+                        if pair {
+                            // SAFETY: `wide_tiles` checked AVX-512F; two packed tiles of `KB`
+                            // rows follow `ws`, `xs` holds `kb` steps of `MR`, and rows
+                            // `r0..r0 + mr`, columns `c0..c0 + 2 NR` of `y` are this task's.
+                            unsafe {
+                                avx512::pair(
+                                    xs,
+                                    &ws[..2 * KB * NR],
+                                    kb,
+                                    mr,
+                                    out.0.add(r0 * self.n + c0),
+                                    self.n,
+                                    add,
+                                )
+                            };
+                            continue;
+                        }
+                        // One tile of `nr <= NR` columns, its sums through a buffer.
+                        let mut one = [[0.0f32; NR]; MR];
                         if add {
-                            for (r, a) in acc.iter_mut().enumerate().take(mr) {
+                            for (r, o) in one.iter_mut().enumerate().take(mr) {
                                 let row = (r0 + r) * self.n + c0;
                                 // SAFETY: row `r0 + r < m`, columns `c0..c0 + nr` are ours.
                                 let src = unsafe { std::slice::from_raw_parts(out.0.add(row), nr) };
-                                a[..nr].copy_from_slice(src);
+                                o[..nr].copy_from_slice(src);
                             }
                         }
-                        let xs = &xpacked[(r0 / MR * self.k + k0) * MR..][..kb * MR];
-                        if pair {
-                            #[cfg(target_arch = "x86_64")]
-                            // SAFETY: `wide_tiles` checked AVX-512F; two packed tiles of `KB`
-                            // rows follow `ws`, and `xs` holds `kb` steps of `MR`.
-                            unsafe {
-                                avx512::pair(xs, &ws[..2 * KB * NR], kb, mr, &mut acc)
-                            };
-                        } else {
-                            let mut one = [[0.0f32; NR]; MR];
-                            for (o, a) in one.iter_mut().zip(&acc) {
-                                o.copy_from_slice(&a[..NR]);
-                            }
-                            let strip = Strip {
-                                xs,
-                                ws: &ws[..KB * NR],
-                                ldw: NR,
-                                kb,
-                                mr,
-                                nr: NR,
-                            };
-                            strip.product(&mut one);
-                            for (a, o) in acc.iter_mut().zip(&one) {
-                                a[..NR].copy_from_slice(o);
-                            }
-                        }
-                        for (r, a) in acc.iter().enumerate().take(mr) {
+                        let strip = Strip {
+                            xs,
+                            ws: &ws[..KB * NR],
+                            ldw: NR,
+                            kb,
+                            mr,
+                            nr: NR,
+                        };
+                        strip.product(&mut one);
+                        for (r, o) in one.iter().enumerate().take(mr) {
                             let row = (r0 + r) * self.n + c0;
                             // SAFETY: as above.
                             let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(row), nr) };
-                            dst.copy_from_slice(&a[..nr]);
+                            dst.copy_from_slice(&o[..nr]);
                         }
                     }
                     t += if pair { 2 } else { 1 };
@@ -487,31 +490,37 @@ mod avx512 {
 
     use super::{KB, MR, NR};
 
-    /// `acc[r] += Σ_kk xs[r, kk] · (tile0[kk] ‖ tile1[kk])` for `mr` rows: two packed tiles of
-    /// `W` side by side (`ws` holds tile 0's [`KB`] rows of [`NR`], then tile 1's), one 512-bit
-    /// vector each, so every broadcast of `x` feeds two fused multiply-adds.
+    /// `y[r] (+)= Σ_kk xs[r, kk] · (tile0[kk] ‖ tile1[kk])` for `mr` rows of `y` (row `r` at
+    /// `y + r · ldy`, 32 floats; added to when `add`, else overwritten): two packed tiles of `W`
+    /// side by side (`ws` holds tile 0's [`KB`] rows of [`NR`], then tile 1's), one 512-bit
+    /// vector each, so every broadcast of `x` feeds two fused multiply-adds. The sums live in
+    /// registers from `y` to `y`.
     ///
     /// # Safety
-    /// The CPU must have AVX-512F.
+    /// The CPU must have AVX-512F; rows `0..mr` of `y` must hold 32 floats each and be the
+    /// caller's alone.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn pair(
         xs: &[f32],
         ws: &[f32],
         kb: usize,
         mr: usize,
-        acc: &mut [[f32; 2 * NR]; MR],
+        y: *mut f32,
+        ldy: usize,
+        add: bool,
     ) {
         assert!(kb > 0 && kb <= KB && mr > 0 && mr <= MR);
         assert!(ws.len() >= 2 * KB * NR && xs.len() >= kb * MR);
-        // SAFETY (all arms): the asserts above bound every load.
+        // SAFETY (all arms): the asserts above bound every load of `xs` and `ws`; the caller
+        // bounds `y`.
         unsafe {
             match mr {
-                1 => rows::<1>(xs, ws, kb, acc),
-                2 => rows::<2>(xs, ws, kb, acc),
-                3 => rows::<3>(xs, ws, kb, acc),
-                4 => rows::<4>(xs, ws, kb, acc),
-                5 => rows::<5>(xs, ws, kb, acc),
-                _ => rows::<6>(xs, ws, kb, acc),
+                1 => rows::<1>(xs, ws, kb, y, ldy, add),
+                2 => rows::<2>(xs, ws, kb, y, ldy, add),
+                3 => rows::<3>(xs, ws, kb, y, ldy, add),
+                4 => rows::<4>(xs, ws, kb, y, ldy, add),
+                5 => rows::<5>(xs, ws, kb, y, ldy, add),
+                _ => rows::<6>(xs, ws, kb, y, ldy, add),
             }
         }
     }
@@ -522,15 +531,19 @@ mod avx512 {
         xs: &[f32],
         ws: &[f32],
         kb: usize,
-        acc: &mut [[f32; 2 * NR]; MR],
+        y: *mut f32,
+        ldy: usize,
+        add: bool,
     ) {
-        // SAFETY: `pair` bounds `xs` and `ws`; `acc` rows are 32 floats.
+        // SAFETY: `pair` bounds `xs` and `ws`; its caller, the rows of `y`.
         unsafe {
             let mut lo = [_mm512_setzero_ps(); R];
             let mut hi = [_mm512_setzero_ps(); R];
-            for r in 0..R {
-                lo[r] = _mm512_loadu_ps(acc[r].as_ptr());
-                hi[r] = _mm512_loadu_ps(acc[r].as_ptr().add(NR));
+            if add {
+                for r in 0..R {
+                    lo[r] = _mm512_loadu_ps(y.add(r * ldy));
+                    hi[r] = _mm512_loadu_ps(y.add(r * ldy + NR));
+                }
             }
             let (xp, w0, w1) = (xs.as_ptr(), ws.as_ptr(), ws.as_ptr().add(KB * NR));
             for kk in 0..kb {
@@ -543,8 +556,8 @@ mod avx512 {
                 }
             }
             for r in 0..R {
-                _mm512_storeu_ps(acc[r].as_mut_ptr(), lo[r]);
-                _mm512_storeu_ps(acc[r].as_mut_ptr().add(NR), hi[r]);
+                _mm512_storeu_ps(y.add(r * ldy), lo[r]);
+                _mm512_storeu_ps(y.add(r * ldy + NR), hi[r]);
             }
         }
     }
