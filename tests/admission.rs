@@ -216,3 +216,43 @@ async fn a_drafter_over_another_vocabulary_is_refused_at_build() {
         other => panic!("wrong error {other}"),
     }
 }
+
+/// A window with no recent slot, or one whose bytes overflow, is refused with a typed error when
+/// the session spawns (the spec's fields are public, so its constructor can be skipped), and when
+/// the runtime is built for a default window; nothing is reserved and the runtime stays usable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn windows_without_room_or_past_u64_are_refused() {
+    let rt = scripted().build().await.unwrap();
+    for bad in [
+        WindowSpec { sink: 4, window: 0 },
+        WindowSpec {
+            sink: usize::MAX,
+            window: 2,
+        },
+        WindowSpec {
+            sink: 0,
+            window: usize::MAX / 2,
+        },
+    ] {
+        let err = rt
+            .spawn_session(SessionConfig::default().with_window(bad))
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{bad:?} was admitted"));
+        assert!(
+            matches!(err, RuntimeError::InvalidConfig(_)),
+            "{bad:?}: {err}"
+        );
+    }
+    assert_eq!(rt.budget().await.unwrap().used_bytes, 0);
+    rt.spawn_session(SessionConfig::default()).await.unwrap();
+    rt.shutdown().await;
+
+    let err = scripted()
+        .default_window(WindowSpec { sink: 1, window: 0 })
+        .build()
+        .await
+        .err()
+        .expect("a default window with no recent slot");
+    assert!(matches!(err, RuntimeError::InvalidConfig(_)), "{err}");
+}

@@ -186,10 +186,13 @@ impl Actor for ManagerActor {
         match msg {
             ManagerMsg::Spawn { config, reply } => {
                 let window = config.window.unwrap_or(st.args.default_window);
-                let bytes = st.args.slot_bytes * window.capacity() as u64;
-                let result = match config.validate().and_then(|()| st.admit(bytes)) {
+                let admitted = config
+                    .validate()
+                    .and_then(|()| window_bytes(window, st.args.slot_bytes))
+                    .and_then(|bytes| st.admit(bytes).map(|()| bytes));
+                let result = match admitted {
                     Err(e) => Err(e),
-                    Ok(()) => {
+                    Ok(bytes) => {
                         let id = st.next_id;
                         st.next_id += 1;
                         let args = SessionArgs {
@@ -285,4 +288,26 @@ impl Actor for ManagerActor {
         }
         Ok(())
     }
+}
+
+/// The bytes a window of `window`'s shape reserves at `slot_bytes` a slot, or a typed error for a
+/// window that holds no recent token or whose size does not fit in a `u64` (its fields are
+/// public, so `WindowSpec::new`'s check can be skipped).
+pub(crate) fn window_bytes(window: WindowSpec, slot_bytes: u64) -> Result<u64, RuntimeError> {
+    if window.window == 0 {
+        return Err(RuntimeError::InvalidConfig(format!(
+            "a window must hold at least one recent token; got {} sink + 0",
+            window.sink
+        )));
+    }
+    window
+        .sink
+        .checked_add(window.window)
+        .and_then(|slots| (slots as u64).checked_mul(slot_bytes))
+        .ok_or_else(|| {
+            RuntimeError::InvalidConfig(format!(
+                "a window of {} sink + {} slots at {slot_bytes} bytes a slot overflows",
+                window.sink, window.window
+            ))
+        })
 }

@@ -199,6 +199,7 @@ impl RuntimeBuilder {
             None => None,
         };
         let slot_bytes = verifier.kv_bytes(WindowSpec { sink: 0, window: 1 });
+        crate::manager::window_bytes(self.default_window, slot_bytes)?;
         let vocab_size = verifier.vocab_size();
         if let Some(theirs) = drafter.as_ref().and_then(|d| d.vocab_size()) {
             if theirs != vocab_size {
