@@ -143,7 +143,7 @@ impl<'a> Task<'a> {
         let mut at_index: Vec<f32> = Vec::new();
         let shifted = self.shifted();
         let mut at_rank: Vec<f32> = Vec::new();
-        let (mut scores, mut qr) = (Vec::new(), vec![0.0f32; hd]);
+        let (mut scores, mut run_scores, mut qr) = (Vec::new(), Vec::new(), vec![0.0f32; hd]);
         let mut values: Vec<&[f32]> = Vec::new();
         let mut i = 0;
         while i < seq.queries.len() {
@@ -191,24 +191,39 @@ impl<'a> Task<'a> {
                     }
                     [(&at_rank[..], full - 1), (&[], 0)]
                 };
-            for head in 0..group {
-                let qh = &self.inputs.q[(row * h + self.g * group + head) * hd..][..hd];
-                scores.clear();
-                for &(keys, q_pos) in runs.iter().filter(|r| !r.0.is_empty()) {
-                    self.rotate(qh, q_pos, &mut qr);
-                    scores.extend(keys.chunks_exact(hd).map(|k| dot(&qr, k) * scale));
+            // Every head of the group meets each key and value once: scores `[group, keys]`, one
+            // run's columns after the other, each run with the queries rotated at its position.
+            let n: usize = runs.iter().map(|r| r.0.len() / hd).sum();
+            scores.clear();
+            scores.resize(group * n, 0.0);
+            let mut col = 0;
+            for &(keys, q_pos) in runs.iter().filter(|r| !r.0.is_empty()) {
+                let nk = keys.len() / hd;
+                qr.resize(group * hd, 0.0);
+                for head in 0..group {
+                    let qh = &self.inputs.q[(row * h + self.g * group + head) * hd..][..hd];
+                    self.rotate(qh, q_pos, &mut qr[head * hd..(head + 1) * hd]);
                 }
-                let top = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                run_scores.clear();
+                run_scores.resize(group * nk, 0.0);
+                block_scores(&qr[..group * hd], keys, hd, scale, &mut run_scores);
+                for head in 0..group {
+                    scores[head * n + col..][..nk]
+                        .copy_from_slice(&run_scores[head * nk..(head + 1) * nk]);
+                }
+                col += nk;
+            }
+            for row_scores in scores.chunks_exact_mut(n.max(1)) {
+                let top = row_scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let mut total = 0.0f32;
-                for s in scores.iter_mut() {
+                for s in row_scores.iter_mut() {
                     *s = (*s - top).exp();
                     total += *s;
                 }
-                let o = &mut out[(i * group + head) * hd..][..hd];
-                for (s, v) in scores.iter().zip(&values) {
-                    add_scaled(o, s / total, v);
-                }
+                row_scores.iter_mut().for_each(|s| *s /= total);
             }
+            let o = &mut out[i * group * hd..(i + 1) * group * hd];
+            block_values(&scores, &values, hd, o);
             i += 1;
         }
         out
