@@ -173,38 +173,45 @@ async fn bad_prompts_fail_the_turn_and_the_session_lives_on() {
     rt.shutdown().await;
 }
 
+/// A drafter that always proposes token 300, past the scripted model's 256, and says its
+/// vocabulary is `vocab` (`None`: it claims to fit any verifier).
+struct PastTheVocabulary {
+    vocab: Option<usize>,
+}
+
+impl troupe::engine::Drafter for PastTheVocabulary {
+    fn name(&self) -> &str {
+        "past the vocabulary"
+    }
+    fn open(&mut self, _: u64, _: WindowSpec, _: u64) -> troupe::engine::Result<()> {
+        Ok(())
+    }
+    fn close(&mut self, _: u64) {}
+    fn observe(&mut self, _: u64, _: &[u32]) -> troupe::engine::Result<()> {
+        Ok(())
+    }
+    fn draft(
+        &mut self,
+        r: &[troupe::engine::DraftRequest],
+    ) -> troupe::engine::Result<Vec<troupe::engine::Draft>> {
+        Ok(r.iter()
+            .map(|_| troupe::engine::Draft {
+                tokens: vec![300, 1],
+                probs: None,
+            })
+            .collect())
+    }
+    fn vocab_size(&self) -> Option<usize> {
+        self.vocab
+    }
+}
+
 /// A drafter over another vocabulary than the verifier's: refused when the runtime is built, with
 /// both sizes, rather than panicking the verifier on its first drafts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drafter_over_another_vocabulary_is_refused_at_build() {
-    use troupe::engine::{Draft, DraftRequest, Drafter, SeqId};
-
-    struct Wider;
-    impl Drafter for Wider {
-        fn name(&self) -> &str {
-            "wider"
-        }
-        fn open(&mut self, _: SeqId, _: WindowSpec, _: u64) -> troupe::engine::Result<()> {
-            Ok(())
-        }
-        fn close(&mut self, _: SeqId) {}
-        fn observe(&mut self, _: SeqId, _: &[u32]) -> troupe::engine::Result<()> {
-            Ok(())
-        }
-        fn draft(&mut self, r: &[DraftRequest]) -> troupe::engine::Result<Vec<Draft>> {
-            Ok(r.iter()
-                .map(|_| Draft {
-                    tokens: vec![300],
-                    probs: None,
-                })
-                .collect())
-        }
-        fn vocab_size(&self) -> Option<usize> {
-            Some(301)
-        }
-    }
     let err = scripted()
-        .drafter(|| Ok(Wider))
+        .drafter(|| Ok(PastTheVocabulary { vocab: Some(301) }))
         .build()
         .await
         .err()
@@ -255,4 +262,38 @@ async fn windows_without_room_or_past_u64_are_refused() {
         .err()
         .expect("a default window with no recent slot");
     assert!(matches!(err, RuntimeError::InvalidConfig(_)), "{err}");
+}
+
+/// A draft naming a token past the vocabulary is cut there by the scheduler: the turn decodes
+/// what plain decoding gives, instead of the whole step failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draft_past_the_vocabulary_is_cut_not_fatal() {
+    let plain = scripted().build().await.unwrap();
+    let s = plain.spawn_session(SessionConfig::default()).await.unwrap();
+    let want = s
+        .generate(vec![40, 41, 42], GenerateParams::greedy(12))
+        .unwrap()
+        .collect()
+        .await
+        .unwrap()
+        .0;
+    plain.shutdown().await;
+
+    let rt = scripted()
+        .drafter(|| Ok(PastTheVocabulary { vocab: None }))
+        .build()
+        .await
+        .unwrap();
+    let s = rt.spawn_session(SessionConfig::default()).await.unwrap();
+    let (got, _) = tokio::time::timeout(
+        Duration::from_secs(10),
+        s.generate(vec![40, 41, 42], GenerateParams::greedy(12))
+            .unwrap()
+            .collect(),
+    )
+    .await
+    .expect("no hang")
+    .expect("the turn survives a bad draft");
+    assert_eq!(got, want);
+    rt.shutdown().await;
 }

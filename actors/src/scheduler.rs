@@ -16,7 +16,7 @@ use crate::error::RuntimeError;
 use crate::faults::{ActorKind, FaultPlan};
 use crate::policy::{Completion, Dispatch, SchedulerState, SchedulerStats};
 use crate::proposer::{ProposerActor, ProposerArgs, ProposerMsg};
-use crate::protocol::{DraftOrder, Drafts, SeqRequest, StepDone, TurnUpdate};
+use crate::protocol::{DraftOrder, DraftReply, Drafts, SeqRequest, StepDone, TurnUpdate};
 use crate::runtime::{DrafterFactory, VerifierFactory};
 use crate::verifier_actor::{VerifierActor, VerifierArgs, VerifierMsg};
 
@@ -117,6 +117,8 @@ pub struct SchedulerActorState {
     orders_sent: HashMap<(SeqId, bool), Instant>,
     submitted_at: HashMap<SeqId, Instant>,
     drains: Vec<RpcReplyPort<()>>,
+    /// The verifier's vocabulary: a draft naming a token past it is cut there, not sent.
+    vocab_size: usize,
 }
 
 /// The scheduler actor.
@@ -132,6 +134,7 @@ impl Actor for SchedulerActor {
         myself: ActorRef<Self::Msg>,
         args: SchedulerArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
+        let vocab_size = args.verifier.vocab_size();
         let (verifier, _) = Actor::spawn_linked(
             None,
             VerifierActor,
@@ -176,6 +179,7 @@ impl Actor for SchedulerActor {
             orders_sent: HashMap::new(),
             submitted_at: HashMap::new(),
             drains: Vec::new(),
+            vocab_size,
         })
     }
 
@@ -251,7 +255,10 @@ impl Actor for SchedulerActor {
                 }
                 st.step_done(&myself, done);
             }
-            SchedulerMsg::Drafts(Drafts(replies)) => {
+            SchedulerMsg::Drafts(Drafts(mut replies)) => {
+                for r in replies.iter_mut() {
+                    keep_verifiable(r, st.vocab_size);
+                }
                 for r in &replies {
                     if let Some(t) = st.orders_sent.remove(&(r.order.seq, r.order.pipelined)) {
                         st.policy.observe_draft_latency(t.elapsed().as_secs_f64());
@@ -563,6 +570,35 @@ impl SchedulerActorState {
             for r in self.drains.drain(..) {
                 let _ = r.send(());
             }
+        }
+    }
+}
+
+/// Cuts a draft at its first token past the verifier's vocabulary, and drops its distributions
+/// when any row is not over that vocabulary: what is left can be verified, and one drafter's
+/// bad output never fails a step that carries other sessions' work.
+fn keep_verifiable(r: &mut DraftReply, vocab: usize) {
+    let d = &mut r.draft;
+    if let Some(bad) = d.tokens.iter().position(|&t| t as usize >= vocab) {
+        tracing::warn!(
+            seq = r.order.seq,
+            token = d.tokens[bad],
+            vocab,
+            "a draft names a token past the vocabulary; cut there"
+        );
+        d.tokens.truncate(bad);
+    }
+    if let Some(probs) = &mut d.probs {
+        if probs.len() < d.tokens.len() || probs.iter().any(|p| p.len() != vocab) {
+            tracing::warn!(
+                seq = r.order.seq,
+                vocab,
+                "draft distributions of the wrong shape; draft dropped"
+            );
+            d.tokens.clear();
+            d.probs = None;
+        } else {
+            probs.truncate(d.tokens.len());
         }
     }
 }
