@@ -297,3 +297,34 @@ async fn a_draft_past_the_vocabulary_is_cut_not_fatal() {
     assert_eq!(got, want);
     rt.shutdown().await;
 }
+
+/// A step's timeout timer ends with its step: hundreds of steps leave no sleeping timer tasks
+/// behind (each used to sleep out the whole step timeout, two minutes by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn step_timers_end_with_their_steps() {
+    let rt = scripted().build().await.unwrap();
+    let s = rt.spawn_session(SessionConfig::default()).await.unwrap();
+    s.generate(vec![40], GenerateParams::greedy(4))
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let before = metrics.num_alive_tasks();
+    let steps = 300;
+    let (ids, _) = s
+        .generate(vec![41], GenerateParams::greedy(steps))
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(ids.len(), steps);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let after = metrics.num_alive_tasks();
+    assert!(
+        after < before + 20,
+        "{} tasks alive after {steps} steps, {before} before",
+        after
+    );
+    rt.shutdown().await;
+}

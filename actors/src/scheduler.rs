@@ -119,6 +119,8 @@ pub struct SchedulerActorState {
     drains: Vec<RpcReplyPort<()>>,
     /// The verifier's vocabulary: a draft naming a token past it is cut there, not sent.
     vocab_size: usize,
+    /// The timer of the step in flight: aborted when the step comes back, so at most one sleeps.
+    step_deadline: Option<tokio::task::JoinHandle<Result<(), ractor::MessagingErr<SchedulerMsg>>>>,
 }
 
 /// The scheduler actor.
@@ -180,6 +182,7 @@ impl Actor for SchedulerActor {
             submitted_at: HashMap::new(),
             drains: Vec::new(),
             vocab_size,
+            step_deadline: None,
         })
     }
 
@@ -380,7 +383,10 @@ impl SchedulerActorState {
             id,
             works: step.works,
         });
-        myself.send_after(self.step_timeout, move || SchedulerMsg::StepTimeout(id));
+        let deadline = myself.send_after(self.step_timeout, move || SchedulerMsg::StepTimeout(id));
+        if let Some(stale) = self.step_deadline.replace(deadline) {
+            stale.abort();
+        }
         self.send_orders(orders);
     }
 
@@ -405,6 +411,9 @@ impl SchedulerActorState {
         } = done;
         if self.policy.in_flight_id() != Some(id) {
             return; // a step from before a restart
+        }
+        if let Some(deadline) = self.step_deadline.take() {
+            deadline.abort();
         }
         let outcomes = match result {
             Ok(o) => o,
