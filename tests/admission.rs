@@ -328,3 +328,36 @@ async fn step_timers_end_with_their_steps() {
     );
     rt.shutdown().await;
 }
+
+/// Sessions left to their default seed sample differently from the same prompt; the same explicit
+/// seed samples the same tokens again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_seeds_differ_between_sessions() {
+    let rt = scripted().build().await.unwrap();
+    let params = GenerateParams::greedy(48).with_sampling(1.5, 1.0);
+    let mut outputs = Vec::new();
+    for config in [
+        SessionConfig::default(),
+        SessionConfig::default(),
+        SessionConfig::default().with_seed(7),
+        SessionConfig::default().with_seed(7),
+    ] {
+        let s = rt.spawn_session(config).await.unwrap();
+        let (ids, _) = s
+            .generate(vec![40, 41], params.clone())
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        outputs.push(ids);
+    }
+    assert_ne!(
+        outputs[0], outputs[1],
+        "two default seeds drew the same 48 tokens"
+    );
+    assert_eq!(
+        outputs[2], outputs[3],
+        "one explicit seed drew different tokens"
+    );
+    rt.shutdown().await;
+}

@@ -45,8 +45,10 @@ pub struct SessionConfig {
     pub window: Option<WindowSpec>,
     /// Tokens that end every turn of the session (besides each turn's own).
     pub stop_tokens: Vec<u32>,
-    /// Seed of the session's sampling.
-    pub seed: u64,
+    /// Seed of the session's sampling; `None` derives one from the session's id, so sessions
+    /// given the same prompt draw different samples (and a run that spawns its sessions in the same
+    /// order draws the same ones again).
+    pub seed: Option<u64>,
 }
 
 impl SessionConfig {
@@ -84,8 +86,19 @@ impl SessionConfig {
 
     /// Seeds the session's sampling.
     pub fn with_seed(mut self, seed: u64) -> Self {
-        self.seed = seed;
+        self.seed = Some(seed);
         self
+    }
+
+    /// The seed the session with id `session` samples with: its own, or one mixed from the id.
+    pub fn seed_for(&self, session: u64) -> u64 {
+        self.seed.unwrap_or_else(|| {
+            // SplitMix64's finaliser: neighbouring ids give unrelated seeds.
+            let mut z = session.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        })
     }
 
     /// Checks what can be checked before the session opens.

@@ -113,7 +113,7 @@ impl Actor for SessionActor {
         args.scheduler.send_message(SeqRequest::Open {
             seq: args.id,
             spec: args.window,
-            seed: args.config.seed,
+            seed: args.config.seed_for(args.id),
             session: myself.get_derived(),
         })?;
         Ok(SessionState {
