@@ -1,6 +1,8 @@
 //! Admission and bad input: the KV budget and session cap refuse with typed errors that say by how
 //! much; closing returns bytes; unknown and closed sessions answer with errors, never a hang.
 
+mod common;
+
 use std::time::Duration;
 
 use troupe::actors::scripted::ScriptedModel;
@@ -360,4 +362,49 @@ async fn default_seeds_differ_between_sessions() {
         "one explicit seed drew different tokens"
     );
     rt.shutdown().await;
+}
+
+/// A window past the model's positions is refused at spawn, with both numbers, before anything is
+/// reserved; the runtime's default window is checked the same way when it is built.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn windows_past_the_models_positions_are_refused_at_spawn() {
+    let dir = common::tiny_model(5, 1);
+    let positions = troupe::engine::ModelConfig::from_file(&dir.path().join("config.json"))
+        .unwrap()
+        .max_position_embeddings;
+    let rt = RuntimeBuilder::new(common::verifier_factory(dir.path()))
+        .build()
+        .await
+        .unwrap();
+    let past = WindowSpec::new(4, positions - 3).unwrap();
+    let err = rt
+        .spawn_session(SessionConfig::default().with_window(past))
+        .await
+        .err()
+        .expect("a window past the model's positions");
+    match err {
+        RuntimeError::Engine(e) => assert!(
+            matches!(
+                *e,
+                EngineError::WindowPastPositions { capacity, positions: p }
+                    if capacity == positions + 1 && p == positions
+            ),
+            "{e}"
+        ),
+        other => panic!("wrong error {other}"),
+    }
+    assert_eq!(rt.budget().await.unwrap().used_bytes, 0);
+    let fits = WindowSpec::new(4, positions - 4).unwrap();
+    rt.spawn_session(SessionConfig::default().with_window(fits))
+        .await
+        .unwrap();
+    rt.shutdown().await;
+
+    let err = RuntimeBuilder::new(common::verifier_factory(dir.path()))
+        .default_window(past)
+        .build()
+        .await
+        .err()
+        .expect("a default window past the model's positions");
+    assert!(matches!(err, RuntimeError::Engine(_)), "{err}");
 }

@@ -9,7 +9,7 @@ use ractor::{
     Actor, ActorProcessingErr, ActorRef, DerivedActorRef, RpcReplyPort, SupervisionEvent,
 };
 use serde::{Deserialize, Serialize};
-use troupe_engine::{Tokenizer, WindowSpec};
+use troupe_engine::{EngineError, Tokenizer, WindowSpec};
 
 use crate::config::SessionConfig;
 use crate::error::{Limit, RuntimeError};
@@ -86,6 +86,8 @@ pub struct ManagerArgs {
     pub max_prompt_tokens: usize,
     /// Vocabulary size.
     pub vocab_size: usize,
+    /// The most positions a window may hold (the verifier's model); `None`: any.
+    pub max_positions: Option<usize>,
     /// Tokenizer for text prompts.
     pub tokenizer: Option<Arc<Tokenizer>>,
     /// Injected faults.
@@ -188,6 +190,7 @@ impl Actor for ManagerActor {
                 let window = config.window.unwrap_or(st.args.default_window);
                 let admitted = config
                     .validate()
+                    .and_then(|()| window_fits(window, st.args.max_positions))
                     .and_then(|()| window_bytes(window, st.args.slot_bytes))
                     .and_then(|bytes| st.admit(bytes).map(|()| bytes));
                 let result = match admitted {
@@ -310,4 +313,22 @@ pub(crate) fn window_bytes(window: WindowSpec, slot_bytes: u64) -> Result<u64, R
                 window.sink, window.window
             ))
         })
+}
+
+/// Whether a window of `window`'s shape stays within the model's positions: a typed error with
+/// both numbers when it does not, before anything is reserved.
+pub(crate) fn window_fits(
+    window: WindowSpec,
+    max_positions: Option<usize>,
+) -> Result<(), RuntimeError> {
+    let capacity = window.sink.saturating_add(window.window);
+    match max_positions {
+        Some(positions) if capacity > positions => Err(RuntimeError::Engine(Arc::new(
+            EngineError::WindowPastPositions {
+                capacity,
+                positions,
+            },
+        ))),
+        _ => Ok(()),
+    }
 }

@@ -200,6 +200,8 @@ impl RuntimeBuilder {
         };
         let slot_bytes = verifier.kv_bytes(WindowSpec { sink: 0, window: 1 });
         crate::manager::window_bytes(self.default_window, slot_bytes)?;
+        let max_positions = verifier.max_positions();
+        crate::manager::window_fits(self.default_window, max_positions)?;
         let vocab_size = verifier.vocab_size();
         if let Some(theirs) = drafter.as_ref().and_then(|d| d.vocab_size()) {
             if theirs != vocab_size {
@@ -235,6 +237,7 @@ impl RuntimeBuilder {
                 default_window: self.default_window,
                 max_prompt_tokens: self.max_prompt_tokens,
                 vocab_size,
+                max_positions,
                 tokenizer: self.tokenizer.clone(),
                 faults: self.faults,
             },

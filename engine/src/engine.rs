@@ -435,6 +435,10 @@ where
         )
     }
 
+    fn max_positions(&self) -> Option<usize> {
+        Some(self.model.config.max_position_embeddings)
+    }
+
     fn vocab_size(&self) -> usize {
         self.model.config.vocab_size
     }

@@ -62,6 +62,11 @@ pub trait Verifier: Send {
     fn set_hidden_layers(&mut self, _layers: Vec<usize>) {}
     /// Tokens seen and tokens held in the window of `seq`.
     fn window_fill(&self, seq: SeqId) -> Option<(u64, usize)>;
+    /// The most positions a window may hold (the model's `max_position_embeddings`); `None`
+    /// when any window fits.
+    fn max_positions(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// A boxed verifier is a verifier, so a factory may return whichever model it loaded.
@@ -86,5 +91,8 @@ impl<V: Verifier + ?Sized> Verifier for Box<V> {
     }
     fn window_fill(&self, seq: SeqId) -> Option<(u64, usize)> {
         (**self).window_fill(seq)
+    }
+    fn max_positions(&self) -> Option<usize> {
+        (**self).max_positions()
     }
 }
