@@ -49,6 +49,11 @@ pub fn launch<R: CubeRuntime>(
     let client = argmax.client.clone();
     let dtype = argmax.dtype;
     let len = |t: &CubeTensor<R>| t.meta.shape().num_elements();
+    // SAFETY: each array is bound to its tensor's own handle with the tensor's own element count
+    // (all contiguous, of the one int dtype the kernel is compiled for). A unit past `blocks`
+    // returns before reading; unit `b` reads `plan[3b..3b + 3]` (`plan` holds three integers per
+    // block), `argmax` rows and drafts inside the ranges the caller's plan names, and writes
+    // `out[2b..2b + 2]` (`out` holds two per block).
     unsafe {
         accept_kernel::launch_unchecked::<R>(
             &client,

@@ -240,6 +240,8 @@ pub fn launch<R: CubeRuntime>(
     let rows = q.meta.shape()[0];
     let client = q.client.clone();
     let dtypes = [q.dtype.into(), plan.dtype.into()];
+    // SAFETY: each array is bound to its tensor's own handle with the tensor's own element
+    // count; the callers pass contiguous tensors of the dtypes in `dtypes`.
     let arg = |t: &CubeTensor<R>| unsafe {
         ArrayArg::from_raw_parts(t.handle.clone(), t.meta.shape().num_elements())
     };
@@ -250,6 +252,11 @@ pub fn launch<R: CubeRuntime>(
         layout.sink as u32,
         layout.window as u32,
     );
+    // SAFETY: one cube per (query row, KV head) and one unit per head dimension, so every
+    // index of `q`, `out` and the step's rows is below `rows · heads · head_dim` or
+    // `step rows · kv_heads · head_dim`; pool reads use the slot and positions the plan gives,
+    // each below the pool's `[sessions, kv_heads, capacity, head_dim]`, and RoPE reads positions
+    // below the table's length, which the caller ensures covers the window (`PoolLayout`).
     unsafe {
         pooled_attention_kernel::launch_unchecked::<R>(
             &client,

@@ -201,6 +201,11 @@ pub fn launch<R: CubeRuntime>(
     // Absent operands are bound to `w`: read-only, and never read by that epilogue.
     let w2 = w2.unwrap_or_else(|| w.clone());
     let residual = residual.unwrap_or_else(|| w.clone());
+    // SAFETY: each array is bound to its tensor's own handle with the elements the handle holds
+    // (`span`), in the dtype `dtype` names and the vector width `vector` divides every row
+    // stride by. Rows past `m` are never read or stored; units past the last column read the last
+    // one and store nothing; the strides in `dims` are the tensors' own, so every index stays
+    // inside its array.
     unsafe {
         skinny_kernel::launch_unchecked::<R>(
             &client,

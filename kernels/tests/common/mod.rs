@@ -38,6 +38,8 @@ fn rel_err<B: Backend>(got: Tensor<B, 2>, want: Tensor<B, 2>) -> f32 {
 
 /// The projection, with and without the residual, in the weights' dtype.
 pub fn linear_matches_reference<B: KernelBackend>(device: &B::Device, dtype: DType, tol: f32) {
+    // The kernel itself, whatever `TROUPE_KERNELS` says.
+    troupe_kernels::set_enabled(true);
     for &(m, k, n) in SHAPES {
         let x = random::<B>([m, k], device);
         let w = random::<B>([k, n], device).cast(dtype);
@@ -57,6 +59,8 @@ pub fn linear_matches_reference<B: KernelBackend>(device: &B::Device, dtype: DTy
 
 /// The SwiGLU product of two weights.
 pub fn swiglu_matches_reference<B: KernelBackend>(device: &B::Device, dtype: DType, tol: f32) {
+    // The kernel itself, whatever `TROUPE_KERNELS` says.
+    troupe_kernels::set_enabled(true);
     for &(m, k, n) in SHAPES {
         let x = random::<B>([m, k], device).cast(dtype);
         let g = random::<B>([k, n], device).cast(dtype);
@@ -70,6 +74,8 @@ pub fn swiglu_matches_reference<B: KernelBackend>(device: &B::Device, dtype: DTy
 
 /// Ragged blocks whose drafts agree with the argmax for a chosen number of leading positions.
 pub fn greedy_accept_matches_host<B: KernelBackend>(device: &B::Device) {
+    // The kernel itself, whatever `TROUPE_KERNELS` says.
+    troupe_kernels::set_enabled(true);
     let vocab = 1000;
     // (drafts, leading drafts that agree): an empty block, whole blocks, early misses.
     let plan: &[(usize, usize)] = &[
@@ -219,6 +225,8 @@ type Attend<B> = fn(
 /// are the sinks and the latest `window` committed ones, a query sees the sinks and the latest
 /// `window` context keys up to itself, and every position is a rank in what it sees.
 pub fn pooled_attention_matches_host<B: KernelBackend>(device: &B::Device, tol: f32) {
+    // The kernel itself, whatever `TROUPE_KERNELS` says.
+    troupe_kernels::set_enabled(true);
     let mut seed = 7u64;
     for layout in LAYOUTS {
         let (h, kvh, hd) = (layout.heads, layout.kv_heads, layout.head_dim);

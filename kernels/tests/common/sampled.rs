@@ -131,6 +131,8 @@ struct Block {
 /// Ragged blocks at several temperatures (greedy among them), with and without the drafter's
 /// distributions, drafts that mostly follow the verifier's argmax and some that do not.
 pub fn sampled_accept_matches_host<B: KernelBackend>(device: &B::Device) {
+    // The kernel itself, whatever `TROUPE_KERNELS` says.
+    troupe_kernels::set_enabled(true);
     let vocab = 300;
     // (drafts, temperature, with the drafter's distributions, a draft off the argmax, top_p)
     let plan: &[(usize, f32, bool, Option<usize>, f32)] = &[
@@ -240,6 +242,8 @@ pub fn sampled_accept_matches_host<B: KernelBackend>(device: &B::Device) {
 /// A draft the nucleus leaves out has `p(d) = 0`, so even a zero uniform rejects it (the test is
 /// strict), and the block adds the nucleus's one token.
 pub fn draft_outside_the_nucleus_is_rejected<B: KernelBackend>(device: &B::Device) {
+    // The kernel itself, whatever `TROUPE_KERNELS` says.
+    troupe_kernels::set_enabled(true);
     let vocab = 8;
     // Row 0 keeps only token 0 at top_p 0.5 (p = e^5 / (e^5 + e^4 + 6) ≈ 0.71).
     let mut host_logits = vec![0.0f32; 2 * vocab];
