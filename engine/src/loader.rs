@@ -297,7 +297,7 @@ pub enum HostTensor {
 
 /// A width a checkpoint stores or the loader keeps: converts through f32, which holds every
 /// value of all three exactly.
-trait Element: bytemuck::Pod + Default + Send + Sync {
+trait Element: bytemuck::Pod + Default + Send + Sync + 'static {
     fn to_f32(self) -> f32;
     fn from_f32(v: f32) -> Self;
 }
@@ -411,8 +411,7 @@ fn from<S: Element, K: Element>(bytes: &[u8], rows: usize, cols: usize, transpos
             &copied
         }
     };
-    let same = std::mem::size_of::<S>() == std::mem::size_of::<K>()
-        && std::any::type_name::<S>() == std::any::type_name::<K>();
+    let same = std::any::TypeId::of::<S>() == std::any::TypeId::of::<K>();
     if !transpose {
         if same {
             return bytemuck::cast_slice::<S, K>(src).to_vec();

@@ -334,19 +334,16 @@ struct Shifted {
     window: Vec<f32>,
 }
 
-/// `Σ a_i · b_i`, on AVX-512 or AVX2 with FMA where the CPU has them.
+/// `Σ a_i · b_i`, on AVX2 with FMA where the CPU has them (the block paths use AVX-512).
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if a.len() == b.len() && a.len().is_multiple_of(16) {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: AVX-512F was just detected; the lengths are equal multiples of 16.
-            return unsafe { simd::dot16(a, b) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: AVX2 and FMA were just detected; the lengths are equal multiples of 8.
-            return unsafe { simd::dot8(a, b) };
-        }
+    if a.len() == b.len()
+        && a.len().is_multiple_of(16)
+        && std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+    {
+        // SAFETY: AVX2 and FMA were just detected; the lengths are equal multiples of 16.
+        return unsafe { simd::dot8(a, b) };
     }
     dot_lanes(a, b)
 }
@@ -387,19 +384,16 @@ fn block_values(scores: &[f32], values: &[&[f32]], hd: usize, out: &mut [f32]) {
     }
 }
 
-/// `o += w · v`, on AVX-512 or AVX2 with FMA where the CPU has them.
+/// `o += w · v`, on AVX2 with FMA where the CPU has them (the block paths use AVX-512).
 fn add_scaled(o: &mut [f32], w: f32, v: &[f32]) {
     #[cfg(target_arch = "x86_64")]
-    if o.len() == v.len() && o.len().is_multiple_of(16) {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: AVX-512F was just detected; the lengths are equal multiples of 16.
-            return unsafe { simd::add_scaled16(o, w, v) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: AVX2 and FMA were just detected; the lengths are equal multiples of 8.
-            return unsafe { simd::add_scaled8(o, w, v) };
-        }
+    if o.len() == v.len()
+        && o.len().is_multiple_of(16)
+        && std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+    {
+        // SAFETY: AVX2 and FMA were just detected; the lengths are equal multiples of 16.
+        return unsafe { simd::add_scaled8(o, w, v) };
     }
     for (od, vd) in o.iter_mut().zip(v) {
         *od += w * vd;
@@ -487,41 +481,6 @@ mod simd {
         }
     }
 
-    /// [`super::dot`] sixteen lanes at a time, two accumulators.
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512F; `a` and `b` must be equally long, a multiple of 16.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn dot16(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len();
-        // SAFETY: every load reads 16 floats below `n`, which both slices hold.
-        unsafe {
-            let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-            let mut i = 0;
-            while i + 32 <= n {
-                s0 = _mm512_fmadd_ps(
-                    _mm512_loadu_ps(a.as_ptr().add(i)),
-                    _mm512_loadu_ps(b.as_ptr().add(i)),
-                    s0,
-                );
-                s1 = _mm512_fmadd_ps(
-                    _mm512_loadu_ps(a.as_ptr().add(i + 16)),
-                    _mm512_loadu_ps(b.as_ptr().add(i + 16)),
-                    s1,
-                );
-                i += 32;
-            }
-            if i < n {
-                s0 = _mm512_fmadd_ps(
-                    _mm512_loadu_ps(a.as_ptr().add(i)),
-                    _mm512_loadu_ps(b.as_ptr().add(i)),
-                    s0,
-                );
-            }
-            _mm512_reduce_add_ps(_mm512_add_ps(s0, s1))
-        }
-    }
-
     /// [`super::dot`] eight lanes at a time, two accumulators.
     ///
     /// # Safety
@@ -550,25 +509,6 @@ mod simd {
             let half = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
             let pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
             _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)))
-        }
-    }
-
-    /// [`super::add_scaled`] sixteen lanes at a time.
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512F; `o` and `v` must be equally long, a multiple of 16.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn add_scaled16(o: &mut [f32], w: f32, v: &[f32]) {
-        // SAFETY: every access covers 16 floats below the common length.
-        unsafe {
-            let wv = _mm512_set1_ps(w);
-            for i in (0..o.len()).step_by(16) {
-                let p = o.as_mut_ptr().add(i);
-                _mm512_storeu_ps(
-                    p,
-                    _mm512_fmadd_ps(wv, _mm512_loadu_ps(v.as_ptr().add(i)), _mm512_loadu_ps(p)),
-                );
-            }
         }
     }
 

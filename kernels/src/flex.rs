@@ -47,8 +47,8 @@ impl KernelBackend for Flex {
             return reference::linear(x, w, residual);
         }
         let ([m, k], n) = (x.dims(), w.dims()[1]);
-        let (x, w) = (f32_storage(x), contiguous(w.clone()));
-        let r = residual.map(f32_storage);
+        let (x, w) = (contiguous(x), contiguous(w.clone()));
+        let r = residual.map(contiguous);
         let y = by_width!(&w, |w| match &r {
             Some(r) => skinny_matmul(slice(&x), w, m, k, n, CpuEpilogue::Residual(slice(r))),
             None => skinny_matmul(slice(&x), w, m, k, n, CpuEpilogue::None),
@@ -65,7 +65,7 @@ impl KernelBackend for Flex {
         if !enabled() || tall || k != kw || !takes {
             return reference::linear_t(x, w);
         }
-        let (x, w) = (f32_storage(x), contiguous(w.clone()));
+        let (x, w) = (contiguous(x), contiguous(w.clone()));
         let y = by_width!(&w, |w| skinny_matmul_t(slice(&x), w, m, k, n));
         from_rows(y, [m, n])
     }
@@ -80,7 +80,7 @@ impl KernelBackend for Flex {
         }
         let ([m, k], n) = (x.dims(), gate.dims()[1]);
         let (x, g, u) = (
-            f32_storage(x),
+            contiguous(x),
             contiguous(gate.clone()),
             contiguous(up.clone()),
         );
@@ -98,7 +98,7 @@ impl KernelBackend for Flex {
             return reference::rms_norm(x, weight, eps);
         }
         let rows = x.dims()[0];
-        let (x, w) = (f32_storage(x), f32_storage(weight.clone()));
+        let (x, w) = (contiguous(x), contiguous(weight.clone()));
         from_rows(
             cpu_norm::rms_norm(slice(&x), slice(&w), cols, eps as f32),
             [rows, cols],
@@ -128,7 +128,7 @@ impl KernelBackend for Flex {
             return sampled::sampled_accept(logits, blocks);
         }
         let vocab = logits.dims()[1];
-        let logits = f32_storage(logits);
+        let logits = contiguous(logits);
         cpu_sampled::sampled_accept(slice(&logits), vocab, blocks)
     }
 
@@ -148,7 +148,7 @@ impl KernelBackend for Flex {
         let whole = p.layout().contiguous_offsets() == Some((0, p.layout().num_elements()));
         let written = match p.try_storage_mut::<f32>() {
             Some(buf) if whole => {
-                let rows = f32_storage(rows.clone());
+                let rows = contiguous(rows.clone());
                 let rows = slice(&rows);
                 for (&s, &[slot, head, pos]) in src.iter().zip(dst) {
                     buf[((slot * kvh + head) * cap + pos) * hd..][..hd]
@@ -225,8 +225,8 @@ impl KernelBackend for Flex {
         }
         let rows = q.dims()[0];
         let [q, step_k, step_v, cos, sin] =
-            [q, step_k, step_v, cos.clone(), sin.clone()].map(f32_storage);
-        let [pool_k, pool_v] = [pool_k.clone(), pool_v.clone()].map(f32_storage);
+            [q, step_k, step_v, cos.clone(), sin.clone()].map(contiguous);
+        let [pool_k, pool_v] = [pool_k.clone(), pool_v.clone()].map(contiguous);
         let inputs = PooledInputs {
             q: slice(&q),
             step_k: slice(&step_k),
@@ -274,15 +274,9 @@ fn contiguous<const D: usize>(t: Tensor<Flex, D>) -> FlexTensor {
     }
 }
 
-/// The tensor's f32 storage, made contiguous when it is a strided view.
-fn f32_storage<const D: usize>(t: Tensor<Flex, D>) -> FlexTensor {
-    contiguous(t)
-}
-
-/// The contiguous f32 elements of a tensor from [`f32_storage`].
+/// The contiguous f32 elements of an f32 tensor from [`contiguous`].
 fn slice(t: &FlexTensor) -> &[f32] {
-    t.as_slice::<f32>()
-        .expect("made contiguous f32 by f32_storage")
+    t.as_slice::<f32>().expect("an f32 tensor made contiguous")
 }
 
 /// A row-major result as a Flex tensor.
