@@ -54,6 +54,6 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     println!("{:?}", runtime.stats().await?);
-    runtime.shutdown().await;
+    runtime.shutdown().await?;
     Ok(())
 }

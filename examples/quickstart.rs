@@ -35,6 +35,6 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     println!("{:?}", session.info().await?);
-    runtime.shutdown().await;
+    runtime.shutdown().await?;
     Ok(())
 }

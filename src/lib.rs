@@ -21,7 +21,7 @@
 //! let session = runtime.spawn_session(SessionConfig::persona(ferris)).await?;
 //! let (_tokens, stats) = session.generate("What is a trait?", GenerateParams::greedy(48))?.collect().await?;
 //! println!("{}", stats.text.unwrap_or_default());
-//! runtime.shutdown().await;
+//! runtime.shutdown().await?;
 //! # Ok(()) }
 //! ```
 //!
@@ -37,7 +37,7 @@ pub use troupe_engine as engine;
 pub use troupe_kernels as kernels;
 
 pub use troupe_actors::{
-    ActorKind, BudgetInfo, Event, FaultAction, FaultPlan, FaultRule, GenerateParams, Limit,
+    ActorKind, BudgetInfo, Event, FaultAction, FaultPlan, FaultRule, GenerateParams, Health, Limit,
     Persona, Prompt, Runtime, RuntimeBuilder, RuntimeError, SchedulerConfig, SchedulerStats,
     SessionConfig, SessionHandle, SessionId, SessionInfo, TurnStats, TurnStream, WarmUpReport,
 };

@@ -52,7 +52,7 @@ async fn the_kv_budget_refuses_with_the_shortfall_and_closing_returns_bytes() {
     let small = SessionConfig::default().with_window(WindowSpec::new(0, 50).unwrap());
     rt.spawn_session(small).await.unwrap();
     assert_eq!(rt.budget().await.unwrap().used_bytes, 250_000);
-    rt.shutdown().await;
+    rt.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -68,7 +68,7 @@ async fn the_session_cap_refuses_the_next_session() {
         }) => {}
         other => panic!("expected the session cap, got {:?}", other.map(|s| s.id())),
     }
-    rt.shutdown().await;
+    rt.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -105,7 +105,7 @@ async fn unknown_and_closed_sessions_answer_with_errors() {
         .await
         .expect("no hang");
     assert!(matches!(info, Err(RuntimeError::SessionClosed(i)) if i == id));
-    rt.shutdown().await;
+    rt.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -172,7 +172,7 @@ async fn bad_prompts_fail_the_turn_and_the_session_lives_on() {
         info.kv_bytes_bound,
         rt.kv_bytes_per_session(WindowSpec::default())
     );
-    rt.shutdown().await;
+    rt.shutdown().await.unwrap();
 }
 
 /// A drafter that always proposes token 300, past the scripted model's 256, and says its
@@ -255,7 +255,7 @@ async fn windows_without_room_or_past_u64_are_refused() {
     }
     assert_eq!(rt.budget().await.unwrap().used_bytes, 0);
     rt.spawn_session(SessionConfig::default()).await.unwrap();
-    rt.shutdown().await;
+    rt.shutdown().await.unwrap();
 
     let err = scripted()
         .default_window(WindowSpec { sink: 1, window: 0 })
@@ -279,7 +279,7 @@ async fn a_draft_past_the_vocabulary_is_cut_not_fatal() {
         .await
         .unwrap()
         .0;
-    plain.shutdown().await;
+    plain.shutdown().await.unwrap();
 
     let rt = scripted()
         .drafter(|| Ok(PastTheVocabulary { vocab: None }))
@@ -297,7 +297,7 @@ async fn a_draft_past_the_vocabulary_is_cut_not_fatal() {
     .expect("no hang")
     .expect("the turn survives a bad draft");
     assert_eq!(got, want);
-    rt.shutdown().await;
+    rt.shutdown().await.unwrap();
 }
 
 /// A step's timeout timer ends with its step: hundreds of steps leave no sleeping timer tasks
@@ -328,7 +328,7 @@ async fn step_timers_end_with_their_steps() {
         "{} tasks alive after {steps} steps, {before} before",
         after
     );
-    rt.shutdown().await;
+    rt.shutdown().await.unwrap();
 }
 
 /// Sessions left to their default seed sample differently from the same prompt; the same explicit
@@ -361,7 +361,7 @@ async fn default_seeds_differ_between_sessions() {
         outputs[2], outputs[3],
         "one explicit seed drew different tokens"
     );
-    rt.shutdown().await;
+    rt.shutdown().await.unwrap();
 }
 
 /// A window past the model's positions is refused at spawn, with both numbers, before anything is
@@ -398,7 +398,7 @@ async fn windows_past_the_models_positions_are_refused_at_spawn() {
     rt.spawn_session(SessionConfig::default().with_window(fits))
         .await
         .unwrap();
-    rt.shutdown().await;
+    rt.shutdown().await.unwrap();
 
     let err = RuntimeBuilder::new(common::verifier_factory(dir.path()))
         .default_window(past)

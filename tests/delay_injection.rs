@@ -61,5 +61,5 @@ async fn sixty_four_sessions_with_a_50ms_verifier_all_complete_and_batch() {
         stats.max_step_seqs
     );
     assert!(stats.accepted > 0);
-    rt.shutdown().await;
+    rt.shutdown().await.unwrap();
 }

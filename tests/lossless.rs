@@ -51,7 +51,7 @@ async fn run_concurrent(config: SchedulerConfig, faults: FaultPlan, n: usize, ne
         stats.drafted > 0 && stats.accepted > 0,
         "no speculation happened: {stats:?}"
     );
-    rt.shutdown().await;
+    rt.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -60,7 +60,7 @@ async fn a_turn_ends_at_the_first_of_the_session_and_turn_stop_tokens() {
     let stopped = turn(&rt, config, &prompt, params).await;
     assert_eq!(stopped, cut(&full, |_, t| t == a || t == b));
     assert!(stopped.len() <= 6, "{stopped:?} from {full:?}");
-    rt.shutdown().await;
+    rt.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -83,5 +83,5 @@ async fn with_stop_after_content_a_reply_that_opens_with_a_stop_token_goes_on() 
     });
     assert_eq!(reply, expected);
     assert!(reply.len() > 1, "{reply:?} from {full:?}");
-    rt.shutdown().await;
+    rt.shutdown().await.unwrap();
 }

@@ -92,7 +92,7 @@ async fn verifier_fault_round(plan: FaultPlan, step_timeout: Duration) -> Schedu
     let rt = start(dir.path(), common::ngram_factory(), plan, step_timeout).await;
     round(&rt, dir.path()).await;
     let stats = stats_after_restart(&rt, |s| s.verifier_restarts > 0).await;
-    rt.shutdown().await;
+    rt.shutdown().await.unwrap();
     stats
 }
 
@@ -127,5 +127,5 @@ async fn a_proposer_panic_is_restarted_and_speculation_resumes() {
     assert_eq!(after.proposer_restarts, 1, "{after:?}");
     let accepted = after.accepted - before.accepted;
     assert!(accepted >= NEW_TOKENS as u64, "{before:?} then {after:?}");
-    rt.shutdown().await;
+    rt.shutdown().await.unwrap();
 }

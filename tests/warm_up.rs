@@ -39,5 +39,5 @@ async fn a_warmed_up_runtime_reports_each_step_and_serves_the_same_tokens() {
         .await
         .unwrap();
     assert_eq!(tokens, common::run_alone(dir.path(), &prompt, 12, window));
-    rt.shutdown().await;
+    rt.shutdown().await.unwrap();
 }

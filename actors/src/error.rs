@@ -71,6 +71,10 @@ pub enum RuntimeError {
     /// A configuration the runtime cannot use (a session's template, a window, a limit).
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
+    /// The turn was cancelled: its stream was dropped or its session's turns were cancelled. The
+    /// tokens it had emitted stay in the session's context.
+    #[error("the turn of session {0} was cancelled")]
+    Cancelled(SessionId),
     /// Text was given but the runtime has no tokenizer.
     #[error("this runtime has no tokenizer; pass token ids")]
     NoTokenizer,
@@ -98,6 +102,10 @@ pub enum RuntimeError {
     /// A replacement verifier could not be built after a failure.
     #[error("the verifier could not be rebuilt: {0}")]
     RebuildFailed(String),
+    /// A part of the runtime every turn needs (the scheduler, the manager, the verifier past its
+    /// restart limit) has failed; the runtime serves nothing more (see `Runtime::health`).
+    #[error("the runtime has failed: {0}")]
+    RuntimeFailed(String),
     /// An actor the request needed has stopped.
     #[error("actor unavailable: {0}")]
     ActorUnavailable(String),

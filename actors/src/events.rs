@@ -3,10 +3,12 @@
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use ractor::ActorRef;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::error::RuntimeError;
+use crate::session::SessionMsg;
 use crate::SessionId;
 
 /// Statistics of one finished turn.
@@ -49,19 +51,45 @@ pub enum Event {
 }
 
 /// The stream of a turn's events. Ends after `Done` or `Error`.
+///
+/// Dropping it before the end cancels the turn (see [`TurnStream::cancel`]).
 pub struct TurnStream {
     rx: mpsc::UnboundedReceiver<Event>,
+    /// Where to send the cancellation, and the turn it names.
+    session: Option<(ActorRef<SessionMsg>, TurnId)>,
+    ended: bool,
 }
 
+/// Names one turn among all of a process's turns, so a late cancellation never reaches the next.
+pub(crate) type TurnId = u64;
+
 impl TurnStream {
-    pub(crate) fn new(rx: mpsc::UnboundedReceiver<Event>) -> Self {
-        Self { rx }
+    pub(crate) fn new(
+        rx: mpsc::UnboundedReceiver<Event>,
+        session: ActorRef<SessionMsg>,
+        turn: TurnId,
+    ) -> Self {
+        Self {
+            rx,
+            session: Some((session, turn)),
+            ended: false,
+        }
+    }
+
+    /// Cancels the turn: a queued turn never starts; a running one stops within one verify step,
+    /// gives back its place in the batch, and keeps the tokens it emitted in the session's
+    /// context. The stream then ends with [`RuntimeError::Cancelled`] (unless the turn finished
+    /// first). Dropping the stream does the same.
+    pub fn cancel(&self) {
+        if let Some((actor, turn)) = &self.session {
+            let _ = actor.cast(SessionMsg::Cancel(Some(*turn)));
+        }
     }
 
     /// Waits for the whole turn: every token id, then the stats.
     pub async fn collect(mut self) -> Result<(Vec<u32>, TurnStats), RuntimeError> {
         let mut ids = Vec::new();
-        while let Some(ev) = self.rx.recv().await {
+        while let Some(ev) = self.next_event().await {
             match ev {
                 Event::Tokens { ids: t, .. } => ids.extend(t),
                 Event::Done(stats) => return Ok((ids, stats)),
@@ -72,12 +100,80 @@ impl TurnStream {
             "the session stopped mid-turn".into(),
         ))
     }
+
+    /// The next event; `None` after the last.
+    pub async fn next_event(&mut self) -> Option<Event> {
+        std::future::poll_fn(|cx| self.poll_event(cx)).await
+    }
+
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<Event>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        let ev = std::task::ready!(self.rx.poll_recv(cx));
+        if !matches!(ev, Some(Event::Tokens { .. })) {
+            self.ended = true;
+        }
+        Poll::Ready(ev)
+    }
+}
+
+impl Drop for TurnStream {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.cancel();
+        }
+    }
 }
 
 impl futures::Stream for TurnStream {
     type Item = Event;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
-        self.rx.poll_recv(cx)
+        self.poll_event(cx)
+    }
+}
+
+/// The session's end of a turn's stream. Whatever ends the turn (its last token, a failure, a
+/// cancellation, or the session actor stopping or being killed with the turn pending), the stream
+/// gets exactly one last event: dropped unfinished, it sends `Error(SessionClosed)`.
+pub(crate) struct TurnSink {
+    tx: mpsc::UnboundedSender<Event>,
+    session: SessionId,
+    ended: bool,
+}
+
+impl TurnSink {
+    /// A sink for session `session`'s turn.
+    pub(crate) fn new(tx: mpsc::UnboundedSender<Event>, session: SessionId) -> Self {
+        Self {
+            tx,
+            session,
+            ended: false,
+        }
+    }
+
+    /// Sends tokens.
+    pub(crate) fn tokens(&self, ids: Vec<u32>, text: Option<String>) {
+        let _ = self.tx.send(Event::Tokens { ids, text });
+    }
+
+    /// Sends the last event.
+    pub(crate) fn end(mut self, last: Result<TurnStats, RuntimeError>) {
+        self.ended = true;
+        let _ = self.tx.send(match last {
+            Ok(stats) => Event::Done(stats),
+            Err(e) => Event::Error(e),
+        });
+    }
+}
+
+impl Drop for TurnSink {
+    fn drop(&mut self) {
+        if !self.ended {
+            let _ = self
+                .tx
+                .send(Event::Error(RuntimeError::SessionClosed(self.session)));
+        }
     }
 }
 

@@ -23,10 +23,14 @@ use rand::{Rng, SeedableRng};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub enum ActorKind {
-    /// A session actor (messages: "generate", "info", "tokens", "failed").
+    /// A session actor (messages: "generate", "info", "tokens", "failed", "cancelled", "cancel",
+    /// "fail").
     Session,
     /// The scheduler (messages: "submit", "step_done").
     Scheduler,
+    /// The session manager (messages: "spawn", "close", "lookup", "budget", "stop_admitting",
+    /// "fail").
+    Manager,
     /// The verifier's model thread (message: "step").
     Verifier,
     /// The proposer's drafting thread (message: "draft").

@@ -7,9 +7,11 @@
 
 pub mod config;
 mod cost;
+mod detokenize;
 pub mod error;
 pub mod events;
 pub mod faults;
+mod health;
 mod manager;
 mod policy;
 pub mod probes;
@@ -19,6 +21,7 @@ mod runtime;
 mod scheduler;
 pub mod scripted;
 mod session;
+mod supervisor;
 mod verifier_actor;
 mod worker;
 
@@ -29,6 +32,7 @@ pub use config::{GenerateParams, Persona, Prompt, SchedulerConfig, SessionConfig
 pub use error::{Limit, RuntimeError};
 pub use events::{quantile, Event, SessionInfo, TurnStats, TurnStream};
 pub use faults::{ActorKind, FaultAction, FaultPlan, FaultRule};
+pub use health::Health;
 pub use manager::BudgetInfo;
 pub use policy::{SchedulerStats, MAX_ORDERS_IN_FLIGHT};
 pub use runtime::{

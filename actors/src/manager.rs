@@ -6,14 +6,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use ractor::{
-    Actor, ActorProcessingErr, ActorRef, DerivedActorRef, RpcReplyPort, SupervisionEvent,
+    Actor, ActorId, ActorProcessingErr, ActorRef, DerivedActorRef, RpcReplyPort, SupervisionEvent,
 };
 use serde::{Deserialize, Serialize};
 use troupe_engine::{EngineError, Tokenizer, WindowSpec};
 
 use crate::config::SessionConfig;
 use crate::error::{Limit, RuntimeError};
-use crate::faults::FaultPlan;
+use crate::faults::{ActorKind, FaultPlan};
 use crate::protocol::SeqRequest;
 use crate::session::{SessionActor, SessionArgs, SessionMsg};
 use crate::SessionId;
@@ -68,6 +68,11 @@ pub enum ManagerMsg {
     Budget(RpcReplyPort<BudgetInfo>),
     /// Refuse new sessions from now on.
     StopAdmitting(RpcReplyPort<()>),
+    /// The open sessions' actors.
+    Sessions(RpcReplyPort<Vec<ActorRef<SessionMsg>>>),
+    /// The scheduler is gone: fail every session's turns with this error, and refuse new
+    /// sessions with it.
+    Fail(RuntimeError),
 }
 
 /// Start-up arguments of the manager.
@@ -110,13 +115,20 @@ pub struct ManagerState {
     next_id: SessionId,
     /// Open sessions: each one's actor, the bytes its window reserves, and the window.
     sessions: HashMap<SessionId, Open>,
+    /// Each open session's id by its actor's, for supervision events.
+    by_actor: HashMap<ActorId, SessionId>,
     used: u64,
     admitting: bool,
+    /// Why the runtime failed, once it has: new sessions are refused with it.
+    failed: Option<RuntimeError>,
 }
 
 impl ManagerState {
     /// Checks admission for a session of `bytes`.
     pub fn admit(&self, bytes: u64) -> Result<(), RuntimeError> {
+        if let Some(why) = &self.failed {
+            return Err(why.clone());
+        }
         if !self.admitting {
             return Err(RuntimeError::ShuttingDown);
         }
@@ -145,6 +157,7 @@ impl ManagerState {
     fn release(&mut self, id: SessionId) -> bool {
         match self.sessions.remove(&id) {
             Some(open) => {
+                self.by_actor.remove(&open.actor.get_id());
                 self.used -= open.bytes;
                 let _ = self
                     .args
@@ -174,8 +187,10 @@ impl Actor for ManagerActor {
             args,
             next_id: 1,
             sessions: HashMap::new(),
+            by_actor: HashMap::new(),
             used: 0,
             admitting: true,
+            failed: None,
         })
     }
 
@@ -185,6 +200,22 @@ impl Actor for ManagerActor {
         msg: Self::Msg,
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        let name = match &msg {
+            ManagerMsg::Spawn { .. } => "spawn",
+            ManagerMsg::Close { .. } => "close",
+            ManagerMsg::Lookup { .. } => "lookup",
+            ManagerMsg::Budget(_) => "budget",
+            ManagerMsg::StopAdmitting(_) => "stop_admitting",
+            ManagerMsg::Sessions(_) => "sessions",
+            ManagerMsg::Fail(_) => "fail",
+        };
+        let verdict = st.args.faults.check(ActorKind::Manager, name);
+        if !verdict.delay.is_zero() {
+            tokio::time::sleep(verdict.delay).await;
+        }
+        if verdict.panic {
+            return Err(format!("injected manager failure on {name}").into());
+        }
         match msg {
             ManagerMsg::Spawn { config, reply } => {
                 let window = config.window.unwrap_or(st.args.default_window);
@@ -218,6 +249,7 @@ impl Actor for ManagerActor {
                                     window,
                                 };
                                 st.sessions.insert(id, open);
+                                st.by_actor.insert(actor.get_id(), id);
                                 st.used += bytes;
                                 Ok(Spawned { id, actor, window })
                             }
@@ -263,6 +295,15 @@ impl Actor for ManagerActor {
                 st.admitting = false;
                 let _ = reply.send(());
             }
+            ManagerMsg::Sessions(reply) => {
+                let _ = reply.send(st.sessions.values().map(|s| s.actor.clone()).collect());
+            }
+            ManagerMsg::Fail(why) => {
+                for open in st.sessions.values() {
+                    let _ = open.actor.cast(SessionMsg::Fail(why.clone()));
+                }
+                st.failed = Some(why);
+            }
         }
         Ok(())
     }
@@ -281,12 +322,7 @@ impl Actor for ManagerActor {
             SupervisionEvent::ActorTerminated(cell, _, _) => cell,
             _ => return Ok(()),
         };
-        let id = st
-            .sessions
-            .iter()
-            .find(|(_, s)| s.actor.get_id() == cell.get_id())
-            .map(|(&id, _)| id);
-        if let Some(id) = id {
+        if let Some(&id) = st.by_actor.get(&cell.get_id()) {
             st.release(id);
         }
         Ok(())

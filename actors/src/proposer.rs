@@ -186,9 +186,9 @@ impl Actor for ProposerActor {
             },
         )?;
         let open = Arc::new(AtomicBool::new(true));
-        let link = (!rtt.is_zero()).then(|| {
+        let link = worker.sender().filter(|_| !rtt.is_zero()).map(|thread| {
             let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(run_link(rx, worker.sender(), open.clone()));
+            tokio::spawn(run_link(rx, thread, open.clone()));
             tx
         });
         Ok(ProposerState {
@@ -197,6 +197,20 @@ impl Actor for ProposerActor {
             rtt,
             open,
         })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        // Stopped (not killed): wait for the drafting thread, so a shutdown ends with it.
+        st.open.store(false, Ordering::Release);
+        st.link = None;
+        if let Some(thread) = st.worker.stop() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+        Ok(())
     }
 
     async fn handle(

@@ -116,6 +116,13 @@ pub enum SeqRequest {
         /// The turn.
         turn: Turn,
     },
+    /// End the sequence's turn without waiting for it to finish: the tokens committed so far stay
+    /// in its window. Answered with [`TurnUpdate::Cancelled`] at once, or (when its work is in the
+    /// step in flight) with that step's emission, marked finished.
+    Cancel {
+        /// Sequence.
+        seq: SeqId,
+    },
     /// Forget a sequence.
     Close {
         /// Sequence.
@@ -130,4 +137,6 @@ pub enum TurnUpdate {
     Emitted(Emission),
     /// The turn failed; the session's next turn may start.
     Failed(RuntimeError),
+    /// The turn was cancelled as asked before any more of it was emitted; the next may start.
+    Cancelled,
 }

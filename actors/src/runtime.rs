@@ -9,10 +9,11 @@
 //!     .await?;
 //! let session = runtime.spawn_session(SessionConfig::default()).await?;
 //! let (tokens, stats) = session.generate(vec![1, 2, 3], GenerateParams::default())?.collect().await?;
-//! runtime.shutdown().await;
+//! runtime.shutdown().await?;
 //! # Ok(()) }
 //! ```
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,10 +28,12 @@ use crate::config::{GenerateParams, Prompt, SchedulerConfig, SessionConfig};
 use crate::error::RuntimeError;
 use crate::events::{SessionInfo, TurnStream};
 use crate::faults::FaultPlan;
+use crate::health::{Health, HealthCell};
 use crate::manager::{BudgetInfo, ManagerActor, ManagerArgs, ManagerMsg, Spawned};
 use crate::policy::SchedulerStats;
 use crate::scheduler::{SchedulerActor, SchedulerArgs, SchedulerMsg};
 use crate::session::SessionMsg;
+use crate::supervisor::{SupervisorActor, SupervisorMsg};
 use crate::SessionId;
 
 /// A shared factory of verifiers, for a caller that picks the model at run time:
@@ -211,7 +214,9 @@ impl RuntimeBuilder {
                 )));
             }
         }
-        let (scheduler, _) = Actor::spawn(
+        let health = HealthCell::new();
+        let (root, _) = Actor::spawn(None, SupervisorActor, health.clone()).await?;
+        let (scheduler, _) = Actor::spawn_linked(
             None,
             SchedulerActor,
             SchedulerArgs {
@@ -223,10 +228,12 @@ impl RuntimeBuilder {
                 faults: self.faults.clone(),
                 step_timeout: self.step_timeout,
                 max_restarts: self.max_restarts,
+                health: health.clone(),
             },
+            root.get_cell(),
         )
         .await?;
-        let (manager, _) = Actor::spawn(
+        let (manager, _) = Actor::spawn_linked(
             None,
             ManagerActor,
             ManagerArgs {
@@ -241,12 +248,19 @@ impl RuntimeBuilder {
                 tokenizer: self.tokenizer.clone(),
                 faults: self.faults,
             },
+            root.get_cell(),
         )
         .await?;
+        root.cast(SupervisorMsg::Watch {
+            manager: manager.clone(),
+            scheduler: scheduler.clone(),
+        })?;
         Ok(Runtime {
             inner: Arc::new(Inner {
+                root,
                 manager,
                 scheduler,
+                health,
                 slot_bytes,
                 tokenizer: self.tokenizer,
             }),
@@ -255,10 +269,21 @@ impl RuntimeBuilder {
 }
 
 struct Inner {
+    root: ActorRef<SupervisorMsg>,
     manager: ActorRef<ManagerMsg>,
     scheduler: ActorRef<SchedulerMsg>,
+    health: HealthCell,
     slot_bytes: u64,
     tokenizer: Option<Arc<Tokenizer>>,
+}
+
+impl Drop for Inner {
+    /// The last `Runtime` is gone: stop every actor (those under the root stop with it). Pending
+    /// turns end with `SessionClosed`; the model threads finish the step they hold and exit.
+    fn drop(&mut self) {
+        self.health.shutting_down();
+        self.root.stop(Some("the runtime was dropped".into()));
+    }
 }
 
 /// A running troupe: one shared verifier serving many sessions. Cheap to clone.
@@ -336,20 +361,66 @@ impl Runtime {
         self.inner.tokenizer.as_deref()
     }
 
-    /// Stops admitting sessions, lets every active turn finish, then stops all actors.
-    pub async fn shutdown(&self) {
-        let _ = ask(&self.inner.manager, "manager", ManagerMsg::StopAdmitting).await;
-        let _ = self
-            .inner
-            .scheduler
-            .call(SchedulerMsg::Drain, Some(Duration::from_secs(600)))
+    /// Whether the runtime serves: [`Health::Failed`] once the scheduler or the session manager
+    /// has died or the verifier has failed past its restart limit (a server answers 503 then).
+    /// Answered from shared state, without asking an actor.
+    pub fn health(&self) -> Health {
+        self.inner.health.get()
+    }
+
+    /// Stops admitting sessions, lets every active turn finish (within `SHUTDOWN_DRAIN`), then
+    /// stops every actor and waits for them, the model threads included. An error says what did
+    /// not end in time; the actors are stopped all the same.
+    pub async fn shutdown(&self) -> Result<(), RuntimeError> {
+        let inner = &self.inner;
+        inner.health.shutting_down();
+        let mut first_err = None;
+        if let Err(e) = ask(&inner.manager, "manager", ManagerMsg::StopAdmitting).await {
+            first_err.get_or_insert(e);
+        }
+        // Every turn asked for so far, queued behind another or on its way to the scheduler,
+        // is let finish: each session answers once it has none.
+        let sessions = ask(&inner.manager, "manager", ManagerMsg::Sessions)
+            .await
+            .unwrap_or_default();
+        let drained = futures::future::join_all(
+            sessions
+                .iter()
+                .map(|s| s.call(SessionMsg::Drain, Some(SHUTDOWN_DRAIN))),
+        )
+        .await;
+        if drained.iter().any(|d| matches!(d, Ok(CallResult::Timeout))) {
+            first_err.get_or_insert(RuntimeError::Timeout("turns to drain".into()));
+        }
+        // Sessions first (nothing new reaches the scheduler), then the scheduler's children (the
+        // model threads), then the rest.
+        let stop = Some("shutdown".to_string());
+        let wait = Some(SHUTDOWN_STOP);
+        inner
+            .manager
+            .stop_children_and_wait(stop.clone(), wait)
             .await;
-        self.inner.manager.stop_children(None);
-        self.inner.manager.stop(None);
-        self.inner.scheduler.stop_children(None);
-        self.inner.scheduler.stop(None);
+        inner
+            .scheduler
+            .stop_children_and_wait(stop.clone(), wait)
+            .await;
+        for cell in [inner.manager.get_cell(), inner.scheduler.get_cell()] {
+            if cell.stop_and_wait(stop.clone(), wait).await.is_err() {
+                first_err.get_or_insert(RuntimeError::Timeout("actors to stop".into()));
+            }
+        }
+        let _ = inner.root.stop_and_wait(stop, wait).await;
+        first_err.map_or(Ok(()), Err)
     }
 }
+
+/// How long `shutdown` lets active turns finish.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(600);
+/// How long `shutdown` waits for each group of actors to stop.
+const SHUTDOWN_STOP: Duration = Duration::from_secs(60);
+
+/// Names turns across the process, so a cancellation names exactly one.
+static NEXT_TURN: AtomicU64 = AtomicU64::new(1);
 
 /// A handle on one session. Clone it freely and send it anywhere.
 #[derive(Clone)]
@@ -378,14 +449,25 @@ impl SessionHandle {
         params: GenerateParams,
     ) -> Result<TurnStream, RuntimeError> {
         let (tx, rx) = mpsc::unbounded_channel();
+        let turn = NEXT_TURN.fetch_add(1, Ordering::Relaxed);
         self.actor
             .cast(SessionMsg::Generate {
+                turn,
                 prompt: prompt.into(),
                 params,
                 events: tx,
             })
             .map_err(|_| RuntimeError::SessionClosed(self.id))?;
-        Ok(TurnStream::new(rx))
+        Ok(TurnStream::new(rx, self.actor.clone(), turn))
+    }
+
+    /// Cancels every turn of the session, the running one and those queued behind it; each of
+    /// their streams ends with [`RuntimeError::Cancelled`]. The session stays open, with the
+    /// tokens already emitted in its context.
+    pub fn cancel(&self) -> Result<(), RuntimeError> {
+        self.actor
+            .cast(SessionMsg::Cancel(None))
+            .map_err(|_| RuntimeError::SessionClosed(self.id))
     }
 
     /// The session's counters and window.

@@ -14,7 +14,8 @@ use troupe_engine::{SeqId, Verifier, WindowSpec};
 use crate::config::SchedulerConfig;
 use crate::error::RuntimeError;
 use crate::faults::{ActorKind, FaultPlan};
-use crate::policy::{Completion, Dispatch, SchedulerState, SchedulerStats};
+use crate::health::{Health, HealthCell};
+use crate::policy::{Cancel, Completion, Dispatch, SchedulerState, SchedulerStats};
 use crate::proposer::{ProposerActor, ProposerArgs, ProposerMsg};
 use crate::protocol::{DraftOrder, DraftReply, Drafts, SeqRequest, StepDone, TurnUpdate};
 use crate::runtime::{DrafterFactory, VerifierFactory};
@@ -38,8 +39,6 @@ pub enum SchedulerMsg {
     StepTimeout(u64),
     /// Counters.
     Stats(RpcReplyPort<SchedulerStats>),
-    /// Answer once no turn is active.
-    Drain(RpcReplyPort<()>),
 }
 
 /// Lets `DerivedActorRef<$peer>` reach the scheduler: the conversion both ways that ractor
@@ -89,6 +88,8 @@ pub struct SchedulerArgs {
     pub step_timeout: Duration,
     /// Restarts allowed per component before giving up.
     pub max_restarts: u64,
+    /// Where a verifier lost for good is reported.
+    pub health: HealthCell,
 }
 
 struct SeqInfo {
@@ -116,9 +117,10 @@ pub struct SchedulerActorState {
     /// When the latest fresh and pipelined order of each sequence went out.
     orders_sent: HashMap<(SeqId, bool), Instant>,
     submitted_at: HashMap<SeqId, Instant>,
-    drains: Vec<RpcReplyPort<()>>,
     /// The verifier's vocabulary: a draft naming a token past it is cut there, not sent.
     vocab_size: usize,
+    /// Where a verifier lost for good is reported.
+    health: HealthCell,
     /// The timer of the step in flight: aborted when the step comes back, so at most one sleeps.
     step_deadline: Option<tokio::task::JoinHandle<Result<(), ractor::MessagingErr<SchedulerMsg>>>>,
 }
@@ -180,8 +182,8 @@ impl Actor for SchedulerActor {
             wait_timer: None,
             orders_sent: HashMap::new(),
             submitted_at: HashMap::new(),
-            drains: Vec::new(),
             vocab_size,
+            health: args.health,
             step_deadline: None,
         })
     }
@@ -220,6 +222,9 @@ impl Actor for SchedulerActor {
                 if verdict.drop {
                     return Ok(());
                 }
+                if verdict.panic {
+                    return Err(format!("injected scheduler failure on a submit of {seq}").into());
+                }
                 match st.policy.submit(seq, &tokens, turn) {
                     Ok(()) => {
                         st.submitted_at.insert(seq, Instant::now());
@@ -238,6 +243,20 @@ impl Actor for SchedulerActor {
                     st.tick_pending = true;
                     let _ = myself.cast(SchedulerMsg::Tick);
                 }
+            }
+            SchedulerMsg::Seq(SeqRequest::Cancel { seq }) => {
+                match st.policy.cancel(seq) {
+                    // Let go now; the session may start its next turn.
+                    Cancel::Now => {
+                        st.submitted_at.remove(&seq);
+                        if let Some(info) = st.seqs.get(&seq) {
+                            let _ = info.session.send_message(TurnUpdate::Cancelled);
+                        }
+                    }
+                    // Its step's emission, marked finished, says so when the step returns.
+                    Cancel::AfterStep | Cancel::NoTurn => {}
+                }
+                st.pump(&myself);
             }
             SchedulerMsg::Seq(SeqRequest::Close { seq }) => {
                 st.policy.close(seq);
@@ -292,10 +311,6 @@ impl Actor for SchedulerActor {
             SchedulerMsg::Stats(reply) => {
                 let _ = reply.send(st.policy.stats.clone());
             }
-            SchedulerMsg::Drain(reply) => {
-                st.drains.push(reply);
-                st.check_drained();
-            }
         }
         Ok(())
     }
@@ -313,6 +328,9 @@ impl Actor for SchedulerActor {
             }
             _ => return Ok(()),
         };
+        if st.health.get() == Health::ShuttingDown {
+            return Ok(()); // stopped by `shutdown`: nothing is restarted
+        }
         let id = cell.get_id();
         if st.verifier.as_ref().is_some_and(|v| v.get_id() == id) {
             tracing::error!(reason = %why, "verifier failed; restarting it and replaying in-flight work");
@@ -337,7 +355,6 @@ impl SchedulerActorState {
             return;
         };
         if self.policy.busy() || !self.policy.has_work() {
-            self.check_drained();
             return;
         }
         if self.proposer.is_some() && self.policy.awaiting_drafts() {
@@ -461,23 +478,27 @@ impl SchedulerActorState {
     ) -> Result<(), ActorProcessingErr> {
         if self.policy.stats.verifier_restarts >= self.max_restarts {
             self.policy.verifier_restarted();
-            self.fail_all(RuntimeError::TooManyRestarts {
+            let why = RuntimeError::TooManyRestarts {
                 restarts: self.max_restarts,
-            });
+            };
+            self.health.fail(why.to_string());
+            self.fail_all(why);
             return Ok(());
         }
         self.policy.verifier_restarted();
         let factory = self.verifier_factory.clone();
         let model = match tokio::task::spawn_blocking(move || factory()).await {
-            Ok(Ok(m)) => m,
-            Ok(Err(e)) => {
-                self.policy.verifier_restarted();
-                self.fail_all(RuntimeError::RebuildFailed(e.to_string()));
-                return Ok(());
-            }
+            Ok(Ok(m)) => Ok(m),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let model = match model {
+            Ok(m) => m,
             Err(e) => {
                 self.policy.verifier_restarted();
-                self.fail_all(RuntimeError::RebuildFailed(e.to_string()));
+                let why = RuntimeError::RebuildFailed(e);
+                self.health.fail(why.to_string());
+                self.fail_all(why);
                 return Ok(());
             }
         };
@@ -563,22 +584,11 @@ impl SchedulerActorState {
         if self.policy.active() > 0 {
             tracing::error!(reason = %why, "failing every active turn");
         }
-        for seq in self.policy.seq_ids() {
-            if self.policy.seq(seq).is_some_and(|e| e.turn.is_some()) {
-                if let Some(info) = self.seqs.get(&seq) {
-                    let _ = info.session.send_message(TurnUpdate::Failed(why.clone()));
-                }
-                self.policy.abort_turn(seq);
+        for seq in self.policy.turn_ids() {
+            if let Some(info) = self.seqs.get(&seq) {
+                let _ = info.session.send_message(TurnUpdate::Failed(why.clone()));
             }
-        }
-        self.check_drained();
-    }
-
-    fn check_drained(&mut self) {
-        if self.policy.active() == 0 {
-            for r in self.drains.drain(..) {
-                let _ = r.send(());
-            }
+            self.policy.abort_turn(seq);
         }
     }
 }

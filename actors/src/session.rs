@@ -11,8 +11,9 @@ use tokio::sync::mpsc;
 use troupe_engine::{SamplingParams, Tokenizer, WindowSpec};
 
 use crate::config::{GenerateParams, Prompt, SessionConfig};
+use crate::detokenize::TextStream;
 use crate::error::RuntimeError;
-use crate::events::{quantile, Event, SessionInfo, TurnStats};
+use crate::events::{quantile, Event, SessionInfo, TurnId, TurnSink, TurnStats};
 use crate::faults::{ActorKind, FaultPlan};
 use crate::protocol::{Emission, SeqRequest, Turn, TurnUpdate};
 use crate::SessionId;
@@ -21,6 +22,8 @@ use crate::SessionId;
 pub enum SessionMsg {
     /// Start (or queue) a turn.
     Generate {
+        /// The turn's name, for a later cancellation.
+        turn: TurnId,
         /// Input.
         prompt: Prompt,
         /// Parameters.
@@ -30,8 +33,14 @@ pub enum SessionMsg {
     },
     /// The scheduler's word on the current turn.
     Update(TurnUpdate),
+    /// Cancel one turn (its stream was dropped), or every turn of the session (`None`).
+    Cancel(Option<TurnId>),
+    /// The scheduler is gone: fail every turn, now and later, with this error.
+    Fail(RuntimeError),
     /// Report.
     Info(RpcReplyPort<SessionInfo>),
+    /// Answer once no turn runs or waits (for `shutdown`).
+    Drain(RpcReplyPort<()>),
 }
 
 impl From<TurnUpdate> for SessionMsg {
@@ -73,12 +82,24 @@ pub struct SessionArgs {
     pub faults: FaultPlan,
 }
 
+/// A turn asked for and not yet started.
+struct Queued {
+    turn: TurnId,
+    prompt: Prompt,
+    params: GenerateParams,
+    sink: TurnSink,
+}
+
+/// The turn the scheduler is running.
 struct Active {
-    events: mpsc::UnboundedSender<Event>,
+    turn: TurnId,
+    sink: TurnSink,
+    /// Cancelled, and waiting for the scheduler's word that it let go of the turn.
+    cancelled: bool,
     started: Instant,
     first_token: Option<f64>,
     ids: Vec<u32>,
-    text_sent: usize,
+    text: Option<TextStream>,
     drafted: usize,
     accepted: usize,
     steps: usize,
@@ -88,8 +109,12 @@ struct Active {
 /// The session's state.
 pub struct SessionState {
     args: SessionArgs,
-    queue: VecDeque<(Prompt, GenerateParams, mpsc::UnboundedSender<Event>)>,
+    queue: VecDeque<Queued>,
     active: Option<Active>,
+    /// Set when the scheduler is gone: every turn fails with it.
+    failed: Option<RuntimeError>,
+    /// Who waits for the session to be idle.
+    drains: Vec<RpcReplyPort<()>>,
     turns: u64,
     tokens_seen: u64,
     drafted: u64,
@@ -120,6 +145,8 @@ impl Actor for SessionActor {
             args,
             queue: VecDeque::new(),
             active: None,
+            failed: None,
+            drains: Vec::new(),
             turns: 0,
             tokens_seen: 0,
             drafted: 0,
@@ -138,7 +165,11 @@ impl Actor for SessionActor {
             SessionMsg::Generate { .. } => "generate",
             SessionMsg::Update(TurnUpdate::Emitted(_)) => "tokens",
             SessionMsg::Update(TurnUpdate::Failed(_)) => "failed",
+            SessionMsg::Update(TurnUpdate::Cancelled) => "cancelled",
+            SessionMsg::Cancel(_) => "cancel",
+            SessionMsg::Fail(_) => "fail",
             SessionMsg::Info(_) => "info",
+            SessionMsg::Drain(_) => "drain",
         };
         let verdict = st.args.faults.check(ActorKind::Session, name);
         if verdict.drop {
@@ -152,22 +183,46 @@ impl Actor for SessionActor {
         }
         match msg {
             SessionMsg::Generate {
+                turn,
                 prompt,
                 params,
                 events,
             } => {
-                st.queue.push_back((prompt, params, events));
+                let sink = TurnSink::new(events, st.args.id);
+                if let Some(why) = &st.failed {
+                    sink.end(Err(why.clone()));
+                    return Ok(());
+                }
+                st.queue.push_back(Queued {
+                    turn,
+                    prompt,
+                    params,
+                    sink,
+                });
                 st.start_next();
             }
             SessionMsg::Update(TurnUpdate::Emitted(e)) => st.emitted(e),
-            SessionMsg::Update(TurnUpdate::Failed(why)) => {
-                if let Some(a) = st.active.take() {
-                    let _ = a.events.send(Event::Error(why));
+            SessionMsg::Update(TurnUpdate::Failed(why)) => st.end_active(Err(why)),
+            SessionMsg::Update(TurnUpdate::Cancelled) => {
+                st.end_active(Err(RuntimeError::Cancelled(st.args.id)))
+            }
+            SessionMsg::Cancel(turn) => st.cancel(turn),
+            SessionMsg::Fail(why) => {
+                for q in st.queue.drain(..) {
+                    q.sink.end(Err(why.clone()));
                 }
-                st.start_next();
+                if let Some(a) = st.active.take() {
+                    a.sink.end(Err(why.clone()));
+                }
+                st.failed = Some(why);
+                st.answer_drains();
             }
             SessionMsg::Info(reply) => {
                 let _ = reply.send(st.info());
+            }
+            SessionMsg::Drain(reply) => {
+                st.drains.push(reply);
+                st.answer_drains();
             }
         }
         Ok(())
@@ -189,9 +244,25 @@ impl SessionState {
         Ok(tok.encode(&full)?)
     }
 
+    /// Answers those waiting for the session to be idle, if it is.
+    fn answer_drains(&mut self) {
+        if self.active.is_none() && self.queue.is_empty() {
+            for r in self.drains.drain(..) {
+                let _ = r.send(());
+            }
+        }
+    }
+
     fn start_next(&mut self) {
         while self.active.is_none() {
-            let Some((prompt, params, events)) = self.queue.pop_front() else {
+            let Some(Queued {
+                turn,
+                prompt,
+                params,
+                sink,
+            }) = self.queue.pop_front()
+            else {
+                self.answer_drains();
                 return;
             };
             let started = Instant::now();
@@ -221,12 +292,12 @@ impl SessionState {
             let (tokens, sampling) = match checked {
                 Ok(x) => x,
                 Err(e) => {
-                    let _ = events.send(Event::Error(e));
+                    sink.end(Err(e));
                     continue;
                 }
             };
             if params.max_new_tokens == 0 {
-                let _ = events.send(Event::Done(TurnStats::default()));
+                sink.end(Ok(TurnStats::default()));
                 continue;
             }
             self.tokens_seen += tokens.len() as u64;
@@ -247,17 +318,17 @@ impl SessionState {
                 },
             });
             if sent.is_err() {
-                let _ = events.send(Event::Error(RuntimeError::ActorUnavailable(
-                    "scheduler".into(),
-                )));
+                sink.end(Err(RuntimeError::ActorUnavailable("scheduler".into())));
                 continue;
             }
             self.active = Some(Active {
-                events,
+                turn,
+                sink,
+                cancelled: false,
                 started,
                 first_token: None,
                 ids: Vec::new(),
-                text_sent: 0,
+                text: self.args.tokenizer.clone().map(TextStream::new),
                 drafted: 0,
                 accepted: 0,
                 steps: 0,
@@ -284,22 +355,18 @@ impl SessionState {
                 a.first_token = Some(a.started.elapsed().as_secs_f64() * 1e3);
             }
             a.ids.extend_from_slice(&e.tokens);
-            let text = self.args.tokenizer.as_ref().and_then(|t| {
-                let full = t.decode(&a.ids).ok()?;
-                if full.ends_with('\u{FFFD}') || full.len() < a.text_sent {
-                    return Some(String::new());
-                }
-                let delta = full[a.text_sent..].to_string();
-                a.text_sent = full.len();
-                Some(delta)
-            });
-            let _ = a.events.send(Event::Tokens {
-                ids: e.tokens,
-                text,
-            });
+            if !a.cancelled {
+                let text = a.text.as_mut().map(|t| t.push(&e.tokens));
+                a.sink.tokens(e.tokens, text);
+            }
         }
         if e.finished {
             let a = self.active.take().expect("checked above");
+            if a.cancelled {
+                a.sink.end(Err(RuntimeError::Cancelled(self.args.id)));
+                self.start_next();
+                return;
+            }
             let latency = a.started.elapsed().as_secs_f64() * 1e3;
             if self.latencies.len() == 4096 {
                 self.latencies.pop_front();
@@ -311,7 +378,7 @@ impl SessionState {
                 .tokenizer
                 .as_ref()
                 .and_then(|t| t.decode(&a.ids).ok());
-            let _ = a.events.send(Event::Done(TurnStats {
+            a.sink.end(Ok(TurnStats {
                 tokens: a.ids.len(),
                 drafted: a.drafted,
                 accepted: a.accepted,
@@ -322,6 +389,48 @@ impl SessionState {
                 text,
             }));
             self.start_next();
+        }
+    }
+
+    /// Ends the running turn with `last` (a failure, or the scheduler's word that a cancelled turn
+    /// is let go) and starts the next.
+    fn end_active(&mut self, last: Result<TurnStats, RuntimeError>) {
+        if let Some(a) = self.active.take() {
+            let last = match last {
+                Err(_) if a.cancelled => Err(RuntimeError::Cancelled(self.args.id)),
+                other => other,
+            };
+            a.sink.end(last);
+        }
+        self.start_next();
+    }
+
+    /// Cancels turn `turn` (every turn when `None`): a queued one ends now; the running one once
+    /// the scheduler lets go of it, since the next may not start before.
+    fn cancel(&mut self, turn: Option<TurnId>) {
+        let id = self.args.id;
+        let mut kept = VecDeque::with_capacity(self.queue.len());
+        for q in self.queue.drain(..) {
+            if turn.is_none_or(|t| t == q.turn) {
+                q.sink.end(Err(RuntimeError::Cancelled(id)));
+            } else {
+                kept.push_back(q);
+            }
+        }
+        self.queue = kept;
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        if a.cancelled || turn.is_some_and(|t| t != a.turn) {
+            return;
+        }
+        a.cancelled = true;
+        let asked = self
+            .args
+            .scheduler
+            .send_message(SeqRequest::Cancel { seq: id });
+        if asked.is_err() {
+            self.end_active(Err(RuntimeError::Cancelled(id)));
         }
     }
 

@@ -121,6 +121,19 @@ impl Actor for VerifierActor {
         Ok(worker)
     }
 
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        worker: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        // Stopped (not killed): the thread finishes the step it holds, then the actor is gone, so
+        // a shutdown returns with the model released.
+        if let Some(thread) = worker.stop() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+        Ok(())
+    }
+
     async fn handle(
         &self,
         _myself: ActorRef<Self::Msg>,

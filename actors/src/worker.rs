@@ -9,7 +9,7 @@ use crossbeam_channel::{unbounded, Sender};
 
 /// The sending end of a worker thread. Dropping it lets the thread finish its queue and exit.
 pub struct Worker<J> {
-    tx: Sender<J>,
+    tx: Option<Sender<J>>,
     handle: Option<JoinHandle<()>>,
 }
 
@@ -38,19 +38,26 @@ impl<J: Send + 'static> Worker<J> {
                 }
             })?;
         Ok(Self {
-            tx,
+            tx: Some(tx),
             handle: Some(handle),
         })
     }
 
     /// Queues a job; false if the thread has ended.
     pub fn send(&self, job: J) -> bool {
-        self.tx.send(job).is_ok()
+        self.tx.as_ref().is_some_and(|tx| tx.send(job).is_ok())
     }
 
-    /// Another sending end of the thread's queue.
-    pub fn sender(&self) -> Sender<J> {
+    /// Another sending end of the thread's queue (`None` once stopped).
+    pub fn sender(&self) -> Option<Sender<J>> {
         self.tx.clone()
+    }
+
+    /// Closes the queue: the thread finishes the jobs already queued and exits. Returns its
+    /// handle, for a caller that waits for it (once; `None` after).
+    pub fn stop(&mut self) -> Option<JoinHandle<()>> {
+        self.tx = None;
+        self.handle.take()
     }
 
     /// Whether the thread is still running.

@@ -248,7 +248,7 @@ async fn measure(
                 &after,
             ));
         }
-        rt.shutdown().await;
+        rt.shutdown().await?;
     }
     Ok(rows)
 }

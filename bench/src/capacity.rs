@@ -254,7 +254,7 @@ async fn measure(
             wall_ms,
         });
     }
-    rt.shutdown().await;
+    rt.shutdown().await?;
     Ok(rows)
 }
 

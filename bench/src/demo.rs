@@ -234,7 +234,7 @@ impl DemoModels {
         let rt = b.build().await?;
         stream(&rt, &prompts[..1], params.clone()).await?;
         let run = stream(&rt, prompts, params).await;
-        rt.shutdown().await;
+        rt.shutdown().await?;
         run
     }
 }

@@ -217,7 +217,7 @@ async fn measure(
     }
     let serve_wall_ms = start.elapsed().as_secs_f64() * 1e3;
     let stats = rt.stats().await?;
-    rt.shutdown().await;
+    rt.shutdown().await?;
 
     let turns = turns.lock().expect("not poisoned").clone();
     let delay_ms = plan.delay.as_secs_f64() * 1e3;

@@ -306,7 +306,7 @@ async fn converse(a: SwarmArgs, rt: troupe::Runtime) -> Result<()> {
         personas: rows,
         conversation,
     };
-    rt.shutdown().await;
+    rt.shutdown().await?;
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
         return Ok(());

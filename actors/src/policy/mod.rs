@@ -9,7 +9,7 @@
 //! finished step means for each turn), `orders` (draft orders and replies), `waits` (how long to
 //! wait for drafts) and `stats` (counters).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::Duration;
 
 use troupe_engine::{SeqId, VerifyOutcome};
@@ -61,6 +61,18 @@ pub struct Dispatch {
     pub orders: Vec<DraftOrder>,
 }
 
+/// What a cancellation did, from [`SchedulerState::cancel`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cancel {
+    /// The turn was ended now; its session may start its next turn.
+    Now,
+    /// The turn's work is in the step in flight: the turn ends with that step, whose emission is
+    /// marked finished.
+    AfterStep,
+    /// The sequence had no turn (it finished or failed first) or is not open.
+    NoTurn,
+}
+
 /// What a finished step produced.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Completion {
@@ -78,6 +90,9 @@ pub struct SchedulerState {
     pub config: SchedulerConfig,
     /// Open sequences, in id order (the order round robin walks them in).
     seqs: BTreeMap<SeqId, SeqEntry>,
+    /// The open sequences with a turn, in id order: what a step is planned from, so the work per
+    /// message and per step grows with the active sequences, not with the open ones.
+    turns: BTreeSet<SeqId>,
     /// Round robin: the next step starts at the first sequence whose id is at least this.
     rr: u64,
     /// The step dispatched and not yet completed.
@@ -100,6 +115,7 @@ impl SchedulerState {
         Self {
             config,
             seqs: BTreeMap::new(),
+            turns: BTreeSet::new(),
             rr: 0,
             in_flight: None,
             next_id: 1,
@@ -117,6 +133,7 @@ impl SchedulerState {
 
     /// Forgets a sequence; a step in flight for it is ignored when it returns.
     pub fn close(&mut self, seq: SeqId) -> bool {
+        self.turns.remove(&seq);
         self.seqs.remove(&seq).is_some()
     }
 
@@ -126,8 +143,14 @@ impl SchedulerState {
     }
 
     /// Open sequences.
+    #[cfg(test)]
     pub fn seq_ids(&self) -> Vec<SeqId> {
         self.seqs.keys().copied().collect()
+    }
+
+    /// Sequences with a turn, in id order.
+    pub fn turn_ids(&self) -> Vec<SeqId> {
+        self.turns.iter().copied().collect()
     }
 
     /// Whether a step is in flight.
@@ -137,7 +160,7 @@ impl SchedulerState {
 
     /// Number of sequences with an active turn.
     pub fn active(&self) -> usize {
-        self.seqs.values().filter(|s| s.turn.is_some()).count()
+        self.turns.len()
     }
 
     /// Starts a turn: `tokens` join the sequence's history and will be prefilled.
@@ -160,6 +183,7 @@ impl SchedulerState {
         e.content = false;
         if turn.remaining > 0 {
             e.turn = Some(turn);
+            self.turns.insert(seq);
         }
         Ok(())
     }
@@ -168,12 +192,33 @@ impl SchedulerState {
     pub fn abort_turn(&mut self, seq: SeqId) {
         if let Some(e) = self.seqs.get_mut(&seq) {
             e.turn = None;
+            e.forget_drafts();
         }
+        self.turns.remove(&seq);
+    }
+
+    /// Cancels a sequence's turn, keeping what it committed. A turn whose work is in the step in
+    /// flight is asked for no more tokens, so it ends with that step; any other ends now, and its
+    /// drafts are forgotten (orders still out come back and are dropped, returning their credit).
+    pub fn cancel(&mut self, seq: SeqId) -> Cancel {
+        let Some(e) = self.seqs.get_mut(&seq) else {
+            return Cancel::NoTurn;
+        };
+        let Some(turn) = e.turn.as_mut() else {
+            return Cancel::NoTurn;
+        };
+        if e.in_step {
+            // No token left to emit: `apply_outcomes` ends the turn with the step.
+            turn.remaining = 0;
+            return Cancel::AfterStep;
+        }
+        self.abort_turn(seq);
+        Cancel::Now
     }
 
     /// Whether there is anything for the verifier to do.
     pub fn has_work(&self) -> bool {
-        self.seqs.values().any(|s| s.turn.is_some() && !s.in_step)
+        self.turns.iter().any(|s| !self.seqs[s].in_step)
     }
 
     /// Plans the next step and the pipelined draft orders to send with it; `None` when a step is

@@ -16,6 +16,14 @@ pub const MAX_ORDERS_IN_FLIGHT: usize = 2;
 const ORDER_EXPIRY_STEPS: u64 = 8;
 
 impl SchedulerState {
+    /// How many sequences with a turn have only their last token left to feed.
+    fn decoding(&self) -> usize {
+        self.turns
+            .iter()
+            .filter(|s| self.seqs[*s].is_decoding())
+            .count()
+    }
+
     /// Whether a sequence may be sent one more draft order: under its credit, or its unanswered
     /// orders are so old they are presumed lost.
     fn may_order(&self, e: &SeqEntry) -> bool {
@@ -93,7 +101,7 @@ impl SchedulerState {
     /// orders fresh drafts for the step's other decoding sequences.
     pub(super) fn follow_up_orders(&mut self, chosen: &[Chosen]) -> Vec<DraftOrder> {
         let steps = self.stats.steps;
-        let decoding = self.seqs.values().filter(|s| s.is_decoding()).count();
+        let decoding = self.decoding();
         let withheld = self.orders_withheld();
         let mut orders = Vec::new();
         for seq in chosen.iter().map(|c| c.seq) {
@@ -134,10 +142,9 @@ impl SchedulerState {
             return Vec::new();
         }
         let steps = self.stats.steps;
-        let decoding = self.seqs.values().filter(|s| s.is_decoding()).count();
+        let decoding = self.decoding();
         let mut orders = Vec::new();
-        let ids: Vec<SeqId> = self.seqs.keys().copied().collect();
-        for seq in ids {
+        for seq in self.turn_ids() {
             let e = &self.seqs[&seq];
             let len = e.history.len();
             if !e.is_decoding()

@@ -82,6 +82,9 @@ impl SchedulerState {
                     e.turn = None;
                 }
             }
+            if finished {
+                self.turns.remove(&c.seq);
+            }
             emissions.push(Emission {
                 seq: c.seq,
                 tokens: o.tokens.clone(),

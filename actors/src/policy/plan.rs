@@ -61,10 +61,10 @@ impl SchedulerState {
             return None;
         }
         let ids: Vec<SeqId> = self
-            .seqs
+            .turns
             .iter()
-            .filter(|(_, s)| s.turn.is_some() && !s.in_step)
-            .map(|(&id, _)| id)
+            .copied()
+            .filter(|id| !self.seqs[id].in_step)
             .collect();
         if ids.is_empty() {
             return None;

@@ -81,6 +81,15 @@ impl SeqEntry {
         }
     }
 
+    /// Forgets the drafts ready or coming (orders still out are dropped when they come back, which
+    /// returns their credit).
+    pub(super) fn forget_drafts(&mut self) {
+        self.ready = None;
+        self.pipe = None;
+        self.pipe_reply = None;
+        self.awaiting = None;
+    }
+
     /// Tokens of the history not yet in the verifier's window.
     pub(super) fn pending(&self) -> usize {
         self.history.len() - self.committed

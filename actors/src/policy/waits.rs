@@ -2,7 +2,6 @@
 //! are expected to save), and when drafts come back too late to be worth waiting for or ordering,
 //! from the running step time and the running order-to-reply latency.
 
-use super::seq::SeqEntry;
 use super::SchedulerState;
 use crate::cost::expected_emitted;
 
@@ -21,7 +20,7 @@ fn ema(ema: Option<f64>, x: f64) -> f64 {
 impl SchedulerState {
     /// Whether some decoding sequence still waits for a draft that can apply (fresh or pipelined).
     pub fn awaiting_drafts(&self) -> bool {
-        self.seqs.values().any(SeqEntry::waits_for_draft)
+        self.turns.iter().any(|s| self.seqs[s].waits_for_draft())
     }
 
     /// How long a step may wait for drafts, in seconds. Adapted (no `draft_wait`), the wait is
@@ -80,12 +79,13 @@ impl SchedulerState {
     /// acceptance estimate.
     fn expected_draft_gain(&self) -> f64 {
         let k = self.config.max_draft_len;
-        let gains: Vec<f64> = self
-            .seqs
-            .values()
-            .filter(|s| s.is_decoding())
-            .map(|s| expected_emitted(s.alpha, k) - 1.0)
-            .collect();
-        gains.iter().sum::<f64>() / gains.len().max(1) as f64
+        let (mut sum, mut n) = (0.0, 0usize);
+        for s in self.turns.iter().map(|id| &self.seqs[id]) {
+            if s.is_decoding() {
+                sum += expected_emitted(s.alpha, k) - 1.0;
+                n += 1;
+            }
+        }
+        sum / n.max(1) as f64
     }
 }
