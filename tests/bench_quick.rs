@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use troupe::engine::ModelConfig;
 use troupe_bench::models::{preset_dir, ModelChoice};
-use troupe_bench::{batching, capacity, kernels, persona, rtt, spec, step, Case, Env};
+use troupe_bench::{batching, capacity, kernels, persona, rtt, soak, spec, step, Case, Env};
 
 fn tiny() -> ModelConfig {
     let mut c = ModelConfig::preset("tiny").expect("preset");
@@ -150,7 +150,32 @@ fn persona_case_reports_every_size_with_the_model_time_subtracted() {
             assert!((0.0..mean).contains(&x), "{key} = {x} in {row}");
         }
         assert_eq!(num(row, "mean_steps_per_turn"), 3.0);
+        positive(row, "runtime_us_per_session_step");
     }
+}
+
+#[test]
+fn soak_samples_memory_and_comes_back_to_its_baseline() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut plan = soak::SoakPlan::with(0.05, 6).unwrap();
+    plan.sample_every = Duration::from_millis(750);
+    soak::run(&plan, &Env::new(dir.path(), "cpu").unwrap()).unwrap();
+    let v = written(dir.path(), Case::Soak);
+    assert_eq!(v["sessions"], 6);
+    assert_eq!(v["clients"], 7); // a twentieth more than the cap, rounded up
+    let samples = v["samples"].as_array().expect("samples");
+    assert!(samples.len() >= 4, "{v}");
+    assert!(samples.iter().all(|s| num(s, "rss_bytes") > 0.0));
+    assert!(num(&v, "turns") > 0.0, "{v}");
+    assert_eq!(num(&v, "unexpected_errors"), 0.0, "{}", v["errors"]);
+    // Seven clients for six seats: some were refused, and tried again.
+    assert!(
+        num(&v["errors"], "AdmissionRefused") > 0.0,
+        "{}",
+        v["errors"]
+    );
+    assert_eq!(v["kv_back_to_baseline"], true, "{v}");
+    assert_eq!(v["tasks_back_to_baseline"], true, "{v}");
 }
 
 #[test]

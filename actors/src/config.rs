@@ -226,6 +226,11 @@ pub struct SchedulerConfig {
     /// and waits not at all for drafts that come back later than that (a distant or overloaded
     /// proposer), so waiting does not make decoding slower than plain.
     pub draft_wait: Option<Duration>,
+    /// Longest a step waits for the next turn of a session whose turn the step before ended, so
+    /// sessions that answer at once stay in the same step; `None` adapts it (a tenth of a
+    /// step, at most 10 ms, and none while such turns do not come that fast).
+    #[serde(default)]
+    pub turnaround_wait: Option<Duration>,
 }
 
 impl Default for SchedulerConfig {
@@ -238,6 +243,7 @@ impl Default for SchedulerConfig {
             pipelined: true,
             adaptive: true,
             draft_wait: None,
+            turnaround_wait: None,
         }
     }
 }
@@ -282,6 +288,13 @@ impl SchedulerConfig {
     /// A fixed longest wait for drafts, or `None` to adapt it.
     pub fn with_draft_wait(mut self, wait: Option<Duration>) -> Self {
         self.draft_wait = wait;
+        self
+    }
+
+    /// A fixed longest wait for the next turn of a session whose turn just ended, or `None` to
+    /// adapt it (`Some(Duration::ZERO)`: never wait).
+    pub fn with_turnaround_wait(mut self, wait: Option<Duration>) -> Self {
+        self.turnaround_wait = wait;
         self
     }
 

@@ -110,6 +110,11 @@ pub struct SchedulerActorState {
     step_timeout: Duration,
     max_restarts: u64,
     awaiting_since: Option<Instant>,
+    /// When the last step came back.
+    step_ended: Option<Instant>,
+    /// A step about to start an idle verifier waits for more turns: since when, and how many
+    /// came.
+    gathering: Option<(Instant, usize)>,
     tick_pending: bool,
     /// When the `WaitOver` timer set last fires; kept apart from `tick_pending`, so turns that
     /// arrive during a long draft wait are still dispatched at once when the wait is moot.
@@ -178,6 +183,8 @@ impl Actor for SchedulerActor {
             step_timeout: args.step_timeout,
             max_restarts: args.max_restarts,
             awaiting_since: None,
+            step_ended: None,
+            gathering: None,
             tick_pending: false,
             wait_timer: None,
             orders_sent: HashMap::new(),
@@ -224,6 +231,13 @@ impl Actor for SchedulerActor {
                 }
                 if verdict.panic {
                     return Err(format!("injected scheduler failure on a submit of {seq}").into());
+                }
+                let since_step = st
+                    .step_ended
+                    .map_or(f64::MAX, |t| t.elapsed().as_secs_f64());
+                st.policy.observe_turnaround(seq, since_step);
+                if let Some((_, caught)) = &mut st.gathering {
+                    *caught += 1;
                 }
                 match st.policy.submit(seq, &tokens, turn) {
                     Ok(()) => {
@@ -371,6 +385,36 @@ impl SchedulerActorState {
             }
         }
         self.awaiting_since = None;
+        if self.policy.awaiting_turnaround() {
+            let wait = Duration::from_secs_f64(self.policy.turnaround_wait());
+            let waited = self.step_ended.map_or(Duration::MAX, |t| t.elapsed());
+            if waited < wait {
+                let due = Instant::now() + (wait - waited);
+                if self.wait_timer.is_none_or(|t| t > due) {
+                    self.wait_timer = Some(due);
+                    myself.send_after(wait - waited, || SchedulerMsg::WaitOver);
+                }
+                return;
+            }
+            self.policy.turnaround_over();
+        }
+        let window = Duration::from_secs_f64(self.policy.turnaround_window());
+        let idle = self.step_ended.is_none_or(|t| t.elapsed() > window);
+        if idle || self.gathering.is_some() {
+            let (since, caught) = *self.gathering.get_or_insert((Instant::now(), 0));
+            let wait = Duration::from_secs_f64(self.policy.gather_wait());
+            let waited = since.elapsed();
+            if waited < wait {
+                let due = since + wait;
+                if self.wait_timer.is_none_or(|t| t > due) {
+                    self.wait_timer = Some(due);
+                    myself.send_after(wait - waited, || SchedulerMsg::WaitOver);
+                }
+                return;
+            }
+            self.gathering = None;
+            self.policy.gather_over(caught);
+        }
         let span = tracing::info_span!("schedule", active = self.policy.active());
         let dispatch = {
             let _enter = span.enter();
@@ -454,6 +498,7 @@ impl SchedulerActorState {
         let span = tracing::info_span!("accept", step = id, seqs = outcomes.len());
         let _enter = span.enter();
         let Completion { emissions, orders } = self.policy.complete(id, &outcomes, elapsed);
+        self.step_ended = Some(Instant::now());
         for e in emissions {
             if !e.tokens.is_empty() {
                 if let Some(p) = &self.proposer {

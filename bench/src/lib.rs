@@ -22,6 +22,7 @@ pub mod models;
 pub mod persona;
 pub mod plot;
 pub mod rtt;
+pub mod soak;
 pub mod spec;
 pub mod step;
 
@@ -52,11 +53,14 @@ pub enum Case {
     /// Each kernel (skinny matmul, its epilogues, greedy acceptance) against Burn's own ops and the
     /// bandwidth floor, and a 28-layer Qwen3-1.7B-shaped projection chain.
     Kernels,
+    /// Sessions opening, taking turns (some cancelled), closing and reopening on the shipped
+    /// verifier for minutes: memory, tasks, reserved bytes and errors over time.
+    Soak,
 }
 
 impl Case {
     /// Every case, in the order `troupe bench --help` lists them.
-    pub const ALL: [Case; 7] = [
+    pub const ALL: [Case; 8] = [
         Case::Step,
         Case::Batching,
         Case::PersonaStress,
@@ -64,6 +68,7 @@ impl Case {
         Case::RttSweep,
         Case::SpecSpeedup,
         Case::Kernels,
+        Case::Soak,
     ];
 
     /// The name used on the command line and for the output files.
@@ -76,6 +81,7 @@ impl Case {
             Case::RttSweep => "rtt-sweep",
             Case::SpecSpeedup => "spec-speedup",
             Case::Kernels => "kernels",
+            Case::Soak => "soak",
         }
     }
 }
@@ -109,6 +115,8 @@ pub struct Env {
     pub weights: Option<WeightDtype>,
     /// The draft model of the cases that speculate with one; `None`: the shipped one.
     pub drafter: Option<PathBuf>,
+    /// The soak's minutes and sessions, when not its defaults.
+    pub soak: Option<(f64, usize)>,
 }
 
 impl Env {
@@ -121,6 +129,7 @@ impl Env {
             model: ModelChoice::Default,
             weights: None,
             drafter: None,
+            soak: None,
         })
     }
 
@@ -207,6 +216,14 @@ pub fn run(case: Case, quick: bool, env: &Env) -> Result<Value> {
             )
         }
         Case::Kernels => kernels::run(&kernels::KernelsPlan::new(quick), env),
+        Case::Soak => {
+            let plan = match env.soak {
+                Some((minutes, sessions)) => soak::SoakPlan::with(minutes, sessions)?,
+                None => soak::SoakPlan::new(quick)?,
+            };
+            let models = env.demo_models()?;
+            soak::run(&soak::SoakPlan { models, ..plan }, env)
+        }
     }
 }
 

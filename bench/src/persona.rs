@@ -88,11 +88,14 @@ pub struct PersonaRow {
     pub mean_ms_per_step: f64,
     /// Most sequences in one verify step.
     pub max_step_sequences: usize,
+    /// The runtime's own time per session per step: the same sessions, one message each, with no
+    /// model delay; wall time per step ÷ sessions, in microseconds.
+    pub runtime_us_per_session_step: f64,
 }
 
 /// Runs the case; returns the report it wrote.
 pub fn run(plan: &PersonaPlan, env: &Env) -> Result<serde_json::Value> {
-    let turns: usize = plan.sizes.iter().map(|(n, m)| n * m).sum();
+    let turns: usize = plan.sizes.iter().map(|(n, m)| n * (m + 1)).sum();
     let bar = progress(turns as u64, "persona-stress");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -100,7 +103,11 @@ pub fn run(plan: &PersonaPlan, env: &Env) -> Result<serde_json::Value> {
         .map_err(BenchError::AsyncRuntime)?;
     let mut rows = Vec::new();
     for &(n, m) in &plan.sizes {
-        rows.push(rt.block_on(measure(plan, n, m, &bar))?);
+        let mut row = rt.block_on(measure(plan, plan.delay, n, m, &bar))?;
+        let idle = rt.block_on(measure(plan, Duration::ZERO, n, 1, &bar))?;
+        row.runtime_us_per_session_step =
+            idle.serve_wall_ms * 1e3 / (idle.steps as f64 * n as f64).max(1.0);
+        rows.push(row.row);
     }
     bar.finish_and_clear();
     let report = json!({
@@ -134,18 +141,40 @@ struct Turn {
     first_ms: f64,
     /// Verify steps the turn took part in.
     steps: usize,
+    /// The verifier's time on those steps, injected delay included.
+    model_ms: f64,
+}
+
+/// A measurement, with the steps the runtime ran for it.
+struct Measured {
+    row: PersonaRow,
+    steps: u64,
+}
+
+impl std::ops::Deref for Measured {
+    type Target = PersonaRow;
+    fn deref(&self) -> &PersonaRow {
+        &self.row
+    }
+}
+
+impl std::ops::DerefMut for Measured {
+    fn deref_mut(&mut self) -> &mut PersonaRow {
+        &mut self.row
+    }
 }
 
 async fn measure(
     plan: &PersonaPlan,
+    delay: Duration,
     n: usize,
     m: usize,
     bar: &indicatif::ProgressBar,
-) -> Result<PersonaRow> {
+) -> Result<Measured> {
     let window = WindowSpec::default();
     let rt = RuntimeBuilder::new(|| Ok(ScriptedModel::new(Duration::ZERO)))
         .tokenizer(Tokenizer::from_json(&byte_level_tokenizer_json())?)
-        .faults(FaultPlan::default().delay(ActorKind::Verifier, "step", plan.delay))
+        .faults(FaultPlan::default().delay(ActorKind::Verifier, "step", delay))
         // One step holds every session; every prompt is prefilled in one chunk.
         .scheduler(
             SchedulerConfig::default()
@@ -184,12 +213,12 @@ async fn measure(
                 let message = format!("message {j} to persona {i}: what do you say?");
                 let mut events = s.generate(message, params.clone())?;
                 let mut first_ms = None;
-                let steps = loop {
+                let (steps, model_ms) = loop {
                     match events.next().await {
                         Some(Event::Tokens { .. }) => {
                             first_ms.get_or_insert(t.elapsed().as_secs_f64() * 1e3);
                         }
-                        Some(Event::Done(stats)) => break stats.steps,
+                        Some(Event::Done(stats)) => break (stats.steps, stats.model_ms),
                         Some(Event::Error(e)) => return Err(e.into()),
                         Some(_) => {}
                         None => {
@@ -205,6 +234,7 @@ async fn measure(
                     ms,
                     first_ms,
                     steps,
+                    model_ms,
                 };
                 turns.lock().expect("not poisoned").push(turn);
                 bar.inc(1);
@@ -220,31 +250,36 @@ async fn measure(
     rt.shutdown().await?;
 
     let turns = turns.lock().expect("not poisoned").clone();
-    let delay_ms = plan.delay.as_secs_f64() * 1e3;
     let lat: Vec<f64> = turns.iter().map(|t| t.ms).collect();
-    let over: Vec<f64> = turns
+    let over: Vec<f64> = turns.iter().map(|t| t.ms - t.model_ms).collect();
+    // The first token comes from the turn's first step: its model time is the turn's mean.
+    let wait: Vec<f64> = turns
         .iter()
-        .map(|t| t.ms - delay_ms * t.steps as f64)
+        .map(|t| t.first_ms - t.model_ms / t.steps.max(1) as f64)
         .collect();
-    let wait: Vec<f64> = turns.iter().map(|t| t.first_ms - delay_ms).collect();
     let rest: Vec<f64> = over.iter().zip(&wait).map(|(o, w)| o - w).collect();
     let per_step: Vec<f64> = turns.iter().map(|t| t.ms / t.steps.max(1) as f64).collect();
     let steps: Vec<f64> = turns.iter().map(|t| t.steps as f64).collect();
-    Ok(PersonaRow {
-        personas: n,
-        messages: m,
-        materialize_ms,
-        serve_wall_ms,
-        mean_turn_ms: mean(&lat),
-        p99_turn_ms: quantile(&lat, 0.99),
-        max_turn_ms: quantile(&lat, 1.0),
-        overhead_mean_ms: mean(&over),
-        overhead_p99_ms: quantile(&over, 0.99),
-        first_token_wait_mean_ms: mean(&wait),
-        overhead_after_first_token_mean_ms: mean(&rest),
-        mean_steps_per_turn: mean(&steps),
-        mean_ms_per_step: mean(&per_step),
-        max_step_sequences: stats.max_step_seqs,
+    let _ = plan;
+    Ok(Measured {
+        steps: stats.steps,
+        row: PersonaRow {
+            personas: n,
+            messages: m,
+            materialize_ms,
+            serve_wall_ms,
+            mean_turn_ms: mean(&lat),
+            p99_turn_ms: quantile(&lat, 0.99),
+            max_turn_ms: quantile(&lat, 1.0),
+            overhead_mean_ms: mean(&over),
+            overhead_p99_ms: quantile(&over, 0.99),
+            first_token_wait_mean_ms: mean(&wait),
+            overhead_after_first_token_mean_ms: mean(&rest),
+            mean_steps_per_turn: mean(&steps),
+            mean_ms_per_step: mean(&per_step),
+            max_step_sequences: stats.max_step_seqs,
+            runtime_us_per_session_step: 0.0,
+        },
     })
 }
 
@@ -270,6 +305,7 @@ fn table(plan: &PersonaPlan, rows: &[PersonaRow]) -> String {
                 fmt(r.first_token_wait_mean_ms),
                 fmt(r.overhead_after_first_token_mean_ms),
                 r.max_step_sequences.to_string(),
+                format!("{:.2}", r.runtime_us_per_session_step),
                 seed,
             ]
         })
@@ -288,11 +324,12 @@ fn table(plan: &PersonaPlan, rows: &[PersonaRow]) -> String {
         "of which first-token wait",
         "of which after first token",
         "max seqs/step",
+        "runtime µs / session / step (no delay)",
         "seed mean / max turn ms",
     ];
     format!(
         "Persona stress, scripted model, {d:.0} ms injected per verify step, {} tokens per message \
-         (one verify step per token). Overhead = turn latency − {d:.0} ms × the turn's steps; it \
+         (one verify step per token). Overhead = turn latency − the verifier's measured time on the turn's steps; it \
          splits into the wait before the first token (a step already in flight when the turn \
          arrives cannot take it) and the rest. A seed turn was one 50 ms model call: compare its \
          figures with \"turn ms/step\". The seed's substrate overhead was 1.5–3 ms per turn.\n\n{}",

@@ -9,8 +9,8 @@ use troupe_bench::{Case, Env, ModelChoice};
 /// Arguments of `troupe bench`.
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// The case to run: step, batching, persona-stress, agent-capacity, rtt-sweep, spec-speedup
-    /// or kernels.
+    /// The case to run: step, batching, persona-stress, agent-capacity, rtt-sweep, spec-speedup,
+    /// kernels or soak.
     #[arg(value_parser = parse_case)]
     case: Case,
     /// A smaller sweep: about a minute per case on 2 CPU cores.
@@ -39,6 +39,12 @@ pub struct BenchArgs {
     /// or stored (the checkpoint's own, the default).
     #[arg(long, value_parser = parse_weights)]
     weights: Option<WeightDtype>,
+    /// soak: how many minutes the clients run (default 30; 1 with --quick).
+    #[arg(long)]
+    minutes: Option<f64>,
+    /// soak: the session cap, with a twentieth more clients (default 1,000; 64 with --quick).
+    #[arg(long)]
+    sessions: Option<usize>,
 }
 
 /// Parses `--weights`.
@@ -62,10 +68,27 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.drafter.is_some() && !matches!(a.case, Case::SpecSpeedup | Case::RttSweep) {
         anyhow::bail!("--drafter applies to spec-speedup and rtt-sweep");
     }
-    let env = Env::new(a.out, &a.device)?
+    let soak = match (a.minutes, a.sessions) {
+        _ if a.case != Case::Soak => {
+            if a.minutes.is_some() || a.sessions.is_some() {
+                anyhow::bail!("--minutes and --sessions apply to soak");
+            }
+            None
+        }
+        (None, None) => None,
+        (m, n) => {
+            let quick = troupe_bench::soak::SoakPlan::new(a.quick)?;
+            Some((
+                m.unwrap_or(quick.duration.as_secs_f64() / 60.0),
+                n.unwrap_or(quick.sessions),
+            ))
+        }
+    };
+    let mut env = Env::new(a.out, &a.device)?
         .with_model(model)
         .with_weights(a.weights)
         .with_drafter(a.drafter);
+    env.soak = soak;
     troupe_bench::run(a.case, a.quick, &env)?;
     Ok(())
 }

@@ -24,6 +24,7 @@ mod outcomes;
 mod plan;
 mod seq;
 mod stats;
+mod turnaround;
 mod waits;
 
 pub use orders::MAX_ORDERS_IN_FLIGHT;
@@ -107,6 +108,12 @@ pub struct SchedulerState {
     step_ema: Option<f64>,
     /// Seconds from a draft order to its reply, averaged; `None` before the first reply.
     draft_latency_ema: Option<f64>,
+    /// Sequences whose turn the last step ended and whose next turn has not come yet.
+    just_finished: BTreeSet<SeqId>,
+    /// Running share of follow-up turns that came within the turn-around wait.
+    turnaround_hits: f64,
+    /// Running share of gathers at an idle verifier that caught another turn.
+    gather_hits: f64,
 }
 
 impl SchedulerState {
@@ -123,6 +130,9 @@ impl SchedulerState {
             stats: SchedulerStats::default(),
             step_ema: None,
             draft_latency_ema: None,
+            just_finished: BTreeSet::new(),
+            turnaround_hits: 1.0,
+            gather_hits: 1.0,
         }
     }
 
@@ -134,6 +144,7 @@ impl SchedulerState {
     /// Forgets a sequence; a step in flight for it is ignored when it returns.
     pub fn close(&mut self, seq: SeqId) -> bool {
         self.turns.remove(&seq);
+        self.just_finished.remove(&seq);
         self.seqs.remove(&seq).is_some()
     }
 
@@ -242,6 +253,9 @@ impl SchedulerState {
             return Completion::default();
         };
         let emissions = self.apply_outcomes(&chosen, outcomes, elapsed);
+        self.turnaround_over();
+        self.just_finished
+            .extend(emissions.iter().filter(|e| e.finished).map(|e| e.seq));
         let mut orders = self.follow_up_orders(&chosen);
         orders.extend(self.fresh_orders());
         Completion { emissions, orders }

@@ -49,7 +49,7 @@ impl SchedulerState {
     }
 
     /// The running step time in seconds (10 ms before the first step).
-    fn step_estimate(&self) -> f64 {
+    pub(super) fn step_estimate(&self) -> f64 {
         self.step_ema.unwrap_or(0.01).clamp(0.001, 1.0)
     }
 

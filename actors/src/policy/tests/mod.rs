@@ -70,6 +70,7 @@ fn config(
         pipelined: false,
         adaptive: false,
         draft_wait: Some(std::time::Duration::ZERO),
+        turnaround_wait: None,
     }
 }
 
