@@ -1,6 +1,5 @@
-//! Model configuration: parsed from a Hugging Face `config.json`, or one of the named presets.
-
-use std::path::Path;
+//! Model configuration: parsed from a Hugging Face `config.json` (see `config_json`), or one of
+//! the named presets.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -97,140 +96,71 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
-    /// Reads and validates `config.json`.
-    pub fn from_file(path: &Path) -> Result<Self> {
-        if !path.exists() {
-            return Err(EngineError::MissingFile { path: path.into() });
-        }
-        let text = std::fs::read_to_string(path).map_err(|source| EngineError::Io {
-            path: path.into(),
-            source,
-        })?;
-        let value: Value = serde_json::from_str(&text).map_err(|e| EngineError::InvalidJson {
-            path: path.into(),
-            reason: e.to_string(),
-        })?;
-        Self::from_json(&value, path)
-    }
-
-    /// Parses an HF config object. `path` only labels errors.
-    pub fn from_json(v: &Value, path: &Path) -> Result<Self> {
-        let bad = |reason: String| EngineError::InvalidJson {
-            path: path.into(),
-            reason,
-        };
-        let arch_name = v
-            .get("architectures")
-            .and_then(|a| a.get(0))
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-            .or_else(|| {
-                v.get("model_type")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned)
-            })
-            .ok_or_else(|| bad("neither `architectures` nor `model_type` is set".into()))?;
-        let architecture = match arch_name.as_str() {
-            "Qwen3ForCausalLM" | "qwen3" => Architecture::Qwen3,
-            "LlamaForCausalLM" | "llama" => Architecture::Llama,
-            _ => {
-                return Err(EngineError::UnknownArchitecture {
-                    path: path.into(),
-                    found: arch_name,
-                })
-            }
-        };
-        let int = |key: &str| -> Result<usize> {
-            v.get(key)
-                .and_then(Value::as_u64)
-                .map(|x| x as usize)
-                .ok_or_else(|| bad(format!("missing or non-integer `{key}`")))
-        };
-        let num_heads = int("num_attention_heads")?;
-        let hidden_size = int("hidden_size")?;
-        let head_dim = match v.get("head_dim").and_then(Value::as_u64) {
-            Some(h) => h as usize,
-            None if num_heads > 0 => hidden_size / num_heads,
-            None => 0,
-        };
-        // transformers 5 moved rope_theta and rope_scaling into `rope_parameters`.
-        let rope = v.get("rope_parameters").or_else(|| v.get("rope_scaling"));
-        let rope_theta = v
-            .get("rope_theta")
-            .and_then(Value::as_f64)
-            .or_else(|| {
-                rope.and_then(|r| r.get("rope_theta"))
-                    .and_then(Value::as_f64)
-            })
-            .unwrap_or(10_000.0);
-        let rope_scaling = parse_rope_scaling(rope).map_err(bad)?;
-        let token = |key: &str| -> Option<u32> {
-            match v.get(key) {
-                Some(Value::Number(n)) => n.as_u64().map(|x| x as u32),
-                Some(Value::Array(a)) => a.first().and_then(Value::as_u64).map(|x| x as u32),
-                _ => None,
-            }
-        };
-        let config = ModelConfig {
-            architecture,
-            vocab_size: int("vocab_size")?,
-            hidden_size,
-            intermediate_size: int("intermediate_size")?,
-            num_layers: int("num_hidden_layers")?,
-            num_heads,
-            num_kv_heads: v
-                .get("num_key_value_heads")
-                .and_then(Value::as_u64)
-                .map(|x| x as usize)
-                .unwrap_or(num_heads),
-            head_dim,
-            rms_norm_eps: v
-                .get("rms_norm_eps")
-                .and_then(Value::as_f64)
-                .unwrap_or(1e-6),
-            rope_theta,
-            rope_scaling,
-            tie_word_embeddings: v
-                .get("tie_word_embeddings")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-            attention_bias: v
-                .get("attention_bias")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-            max_position_embeddings: v
-                .get("max_position_embeddings")
-                .and_then(Value::as_u64)
-                .unwrap_or(2048) as usize,
-            bos_token_id: token("bos_token_id"),
-            eos_token_id: token("eos_token_id"),
-            torch_dtype: v
-                .get("dtype")
-                .or_else(|| v.get("torch_dtype"))
-                .and_then(Value::as_str)
-                .unwrap_or("float32")
-                .to_owned(),
-        };
-        config.validate()?;
-        Ok(config)
-    }
-
-    /// Checks that the sizes fit together.
+    /// Checks that the sizes fit together, that the numerics are finite and positive, and that
+    /// every tensor of the model (and the model as a whole, in f32) has a size `usize` holds.
     pub fn validate(&self) -> Result<()> {
-        let fail = |m: &str| Err(EngineError::InvalidConfig(m.to_owned()));
-        if self.vocab_size == 0 || self.hidden_size == 0 || self.num_layers == 0 {
-            return fail("vocab_size, hidden_size and num_hidden_layers must be positive");
+        let fail = |m: String| Err(EngineError::InvalidConfig(m));
+        let (v, h, i, l) = (
+            self.vocab_size,
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_layers,
+        );
+        if v == 0 || h == 0 || i == 0 || l == 0 {
+            return fail(format!(
+                "vocab_size ({v}), hidden_size ({h}), intermediate_size ({i}) and \
+                 num_hidden_layers ({l}) must be positive"
+            ));
         }
-        if self.num_heads == 0 || self.num_kv_heads == 0 || self.head_dim == 0 {
-            return fail("heads and head_dim must be positive");
+        let (heads, kv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        if heads == 0 || kv == 0 || hd == 0 {
+            return fail(format!(
+                "num_attention_heads ({heads}), num_key_value_heads ({kv}) and head_dim ({hd}) \
+                 must be positive"
+            ));
         }
-        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
-            return fail("num_attention_heads must be a multiple of num_key_value_heads");
+        if !heads.is_multiple_of(kv) {
+            return fail(format!(
+                "num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv})"
+            ));
         }
-        if !self.head_dim.is_multiple_of(2) {
-            return fail("head_dim must be even for RoPE");
+        if !hd.is_multiple_of(2) {
+            return fail(format!("head_dim ({hd}) must be even for RoPE"));
         }
-        Ok(())
+        if self.max_position_embeddings == 0 {
+            return fail("max_position_embeddings must be positive".into());
+        }
+        positive("rms_norm_eps", self.rms_norm_eps)?;
+        positive("rope_theta", self.rope_theta)?;
+        match self.rope_scaling {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => positive("rope scaling factor", factor)?,
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor: low,
+                high_freq_factor: high,
+                original_max_position_embeddings: old,
+            } => {
+                positive("rope scaling factor", factor)?;
+                positive("low_freq_factor", low)?;
+                positive("high_freq_factor", high)?;
+                positive("original_max_position_embeddings", old)?;
+                if low >= high {
+                    return fail(format!(
+                        "low_freq_factor ({low}) must be below high_freq_factor ({high})"
+                    ));
+                }
+            }
+        }
+        match self.checked_num_parameters() {
+            Some(n) if n <= isize::MAX as usize / 4 => Ok(()),
+            n => fail(format!(
+                "the sizes overflow: {} parameters (vocab_size {v}, hidden_size {h}, \
+                 intermediate_size {i}, num_hidden_layers {l}, {heads} heads of {hd}) do not fit \
+                 in memory as f32",
+                n.map_or("more than usize::MAX".into(), |n| n.to_string())
+            )),
+        }
     }
 
     /// The config as transformers 5 writes it (`rope_parameters`, `dtype`).
@@ -278,21 +208,31 @@ impl ModelConfig {
         })
     }
 
-    /// Parameters in the model, counting a tied head once.
+    /// Parameters in the model, counting a tied head once (`usize::MAX` for sizes that
+    /// overflow it, which [`ModelConfig::validate`] refuses).
     pub fn num_parameters(&self) -> usize {
+        self.checked_num_parameters().unwrap_or(usize::MAX)
+    }
+
+    /// Parameters in the model, counting a tied head once; `None` if the count overflows `usize`.
+    pub fn checked_num_parameters(&self) -> Option<usize> {
         let (h, i, hd) = (self.hidden_size, self.intermediate_size, self.head_dim);
-        let q = self.num_heads * hd;
-        let kv = self.num_kv_heads * hd;
-        let mut layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h;
-        if self.architecture == Architecture::Qwen3 {
-            layer += 2 * hd;
-        }
-        let head = if self.tie_word_embeddings {
-            0
-        } else {
-            self.vocab_size * h
+        let q = self.num_heads.checked_mul(hd)?;
+        let kv = self.num_kv_heads.checked_mul(hd)?;
+        let qk_norms = match self.architecture {
+            Architecture::Qwen3 => hd.checked_mul(2)?,
+            Architecture::Llama => 0,
         };
-        self.vocab_size * h + self.num_layers * layer + h + head
+        let layer = sum(&[
+            h.checked_mul(kv.checked_mul(2)?.checked_add(q)?)?,
+            q.checked_mul(h)?,
+            h.checked_mul(i)?.checked_mul(3)?,
+            h.checked_mul(2)?,
+            qk_norms,
+        ])?;
+        let embed = self.vocab_size.checked_mul(h)?;
+        let head = if self.tie_word_embeddings { 0 } else { embed };
+        sum(&[embed, self.num_layers.checked_mul(layer)?, h, head])
     }
 
     /// A named preset of a real model's shape, for random-weight benchmarks.
@@ -376,31 +316,18 @@ pub const PRESETS: &[&str] = &[
     "tiny",
 ];
 
-fn parse_rope_scaling(rope: Option<&Value>) -> std::result::Result<RopeScaling, String> {
-    let Some(r) = rope.filter(|r| r.is_object()) else {
-        return Ok(RopeScaling::None);
-    };
-    let kind = r
-        .get("rope_type")
-        .or_else(|| r.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
-    let f = |key: &str| -> std::result::Result<f64, String> {
-        r.get(key)
-            .and_then(Value::as_f64)
-            .ok_or_else(|| format!("rope scaling {kind:?} needs `{key}`"))
-    };
-    match kind {
-        "default" => Ok(RopeScaling::None),
-        "linear" => Ok(RopeScaling::Linear {
-            factor: f("factor")?,
-        }),
-        "llama3" => Ok(RopeScaling::Llama3 {
-            factor: f("factor")?,
-            low_freq_factor: f("low_freq_factor")?,
-            high_freq_factor: f("high_freq_factor")?,
-            original_max_position_embeddings: f("original_max_position_embeddings")?,
-        }),
-        other => Err(format!("unsupported rope_type {other:?}")),
+/// `xs` summed, `None` on overflow.
+fn sum(xs: &[usize]) -> Option<usize> {
+    xs.iter().try_fold(0usize, |a, &x| a.checked_add(x))
+}
+
+/// An error unless `x` is finite and above zero.
+fn positive(what: &str, x: f64) -> Result<()> {
+    if x.is_finite() && x > 0.0 {
+        Ok(())
+    } else {
+        Err(EngineError::InvalidConfig(format!(
+            "{what} ({x}) must be finite and positive"
+        )))
     }
 }

@@ -10,6 +10,7 @@ pub mod attention;
 pub mod batch;
 pub mod causal;
 pub mod config;
+mod config_json;
 pub mod corpus;
 pub mod device;
 pub mod drafter;
@@ -23,8 +24,10 @@ pub mod model;
 pub mod model_drafter;
 pub mod pooled_step;
 pub mod rope;
+pub mod safetensors_header;
 pub mod sampling;
 pub mod save;
+pub mod shard_index;
 pub mod tokenizer;
 #[cfg(feature = "train")]
 pub mod train;

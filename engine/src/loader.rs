@@ -16,13 +16,14 @@ use half::{bf16, f16};
 use memmap2::{Mmap, UncheckedAdvice};
 use rayon::prelude::*;
 use safetensors::tensor::Metadata;
-use safetensors::{Dtype as StDtype, SafeTensors};
-use serde_json::Value;
+use safetensors::Dtype as StDtype;
 use troupe_kernels::KernelBackend;
 
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{EngineError, Result};
 use crate::model::{DecoderLayer, Linear, Model};
+use crate::safetensors_header::{parse_header, Header};
+use crate::shard_index::parse_index;
 
 /// Which width the weight matrices (projections, embedding, head) are kept in on the device.
 /// Norms and biases follow the activations (f32 on the CPU).
@@ -92,44 +93,19 @@ impl Checkpoint {
     pub fn open(dir: &Path) -> Result<Self> {
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
-        let mut files = Vec::new();
-        let mut location = HashMap::new();
-        if index.exists() {
+        let (files, location): (Vec<PathBuf>, _) = if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(|source| EngineError::Io {
                 path: index.clone(),
                 source,
             })?;
-            let v: Value = serde_json::from_str(&text).map_err(|e| EngineError::InvalidJson {
-                path: index.clone(),
-                reason: e.to_string(),
-            })?;
-            let map = v
-                .get("weight_map")
-                .and_then(Value::as_object)
-                .ok_or_else(|| EngineError::InvalidJson {
-                    path: index.clone(),
-                    reason: "no `weight_map` object".into(),
-                })?;
-            for (name, file) in map {
-                let file = file.as_str().ok_or_else(|| EngineError::InvalidJson {
-                    path: index.clone(),
-                    reason: format!("weight_map entry for {name} is not a file name"),
-                })?;
-                let path = dir.join(file);
-                let idx = match files.iter().position(|f| f == &path) {
-                    Some(i) => i,
-                    None => {
-                        files.push(path);
-                        files.len() - 1
-                    }
-                };
-                location.insert(name.clone(), idx);
-            }
+            let parsed = parse_index(&text, &index)?;
+            let files = parsed.files.iter().map(|f| dir.join(f)).collect();
+            (files, parsed.location)
         } else if single.exists() {
-            files.push(single);
+            (vec![single], HashMap::new())
         } else {
             return Err(EngineError::MissingFile { path: single });
-        }
+        };
         for f in &files {
             if !f.exists() {
                 return Err(EngineError::MissingFile { path: f.clone() });
@@ -164,20 +140,7 @@ impl Checkpoint {
             // SAFETY: the map is read only; a checkpoint rewritten while it loads is outside
             // what any loader can guard against (the same holds for every mmap-based reader).
             let map = unsafe { Mmap::map(&handle) }.map_err(io)?;
-            let corrupt = |reason: String| EngineError::CorruptCheckpoint {
-                path: path.clone(),
-                reason,
-            };
-            let (header, meta) =
-                SafeTensors::read_metadata(&map).map_err(|e| corrupt(e.to_string()))?;
-            let data_start = 8 + header;
-            if data_start + meta.data_len() > map.len() {
-                return Err(corrupt(format!(
-                    "the header describes {} bytes of data, the file holds {}",
-                    meta.data_len(),
-                    map.len().saturating_sub(data_start)
-                )));
-            }
+            let Header { data_start, meta } = parse_header(&map, path)?;
             self.mapped[file] = Some(Mapped {
                 map,
                 data_start,
@@ -504,7 +467,8 @@ pub fn load_model<B: KernelBackend>(
         };
         Ok(Linear { weight: w, bias })
     };
-    let mut layers = Vec::with_capacity(c.num_layers);
+    // Grown as the layers are read: `num_layers` comes from the config, not the checkpoint.
+    let mut layers = Vec::new();
     for l in 0..c.num_layers {
         let p = format!("model.layers.{l}");
         let qwen = c.architecture == Architecture::Qwen3;

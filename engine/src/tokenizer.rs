@@ -16,21 +16,35 @@ impl Tokenizer {
         if !path.exists() {
             return Err(EngineError::MissingFile { path: path.into() });
         }
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| EngineError::Tokenizer {
+        let bytes = std::fs::read(path).map_err(|source| EngineError::Io {
             path: path.into(),
-            reason: e.to_string(),
+            source,
         })?;
-        Ok(Self { inner })
+        Self::parse(&bytes, path)
     }
 
     /// Parses a tokenizer from JSON text.
     pub fn from_json(json: &str) -> Result<Self> {
-        let inner = json
-            .parse::<tokenizers::Tokenizer>()
-            .map_err(|e| EngineError::Tokenizer {
-                path: "<memory>".into(),
-                reason: e.to_string(),
-            })?;
+        Self::from_json_bytes(json.as_bytes())
+    }
+
+    /// Parses a tokenizer from the bytes of a `tokenizer.json`.
+    pub fn from_json_bytes(bytes: &[u8]) -> Result<Self> {
+        Self::parse(bytes, Path::new("<memory>"))
+    }
+
+    /// `bytes` as a tokenizer; `path` only labels errors. The JSON is parsed to a value first:
+    /// the tokenizers crate panics (`expect("Helper")`) on a syntax error inside `decoder`,
+    /// which it never meets when it reads from a parsed value.
+    fn parse(bytes: &[u8], path: &Path) -> Result<Self> {
+        let bad = |reason: String| EngineError::Tokenizer {
+            path: path.into(),
+            reason,
+        };
+        let value: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+        let inner = serde_json::from_value::<tokenizers::Tokenizer>(value)
+            .map_err(|e| bad(e.to_string()))?;
         Ok(Self { inner })
     }
 
