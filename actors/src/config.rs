@@ -226,9 +226,11 @@ pub struct SchedulerConfig {
     /// and waits not at all for drafts that come back later than that (a distant or overloaded
     /// proposer), so waiting does not make decoding slower than plain.
     pub draft_wait: Option<Duration>,
-    /// Longest a step waits for the next turn of a session whose turn the step before ended, so
-    /// sessions that answer at once stay in the same step; `None` adapts it (a tenth of a
-    /// step, at most 10 ms, and none while such turns do not come that fast).
+    /// How long a step waits to keep sessions in the same step: for the next turns of sessions
+    /// whose turn the step before ended, and, at an idle verifier, for a burst of turns. `None`
+    /// adapts it: while turns keep coming (a gap of a fiftieth of a step, at most 1 ms), up to
+    /// half a step (at most 50 ms), and not at all while such waits catch no turn. `Some(d)`: the
+    /// gap and the cap are both `d`; `Some(Duration::ZERO)` never waits.
     #[serde(default)]
     pub turnaround_wait: Option<Duration>,
 }

@@ -13,6 +13,7 @@ pub mod events;
 pub mod faults;
 mod health;
 mod manager;
+mod phase;
 mod policy;
 pub mod probes;
 mod proposer;

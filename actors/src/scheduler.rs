@@ -15,6 +15,7 @@ use crate::config::SchedulerConfig;
 use crate::error::RuntimeError;
 use crate::faults::{ActorKind, FaultPlan};
 use crate::health::{Health, HealthCell};
+use crate::phase::Phase;
 use crate::policy::{Cancel, Completion, Dispatch, SchedulerState, SchedulerStats};
 use crate::proposer::{ProposerActor, ProposerArgs, ProposerMsg};
 use crate::protocol::{DraftOrder, DraftReply, Drafts, SeqRequest, StepDone, TurnUpdate};
@@ -110,11 +111,8 @@ pub struct SchedulerActorState {
     step_timeout: Duration,
     max_restarts: u64,
     awaiting_since: Option<Instant>,
-    /// When the last step came back.
-    step_ended: Option<Instant>,
-    /// A step about to start an idle verifier waits for more turns: since when, and how many
-    /// came.
-    gathering: Option<(Instant, usize)>,
+    /// The clocks of the waits that keep sessions in phase.
+    phase: Phase,
     tick_pending: bool,
     /// When the `WaitOver` timer set last fires; kept apart from `tick_pending`, so turns that
     /// arrive during a long draft wait are still dispatched at once when the wait is moot.
@@ -183,8 +181,7 @@ impl Actor for SchedulerActor {
             step_timeout: args.step_timeout,
             max_restarts: args.max_restarts,
             awaiting_since: None,
-            step_ended: None,
-            gathering: None,
+            phase: Phase::default(),
             tick_pending: false,
             wait_timer: None,
             orders_sent: HashMap::new(),
@@ -232,13 +229,8 @@ impl Actor for SchedulerActor {
                 if verdict.panic {
                     return Err(format!("injected scheduler failure on a submit of {seq}").into());
                 }
-                let since_step = st
-                    .step_ended
-                    .map_or(f64::MAX, |t| t.elapsed().as_secs_f64());
+                let since_step = st.phase.arrival(Instant::now());
                 st.policy.observe_turnaround(seq, since_step);
-                if let Some((_, caught)) = &mut st.gathering {
-                    *caught += 1;
-                }
                 match st.policy.submit(seq, &tokens, turn) {
                     Ok(()) => {
                         st.submitted_at.insert(seq, Instant::now());
@@ -275,6 +267,7 @@ impl Actor for SchedulerActor {
             SchedulerMsg::Seq(SeqRequest::Close { seq }) => {
                 st.policy.close(seq);
                 st.seqs.remove(&seq);
+                st.submitted_at.remove(&seq);
                 st.orders_sent.retain(|k, _| k.0 != seq);
                 if let Some(v) = &st.verifier {
                     let _ = v.cast(VerifierMsg::Close { seq });
@@ -371,49 +364,19 @@ impl SchedulerActorState {
         if self.policy.busy() || !self.policy.has_work() {
             return;
         }
+        let now = Instant::now();
         if self.proposer.is_some() && self.policy.awaiting_drafts() {
-            let since = *self.awaiting_since.get_or_insert_with(Instant::now);
-            let wait = Duration::from_secs_f64(self.policy.draft_wait());
-            let waited = since.elapsed();
-            if waited < wait {
-                let due = since + wait;
-                if self.wait_timer.is_none_or(|t| t > due) {
-                    self.wait_timer = Some(due);
-                    myself.send_after(wait - waited, || SchedulerMsg::WaitOver);
-                }
+            let since = *self.awaiting_since.get_or_insert(now);
+            let due = since + Duration::from_secs_f64(self.policy.draft_wait());
+            if now < due {
+                self.wake_at(myself, due, now);
                 return;
             }
         }
         self.awaiting_since = None;
-        if self.policy.awaiting_turnaround() {
-            let wait = Duration::from_secs_f64(self.policy.turnaround_wait());
-            let waited = self.step_ended.map_or(Duration::MAX, |t| t.elapsed());
-            if waited < wait {
-                let due = Instant::now() + (wait - waited);
-                if self.wait_timer.is_none_or(|t| t > due) {
-                    self.wait_timer = Some(due);
-                    myself.send_after(wait - waited, || SchedulerMsg::WaitOver);
-                }
-                return;
-            }
-            self.policy.turnaround_over();
-        }
-        let window = Duration::from_secs_f64(self.policy.turnaround_window());
-        let idle = self.step_ended.is_none_or(|t| t.elapsed() > window);
-        if idle || self.gathering.is_some() {
-            let (since, caught) = *self.gathering.get_or_insert((Instant::now(), 0));
-            let wait = Duration::from_secs_f64(self.policy.gather_wait());
-            let waited = since.elapsed();
-            if waited < wait {
-                let due = since + wait;
-                if self.wait_timer.is_none_or(|t| t > due) {
-                    self.wait_timer = Some(due);
-                    myself.send_after(wait - waited, || SchedulerMsg::WaitOver);
-                }
-                return;
-            }
-            self.gathering = None;
-            self.policy.gather_over(caught);
+        if let Some(due) = self.phase.hold(&mut self.policy, now) {
+            self.wake_at(myself, due, now);
+            return;
         }
         let span = tracing::info_span!("schedule", active = self.policy.active());
         let dispatch = {
@@ -449,6 +412,14 @@ impl SchedulerActorState {
             stale.abort();
         }
         self.send_orders(orders);
+    }
+
+    /// Pumps again at `due` (a wait runs out), unless a timer set earlier fires before it.
+    fn wake_at(&mut self, myself: &ActorRef<SchedulerMsg>, due: Instant, now: Instant) {
+        if self.wait_timer.is_none_or(|t| t > due || t < now) {
+            self.wait_timer = Some(due);
+            myself.send_after(due - now, || SchedulerMsg::WaitOver);
+        }
     }
 
     fn send_orders(&mut self, orders: Vec<DraftOrder>) {
@@ -498,7 +469,7 @@ impl SchedulerActorState {
         let span = tracing::info_span!("accept", step = id, seqs = outcomes.len());
         let _enter = span.enter();
         let Completion { emissions, orders } = self.policy.complete(id, &outcomes, elapsed);
-        self.step_ended = Some(Instant::now());
+        self.phase.step_ended(Instant::now());
         for e in emissions {
             if !e.tokens.is_empty() {
                 if let Some(p) = &self.proposer {

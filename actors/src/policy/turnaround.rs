@@ -1,85 +1,83 @@
-//! Turn-around: keeping sessions in phase. When a step ends a session's turn while other sessions
-//! still have work, the next step would go out at once without it, and its caller's next turn
-//! (which often follows within a millisecond: a persona answering, an agent loop) would wait a
-//! whole step for the one in flight; from then on the two sessions stay a step apart, every turn
-//! of each waiting a step for the other's ("phase-lock"). So the step waits a little for the
-//! sessions whose turn just ended: a small share of a step, and only while follow-up turns have
-//! been coming back that fast.
+//! Keeping sessions in phase: the policy half (how long to wait, and whether waiting pays); the
+//! scheduler actor keeps the clocks (`phase.rs`).
 //!
-//! The same holds when turns arrive at an idle verifier in a burst (many clients starting at
-//! once): the first would go out alone and the rest wait a whole step, staggered from then on. So
-//! a step that starts an idle verifier gathers for the same short time, while such gathers have
-//! been catching more turns.
+//! When a step ends a session's turn while other sessions still have work, the next step would go
+//! out at once without it, and its caller's next turn (which often follows within a millisecond: a
+//! persona answering, an agent loop) would wait a whole step for the one in flight; from then on
+//! the two sessions stay a step apart, every turn of each waiting a step for the other's
+//! ("phase-lock"). So the next step waits for the sessions whose turn just ended ("turn-around"),
+//! while their next turns keep coming. The same holds when turns arrive at an idle verifier in a
+//! burst (many clients starting at once): the step that starts it waits while they keep coming
+//! ("gather"). Each wait ends when what it waits for has come, when no turn has come for a short
+//! gap, or at a cap; each is skipped while it has not been catching turns.
 
 use troupe_engine::SeqId;
 
 use super::SchedulerState;
 
-/// The share of a step the next one may wait for follow-up turns.
-const TURNAROUND_SHARE: f64 = 0.25;
-/// The longest wait for follow-up turns, in seconds.
-const TURNAROUND_CAP: f64 = 0.02;
-/// Below this running share of follow-ups that came within the wait, none is waited for.
-const TURNAROUND_MIN_HITS: f64 = 0.5;
+/// The cap of a wait, as a share of the running step time.
+const CAP_SHARE: f64 = 0.5;
+/// The longest cap, in seconds.
+const CAP_MAX: f64 = 0.05;
+/// The quiet gap that ends a wait, as a share of the running step time.
+const GAP_SHARE: f64 = 0.02;
+/// The longest gap, in seconds.
+const GAP_MAX: f64 = 0.001;
+/// Below this running share of waits that caught a turn, waits are skipped.
+const MIN_HITS: f64 = 0.5;
+
+/// `ema` moved a fifth of the way towards `hit`.
+fn toward(ema: f64, hit: bool) -> f64 {
+    0.8 * ema + 0.2 * f64::from(u8::from(hit))
+}
 
 impl SchedulerState {
-    /// How long a step may wait for the follow-up turns of the sessions whose turn the last step
-    /// ended, in seconds: the configured wait, or (adapted) a tenth of a step up to 10 ms while
-    /// follow-ups have been coming within it, else none.
-    pub fn turnaround_wait(&self) -> f64 {
-        if let Some(wait) = self.config.turnaround_wait {
-            return wait.as_secs_f64();
+    /// The longest a step waits to keep sessions in phase, in seconds: half a step, at most 50 ms
+    /// (or the configured `turnaround_wait`).
+    pub fn phase_cap(&self) -> f64 {
+        match self.config.turnaround_wait {
+            Some(wait) => wait.as_secs_f64(),
+            None => (self.step_estimate() * CAP_SHARE).min(CAP_MAX),
         }
-        if self.turnaround_hits < TURNAROUND_MIN_HITS {
-            return 0.0;
-        }
-        self.turnaround_window()
     }
 
-    /// The adapted wait, whether or not follow-ups have been coming within it: what a follow-up
-    /// turn's delay is measured against.
-    pub fn turnaround_window(&self) -> f64 {
-        (self.step_estimate() * TURNAROUND_SHARE).min(TURNAROUND_CAP)
+    /// How long without a new turn ends a wait, in seconds: a fiftieth of a step, at most 1 ms
+    /// (or the configured `turnaround_wait`).
+    pub fn arrival_gap(&self) -> f64 {
+        match self.config.turnaround_wait {
+            Some(wait) => wait.as_secs_f64(),
+            None => (self.step_estimate() * GAP_SHARE).min(GAP_MAX),
+        }
     }
 
-    /// Whether a session whose turn the last step ended has not asked for its next turn yet.
-    pub fn awaiting_turnaround(&self) -> bool {
-        !self.just_finished.is_empty()
+    /// Whether a step waits for the follow-up turns of the sessions whose turn the last step ended.
+    pub fn awaits_turnaround(&self) -> bool {
+        !self.just_finished.is_empty() && self.phase_cap() > 0.0 && self.turnaround_hits >= MIN_HITS
+    }
+
+    /// Whether a step that starts an idle verifier gathers more turns first.
+    pub fn gathers(&self) -> bool {
+        self.phase_cap() > 0.0 && self.gather_hits >= MIN_HITS
     }
 
     /// A turn of `seq` arrived `seconds` after the step that ended its previous one: counts
-    /// whether it came within the wait.
+    /// whether it came within the cap.
     pub fn observe_turnaround(&mut self, seq: SeqId, seconds: f64) {
         if self.just_finished.remove(&seq) {
-            let hit = seconds <= self.turnaround_window();
-            self.turnaround_hits = 0.8 * self.turnaround_hits + 0.2 * f64::from(u8::from(hit));
+            self.turnaround_hits = toward(self.turnaround_hits, seconds <= self.phase_cap());
         }
     }
 
-    /// How long a step that starts an idle verifier may gather more turns, in seconds: the
-    /// configured turn-around wait, or (adapted) the same share of a step while gathers have been
-    /// catching more turns, else none.
-    pub fn gather_wait(&self) -> f64 {
-        if let Some(wait) = self.config.turnaround_wait {
-            return wait.as_secs_f64();
+    /// The turn-around wait is over (or was skipped): the sessions still awaited count as missed.
+    pub fn turnaround_over(&mut self) {
+        for _ in 0..self.just_finished.len() {
+            self.turnaround_hits = toward(self.turnaround_hits, false);
         }
-        if self.gather_hits < TURNAROUND_MIN_HITS {
-            return 0.0;
-        }
-        self.turnaround_window()
+        self.just_finished.clear();
     }
 
     /// A gather ended: `caught` turns arrived during it.
     pub fn gather_over(&mut self, caught: usize) {
-        let hit = f64::from(u8::from(caught > 0));
-        self.gather_hits = 0.8 * self.gather_hits + 0.2 * hit;
-    }
-
-    /// The wait ran out, or the next step went out: the sessions still awaited count as missed.
-    pub fn turnaround_over(&mut self) {
-        for _ in 0..self.just_finished.len() {
-            self.turnaround_hits *= 0.8;
-        }
-        self.just_finished.clear();
+        self.gather_hits = toward(self.gather_hits, caught > 0);
     }
 }

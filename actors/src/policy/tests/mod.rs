@@ -20,6 +20,7 @@ use crate::protocol::{DraftOrder, DraftReply, Emission, Turn};
 mod draft_len;
 mod fairness;
 mod orders;
+mod phase;
 mod plan;
 mod restarts;
 mod turns;
