@@ -296,11 +296,24 @@ impl SessionState {
                     continue;
                 }
             };
+            self.tokens_seen += tokens.len() as u64;
             if params.max_new_tokens == 0 {
+                // Context without a reply: the tokens join the history, fed with the next turn.
+                if !tokens.is_empty() {
+                    let _ = self.args.scheduler.send_message(SeqRequest::Submit {
+                        seq: self.args.id,
+                        tokens,
+                        turn: Turn {
+                            remaining: 0,
+                            params: sampling,
+                            stop: Vec::new(),
+                            stop_after_content: false,
+                        },
+                    });
+                }
                 sink.end(Ok(TurnStats::default()));
                 continue;
             }
-            self.tokens_seen += tokens.len() as u64;
             let mut stop = self.args.config.stop_tokens.clone();
             for &t in &params.stop_tokens {
                 if !stop.contains(&t) {

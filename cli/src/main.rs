@@ -2,6 +2,7 @@
 
 mod bench;
 mod generate;
+mod serve;
 mod swarm;
 mod train;
 
@@ -31,6 +32,8 @@ enum Command {
     Swarm(swarm::SwarmArgs),
     /// Measure the engine and the runtime; writes results/<case>.json and .svg.
     Bench(bench::BenchArgs),
+    /// Serve the model over HTTP: OpenAI-compatible chat and completions, and sessions.
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> Result<()> {
@@ -42,5 +45,6 @@ fn main() -> Result<()> {
         Command::Train(args) => train::run(args),
         Command::Swarm(args) => swarm::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Serve(args) => serve::run(args),
     }
 }

@@ -1,0 +1,45 @@
+//! troupe on the network: an OpenAI-compatible HTTP front (actix-web) over a [`troupe::Runtime`],
+//! with sessions as first-class resources.
+//!
+//! - `POST /v1/chat/completions`, `POST /v1/completions`: whole or streamed (server-sent events),
+//!   as OpenAI's clients parse them. A request that names a session (`"session": "<id>"` in the
+//!   body, or `X-Session-Id`) continues it, sending only its new messages; one that names none
+//!   runs in a session of its own, closed after it.
+//! - `POST /v1/sessions`, `GET` and `DELETE /v1/sessions/{id}`: open, inspect and close sessions.
+//! - `GET /v1/models`, `GET /health` (503 once the runtime has failed), `GET /metrics`
+//!   (Prometheus text, vLLM's names under a `troupe:` prefix).
+//!
+//! Errors come in OpenAI's shape, with the status each deserves ([`ApiError`]). A client that goes
+//! away mid-stream cancels its turn: the response stream owns the turn's stream, and dropping it
+//! cancels the turn in the runtime.
+
+pub mod error;
+pub mod openai;
+pub mod routes;
+pub mod state;
+pub mod stops;
+pub mod turn;
+
+use std::net::TcpListener;
+
+use actix_web::{web, App, HttpServer};
+
+pub use error::ApiError;
+pub use state::{AppState, ServerConfig};
+
+/// Bodies larger than this are refused (a prompt of about a million characters).
+const MAX_BODY_BYTES: usize = 4 << 20;
+
+/// Serves `state` on `listener` until the server is stopped (SIGINT or SIGTERM, or the returned
+/// server's handle), then lets requests in flight finish.
+pub fn server(state: AppState, listener: TcpListener) -> std::io::Result<actix_web::dev::Server> {
+    let data = web::Data::new(state);
+    Ok(HttpServer::new(move || {
+        App::new()
+            .app_data(data.clone())
+            .app_data(web::PayloadConfig::new(MAX_BODY_BYTES))
+            .configure(routes::configure)
+    })
+    .listen(listener)?
+    .run())
+}
