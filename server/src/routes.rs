@@ -175,93 +175,92 @@ async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let c = &state.counters;
     let budget = state.runtime.budget().await?;
     let stats = state.runtime.stats().await?;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
+    let kv_perc = budget.used_bytes as f64 / budget.budget_bytes.max(1) as f64;
+    // (name, type, help, [(extra labels, value)])
+    let families: [(&str, &str, &str, Vec<(&str, f64)>); 11] = [
+        (
+            "num_requests_running",
+            "gauge",
+            "Turns running or waiting.",
+            vec![("", c.running.load(Ordering::Relaxed) as f64)],
+        ),
+        (
+            "prompt_tokens_total",
+            "counter",
+            "Prompt tokens sent to the runtime.",
+            vec![("", load(&c.prompt_tokens))],
+        ),
+        (
+            "generation_tokens_total",
+            "counter",
+            "Tokens generated.",
+            vec![("", load(&c.generation_tokens))],
+        ),
+        (
+            "request_success_total",
+            "counter",
+            "Requests finished, by reason.",
+            vec![
+                (",finished_reason=\"stop\"", load(&c.finished_stop)),
+                (",finished_reason=\"length\"", load(&c.finished_length)),
+                (",finished_reason=\"abort\"", load(&c.finished_abort)),
+            ],
+        ),
+        (
+            "kv_cache_usage_perc",
+            "gauge",
+            "KV bytes reserved over the budget.",
+            vec![("", kv_perc)],
+        ),
+        (
+            "sessions_open",
+            "gauge",
+            "Sessions open.",
+            vec![("", budget.sessions as f64)],
+        ),
+        (
+            "kv_bytes_reserved",
+            "gauge",
+            "KV bytes reserved by open sessions.",
+            vec![("", budget.used_bytes as f64)],
+        ),
+        (
+            "kv_budget_bytes",
+            "gauge",
+            "The KV budget.",
+            vec![("", budget.budget_bytes as f64)],
+        ),
+        (
+            "verifier_restarts_total",
+            "counter",
+            "Verifier restarts.",
+            vec![("", stats.verifier_restarts as f64)],
+        ),
+        (
+            "spec_decode_num_draft_tokens_total",
+            "counter",
+            "Drafted tokens verified.",
+            vec![("", stats.drafted as f64)],
+        ),
+        (
+            "spec_decode_num_accepted_tokens_total",
+            "counter",
+            "Drafted tokens accepted.",
+            vec![("", stats.accepted as f64)],
+        ),
+    ];
     let m = &state.config.model_name;
     let mut out = String::new();
-    let mut put = |name: &str, kind: &str, help: &str, lines: &[(String, f64)]| {
+    for (name, kind, help, samples) in families {
         let _ = writeln!(
             out,
             "# HELP troupe:{name} {help}\n# TYPE troupe:{name} {kind}"
         );
-        for (labels, v) in lines {
+        for (labels, v) in samples {
             let _ = writeln!(out, "troupe:{name}{{model_name=\"{m}\"{labels}}} {v}");
         }
-    };
-    let one = |v: f64| vec![(String::new(), v)];
-    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
-    put(
-        "num_requests_running",
-        "gauge",
-        "Turns running or waiting.",
-        &one(c.running.load(Ordering::Relaxed) as f64),
-    );
-    put(
-        "prompt_tokens_total",
-        "counter",
-        "Prompt tokens sent to the runtime.",
-        &one(load(&c.prompt_tokens)),
-    );
-    put(
-        "generation_tokens_total",
-        "counter",
-        "Tokens generated.",
-        &one(load(&c.generation_tokens)),
-    );
-    put(
-        "request_success_total",
-        "counter",
-        "Requests finished, by reason.",
-        &[
-            (",finished_reason=\"stop\"".into(), load(&c.finished_stop)),
-            (
-                ",finished_reason=\"length\"".into(),
-                load(&c.finished_length),
-            ),
-            (",finished_reason=\"abort\"".into(), load(&c.finished_abort)),
-        ],
-    );
-    let kv_perc = budget.used_bytes as f64 / budget.budget_bytes.max(1) as f64;
-    put(
-        "kv_cache_usage_perc",
-        "gauge",
-        "KV bytes reserved over the budget.",
-        &one(kv_perc),
-    );
-    put(
-        "sessions_open",
-        "gauge",
-        "Sessions open.",
-        &one(budget.sessions as f64),
-    );
-    put(
-        "kv_bytes_reserved",
-        "gauge",
-        "KV bytes reserved by open sessions.",
-        &one(budget.used_bytes as f64),
-    );
-    put(
-        "kv_budget_bytes",
-        "gauge",
-        "The KV budget.",
-        &one(budget.budget_bytes as f64),
-    );
-    put(
-        "verifier_restarts_total",
-        "counter",
-        "Verifier restarts.",
-        &one(stats.verifier_restarts as f64),
-    );
-    put(
-        "spec_decode_num_draft_tokens_total",
-        "counter",
-        "Drafted tokens verified.",
-        &one(stats.drafted as f64),
-    );
-    put(
-        "spec_decode_num_accepted_tokens_total",
-        "counter",
-        "Drafted tokens accepted.",
-        &one(stats.accepted as f64),
-    );
+    }
     Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(out))
