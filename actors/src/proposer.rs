@@ -100,16 +100,17 @@ impl ProposerState {
     }
 }
 
-/// Delivers each job at its due time, in the order sent. Due times grow with the order, so
-/// waiting for each in turn delays every job by exactly the round trip.
+/// Delivers each job at its due time, in the order sent, to `thread` (false: the thread is gone).
+/// Due times grow with the order, so waiting for each in turn delays every job by exactly the
+/// round trip.
 async fn run_link(
     mut rx: mpsc::UnboundedReceiver<(Instant, Job)>,
-    thread: crossbeam_channel::Sender<Job>,
+    thread: impl Fn(Job) -> bool,
     open: Arc<AtomicBool>,
 ) {
     while let Some((due, job)) = rx.recv().await {
         tokio::time::sleep_until(due).await;
-        if !open.load(Ordering::Acquire) || thread.send(job).is_err() {
+        if !open.load(Ordering::Acquire) || !thread(job) {
             return;
         }
     }
@@ -186,9 +187,10 @@ impl Actor for ProposerActor {
             },
         )?;
         let open = Arc::new(AtomicBool::new(true));
-        let link = worker.sender().filter(|_| !rtt.is_zero()).map(|thread| {
+        let link = (!rtt.is_zero()).then(|| {
             let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(run_link(rx, thread, open.clone()));
+            let thread = worker.sender();
+            tokio::spawn(run_link(rx, move |job| thread.send(job), open.clone()));
             tx
         });
         Ok(ProposerState {
@@ -255,7 +257,11 @@ mod tests {
         let (thread_tx, thread_rx) = crossbeam_channel::unbounded();
         let (tx, rx) = mpsc::unbounded_channel();
         let open = Arc::new(AtomicBool::new(true));
-        tokio::spawn(run_link(rx, thread_tx, open.clone()));
+        tokio::spawn(run_link(
+            rx,
+            move |job| thread_tx.send(job).is_ok(),
+            open.clone(),
+        ));
         let rtt = Duration::from_millis(50);
         let t0 = Instant::now();
         for i in 0..3 {

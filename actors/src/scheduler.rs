@@ -20,7 +20,7 @@ use crate::policy::{Cancel, Completion, Dispatch, SchedulerState, SchedulerStats
 use crate::proposer::{ProposerActor, ProposerArgs, ProposerMsg};
 use crate::protocol::{DraftOrder, DraftReply, Drafts, SeqRequest, StepDone, TurnUpdate};
 use crate::runtime::{DrafterFactory, VerifierFactory};
-use crate::verifier_actor::{VerifierActor, VerifierArgs, VerifierMsg};
+use crate::verifier_actor::{VerifierArgs, VerifierLink};
 
 /// Messages of the scheduler. Peers never hold this type: each holds a `DerivedActorRef` of
 /// the one message it may send ([`SeqRequest`], [`StepDone`], [`Drafts`]); the rest are the
@@ -102,7 +102,7 @@ struct SeqInfo {
 /// The scheduler's state: the policy plus the actor wiring.
 pub struct SchedulerActorState {
     policy: SchedulerState,
-    verifier: Option<ActorRef<VerifierMsg>>,
+    verifier: Option<VerifierLink>,
     proposer: Option<ActorRef<ProposerMsg>>,
     verifier_factory: VerifierFactory,
     drafter_factory: Option<DrafterFactory>,
@@ -142,9 +142,7 @@ impl Actor for SchedulerActor {
         args: SchedulerArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         let vocab_size = args.verifier.vocab_size();
-        let (verifier, _) = Actor::spawn_linked(
-            None,
-            VerifierActor,
+        let verifier = VerifierLink::spawn(
             VerifierArgs {
                 model: args.verifier,
                 scheduler: myself.get_derived(),
@@ -207,7 +205,7 @@ impl Actor for SchedulerActor {
             }) => {
                 st.policy.open(seq);
                 if let Some(v) = &st.verifier {
-                    let _ = v.cast(VerifierMsg::Open { seq, spec, seed });
+                    v.open(seq, spec, seed);
                 }
                 if let Some(p) = &st.proposer {
                     let _ = p.cast(ProposerMsg::Open { seq, spec, seed });
@@ -270,7 +268,7 @@ impl Actor for SchedulerActor {
                 st.submitted_at.remove(&seq);
                 st.orders_sent.retain(|k, _| k.0 != seq);
                 if let Some(v) = &st.verifier {
-                    let _ = v.cast(VerifierMsg::Close { seq });
+                    v.close(seq);
                 }
                 if let Some(p) = &st.proposer {
                     let _ = p.cast(ProposerMsg::Close { seq });
@@ -310,7 +308,7 @@ impl Actor for SchedulerActor {
                 if st.policy.in_flight_id() == Some(id) {
                     tracing::error!(step = id, "verify step overdue; restarting the verifier");
                     if let Some(v) = st.verifier.take() {
-                        v.kill();
+                        v.actor.kill();
                     }
                     st.restart_verifier(&myself).await?;
                 }
@@ -339,7 +337,7 @@ impl Actor for SchedulerActor {
             return Ok(()); // stopped by `shutdown`: nothing is restarted
         }
         let id = cell.get_id();
-        if st.verifier.as_ref().is_some_and(|v| v.get_id() == id) {
+        if st.verifier.as_ref().is_some_and(|v| v.actor.get_id() == id) {
             tracing::error!(reason = %why, "verifier failed; restarting it and replaying in-flight work");
             st.verifier = None;
             st.restart_verifier(&myself).await?;
@@ -356,11 +354,11 @@ impl SchedulerActorState {
     /// Dispatches the next step if the verifier is free, there is work, and no draft is worth
     /// waiting for any longer.
     fn pump(&mut self, myself: &ActorRef<SchedulerMsg>) {
-        let Some(verifier) = self.verifier.clone() else {
+        if self.verifier.is_none() {
             // Restarts happen inside one message, so no verifier here means none is coming back.
             self.fail_all(RuntimeError::NoVerifier);
             return;
-        };
+        }
         if self.policy.busy() || !self.policy.has_work() {
             return;
         }
@@ -403,10 +401,9 @@ impl SchedulerActorState {
             "dispatch"
         );
         let id = step.id;
-        let _ = verifier.cast(VerifierMsg::Step {
-            id,
-            works: step.works,
-        });
+        if let Some(v) = &self.verifier {
+            v.step(id, step.works);
+        }
         let deadline = myself.send_after(self.step_timeout, move || SchedulerMsg::StepTimeout(id));
         if let Some(stale) = self.step_deadline.replace(deadline) {
             stale.abort();
@@ -461,7 +458,7 @@ impl SchedulerActorState {
                 }
                 // Stopping it makes the supervisor event restart it and rebuild every window.
                 if let Some(v) = &self.verifier {
-                    v.stop(Some("step failed".into()));
+                    v.actor.stop(Some("step failed".into()));
                 }
                 return;
             }
@@ -518,9 +515,7 @@ impl SchedulerActorState {
                 return Ok(());
             }
         };
-        let (v, _) = Actor::spawn_linked(
-            None,
-            VerifierActor,
+        let v = VerifierLink::spawn(
             VerifierArgs {
                 model,
                 scheduler: myself.get_derived(),
@@ -530,11 +525,7 @@ impl SchedulerActorState {
         )
         .await?;
         for (&seq, info) in &self.seqs {
-            let _ = v.cast(VerifierMsg::Open {
-                seq,
-                spec: info.spec,
-                seed: info.seed,
-            });
+            v.open(seq, info.spec, info.seed);
         }
         self.verifier = Some(v);
         self.pump(myself);

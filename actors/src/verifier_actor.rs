@@ -5,36 +5,20 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, DerivedActorRef};
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, DerivedActorRef, RpcReplyPort};
 use troupe_engine::{SeqId, Verifier, VerifyWork, WindowSpec};
 
 use crate::faults::{ActorKind, FaultPlan};
 use crate::protocol::StepDone;
-use crate::worker::Worker;
+use crate::worker::{JobSender, Worker};
 
-/// Messages of the verifier actor.
+/// Messages of the verifier actor. Jobs do not pass through it: the scheduler queues them on the
+/// thread itself (see [`VerifierLink`]); the actor owns the thread and turns its panic into a
+/// failure its supervisor sees.
 pub enum VerifierMsg {
-    /// Open a sequence's window.
-    Open {
-        /// Sequence.
-        seq: SeqId,
-        /// Window shape.
-        spec: WindowSpec,
-        /// Sampling seed.
-        seed: u64,
-    },
-    /// Close a sequence's window.
-    Close {
-        /// Sequence.
-        seq: SeqId,
-    },
-    /// Run one batched step; the outcome goes to the scheduler as `StepDone`.
-    Step {
-        /// Step number.
-        id: u64,
-        /// One work per sequence.
-        works: Vec<VerifyWork>,
-    },
+    /// The thread's queue, for the scheduler.
+    Jobs(RpcReplyPort<JobSender<Job>>),
     /// The model thread panicked.
     ThreadFailed(String),
 }
@@ -140,17 +124,52 @@ impl Actor for VerifierActor {
         msg: Self::Msg,
         worker: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let job = match msg {
-            VerifierMsg::Open { seq, spec, seed } => Job::Open(seq, spec, seed),
-            VerifierMsg::Close { seq } => Job::Close(seq),
-            VerifierMsg::Step { id, works } => Job::Step(id, works),
-            VerifierMsg::ThreadFailed(why) => {
-                return Err(format!("verifier thread panicked: {why}").into())
+        match msg {
+            VerifierMsg::Jobs(reply) => {
+                let _ = reply.send(worker.sender());
+                Ok(())
             }
-        };
-        if !worker.send(job) {
-            return Err("verifier thread has stopped".into());
+            VerifierMsg::ThreadFailed(why) => {
+                Err(format!("verifier thread panicked: {why}").into())
+            }
         }
-        Ok(())
+    }
+}
+
+/// The scheduler's line to the verifier: the actor it supervises, and the queue of the actor's
+/// thread, on which it puts jobs directly (one hop less per step than through the actor).
+pub struct VerifierLink {
+    /// The actor.
+    pub actor: ActorRef<VerifierMsg>,
+    jobs: JobSender<Job>,
+}
+
+impl VerifierLink {
+    /// Spawns a verifier actor under `supervisor` and takes its thread's queue.
+    pub async fn spawn(
+        args: VerifierArgs,
+        supervisor: ActorCell,
+    ) -> Result<Self, ActorProcessingErr> {
+        let (actor, _) = Actor::spawn_linked(None, VerifierActor, args, supervisor).await?;
+        match actor.call(VerifierMsg::Jobs, None).await? {
+            CallResult::Success(jobs) => Ok(Self { actor, jobs }),
+            _ => Err("the verifier actor did not hand over its queue".into()),
+        }
+    }
+
+    /// Opens a sequence's window.
+    pub fn open(&self, seq: SeqId, spec: WindowSpec, seed: u64) {
+        self.jobs.send(Job::Open(seq, spec, seed));
+    }
+
+    /// Closes a sequence's window.
+    pub fn close(&self, seq: SeqId) {
+        self.jobs.send(Job::Close(seq));
+    }
+
+    /// Runs a step; its outcome comes back as `StepDone`. (A thread that is gone has told its
+    /// actor, whose failure restarts it; the step deadline covers the rest.)
+    pub fn step(&self, id: u64, works: Vec<VerifyWork>) {
+        self.jobs.send(Job::Step(id, works));
     }
 }

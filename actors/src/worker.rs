@@ -1,15 +1,41 @@
 //! A dedicated OS thread that owns blocking compute (a model) and takes jobs from a crossbeam
 //! channel. Model work never runs on a tokio worker. A panic on the thread is caught and reported
 //! once through `on_panic`, and the thread ends; its owner turns that into an actor failure.
+//!
+//! Others may hold a [`JobSender`] and queue jobs straight onto the thread (the scheduler does,
+//! so a step reaches the model without a hop through an actor). The thread ends at
+//! [`Worker::stop`], after the jobs queued before it, or once every sender is gone.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{unbounded, Sender};
 
-/// The sending end of a worker thread. Dropping it lets the thread finish its queue and exit.
+/// What the thread's queue carries.
+enum Envelope<J> {
+    Job(J),
+    Stop,
+}
+
+/// A sending end of a worker thread's queue.
+pub struct JobSender<J>(Sender<Envelope<J>>);
+
+impl<J> Clone for JobSender<J> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<J> JobSender<J> {
+    /// Queues a job; false if the thread has ended.
+    pub fn send(&self, job: J) -> bool {
+        self.0.send(Envelope::Job(job)).is_ok()
+    }
+}
+
+/// A worker thread and its queue.
 pub struct Worker<J> {
-    tx: Option<Sender<J>>,
+    tx: JobSender<J>,
     handle: Option<JoinHandle<()>>,
 }
 
@@ -26,11 +52,14 @@ impl<J: Send + 'static> Worker<J> {
         R: FnMut(&mut S, J) + Send + 'static,
         P: FnOnce(String) + Send + 'static,
     {
-        let (tx, rx) = unbounded::<J>();
+        let (tx, rx) = unbounded::<Envelope<J>>();
         let handle = std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
-                for job in rx {
+                for envelope in rx {
+                    let Envelope::Job(job) = envelope else {
+                        return;
+                    };
                     if let Err(panic) = catch_unwind(AssertUnwindSafe(|| run(&mut state, job))) {
                         on_panic(panic_message(panic.as_ref()));
                         return;
@@ -38,31 +67,31 @@ impl<J: Send + 'static> Worker<J> {
                 }
             })?;
         Ok(Self {
-            tx: Some(tx),
+            tx: JobSender(tx),
             handle: Some(handle),
         })
     }
 
     /// Queues a job; false if the thread has ended.
     pub fn send(&self, job: J) -> bool {
-        self.tx.as_ref().is_some_and(|tx| tx.send(job).is_ok())
+        self.tx.send(job)
     }
 
-    /// Another sending end of the thread's queue (`None` once stopped).
-    pub fn sender(&self) -> Option<Sender<J>> {
+    /// Another sending end of the thread's queue.
+    pub fn sender(&self) -> JobSender<J> {
         self.tx.clone()
-    }
-
-    /// Closes the queue: the thread finishes the jobs already queued and exits. Returns its
-    /// handle, for a caller that waits for it (once; `None` after).
-    pub fn stop(&mut self) -> Option<JoinHandle<()>> {
-        self.tx = None;
-        self.handle.take()
     }
 
     /// Whether the thread is still running.
     pub fn is_alive(&self) -> bool {
         self.handle.as_ref().is_some_and(|h| !h.is_finished())
+    }
+
+    /// Tells the thread to end after the jobs already queued, and returns its handle for a
+    /// caller that waits for it (once; `None` after).
+    pub fn stop(&mut self) -> Option<JoinHandle<()>> {
+        let _ = self.tx.0.send(Envelope::Stop);
+        self.handle.take()
     }
 }
 
