@@ -31,9 +31,12 @@ struct Ephemeral(SessionHandle);
 impl Drop for Ephemeral {
     fn drop(&mut self) {
         let h = self.0.clone();
-        tokio::spawn(async move {
-            let _ = h.close().await;
-        });
+        // Requests are answered on the server's workers, inside a tokio runtime.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = h.close().await;
+            });
+        }
     }
 }
 
