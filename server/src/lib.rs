@@ -13,6 +13,7 @@
 //! away mid-stream cancels its turn: the response stream owns the turn's stream, and dropping it
 //! cancels the turn in the runtime.
 
+pub mod client;
 pub mod error;
 pub mod openai;
 pub mod routes;

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::json;
-use tokio::io::AsyncBufReadExt;
 use troupe_server::ServerConfig;
 
 fn chat(content: &str, max_tokens: usize) -> serde_json::Value {
@@ -25,10 +24,10 @@ async fn health_models_and_metrics_answer() {
     let s = serve().await;
     let h = call(s.addr, "GET", "/health", &[], "").await;
     assert_eq!(
-        (h.status, h.json()["status"].clone()),
+        (h.status, json(&h)["status"].clone()),
         (200, json!("serving"))
     );
-    let m = call(s.addr, "GET", "/v1/models", &[], "").await.json();
+    let m = json(&call(s.addr, "GET", "/v1/models", &[], "").await);
     assert_eq!(m["object"], "list");
     assert_eq!(m["data"][0]["id"], "troupe");
     let metrics = call(s.addr, "GET", "/metrics", &[], "").await;
@@ -45,7 +44,7 @@ async fn a_whole_chat_reply_has_its_length_and_usage() {
     let s = serve().await;
     let r = post(s.addr, "/v1/chat/completions", &chat("hello there", 7)).await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let v = r.json();
+    let v = json(&r);
     assert_eq!(v["object"], "chat.completion");
     assert_eq!(v["choices"][0]["message"]["role"], "assistant");
     assert_eq!(v["choices"][0]["finish_reason"], "length");
@@ -155,7 +154,7 @@ async fn bad_requests_are_400s_naming_the_field() {
     for (body, param, code) in cases {
         let r = call(s.addr, "POST", "/v1/chat/completions", &[], body).await;
         assert_eq!(r.status, 400, "{body}: {}", r.body);
-        let e = &r.json()["error"];
+        let e = &json(&r)["error"];
         assert_eq!(e["type"], "invalid_request_error", "{body}");
         assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()));
         if let Some(p) = param {
@@ -188,7 +187,7 @@ async fn keys_limits_and_unknown_sessions_have_their_statuses() {
     let auth = [("Authorization", "Bearer sekrit")];
     let no_key = call(s.addr, "GET", "/v1/models", &[], "").await;
     assert_eq!(no_key.status, 401);
-    assert_eq!(no_key.json()["error"]["code"], "invalid_api_key");
+    assert_eq!(json(&no_key)["error"]["code"], "invalid_api_key");
     let bad_key = call(
         s.addr,
         "GET",
@@ -204,9 +203,9 @@ async fn keys_limits_and_unknown_sessions_have_their_statuses() {
     let second = call(s.addr, "POST", "/v1/sessions", &auth, "{}").await;
     assert_eq!(second.status, 429, "{}", second.body);
     assert_eq!(second.header("retry-after"), Some("1"));
-    assert_eq!(second.json()["error"]["type"], "rate_limit_error");
+    assert_eq!(json(&second)["error"]["type"], "rate_limit_error");
     // A prompt over the limit, in the session the cap left room for.
-    let id = first.json()["id"].as_str().unwrap().to_string();
+    let id = json(&first)["id"].as_str().unwrap().to_string();
     let mut long = chat(&"y".repeat(100), 2);
     long["session"] = json!(id);
     let r = call(
@@ -218,12 +217,12 @@ async fn keys_limits_and_unknown_sessions_have_their_statuses() {
     )
     .await;
     assert_eq!(r.status, 400, "{}", r.body);
-    assert_eq!(r.json()["error"]["code"], "context_length_exceeded");
+    assert_eq!(json(&r)["error"]["code"], "context_length_exceeded");
     // Unknown sessions.
     for path in ["/v1/sessions/999", "/v1/sessions/nope"] {
         let r = call(s.addr, "GET", path, &auth, "").await;
         assert_eq!(r.status, 404, "{path}");
-        assert_eq!(r.json()["error"]["code"], "session_not_found");
+        assert_eq!(json(&r)["error"]["code"], "session_not_found");
     }
     let mut body = chat("x", 2);
     body["session"] = json!("999");
@@ -243,15 +242,15 @@ async fn keys_limits_and_unknown_sessions_have_their_statuses() {
 async fn sessions_keep_their_context_apart_and_close() {
     let s = serve().await;
     let open = |name: &str| json!({"name": name, "system_prompt": format!("You are {name}.")});
-    let a = post(s.addr, "/v1/sessions", &open("A")).await.json()["id"]
+    let a = json(&post(s.addr, "/v1/sessions", &open("A")).await)["id"]
         .as_str()
         .unwrap()
         .to_string();
-    let b = post(s.addr, "/v1/sessions", &open("B")).await.json()["id"]
+    let b = json(&post(s.addr, "/v1/sessions", &open("B")).await)["id"]
         .as_str()
         .unwrap()
         .to_string();
-    let c = post(s.addr, "/v1/sessions", &open("A")).await.json()["id"]
+    let c = json(&post(s.addr, "/v1/sessions", &open("A")).await)["id"]
         .as_str()
         .unwrap()
         .to_string();
@@ -307,7 +306,7 @@ async fn sessions_keep_their_context_apart_and_close() {
     // Closed, the session is gone.
     let del = call(s.addr, "DELETE", &format!("/v1/sessions/{a}"), &[], "").await;
     assert_eq!(
-        (del.status, del.json()["deleted"].clone()),
+        (del.status, json(&del)["deleted"].clone()),
         (200, json!(true))
     );
     assert_eq!(
@@ -323,7 +322,7 @@ async fn sessions_keep_their_context_apart_and_close() {
 async fn a_stop_string_ends_the_reply_before_it() {
     let s = serve().await;
     let body = json!({"prompt": "abc", "max_tokens": 40, "temperature": 0});
-    let whole = post(s.addr, "/v1/completions", &body).await.json();
+    let whole = json(&post(s.addr, "/v1/completions", &body).await);
     let text = whole["choices"][0]["text"].as_str().unwrap().to_string();
     // A stop string from the middle of the reply (its first occurrence there).
     let chars: Vec<char> = text.chars().collect();
@@ -349,7 +348,7 @@ async fn a_stop_string_ends_the_reply_before_it() {
                 chunks.last().unwrap()["choices"][0]["finish_reason"].clone(),
             )
         } else {
-            let v = r.json();
+            let v = json(&r);
             (
                 v["choices"][0]["text"].as_str().unwrap().to_string(),
                 v["choices"][0]["finish_reason"].clone(),
@@ -368,22 +367,22 @@ async fn clients_that_go_away_cancel_their_turns() {
     body["stream"] = json!(true);
     let mut open_streams = Vec::new();
     for _ in 0..32 {
-        let (status, _, mut r) = open(
+        let mut o = troupe_server::client::open(
             s.addr,
             "POST",
             "/v1/chat/completions",
             &[],
             &body.to_string(),
         )
-        .await;
-        assert_eq!(status, 200);
+        .await
+        .unwrap();
+        assert_eq!(o.status, 200);
         // Read until the first event has come.
-        let mut line = String::new();
-        while !line.contains("data:") {
-            line.clear();
-            r.read_line(&mut line).await.unwrap();
-        }
-        open_streams.push(r);
+        let first = troupe_server::client::next_event(&mut o.reader)
+            .await
+            .unwrap();
+        assert!(first.is_some());
+        open_streams.push(o);
     }
     let metrics = call(s.addr, "GET", "/metrics", &[], "").await.body;
     assert_eq!(metric(&metrics, "num_requests_running"), 32.0);
