@@ -22,6 +22,7 @@ pub mod models;
 pub mod persona;
 pub mod plot;
 pub mod rtt;
+pub mod serve;
 pub mod soak;
 pub mod spec;
 pub mod step;
@@ -56,11 +57,14 @@ pub enum Case {
     /// Sessions opening, taking turns (some cancelled), closing and reopening on the shipped
     /// verifier for minutes: memory, tasks, reserved bytes and errors over time.
     Soak,
+    /// Completions through the HTTP front against in-process turns on the shipped verifier:
+    /// requests per second and time to the first token at 1, 16 and 256 concurrent streams.
+    Serve,
 }
 
 impl Case {
     /// Every case, in the order `troupe bench --help` lists them.
-    pub const ALL: [Case; 8] = [
+    pub const ALL: [Case; 9] = [
         Case::Step,
         Case::Batching,
         Case::PersonaStress,
@@ -69,6 +73,7 @@ impl Case {
         Case::SpecSpeedup,
         Case::Kernels,
         Case::Soak,
+        Case::Serve,
     ];
 
     /// The name used on the command line and for the output files.
@@ -82,6 +87,7 @@ impl Case {
             Case::SpecSpeedup => "spec-speedup",
             Case::Kernels => "kernels",
             Case::Soak => "soak",
+            Case::Serve => "serve",
         }
     }
 }
@@ -223,6 +229,16 @@ pub fn run(case: Case, quick: bool, env: &Env) -> Result<Value> {
             };
             let models = env.demo_models()?;
             soak::run(&soak::SoakPlan { models, ..plan }, env)
+        }
+        Case::Serve => {
+            let models = env.demo_models()?;
+            serve::run(
+                &serve::ServePlan {
+                    models,
+                    ..serve::ServePlan::new(quick)
+                },
+                env,
+            )
         }
     }
 }

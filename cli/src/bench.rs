@@ -10,7 +10,7 @@ use troupe_bench::{Case, Env, ModelChoice};
 #[derive(clap::Args)]
 pub struct BenchArgs {
     /// The case to run: step, batching, persona-stress, agent-capacity, rtt-sweep, spec-speedup,
-    /// kernels or soak.
+    /// kernels, soak or serve.
     #[arg(value_parser = parse_case)]
     case: Case,
     /// A smaller sweep: about a minute per case on 2 CPU cores.

@@ -9,11 +9,6 @@ mod train;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-/// Many small messages and buffers per session per step: mimalloc serves them faster than glibc's
-/// allocator, and keeps a long-running server's memory flatter.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// troupe: many LLM sessions, one shared model.
 #[derive(Parser)]
 #[command(name = "troupe", version, about)]

@@ -171,14 +171,16 @@ async fn health(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::build(status).json(h)
 }
 
+/// A metric family: name, type, help, and its samples (extra labels, value).
+type Family = (&'static str, &'static str, &'static str, Vec<(&'static str, f64)>);
+
 async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let c = &state.counters;
     let budget = state.runtime.budget().await?;
     let stats = state.runtime.stats().await?;
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
     let kv_perc = budget.used_bytes as f64 / budget.budget_bytes.max(1) as f64;
-    // (name, type, help, [(extra labels, value)])
-    let families: [(&str, &str, &str, Vec<(&str, f64)>); 11] = [
+    let families: [Family; 11] = [
         (
             "num_requests_running",
             "gauge",
