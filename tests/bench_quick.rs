@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use troupe::engine::ModelConfig;
 use troupe_bench::models::{preset_dir, ModelChoice};
-use troupe_bench::{batching, capacity, kernels, persona, rtt, soak, spec, step, Case, Env};
+use troupe_bench::{batching, capacity, kernels, persona, rtt, serve, soak, spec, step, Case, Env};
 
 fn tiny() -> ModelConfig {
     let mut c = ModelConfig::preset("tiny").expect("preset");
@@ -436,4 +436,28 @@ fn presets_are_written_once_to_the_cache() {
     assert_eq!(leftovers, 1, "no partial directory is left behind");
     assert!(ModelChoice::from_args(None, Some("qwen9-70b".into())).is_err());
     assert!(ModelChoice::from_args(Some(dir), Some("tiny".into())).is_err());
+}
+
+#[test]
+fn serve_case_measures_the_front_beside_in_process_turns() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = serve::ServePlan {
+        streams: vec![1, 3],
+        requests: 2,
+        ..serve::ServePlan::new(true)
+    };
+    serve::run(&plan, &Env::new(dir.path(), "cpu").unwrap()).unwrap();
+    let v = written(dir.path(), Case::Serve);
+    let rows = v["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 4, "both modes at each stream count");
+    for row in rows {
+        assert!(["http", "in-process"].contains(&row["mode"].as_str().unwrap()));
+        positive(row, "requests_per_s");
+        let p50 = positive(row, "ttft_p50_ms");
+        assert!(num(row, "ttft_p99_ms") >= p50, "{row}");
+        assert!(num(row, "latency_p50_ms") >= p50, "{row}");
+        // Every request generated its tokens: 16 each.
+        let per_request = num(row, "tokens_per_s") / num(row, "requests_per_s");
+        assert!((per_request - 16.0).abs() < 0.01, "{row}");
+    }
 }
