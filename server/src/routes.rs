@@ -172,7 +172,12 @@ async fn health(state: web::Data<AppState>) -> HttpResponse {
 }
 
 /// A metric family: name, type, help, and its samples (extra labels, value).
-type Family = (&'static str, &'static str, &'static str, Vec<(&'static str, f64)>);
+type Family = (
+    &'static str,
+    &'static str,
+    &'static str,
+    Vec<(&'static str, f64)>,
+);
 
 async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let c = &state.counters;
