@@ -78,8 +78,8 @@ impl TurnStream {
 
     /// Cancels the turn: a queued turn never starts; a running one stops within one verify step,
     /// gives back its place in the batch, and keeps the tokens it emitted in the session's
-    /// context. The stream then ends with [`RuntimeError::Cancelled`] (unless the turn finished
-    /// first). Dropping the stream does the same.
+    /// context. The stream then ends with [`RuntimeError::Cancelled`] (unless the turn had ended
+    /// before the session received the cancellation). Dropping the stream does the same.
     pub fn cancel(&self) {
         if let Some((actor, turn)) = &self.session {
             let _ = actor.cast(SessionMsg::Cancel(Some(*turn)));

@@ -2,6 +2,7 @@
 //! read and write, so a caller (an HTTP front answering 503) learns of a failure without asking an
 //! actor that may be gone.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -31,12 +32,20 @@ impl Health {
 
 /// The shared cell behind [`Health`]. The first failure is kept: later ones follow from it.
 #[derive(Debug, Clone)]
-pub(crate) struct HealthCell(Arc<Mutex<Health>>);
+pub(crate) struct HealthCell(Arc<Mutex<Health>>, Arc<AtomicBool>);
 
 impl HealthCell {
     /// A runtime that serves.
     pub(crate) fn new() -> Self {
-        Self(Arc::new(Mutex::new(Health::Serving)))
+        Self(
+            Arc::new(Mutex::new(Health::Serving)),
+            Arc::new(AtomicBool::new(false)),
+        )
+    }
+
+    /// Whether `shutdown` has begun (failed or not): nothing is restarted any more.
+    pub(crate) fn stopping(&self) -> bool {
+        self.1.load(Ordering::Acquire)
     }
 
     /// The state now.
@@ -60,6 +69,7 @@ impl HealthCell {
 
     /// Records that the runtime is shutting down (a failure already recorded stays).
     pub(crate) fn shutting_down(&self) {
+        self.1.store(true, Ordering::Release);
         let mut h = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if *h == Health::Serving {
             *h = Health::ShuttingDown;

@@ -53,8 +53,12 @@ impl Phase {
             policy.turnaround_over();
         }
         let idle = self.step_ended.is_none_or(|t| now.duration_since(t) > gap);
-        if self.gathering.is_none() && idle && policy.gathers() {
-            self.gathering = Some((now, 0));
+        if self.gathering.is_none() && idle {
+            if policy.gathers() {
+                self.gathering = Some((now, 0));
+            } else {
+                policy.gather_skipped();
+            }
         }
         if let Some((since, caught)) = self.gathering {
             let until = due(since, self.last_arrival);

@@ -26,7 +26,7 @@ use troupe_engine::{
 
 use crate::config::{GenerateParams, Prompt, SchedulerConfig, SessionConfig};
 use crate::error::RuntimeError;
-use crate::events::{SessionInfo, TurnStream};
+use crate::events::{SessionInfo, TurnSink, TurnStream};
 use crate::faults::FaultPlan;
 use crate::health::{Health, HealthCell};
 use crate::manager::{BudgetInfo, ManagerActor, ManagerArgs, ManagerMsg, Spawned};
@@ -455,7 +455,9 @@ impl SessionHandle {
                 turn,
                 prompt: prompt.into(),
                 params,
-                events: tx,
+                // Made here, so a message the session never handles (it stopped first) still
+                // ends the stream with an error as it is dropped.
+                sink: TurnSink::new(tx, self.id),
             })
             .map_err(|_| RuntimeError::SessionClosed(self.id))?;
         Ok(TurnStream::new(rx, self.actor.clone(), turn))

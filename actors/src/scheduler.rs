@@ -14,7 +14,7 @@ use troupe_engine::{SeqId, Verifier, WindowSpec};
 use crate::config::SchedulerConfig;
 use crate::error::RuntimeError;
 use crate::faults::{ActorKind, FaultPlan};
-use crate::health::{Health, HealthCell};
+use crate::health::HealthCell;
 use crate::phase::Phase;
 use crate::policy::{Cancel, Completion, Dispatch, SchedulerState, SchedulerStats};
 use crate::proposer::{ProposerActor, ProposerArgs, ProposerMsg};
@@ -310,7 +310,11 @@ impl Actor for SchedulerActor {
                     if let Some(v) = st.verifier.take() {
                         v.actor.kill();
                     }
-                    st.restart_verifier(&myself).await?;
+                    if st.health.stopping() {
+                        st.fail_all(RuntimeError::ShuttingDown);
+                    } else {
+                        st.restart_verifier(&myself).await?;
+                    }
                 }
             }
             SchedulerMsg::Stats(reply) => {
@@ -333,10 +337,18 @@ impl Actor for SchedulerActor {
             }
             _ => return Ok(()),
         };
-        if st.health.get() == Health::ShuttingDown {
-            return Ok(()); // stopped by `shutdown`: nothing is restarted
-        }
         let id = cell.get_id();
+        if st.health.stopping() {
+            // Stopped by `shutdown` (or lost during one): nothing is restarted, and a turn that
+            // still waited on the verifier ends now rather than holding up the drain.
+            if st.verifier.as_ref().is_some_and(|v| v.actor.get_id() == id) {
+                st.verifier = None;
+                st.fail_all(RuntimeError::ShuttingDown);
+            } else if st.proposer.as_ref().is_some_and(|p| p.get_id() == id) {
+                st.proposer = None;
+            }
+            return Ok(());
+        }
         if st.verifier.as_ref().is_some_and(|v| v.actor.get_id() == id) {
             tracing::error!(reason = %why, "verifier failed; restarting it and replaying in-flight work");
             st.verifier = None;
@@ -508,7 +520,6 @@ impl SchedulerActorState {
         let model = match model {
             Ok(m) => m,
             Err(e) => {
-                self.policy.verifier_restarted();
                 let why = RuntimeError::RebuildFailed(e);
                 self.health.fail(why.to_string());
                 self.fail_all(why);

@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, DerivedActorRef, RpcReplyPort};
-use tokio::sync::mpsc;
+
 use troupe_engine::{SamplingParams, Tokenizer, WindowSpec};
 
 use crate::config::{GenerateParams, Prompt, SessionConfig};
 use crate::detokenize::TextStream;
 use crate::error::RuntimeError;
-use crate::events::{quantile, Event, SessionInfo, TurnId, TurnSink, TurnStats};
+use crate::events::{quantile, SessionInfo, TurnId, TurnSink, TurnStats};
 use crate::faults::{ActorKind, FaultPlan};
 use crate::protocol::{Emission, SeqRequest, Turn, TurnUpdate};
 use crate::SessionId;
@@ -29,7 +29,7 @@ pub enum SessionMsg {
         /// Parameters.
         params: GenerateParams,
         /// Where the turn's events go.
-        events: mpsc::UnboundedSender<Event>,
+        sink: TurnSink,
     },
     /// The scheduler's word on the current turn.
     Update(TurnUpdate),
@@ -186,9 +186,8 @@ impl Actor for SessionActor {
                 turn,
                 prompt,
                 params,
-                events,
+                sink,
             } => {
-                let sink = TurnSink::new(events, st.args.id);
                 if let Some(why) = &st.failed {
                     sink.end(Err(why.clone()));
                     return Ok(());

@@ -144,12 +144,11 @@ impl From<RuntimeError> for ApiError {
                 EngineError::TokenOutOfRange { .. } => {
                     ApiError::bad_request(message.clone(), Some("prompt"))
                 }
-                EngineError::InvalidStep(_) | EngineError::InvalidWindow(_) => {
-                    ApiError::bad_request(message.clone(), None)
-                }
                 _ => status(StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
             },
             RuntimeError::ShuttingDown
+            | RuntimeError::ActorUnavailable(_)
+            | RuntimeError::Timeout(_)
             | RuntimeError::RuntimeFailed(_)
             | RuntimeError::NoVerifier
             | RuntimeError::TooManyRestarts { .. }

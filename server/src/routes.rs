@@ -312,15 +312,23 @@ async fn create_session(
     }
     let session = state.runtime.spawn_session(config).await?;
     // The system prompt starts the session's context, so its first turn needs no prompt of it.
+    // A session that cannot take it is closed again, not left holding its bytes.
     if let Some(system) = r.system_prompt.filter(|s| !s.is_empty()) {
-        let tokens = state
-            .tokenizer()?
-            .encode(&format!("System: {system}\n"))
-            .map_err(|e| {
-                ApiError::bad_request(format!("the system prompt does not tokenize: {e}"), None)
-            })?;
-        let prefill = session.generate(tokens, troupe::GenerateParams::greedy(0))?;
-        prefill.collect().await?;
+        let added = async {
+            let tokens = state
+                .tokenizer()?
+                .encode(&format!("System: {system}\n"))
+                .map_err(|e| {
+                    ApiError::bad_request(format!("the system prompt does not tokenize: {e}"), None)
+                })?;
+            let prefill = session.generate(tokens, troupe::GenerateParams::greedy(0))?;
+            prefill.collect().await?;
+            Ok::<_, ApiError>(())
+        };
+        if let Err(e) = added.await {
+            let _ = session.close().await;
+            return Err(e);
+        }
     }
     let w = session.window();
     Ok(HttpResponse::Ok().json(json!({

@@ -63,9 +63,9 @@ impl StopScanner {
 /// The length of the longest proper prefix of `stop` that `text` ends with, on a character
 /// boundary of `text`.
 fn longest_prefix_suffix(text: &str, stop: &str) -> usize {
-    (1..stop.len())
+    (1..stop.len().min(text.len() + 1))
         .rev()
-        .filter(|&n| stop.is_char_boundary(n) && n <= text.len())
+        .filter(|&n| stop.is_char_boundary(n))
         .find(|&n| text.is_char_boundary(text.len() - n) && text.ends_with(&stop[..n]))
         .unwrap_or(0)
 }

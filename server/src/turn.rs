@@ -9,12 +9,17 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use actix_web::web::Bytes;
 use futures::Stream;
 use serde_json::{json, Value};
-use troupe::{Event, GenerateParams, SessionConfig, SessionHandle, TurnStream};
+use troupe::{Event, GenerateParams, RuntimeError, SessionConfig, SessionHandle, TurnStream};
 
 use crate::error::ApiError;
 use crate::openai::Sampling;
 use crate::state::{AppState, Seat};
 use crate::stops::StopScanner;
+
+/// Stop strings a request may give (OpenAI's limit).
+const MAX_STOPS: usize = 4;
+/// The longest stop string, in bytes.
+const MAX_STOP_BYTES: usize = 256;
 
 /// Which endpoint a reply answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,6 +106,17 @@ impl Prepared {
                 Some("top_p"),
             ));
         }
+        let stops = sampling
+            .stop
+            .as_ref()
+            .map(|s| s.strings())
+            .unwrap_or_default();
+        if stops.len() > MAX_STOPS || stops.iter().any(|s| s.len() > MAX_STOP_BYTES) {
+            return Err(ApiError::bad_request(
+                format!("at most {MAX_STOPS} stop strings of at most {MAX_STOP_BYTES} bytes each"),
+                Some("stop"),
+            ));
+        }
         let max_tokens = sampling
             .max_completion_tokens
             .or(sampling.max_tokens)
@@ -177,7 +193,12 @@ impl Prepared {
         let mut turn = self.start()?;
         let mut scan = StopScanner::new(self.stops.clone());
         let (mut text, mut tokens) = (String::new(), 0usize);
-        while let Some(ev) = turn.next_event().await {
+        loop {
+            let Some(ev) = turn.next_event().await else {
+                // The stream ended without its last event: the session went away.
+                self.count_finish("abort", 0);
+                return Err(RuntimeError::SessionClosed(self.session.id()).into());
+            };
             match ev {
                 Event::Tokens { ids, text: delta } => {
                     tokens += ids.len();
@@ -355,8 +376,20 @@ impl Sse {
                     self.reply.count_finish("abort", 0);
                     return Some(event(&ApiError::from(e).to_json()));
                 }
-                Some(Event::Done(_)) | None => {
+                Some(Event::Done(_)) => {
                     self.turn = None;
+                    let rest = self.scan.finish();
+                    self.finish(rest);
+                }
+                None if self.turn.is_some() => {
+                    // The stream ended without its last event: the session went away.
+                    self.turn = None;
+                    self.ended = true;
+                    self.reply.count_finish("abort", 0);
+                    let gone = RuntimeError::SessionClosed(self.reply.session.id());
+                    return Some(event(&ApiError::from(gone).to_json()));
+                }
+                None => {
                     let rest = self.scan.finish();
                     self.finish(rest);
                 }

@@ -150,6 +150,11 @@ async fn bad_requests_are_400s_naming_the_field() {
             Some("messages"),
             None,
         ),
+        (
+            r#"{"messages": [{"role":"user","content":"x"}], "stop": ["a","b","c","d","e"]}"#,
+            Some("stop"),
+            None,
+        ),
     ];
     for (body, param, code) in cases {
         let r = call(s.addr, "POST", "/v1/chat/completions", &[], body).await;

@@ -25,6 +25,8 @@ const GAP_SHARE: f64 = 0.02;
 const GAP_MAX: f64 = 0.001;
 /// Below this running share of waits that caught a turn, waits are skipped.
 const MIN_HITS: f64 = 0.5;
+/// What a skipped gather adds to the share, so that a few skips lead to one more try.
+const SKIP_CREDIT: f64 = 0.05;
 
 /// `ema` moved a fifth of the way towards `hit`.
 fn toward(ema: f64, hit: bool) -> f64 {
@@ -74,6 +76,12 @@ impl SchedulerState {
             self.turnaround_hits = toward(self.turnaround_hits, false);
         }
         self.just_finished.clear();
+    }
+
+    /// A step started an idle verifier without gathering (gathers have not been catching turns):
+    /// the skip counts a little towards trying again, so gathers resume once bursts return.
+    pub fn gather_skipped(&mut self) {
+        self.gather_hits = (self.gather_hits + SKIP_CREDIT).min(1.0);
     }
 
     /// A gather ended: `caught` turns arrived during it.
