@@ -216,3 +216,42 @@ fn a_draft_whose_ending_stop_token_also_opens_it_is_cut_before_the_ending_one() 
     assert_eq!(step.works[0].stop, Vec::<u32>::new());
     assert_eq!(step.tokens, 3);
 }
+
+#[test]
+fn a_cancelled_turn_leaves_at_once_or_with_the_step_that_holds_it() {
+    let mut st = SchedulerState::new(config(64, 8, 16, 0));
+    for seq in [1, 2] {
+        st.open(seq);
+        st.submit(seq, &prompt(seq, 3), turn(100)).unwrap();
+    }
+    let step = st.dispatch().expect("work").step;
+    // Sequence 1's work is in the step in flight: it ends with that step, marked finished.
+    assert_eq!(st.cancel(1), Cancel::AfterStep);
+    let done = st.complete(step.id, &verify(&step), Duration::from_millis(1));
+    let e1 = done.emissions.iter().find(|e| e.seq == 1).unwrap();
+    assert!(e1.finished, "the cancelled turn ends with its step");
+    assert_eq!(e1.tokens.len(), 1, "the step's token is kept");
+    assert!(st.seq(1).unwrap().turn.is_none());
+    // Sequence 2, between steps, ends at once; its history (prompt and token) stays.
+    assert_eq!(st.cancel(2), Cancel::Now);
+    assert!(st.seq(2).unwrap().turn.is_none());
+    assert_eq!(st.seq(2).unwrap().history.len(), 4);
+    assert_eq!(st.active(), 0);
+    assert!(!st.has_work());
+    assert!(st.dispatch().is_none(), "nothing is left to step");
+    // A cancellation that comes after the turn ended finds nothing to do.
+    assert_eq!(st.cancel(2), Cancel::NoTurn);
+    assert_eq!(st.cancel(9), Cancel::NoTurn);
+    // The session continues from what it kept.
+    st.submit(2, &[5], turn(2)).unwrap();
+    assert_eq!(
+        st.dispatch().expect("work").step.works[0].fed,
+        vec![e_last(&st, 2), 5]
+    );
+}
+
+/// The last token of a sequence's history before its newest prompt.
+fn e_last(st: &SchedulerState, seq: SeqId) -> u32 {
+    let h = &st.seq(seq).unwrap().history;
+    h[h.len() - 2]
+}
