@@ -296,41 +296,33 @@ impl SessionState {
                 }
             };
             self.tokens_seen += tokens.len() as u64;
-            if params.max_new_tokens == 0 {
-                // Context without a reply: the tokens join the history, fed with the next turn.
-                if !tokens.is_empty() {
-                    let _ = self.args.scheduler.send_message(SeqRequest::Submit {
-                        seq: self.args.id,
-                        tokens,
-                        turn: Turn {
-                            remaining: 0,
-                            params: sampling,
-                            stop: Vec::new(),
-                            stop_after_content: false,
-                        },
-                    });
-                }
-                sink.end(Ok(TurnStats::default()));
-                continue;
-            }
             let mut stop = self.args.config.stop_tokens.clone();
             for &t in &params.stop_tokens {
                 if !stop.contains(&t) {
                     stop.push(t);
                 }
             }
-            let sent = self.args.scheduler.send_message(SeqRequest::Submit {
-                seq: self.args.id,
-                tokens,
-                turn: Turn {
-                    remaining: params.max_new_tokens,
-                    params: sampling,
-                    stop,
-                    stop_after_content: params.stop_after_content,
-                },
+            // A turn of no tokens only adds its prompt to the context: the scheduler appends it to
+            // the history without starting a turn, to be fed with the next one.
+            let reply = params.max_new_tokens > 0;
+            let sent = (reply || !tokens.is_empty()).then(|| {
+                self.args.scheduler.send_message(SeqRequest::Submit {
+                    seq: self.args.id,
+                    tokens,
+                    turn: Turn {
+                        remaining: params.max_new_tokens,
+                        params: sampling,
+                        stop,
+                        stop_after_content: params.stop_after_content,
+                    },
+                })
             });
-            if sent.is_err() {
+            if sent.is_some_and(|s| s.is_err()) {
                 sink.end(Err(RuntimeError::ActorUnavailable("scheduler".into())));
+                continue;
+            }
+            if !reply {
+                sink.end(Ok(TurnStats::default()));
                 continue;
             }
             self.active = Some(Active {

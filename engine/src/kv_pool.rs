@@ -40,8 +40,6 @@ struct Pool<B: Backend> {
     slots: usize,
     /// Slots no window holds, lowest last.
     free: Vec<usize>,
-    /// Slots made resident ([`KernelBackend::commit_pool_slot`]) when first handed out.
-    committed: Vec<bool>,
 }
 
 impl<B: Backend> Pool<B> {
@@ -150,10 +148,8 @@ impl<B: KernelBackend> KvPool<B> {
             chunks: Vec::new(),
             slots: 0,
             free: Vec::new(),
-            committed: Vec::new(),
         });
         if let Some(slot) = pool.free.pop() {
-            Self::commit(pool, slot);
             return slot;
         }
         let (first, more) = (pool.slots, (pool.slots / 2).max(1));
@@ -173,24 +169,7 @@ impl<B: KernelBackend> KvPool<B> {
         });
         pool.slots += more;
         pool.free = (first + 1..pool.slots).rev().collect();
-        pool.committed.resize(pool.slots, false);
-        Self::commit(pool, first);
         first
-    }
-
-    /// Makes `slot`'s window resident the first time it is handed out.
-    fn commit(pool: &mut Pool<B>, slot: usize) {
-        if pool.committed[slot] {
-            return;
-        }
-        pool.committed[slot] = true;
-        let (chunk, local) = pool.locate(slot);
-        let chunk = &mut pool.chunks[chunk];
-        for store in chunk.k.iter_mut().chain(chunk.v.iter_mut()) {
-            if let Some(t) = store.take() {
-                *store = Some(B::commit_pool_slot(t, local));
-            }
-        }
     }
 
     /// Commits rows of one step's keys and values to many windows of shape `spec` at once: row

@@ -166,22 +166,6 @@ impl KernelBackend for Flex {
         }
     }
 
-    /// Writes zeros over the slot's window when the pool is f32, contiguous and held by nothing
-    /// else (its pages are the system's fresh zero pages until then).
-    fn commit_pool_slot(pool: Tensor<Self, 4>, slot: usize) -> Tensor<Self, 4> {
-        let [slots, kvh, cap, hd] = pool.dims();
-        if pool.dtype() != DType::F32 || slot >= slots {
-            return pool;
-        }
-        let mut p = pool.into_primitive().tensor();
-        let whole = p.layout().contiguous_offsets() == Some((0, p.layout().num_elements()));
-        if let Some(buf) = p.try_storage_mut::<f32>().filter(|_| whole) {
-            let n = kvh * cap * hd;
-            buf[slot * n..][..n].fill(0.0);
-        }
-        Tensor::from_primitive(TensorPrimitive::Float(p))
-    }
-
     /// Flex's own zeros go through a byte buffer that is copied to be aligned, touching every
     /// page; a zeroed `f32` vector is taken over as it is, its pages zeroed by the system on first
     /// write.

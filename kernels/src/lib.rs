@@ -101,20 +101,9 @@ pub trait KernelBackend: Backend {
         Err(pool)
     }
 
-    /// Makes the window at `slot` of `pool` (`[slots, kv_heads, capacity, head_dim]`) resident,
-    /// once, when the slot is first handed out: on a backend whose pool pages are zeroed on first
-    /// write (see [`pool_zeros`](Self::pool_zeros)), they are written now, so the memory a window
-    /// reserves is memory the process holds from the start, not pages faulted in as it fills.
-    /// Elsewhere (the default) nothing is done.
-    fn commit_pool_slot(pool: Tensor<Self, 4>, slot: usize) -> Tensor<Self, 4> {
-        let _ = slot;
-        pool
-    }
-
     /// A zero-filled pool tensor of `shape` (`[slots, kv_heads, capacity, head_dim]`). A backend
     /// whose host memory is its device's hands out pages the system zeroes when first written,
-    /// so a chunk's slots cost no time and no resident memory until a window takes them
-    /// ([`commit_pool_slot`](Self::commit_pool_slot)).
+    /// so a window reserved but not yet filled costs no time and no resident memory.
     fn pool_zeros(
         shape: [usize; 4],
         dtype: burn::tensor::DType,

@@ -40,17 +40,3 @@ fn sampled_accept_matches_host() {
 fn draft_outside_the_nucleus_is_rejected() {
     common::sampled::draft_outside_the_nucleus_is_rejected::<Flex>(&Default::default());
 }
-
-#[test]
-fn committing_a_pool_slot_zeroes_its_window_alone() {
-    use burn::tensor::Tensor;
-    use troupe_kernels::KernelBackend;
-    let device = Default::default();
-    let pool = Tensor::<Flex, 4>::ones([3, 2, 4, 8], &device);
-    let pool = Flex::commit_pool_slot(pool, 1);
-    let v: Vec<f32> = pool.into_data().to_vec().unwrap();
-    let n = 2 * 4 * 8;
-    assert!(v[..n].iter().all(|&x| x == 1.0), "slot 0 untouched");
-    assert!(v[n..2 * n].iter().all(|&x| x == 0.0), "slot 1 written");
-    assert!(v[2 * n..].iter().all(|&x| x == 1.0), "slot 2 untouched");
-}

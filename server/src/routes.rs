@@ -14,7 +14,7 @@ use crate::openai::{
     parse, parse_request, ChatRequest, CompletionRequest, Message, PromptInput, SessionRequest,
 };
 use crate::state::AppState;
-use crate::turn::{Kind, Prepared};
+use crate::turn::{parse_session_id, Kind, Prepared};
 
 /// Registers every endpoint.
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -273,16 +273,6 @@ async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
         .body(out))
 }
 
-fn parse_id(raw: &str) -> Result<u64, ApiError> {
-    raw.parse().map_err(|_| ApiError {
-        status: StatusCode::NOT_FOUND,
-        message: format!("no session {raw:?}"),
-        kind: "invalid_request_error",
-        code: Some("session_not_found"),
-        param: None,
-    })
-}
-
 async fn create_session(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -345,7 +335,7 @@ async fn get_session(
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     authorize(&state, &req)?;
-    let s = state.runtime.session(parse_id(&id)?).await?;
+    let s = state.runtime.session(parse_session_id(&id, None)?).await?;
     Ok(HttpResponse::Ok().json(s.info().await?))
 }
 
@@ -355,7 +345,7 @@ async fn delete_session(
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     authorize(&state, &req)?;
-    let id = parse_id(&id)?;
+    let id = parse_session_id(&id, None)?;
     state.runtime.session(id).await?.close().await?;
     Ok(
         HttpResponse::Ok()

@@ -66,17 +66,23 @@ pub struct Prepared {
 
 /// Reads the session a request names: `session` in the body, else the `X-Session-Id` header.
 fn session_id(sampling: &Sampling, header: Option<&str>) -> Result<Option<u64>, ApiError> {
-    let Some(raw) = sampling.session.as_deref().or(header) else {
-        return Ok(None);
-    };
-    raw.trim().parse().map(Some).map_err(|_| ApiError {
+    match sampling.session.as_deref().or(header) {
+        Some(raw) => parse_session_id(raw, Some("session")).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// A session id as clients write it (the number `POST /v1/sessions` returns); anything else is
+/// a 404, as an id no session has.
+pub(crate) fn parse_session_id(raw: &str, param: Option<&str>) -> Result<u64, ApiError> {
+    raw.trim().parse().map_err(|_| ApiError {
         status: actix_web::http::StatusCode::NOT_FOUND,
         message: format!(
             "no session {raw:?}: session ids are the numbers `POST /v1/sessions` returns"
         ),
         kind: "invalid_request_error",
         code: Some("session_not_found"),
-        param: Some("session".into()),
+        param: param.map(str::to_owned),
     })
 }
 

@@ -187,10 +187,7 @@ impl SchedulerState {
             return Err(RuntimeError::EmptyPrompt);
         }
         e.history.extend_from_slice(tokens);
-        e.ready = None;
-        e.pipe = None;
-        e.pipe_reply = None;
-        e.awaiting = None;
+        e.forget_drafts();
         e.content = false;
         if turn.remaining > 0 {
             e.turn = Some(turn);
@@ -278,10 +275,7 @@ impl SchedulerState {
     pub fn proposer_restarted(&mut self) {
         self.stats.proposer_restarts += 1;
         for e in self.seqs.values_mut() {
-            e.ready = None;
-            e.pipe = None;
-            e.pipe_reply = None;
-            e.awaiting = None;
+            e.forget_drafts();
             e.in_orders = 0;
         }
     }
