@@ -14,7 +14,7 @@ use burn::tensor::{DType, Distribution};
 use serde::Serialize;
 use serde_json::json;
 use troupe::engine::{DeviceKind, SamplingParams};
-use troupe::kernels::{reference, set_enabled, KernelBackend};
+use troupe::kernels::{reference, set_enabled, KernelBackend, WeightLayout};
 
 use crate::kernels_accept::{AcceptCase, AcceptShape};
 use crate::kernels_attention::{AttentionCase, AttentionShape};
@@ -212,8 +212,9 @@ fn run_on<B: KernelBackend>(
     };
     let (k, n) = plan.product;
     for &dtype in dtypes {
-        let w = random::<B>([k, n], &device).cast(dtype);
-        let u = random::<B>([k, n], &device).cast(dtype);
+        let w = random::<B>(kept::<B>([k, n]), &device).cast(dtype);
+        let u = random::<B>(kept::<B>([k, n]), &device).cast(dtype);
+        let layout = B::weight_layout();
         for &m in &plan.rows {
             let x = random::<B>([m, k], &device).cast(dtype);
             let r = random::<B>([m, n], &device).cast(dtype);
@@ -228,7 +229,7 @@ fn run_on<B: KernelBackend>(
                 k * n * es + io,
                 timer.pair(
                     || B::skinny_linear(x.clone(), &w, None),
-                    || reference::linear(x.clone(), &w, None),
+                    || reference::project(x.clone(), &w, layout, None),
                 ),
             ));
             bar.inc(1);
@@ -237,7 +238,7 @@ fn run_on<B: KernelBackend>(
                 k * n * es + io + m * n * es,
                 timer.pair(
                     || B::skinny_linear(x.clone(), &w, Some(r.clone())),
-                    || reference::linear(x.clone(), &w, Some(r.clone())),
+                    || reference::project(x.clone(), &w, layout, Some(r.clone())),
                 ),
             ));
             bar.inc(1);
@@ -246,7 +247,7 @@ fn run_on<B: KernelBackend>(
                 2 * k * n * es + io,
                 timer.pair(
                     || B::skinny_swiglu(x.clone(), &w, &u),
-                    || reference::swiglu(x.clone(), &w, &u),
+                    || reference::project_swiglu(x.clone(), &w, &u, layout),
                 ),
             ));
             bar.inc(1);
@@ -458,6 +459,14 @@ fn host_copy_bandwidth() -> f64 {
     (2 * n * 4) as f64 / best / 1e9
 }
 
+/// The shape a `[k, n]` projection weight is kept in on `B` (see [`KernelBackend::weight_layout`]).
+fn kept<B: KernelBackend>([k, n]: [usize; 2]) -> [usize; 2] {
+    match B::weight_layout() {
+        WeightLayout::InOut => [k, n],
+        WeightLayout::OutIn => [n, k],
+    }
+}
+
 /// Decoder layers without attention: `x += o(q(x))`, `k(x)` and `v(x)` computed and dropped,
 /// `x += down(silu(gate(x)) ⊙ up(x))`.
 struct Chain<B: Backend> {
@@ -476,7 +485,13 @@ impl<B: KernelBackend> Chain<B> {
             [s.intermediate, s.hidden],
         ];
         let layers = (0..layers)
-            .map(|_| shapes.map(|sh| random::<B>(sh, device).mul_scalar(0.02).cast(dtype)))
+            .map(|_| {
+                shapes.map(|sh| {
+                    random::<B>(kept::<B>(sh), device)
+                        .mul_scalar(0.02)
+                        .cast(dtype)
+                })
+            })
             .collect();
         Self { layers }
     }

@@ -1,23 +1,30 @@
 //! Loading a Hugging Face model directory: `config.json`, one or several safetensors files, and
 //! random initialisation of the same structure for benchmarks.
 //!
-//! Each file is memory-mapped and each tensor read once, straight from the map into its final
-//! width and layout (a projection's `[out, in]` transposed to the `[in, out]` the kernels read,
-//! in cache-sized blocks over the cores); the map's pages are handed back as each tensor is done,
-//! so the load never holds a second copy of the model.
+//! Each file is memory-mapped. A matrix kept in the file's width and layout (a bf16 checkpoint on
+//! the CPU, whose kernels read `[out, in]` as the file stores it) is used where it lies: the
+//! tensor holds the map, and its pages are the page cache's, read once when the file is mapped.
+//! Any other tensor is read once, straight from the map into its final width and layout (a
+//! projection transposed to `[in, out]` for the GPU kernels, in cache-sized blocks over the
+//! cores), and its pages of the map are handed back, so the load never holds a second copy of
+//! the model.
+//!
+//! A file in use is never written in place: [`crate::save_pretrained`] writes a new file and
+//! renames it over the old one, so a running model keeps the file it mapped.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use burn::prelude::*;
-use burn::tensor::{DType, Distribution};
+use burn::tensor::{AllocationProperty, Bytes, DType, Distribution};
 use half::{bf16, f16};
-use memmap2::{Mmap, UncheckedAdvice};
+use memmap2::{Mmap, MmapOptions, UncheckedAdvice};
 use rayon::prelude::*;
 use safetensors::tensor::Metadata;
 use safetensors::Dtype as StDtype;
-use troupe_kernels::KernelBackend;
+use troupe_kernels::{KernelBackend, WeightLayout};
 
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{EngineError, Result};
@@ -74,7 +81,8 @@ impl WeightDtype {
 
 /// One mapped safetensors file and its parsed header.
 struct Mapped {
-    map: Mmap,
+    /// Shared with the tensors used where they lie.
+    map: Arc<Mmap>,
     /// Where the tensors' data begins.
     data_start: usize,
     meta: Metadata,
@@ -137,9 +145,12 @@ impl Checkpoint {
                 source,
             };
             let handle = File::open(path).map_err(io)?;
-            // SAFETY: the map is read only; a checkpoint rewritten while it loads is outside
-            // what any loader can guard against (the same holds for every mmap-based reader).
-            let map = unsafe { Mmap::map(&handle) }.map_err(io)?;
+            // SAFETY: the map is read only. A file written in place while it is mapped is outside
+            // what any mmap-based reader can guard against; this project's writer renames a new
+            // file over the old. The map is populated: its pages are read (from the page cache,
+            // where the file usually is) now, not faulted in one by one by the first step.
+            let map = unsafe { MmapOptions::new().populate().map(&handle) }.map_err(io)?;
+            let map = Arc::new(map);
             let Header { data_start, meta } = parse_header(&map, path)?;
             self.mapped[file] = Some(Mapped {
                 map,
@@ -186,8 +197,9 @@ impl Checkpoint {
     }
 
     /// Reads one tensor into `kept`'s width, checking its shape; `transpose` turns a `[rows,
-    /// cols]` matrix into `[cols, rows]` on the way. The tensor's pages of the map are handed
-    /// back once it is read.
+    /// cols]` matrix into `[cols, rows]` on the way. A tensor that needs neither (and lies
+    /// aligned for its width) is handed out where it lies in the map; any other is copied, and its
+    /// pages of the map are handed back once it is read.
     pub fn read(
         &mut self,
         name: &str,
@@ -214,6 +226,15 @@ impl Checkpoint {
             path: path.clone(),
             dtype: format!("{:?}", info.dtype),
         })?;
+        let aligned = (bytes.as_ptr() as usize).is_multiple_of(stored.size());
+        if !transpose && stored == kept && aligned {
+            let range = m.data_start + begin..m.data_start + end;
+            let shared = bytes::Bytes::from_owner(SharedMap(m.map.clone())).slice(range);
+            return Ok(HostTensor::Mapped(
+                Bytes::from_shared(shared, AllocationProperty::File),
+                kept,
+            ));
+        }
         let (rows, cols) = match (transpose, expected) {
             (true, [r, c]) => (*r, *c),
             _ => (1, expected.iter().product()),
@@ -247,9 +268,20 @@ fn dtype_of(d: StDtype) -> Option<DType> {
     }
 }
 
+/// A file's map as the owner of shared bytes.
+struct SharedMap(Arc<Mmap>);
+
+impl AsRef<[u8]> for SharedMap {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 /// Tensor values read from a checkpoint, in the width they are kept in, before they go to the
 /// device.
 pub enum HostTensor {
+    /// Elements of this dtype where they lie in the file's map.
+    Mapped(Bytes, DType),
     /// f32 values.
     F32(Vec<f32>),
     /// bf16 values.
@@ -335,6 +367,9 @@ impl HostTensor {
         device: &B::Device,
     ) -> Tensor<B, D> {
         match self {
+            HostTensor::Mapped(bytes, dtype) => {
+                Tensor::from_data(TensorData::from_bytes(bytes, shape, dtype), (device, dtype))
+            }
             HostTensor::F32(v) => {
                 Tensor::from_data(TensorData::new(v, shape), (device, DType::F32))
             }
@@ -451,15 +486,17 @@ pub fn load_model<B: KernelBackend>(
     let embed = ckpt
         .read("model.embed_tokens.weight", &[c.vocab_size, h], kept, false)?
         .into_device([c.vocab_size, h], device);
+    let transpose = B::weight_layout() == WeightLayout::InOut;
     let linear = |ckpt: &mut Checkpoint,
                   name: &str,
                   out: usize,
                   inp: usize,
                   bias: bool|
      -> Result<Linear<B>> {
+        let shape = if transpose { [inp, out] } else { [out, inp] };
         let w = ckpt
-            .read(&format!("{name}.weight"), &[out, inp], kept, true)?
-            .into_device([inp, out], device);
+            .read(&format!("{name}.weight"), &[out, inp], kept, transpose)?
+            .into_device(shape, device);
         let bias = if bias {
             Some(vector(ckpt, &format!("{name}.bias"), out)?)
         } else {
@@ -575,7 +612,10 @@ pub fn random_model<B: KernelBackend>(
     };
     let ones = |n: usize| Tensor::<B, 1>::ones([n], (device, small));
     let linear = |inp: usize, out: usize, bias: bool| Linear {
-        weight: normal([inp, out]),
+        weight: match B::weight_layout() {
+            WeightLayout::InOut => normal([inp, out]),
+            WeightLayout::OutIn => normal([out, inp]),
+        },
         bias: bias.then(|| Tensor::zeros([out], (device, small))),
     };
     let qwen = c.architecture == Architecture::Qwen3;
@@ -595,7 +635,7 @@ pub fn random_model<B: KernelBackend>(
         })
         .collect();
     let embed = normal([c.vocab_size, h]);
-    let lm_head = (!c.tie_word_embeddings).then(|| normal([h, c.vocab_size]));
+    let lm_head = (!c.tie_word_embeddings).then(|| linear(h, c.vocab_size, false).weight);
     Model::from_parts(
         config.clone(),
         embed,

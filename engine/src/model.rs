@@ -1,8 +1,9 @@
 //! The decoder: Qwen3 and Llama 3 share one structure, differing only in Qwen3's per-head q/k RMSNorm.
 //!
-//! References: the Hugging Face `modeling_qwen3.py` and `modeling_llama.py`; weights are kept as
-//! `[in, out]` so that a projection is `x.matmul(w)`, in their own width (see
-//! [`crate::WeightDtype`]).
+//! References: the Hugging Face `modeling_qwen3.py` and `modeling_llama.py`. Projection weights
+//! are kept in the layout the backend's kernels read ([`KernelBackend::weight_layout`]: `[out,
+//! in]` as the checkpoint stores them on the CPU, `[in, out]` on the GPU backends), in their own
+//! width (see [`crate::WeightDtype`]).
 
 use burn::prelude::*;
 use burn::tensor::activation::silu;
@@ -19,10 +20,10 @@ use crate::pooled_step::PooledStep;
 use crate::rope::RopeTable;
 use crate::window::{KvWindow, WindowSpec};
 
-/// A projection `x · W + b` with `W` stored `[in, out]`.
+/// A projection `x · W + b`.
 #[derive(Debug, Clone)]
 pub struct Linear<B: Backend> {
-    /// `[in, out]`.
+    /// `[out, in]` or `[in, out]`, as the backend's [`KernelBackend::weight_layout`] says.
     pub weight: Tensor<B, 2>,
     /// `[out]`, when the layer has a bias.
     pub bias: Option<Tensor<B, 1>>,
@@ -103,7 +104,8 @@ pub struct Model<B: Backend> {
     pub layers: Vec<DecoderLayer<B>>,
     /// Final RMSNorm.
     pub norm: Tensor<B, 1>,
-    /// Output head `[hidden, vocab]`; `None` when tied to the embedding.
+    /// Output head, laid out as a projection (`[vocab, hidden]` or `[hidden, vocab]`); `None`
+    /// when tied to the embedding.
     pub lm_head: Option<Tensor<B, 2>>,
     /// Dtype of the activations and windows (f32 where the backend widens narrower weights).
     pub dtype: DType,

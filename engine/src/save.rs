@@ -6,6 +6,7 @@ use std::path::Path;
 use burn::prelude::*;
 use safetensors::tensor::TensorView;
 use safetensors::Dtype as StDtype;
+use troupe_kernels::{KernelBackend, WeightLayout};
 
 use crate::error::{EngineError, Result};
 use crate::model::{Linear, Model};
@@ -39,13 +40,22 @@ fn entry<B: Backend, const D: usize>(name: String, t: Tensor<B, D>, bf16: bool) 
     })
 }
 
+/// A projection's weight as HF stores it, `[out, in]`, from the layout the backend keeps.
+fn out_in<B: KernelBackend>(w: &Tensor<B, 2>) -> Tensor<B, 2> {
+    match B::weight_layout() {
+        WeightLayout::OutIn => w.clone(),
+        WeightLayout::InOut => w.clone().transpose(),
+    }
+}
+
 /// A projection as HF stores it: `weight` `[out, in]`, and `bias` when present.
-fn linear<B: Backend>(name: &str, l: &Linear<B>, bf16: bool, out: &mut Vec<Entry>) -> Result<()> {
-    out.push(entry(
-        format!("{name}.weight"),
-        l.weight.clone().transpose(),
-        bf16,
-    )?);
+fn linear<B: KernelBackend>(
+    name: &str,
+    l: &Linear<B>,
+    bf16: bool,
+    out: &mut Vec<Entry>,
+) -> Result<()> {
+    out.push(entry(format!("{name}.weight"), out_in(&l.weight), bf16)?);
     if let Some(b) = &l.bias {
         out.push(entry(format!("{name}.bias"), b.clone(), bf16)?);
     }
@@ -53,7 +63,7 @@ fn linear<B: Backend>(name: &str, l: &Linear<B>, bf16: bool, out: &mut Vec<Entry
 }
 
 /// Saves `model` to `dir` (created if needed), in f32 or bf16.
-pub fn save_pretrained<B: Backend>(
+pub fn save_pretrained<B: KernelBackend>(
     model: &Model<B>,
     dir: &Path,
     bf16: bool,
@@ -107,7 +117,7 @@ pub fn save_pretrained<B: Backend>(
     }
     entries.push(entry("model.norm.weight".into(), model.norm.clone(), bf16)?);
     if let Some(h) = &model.lm_head {
-        entries.push(entry("lm_head.weight".into(), h.clone().transpose(), bf16)?);
+        entries.push(entry("lm_head.weight".into(), out_in(h), bf16)?);
     }
     let views: Vec<(String, TensorView<'_>)> = entries
         .iter()
@@ -117,13 +127,16 @@ pub fn save_pretrained<B: Backend>(
                 .map_err(|err| EngineError::Backend(format!("{}: {err}", e.name)))
         })
         .collect::<Result<_>>()?;
+    // Written beside and renamed over: a model that maps the old file keeps reading it.
     let st_path = dir.join("model.safetensors");
-    safetensors::tensor::serialize_to_file(views, None, &st_path).map_err(|e| {
+    let partial = dir.join("model.safetensors.partial");
+    safetensors::tensor::serialize_to_file(views, None, &partial).map_err(|e| {
         EngineError::CorruptCheckpoint {
-            path: st_path.clone(),
+            path: partial.clone(),
             reason: e.to_string(),
         }
     })?;
+    std::fs::rename(&partial, &st_path).map_err(|e| io(&st_path, e))?;
     let mut config = model.config.clone();
     config.torch_dtype = if bf16 { "bfloat16" } else { "float32" }.into();
     let cfg_path = dir.join("config.json");

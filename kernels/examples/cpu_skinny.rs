@@ -1,5 +1,5 @@
-//! Times the CPU skinny matmul `x[m, 2048] · W[2048, 6144]` for m = 1..64 the way a model meets its
-//! weights: eight distinct weights (400 MB in f32, past every cache) are multiplied in turn, so
+//! Times the CPU skinny matmul `x[m, 2048] · W[6144, 2048]ᵀ` for m = 1..256 the way a model meets
+//! its weights: eight distinct weights (400 MB in f32, past every cache) are multiplied in turn, so
 //! each product streams its weight from memory while the caches hold other weights' clean lines.
 //! Prints, for weights kept in f32, bf16 and f16, the median over five rounds of 32 products (ms
 //! per product) and the weight bytes streamed per second at m = 1. `cpu_skinny_numpy.py` beside
@@ -11,7 +11,7 @@ use troupe_kernels::cpu_matmul::{skinny_matmul, CpuEpilogue};
 use troupe_kernels::cpu_weight::Weight;
 
 fn main() {
-    let (k, n) = (2048usize, 6144usize);
+    let (k, n) = (2048usize, 6144usize); // W is [n, k]
     let weights: Vec<Vec<f32>> = (0..8)
         .map(|j| {
             (0..k * n)
@@ -36,7 +36,7 @@ fn main() {
 
 fn time<W: Weight>(name: &str, weights: &[Vec<W>], k: usize, n: usize) {
     let mut line = format!("{name:>4}");
-    for m in [1usize, 2, 4, 8, 16, 32, 64] {
+    for m in [1usize, 2, 4, 8, 16, 32, 64, 256] {
         let x: Vec<f32> = (0..m * k)
             .map(|i| ((i * 31 % 97) as f32) / 97.0 - 0.5)
             .collect();

@@ -1,23 +1,25 @@
-//! Skinny matmul on the CPU: `y = x · W` for a few rows of `x` and a large row-major `W[K, N]`.
+//! Skinny matmul on the CPU: `y = x · Wᵀ` for a few rows of `x` and a large row-major `W[N, K]`,
+//! the layout a checkpoint stores a projection in (`[out, in]`), read where it lies.
 //!
 //! A decode or verify step multiplies at most a few dozen rows by every weight, so the cost is the
 //! weight bytes, and the kernel's one job is to stream them at memory speed. Every weight byte is
 //! read once per call, in one of two ways:
-//! - Up to [`STREAM_ROWS`] rows there is little arithmetic per byte. Each core reads a contiguous
-//!   band of `W`'s rows front to back, in place, into partial sums of all of `y` (see `Block::split_k`).
-//! - Past that, each core owns a range of columns. It walks `W` down in packed strips of [`KB`]
-//!   rows and across in register tiles of [`MR`] rows × [`NR`] columns, so each core reads [`KB`]
-//!   rows of `W` side by side. Runs of 512 bytes are too short for the hardware prefetcher, so
-//!   the packing asks for each row's lines `PREFETCH_ROWS` rows ahead. The partial sums of `y`
-//!   (at most 64 rows of the core's columns) stay in cache between strips, and `x` is packed
-//!   once per call, each register tile's rows k-major.
+//! - Up to [`DOT_ROWS`] rows ([`DOT_ROWS_F32`] for f32 weights), each output is the dot product of a row of `x` and a row of `W`
+//!   ([`crate::cpu_dot`]): `W` is read front to back in place, each load of it feeding every row
+//!   of `x` in a register tile.
+//! - Past that (prefill, long verify blocks), each core owns a range of columns. It walks `K` in
+//!   packed strips of [`KB`] and `N` in register tiles of [`MR`] rows × [`NR`] columns: each strip
+//!   is packed from [`NR`] rows of `W` at a time, transposed in registers eight by eight, and
+//!   serves every row of `x`. The partial sums of `y` stay in cache between strips, and `x` is
+//!   packed once per call, each register tile's rows k-major.
 //!
 //! The same loop carries the two epilogues a decoder layer needs: a residual add (the product is
-//! accumulated onto the residual) and the SwiGLU gate product `silu(x · Wg) ⊙ (x · Wu)`.
+//! accumulated onto the residual) and the SwiGLU gate product `silu(x · Wgᵀ) ⊙ (x · Wuᵀ)`.
 
 use rayon::prelude::*;
 
-use crate::cpu_weight::Weight;
+use crate::cpu_dot::dot_product;
+use crate::cpu_weight::{Weight, WeightKind};
 
 /// Columns of one register tile: two 256-bit vectors of f32.
 pub const NR: usize = 16;
@@ -26,36 +28,30 @@ pub const NR: usize = 16;
 pub const MR: usize = 6;
 /// Most rows of `x` one pass over `W` serves; taller products run in blocks of this many.
 pub const MAX_BLOCK_ROWS: usize = 256;
-/// Rows of `W` in one strip.
+/// Steps of `K` in one strip.
 pub const KB: usize = 256;
-/// Columns of a strip packed at once: 512 B from each row, 128 KiB in all (in L2).
+/// Columns of a strip packed at once (128 KiB of f32, in L2).
 pub const CW: usize = 128;
-/// Up to this many rows, `W` is read in place instead, each core a band of its rows (see
-/// `Block::split_k`).
-pub const STREAM_ROWS: usize = 16;
-/// Rows of `x` one pass of [`axpy`] carries in registers; [`Block::band`] serves more rows in
-/// passes of this many over each group of `W`'s rows while the group is in cache.
-const TILE_ROWS: usize = 8;
-/// Columns of one block of [`band`]: up to 32 KiB of each row of `W` read in one sequential run
-/// (the whole row in common shapes), while 8 rows of `y` of that width (256 KiB) stay in L2.
-const BAND_FLOATS: usize = 8192;
-/// Rows of `W` [`band`] adds onto `y` in one pass over a block of `y`.
-const BAND_ROWS: usize = 8;
-/// How many rows ahead [`Block::pack`] asks for `W`'s lines.
-const PREFETCH_ROWS: usize = 8;
+/// Up to this many rows the product is dot products of rows ([`crate::cpu_dot`]); past it the
+/// packed strips serve enough rows to pay for their packing. f32 weights, twice the bytes to
+/// stream, are packed from [`DOT_ROWS_F32`] rows.
+pub const DOT_ROWS: usize = 64;
+/// [`DOT_ROWS`] for f32 weights (`kernels/examples/cpu_skinny.rs` on a 2048 × 6144 weight: the
+/// dot products win up to 32 rows, the packed strips from 40).
+pub const DOT_ROWS_F32: usize = 32;
 
 /// What happens to the product before it is stored.
 #[derive(Debug, Clone, Copy)]
 pub enum CpuEpilogue<'a, W = f32> {
-    /// `y = x · W`.
+    /// `y = x · Wᵀ`.
     None,
-    /// `y = r + x · W`, `r` row-major `[M, N]`.
+    /// `y = r + x · Wᵀ`, `r` row-major `[M, N]`.
     Residual(&'a [f32]),
-    /// `y = silu(x · W) ⊙ (x · U)`, `U` row-major `[K, N]` like `W` and in its width.
+    /// `y = silu(x · Wᵀ) ⊙ (x · Uᵀ)`, `U` row-major `[N, K]` like `W` and in its width.
     SwiGlu(&'a [W]),
 }
 
-/// `y[M, N] = epilogue(x[M, K] · w[K, N])`, all row-major, `x` and `y` f32, `w` in any
+/// `y[M, N] = epilogue(x[M, K] · w[N, K]ᵀ)`, all row-major, `x` and `y` f32, `w` in any
 /// [`Weight`] width (widened in registers, accumulated in f32). Panics when a slice is shorter
 /// than its shape says (the callers check shapes first).
 pub fn skinny_matmul<W: Weight>(
@@ -72,8 +68,8 @@ pub fn skinny_matmul<W: Weight>(
     );
     let mut y = match epilogue {
         CpuEpilogue::Residual(r) => r[..m * n].to_vec(),
-        // NaN, not zero: the first slice of K overwrites every element, and an element it missed
-        // shows in any test.
+        // NaN, not zero: every element is overwritten, and an element a path missed shows in
+        // any test.
         _ => vec![f32::NAN; m * n],
     };
     let accumulate = matches!(epilogue, CpuEpilogue::Residual(_));
@@ -95,9 +91,8 @@ fn silu(v: f32) -> f32 {
     v / (1.0 + (-v).exp())
 }
 
-/// `y = x · w`, or `y += x · w` when `accumulate`. A product taller than [`MAX_BLOCK_ROWS`]
-/// (a prefill chunk) runs in blocks of that many rows, each the skinny product the kernel is
-/// built for, reading `W` once per block.
+/// `y = x · wᵀ`, or `y += x · wᵀ` when `accumulate`. A product taller than [`MAX_BLOCK_ROWS`]
+/// (a prefill chunk) runs in blocks of that many rows, reading `W` once per block.
 fn accumulate_product<W: Weight>(
     y: &mut [f32],
     x: &[f32],
@@ -124,6 +119,13 @@ fn accumulate_product<W: Weight>(
         }
         return;
     }
+    let dot_rows = match W::KIND {
+        WeightKind::F32 => DOT_ROWS_F32,
+        _ => DOT_ROWS,
+    };
+    if m <= dot_rows {
+        return dot_product(y, x, w, (m, k, n), accumulate);
+    }
     let job = Block {
         x,
         w,
@@ -132,13 +134,8 @@ fn accumulate_product<W: Weight>(
         n,
         accumulate,
     };
-    // Worth the cores' fork and join once `W` is 4 MiB (reading it is then the cost, and one
-    // core alone streams it at about half the memory's speed) or the arithmetic is 4M
-    // multiply-adds; a 256-wide model's 0.1 ms products lose to the split.
+    // Worth the cores' fork and join once `W` is 4 MiB or the arithmetic is 4M multiply-adds.
     let big = k * n >= 1 << 20 || m * k * n >= 1 << 22;
-    if m <= STREAM_ROWS {
-        return job.split_k(y, big);
-    }
     let out = SendPtr(y.as_mut_ptr());
     // One column range per core, in whole tiles; one range when the product is too small to split.
     let parts = if big {
@@ -272,115 +269,35 @@ impl<W: Weight> Block<'_, W> {
         packed
     }
 
-    /// Copies `W[k0..k0 + kb, c0..c0 + width]`, widened to f32, into `packed` as
-    /// `[tile][KB][NR]`, the last tile zero-padded to [`NR`] columns.
+    /// Packs columns `c0..c0 + width` of the product, steps `k0..k0 + kb` of `K`, widened to
+    /// f32, into `packed` as `[tile][KB][NR]`: column `c` is row `c` of `w`, so each tile's
+    /// [`NR`] rows of `w` are transposed, eight by eight, to k-major runs. The last tile is
+    /// zero-padded to [`NR`] columns.
     fn pack(&self, k0: usize, kb: usize, c0: usize, width: usize, packed: &mut [f32]) {
-        // One row's run widened at once, then dealt out to the tiles.
-        let mut wide = [0.0f32; CW];
-        for kk in 0..kb {
-            if kk + PREFETCH_ROWS < kb {
-                prefetch(&self.w[(k0 + kk + PREFETCH_ROWS) * self.n + c0..][..width]);
-            }
-            let src = &self.w[(k0 + kk) * self.n + c0..][..width];
-            crate::cpu_weight::widen(src, &mut wide[..width]);
-            for (t, seg) in wide[..width].chunks(NR).enumerate() {
-                let dst = &mut packed[t * KB * NR + kk * NR..][..NR];
-                match <&[f32; NR]>::try_from(seg) {
-                    Ok(full) => dst.copy_from_slice(full),
-                    Err(_) => {
-                        dst[..seg.len()].copy_from_slice(seg);
-                        dst[seg.len()..].fill(0.0);
+        let k = self.k;
+        for t in 0..width.div_ceil(NR) {
+            let tile = &mut packed[t * KB * NR..][..KB * NR];
+            for half in 0..NR / 8 {
+                let j0 = c0 + t * NR + half * 8;
+                let cols = (c0 + width).saturating_sub(j0).min(8);
+                let mut done = 0;
+                #[cfg(target_arch = "x86_64")]
+                if cols == 8 && crate::cpu_weight::has_avx2() {
+                    let src = &self.w[j0 * k + k0..(j0 + 7) * k + k0 + kb];
+                    // SAFETY: AVX2 and F16C were just checked; `src` holds 8 rows `k` apart of
+                    // `kb` elements each, and `tile` holds `kb` steps of `NR` from `half · 8`.
+                    done = unsafe { avx2::pack8(src, k, kb, &mut tile[half * 8..]) };
+                }
+                for kk in done..kb {
+                    let dst = &mut tile[kk * NR + half * 8..][..8];
+                    for (c, d) in dst.iter_mut().enumerate() {
+                        *d = if c < cols {
+                            self.w[(j0 + c) * k + k0 + kk].to_f32()
+                        } else {
+                            0.0
+                        };
                     }
                 }
-            }
-        }
-    }
-
-    /// For a few rows there is little to reuse a packed strip for, and the product is the time it
-    /// takes to read `W`. Each core reads a contiguous band of `W`'s rows, front to back, the way
-    /// the prefetcher likes best, into partial sums of all of `y`; the partials are added at the
-    /// end. `big`: worth splitting over the cores.
-    fn split_k(&self, y: &mut [f32], big: bool) {
-        let (m, k, n) = (self.m, self.k, self.n);
-        if !self.accumulate {
-            y[..m * n].fill(0.0);
-        }
-        let parts = if big {
-            rayon::current_num_threads().clamp(1, k.div_ceil(64))
-        } else {
-            1
-        };
-        let per = k.div_ceil(parts);
-        let bands = |p: usize| (p * per).min(k)..((p + 1) * per).min(k);
-        if parts == 1 {
-            return self.band(y, bands(0));
-        }
-        // The first band accumulates onto `y` itself, the others onto zeroed partials.
-        let ((), partials) = rayon::join(
-            || self.band(y, bands(0)),
-            || {
-                (1..parts)
-                    .into_par_iter()
-                    .map(|p| {
-                        let mut part = vec![0.0f32; m * n];
-                        self.band(&mut part, bands(p));
-                        part
-                    })
-                    .collect::<Vec<_>>()
-            },
-        );
-        for part in partials {
-            for (a, b) in y.iter_mut().zip(&part) {
-                *a += b;
-            }
-        }
-    }
-
-    /// `y += x[:, ks] · W[ks, :]`: rows `ks` of `W`, [`BAND_ROWS`] at a time, onto every row of
-    /// `y`, in column blocks of [`BAND_FLOATS`]: long sequential reads of `W`, `y`'s block in L2.
-    /// Each vector of a group's weights is loaded once for all the rows of `x` (see [`axpy`]), so
-    /// a verify block of a few rows reads `W` as a single row does.
-    fn band(&self, y: &mut [f32], ks: std::ops::Range<usize>) {
-        let (x, w, m, k, n) = (self.x, self.w, self.m, self.k, self.n);
-        for c0 in (0..n).step_by(BAND_FLOATS) {
-            let width = BAND_FLOATS.min(n - c0);
-            let mut k0 = ks.start;
-            while k0 < ks.end {
-                let kb = BAND_ROWS.min(ks.end - k0);
-                // A short last group repeats its last row with a zero weight.
-                let rows: [&[W]; BAND_ROWS] = std::array::from_fn(|i| {
-                    let kk = k0 + i.min(kb - 1);
-                    &w[kk * n + c0..][..width]
-                });
-                // The next group's rows, asked for while this one is read.
-                let next = k0 + kb;
-                let ahead: [&[W]; BAND_ROWS] = std::array::from_fn(|i| {
-                    let kk = (next + i).min(ks.end.max(1) - 1);
-                    &w[kk * n + c0..][..width]
-                });
-                for r0 in (0..m).step_by(TILE_ROWS) {
-                    let tile = TILE_ROWS.min(m - r0);
-                    let xs: [[f32; BAND_ROWS]; TILE_ROWS] = std::array::from_fn(|r| {
-                        std::array::from_fn(|i| {
-                            if r < tile && i < kb {
-                                x[(r0 + r) * k + k0 + i]
-                            } else {
-                                0.0
-                            }
-                        })
-                    });
-                    // The first pass over the group asks for the next one.
-                    let ahead = (r0 == 0 && next < ks.end).then_some(ahead);
-                    axpy(
-                        &mut y[r0 * n..(r0 + tile) * n],
-                        n,
-                        c0,
-                        &xs[..tile],
-                        rows,
-                        ahead,
-                    );
-                }
-                k0 += kb;
             }
         }
     }
@@ -416,61 +333,6 @@ impl Strip<'_> {
                     *aj += xv * wj;
                 }
             }
-        }
-    }
-}
-
-/// Asks for every cache line of `run` to be brought into L1.
-#[inline]
-fn prefetch<W>(run: &[W]) {
-    #[cfg(target_arch = "x86_64")]
-    for line in run.chunks(64 / std::mem::size_of::<W>()) {
-        // SAFETY: a prefetch is a hint and reads nothing; the address is inside `run`.
-        unsafe {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast());
-        }
-    }
-}
-
-/// For each row `r` of `xs`: `y[r · ldy + c0 ..][..width] += Σ_i xs[r][i] · rows[i]`, `width`
-/// being the rows' length; at most [`TILE_ROWS`] rows.
-fn axpy<W: Weight, const R: usize>(
-    y: &mut [f32],
-    ldy: usize,
-    c0: usize,
-    xs: &[[f32; R]],
-    rows: [&[W]; R],
-    ahead: Option<[&[W]; R]>,
-) {
-    let width = rows[0].len();
-    assert!(xs.len() <= TILE_ROWS && rows.iter().all(|r| r.len() == width));
-    assert!(xs.is_empty() || y.len() >= (xs.len() - 1) * ldy + c0 + width);
-    #[cfg(target_arch = "x86_64")]
-    if crate::cpu_weight::has_avx2() {
-        let yp = y.as_mut_ptr();
-        // SAFETY: the features were just detected; row `r` of `y` holds `c0 + width` floats
-        // from `r · ldy` (checked above), and the rows are disjoint when `ldy >= c0 + width`,
-        // which `band` gives (`ldy` is `n`).
-        return unsafe {
-            match xs.len() {
-                0 => {}
-                1 => avx2::axpy::<W, 1, R>(yp, ldy, c0, xs, rows, ahead),
-                2 => avx2::axpy::<W, 2, R>(yp, ldy, c0, xs, rows, ahead),
-                3 => avx2::axpy::<W, 3, R>(yp, ldy, c0, xs, rows, ahead),
-                4 => avx2::axpy::<W, 4, R>(yp, ldy, c0, xs, rows, ahead),
-                5 => avx2::axpy::<W, 5, R>(yp, ldy, c0, xs, rows, ahead),
-                6 => avx2::axpy::<W, 6, R>(yp, ldy, c0, xs, rows, ahead),
-                7 => avx2::axpy::<W, 7, R>(yp, ldy, c0, xs, rows, ahead),
-                _ => avx2::axpy::<W, 8, R>(yp, ldy, c0, xs, rows, ahead),
-            }
-        };
-    }
-    // Prefetching is a hint the portable loop goes without.
-    let _ = ahead;
-    for (r, xr) in xs.iter().enumerate() {
-        for (j, yj) in y[r * ldy + c0..][..width].iter_mut().enumerate() {
-            *yj += (0..R).map(|i| xr[i] * rows[i][j].to_f32()).sum::<f32>();
         }
     }
 }
@@ -589,57 +451,54 @@ mod avx2 {
         }
     }
 
-    /// [`super::axpy`] for `M` rows of `x`, eight columns at a time: each vector of the `R`
-    /// weight rows is loaded once and feeds the `M` accumulators.
+    /// Transposes `kb` steps of eight rows of `w` (row `c` at `src[c · ldw..]`), widened to f32,
+    /// into `dst[kk · NR..][..8]` for each step `kk`, eight steps at a time; returns how many
+    /// steps it wrote (a multiple of eight), the rest being the caller's.
     ///
     /// # Safety
-    /// Row `r < M` of `y` (at `y + r · ldy + c0`) must hold as many floats as each of `rows`, the
-    /// rows of `y` must not overlap, and `xs` must hold `M` rows.
+    /// The CPU must have AVX2 and F16C; `src` must hold `7 · ldw + kb` elements and `dst` `kb`
+    /// steps of `NR`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn axpy<W: Weight, const M: usize, const R: usize>(
-        y: *mut f32,
-        ldy: usize,
-        c0: usize,
-        xs: &[[f32; R]],
-        rows: [&[W]; R],
-        ahead: Option<[&[W]; R]>,
-    ) {
-        let n = rows[0].len();
-        assert!(xs.len() >= M);
-        // SAFETY: the caller bounds every row of `y`; each weight row holds `n` floats.
+    pub unsafe fn pack8<W: Weight>(src: &[W], ldw: usize, kb: usize, dst: &mut [f32]) -> usize {
+        assert!(src.len() >= 7 * ldw + kb && dst.len() >= (kb.max(1) - 1) * NR + 8);
+        let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+        let mut kk = 0;
+        // SAFETY: every load reads steps `kk..kk + 8 <= kb` of a row, every store the first eight
+        // floats of step `kk + i < kb` of `dst`, both bounded by the assert above.
         unsafe {
-            let ys: [*mut f32; M] = std::array::from_fn(|r| y.add(r * ldy + c0));
-            let xv: [[__m256; R]; M] = std::array::from_fn(|r| xs[r].map(|v| _mm256_set1_ps(v)));
-            let mut j = 0;
-            while j + 8 <= n {
-                if let Some(ahead) = &ahead {
-                    if j.is_multiple_of(64 / std::mem::size_of::<W>()) {
-                        for row in ahead {
-                            _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().add(j).cast());
-                        }
-                    }
+            while kk + 8 <= kb {
+                let r: [__m256; 8] = std::array::from_fn(|c| load8!(W, s.add(c * ldw + kk)));
+                let t: [__m256; 8] = [
+                    _mm256_unpacklo_ps(r[0], r[1]),
+                    _mm256_unpackhi_ps(r[0], r[1]),
+                    _mm256_unpacklo_ps(r[2], r[3]),
+                    _mm256_unpackhi_ps(r[2], r[3]),
+                    _mm256_unpacklo_ps(r[4], r[5]),
+                    _mm256_unpackhi_ps(r[4], r[5]),
+                    _mm256_unpacklo_ps(r[6], r[7]),
+                    _mm256_unpackhi_ps(r[6], r[7]),
+                ];
+                // Steps (i, i + 4) of rows 0–3, then of rows 4–7.
+                let q: [__m256; 8] = [
+                    _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+                    _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+                    _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+                    _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+                    _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+                    _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+                    _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+                    _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+                ];
+                for i in 0..4 {
+                    let lo = _mm256_permute2f128_ps::<0x20>(q[i], q[i + 4]);
+                    let hi = _mm256_permute2f128_ps::<0x31>(q[i], q[i + 4]);
+                    _mm256_storeu_ps(d.add((kk + i) * NR), lo);
+                    _mm256_storeu_ps(d.add((kk + i + 4) * NR), hi);
                 }
-                let mut acc: [__m256; M] = std::array::from_fn(|r| _mm256_loadu_ps(ys[r].add(j)));
-                for i in 0..R {
-                    let wv = load8!(W, rows[i].as_ptr().add(j));
-                    for r in 0..M {
-                        acc[r] = _mm256_fmadd_ps(xv[r][i], wv, acc[r]);
-                    }
-                }
-                for r in 0..M {
-                    _mm256_storeu_ps(ys[r].add(j), acc[r]);
-                }
-                j += 8;
-            }
-            for jj in j..n {
-                for (y, xr) in ys.iter().zip(xs) {
-                    let y = &mut *y.add(jj);
-                    for (xi, row) in xr.iter().zip(&rows) {
-                        *y += xi * row[jj].to_f32();
-                    }
-                }
+                kk += 8;
             }
         }
+        kk
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -679,7 +538,7 @@ mod tests {
         let mut y = vec![0.0f32; m * n];
         for r in 0..m {
             for c in 0..n {
-                y[r * n + c] = (0..k).map(|i| x[r * k + i] * w[i * n + c]).sum();
+                y[r * n + c] = (0..k).map(|i| x[r * k + i] * w[c * k + i]).sum();
             }
         }
         y
@@ -709,16 +568,17 @@ mod tests {
             (3, 0, 5),
             (1, 1030, 1100),
             (3, 1030, 517),
-            // Large enough to split over the cores: bands of K, then columns.
+            // Large enough to split over the cores.
             (2, 2050, 1030),
             (10, 700, 601),
-            (8, 520, 300),
-            (9, 520, 300),
-            // Several row tiles, a ragged last one, and a strip of K one past a whole one.
-            (17, 257, 70),
             (64, 600, 200),
+            // The packed strips: several row tiles, a ragged last one, a strip of K one past a
+            // whole one, steps of K not a multiple of eight, columns not a multiple of a tile.
+            (65, 257, 70),
+            (70, 1030, 1100),
+            (100, 13, 37),
             // Taller than one block: two whole blocks of rows and a ragged third.
-            (131, 90, 70),
+            (531, 90, 70),
         ] {
             let (x, w) = (noise(m * k, 1), noise(k * n, 2));
             let y = skinny_matmul(&x, &w, m, k, n, CpuEpilogue::None);
@@ -738,11 +598,11 @@ mod tests {
     }
 
     /// bf16 and f16 weights, widened in the kernel, give the f32 product of the same rounded
-    /// weights on both paths (the band and the packed strips) and through the SwiGLU epilogue.
+    /// weights on both paths (dot products and packed strips) and through the SwiGLU epilogue.
     #[test]
     fn narrow_weights_match_the_product_of_their_widened_values() {
         fn check<W: Weight>(narrow: impl Fn(f32) -> W) {
-            for &(m, k, n) in &[(1, 70, 33), (3, 1030, 517), (9, 520, 300), (40, 300, 77)] {
+            for &(m, k, n) in &[(1, 70, 33), (3, 1030, 517), (40, 300, 77), (90, 520, 300)] {
                 let x = noise(m * k, 5);
                 let (w, u): (Vec<W>, Vec<W>) = (
                     noise(k * n, 6).into_iter().map(&narrow).collect(),

@@ -10,9 +10,8 @@ use burn::tensor::{bf16, f16, DType, TensorPrimitive};
 use crate::accept::verdicts_from_argmax;
 use crate::cpu_attention::{pooled_attention, PooledInputs};
 use crate::cpu_matmul::{skinny_matmul, CpuEpilogue};
-use crate::cpu_matmul_t::skinny_matmul_t;
 use crate::cpu_norm;
-use crate::{cpu_sampled, enabled, pool, reference, sampled, KernelBackend, MAX_SKINNY_ROWS};
+use crate::{cpu_sampled, enabled, pool, reference, sampled, KernelBackend, WeightLayout};
 use crate::{BlockVerdict, DraftBlock, PoolLayout, PooledSeq, SampledBlock};
 
 /// Runs `$body` with `$w` bound to the contiguous elements of a weight of any width
@@ -38,15 +37,21 @@ macro_rules! by_width {
 }
 
 impl KernelBackend for Flex {
+    /// Projections stay as the checkpoint stores them: the kernel reads `[out, in]` by rows, so
+    /// a matrix kept in the file's width is used where the file is mapped.
+    fn weight_layout() -> WeightLayout {
+        WeightLayout::OutIn
+    }
+
     fn skinny_linear(
         x: Tensor<Self, 2>,
         w: &Tensor<Self, 2>,
         residual: Option<Tensor<Self, 2>>,
     ) -> Tensor<Self, 2> {
         if !skinny_takes(&x, &[w]) || residual.as_ref().is_some_and(|r| r.dtype() != DType::F32) {
-            return reference::linear(x, w, residual);
+            return reference::linear_t(x, w, residual);
         }
-        let ([m, k], n) = (x.dims(), w.dims()[1]);
+        let ([m, k], n) = (x.dims(), w.dims()[0]);
         let (x, w) = (contiguous(x), contiguous(w.clone()));
         let r = residual.map(contiguous);
         let y = by_width!(&w, |w| match &r {
@@ -56,18 +61,9 @@ impl KernelBackend for Flex {
         from_rows(y, [m, n])
     }
 
+    /// The same product as a projection's: the embedding is `[vocab, hidden]`, `[out, in]`.
     fn skinny_linear_t(x: Tensor<Self, 2>, w: &Tensor<Self, 2>) -> Tensor<Self, 2> {
-        let ([m, k], [n, kw]) = (x.dims(), w.dims());
-        let takes = x.dtype() == DType::F32 && is_weight_width(w.dtype());
-        // Past 64 rows an f32 head goes to Flex's own matmul; a narrow one stays on the kernel,
-        // which reads it where it lies rather than widening a copy of it.
-        let tall = m > MAX_SKINNY_ROWS && w.dtype() == DType::F32;
-        if !enabled() || tall || k != kw || !takes {
-            return reference::linear_t(x, w);
-        }
-        let (x, w) = (contiguous(x), contiguous(w.clone()));
-        let y = by_width!(&w, |w| skinny_matmul_t(slice(&x), w, m, k, n));
-        from_rows(y, [m, n])
+        Self::skinny_linear(x, w, None)
     }
 
     fn skinny_swiglu(
@@ -76,9 +72,9 @@ impl KernelBackend for Flex {
         up: &Tensor<Self, 2>,
     ) -> Tensor<Self, 2> {
         if !skinny_takes(&x, &[gate, up]) || gate.dims() != up.dims() {
-            return reference::swiglu(x, gate, up);
+            return reference::swiglu_t(x, gate, up);
         }
-        let ([m, k], n) = (x.dims(), gate.dims()[1]);
+        let ([m, k], n) = (x.dims(), gate.dims()[0]);
         let (x, g, u) = (
             contiguous(x),
             contiguous(gate.clone()),
@@ -244,8 +240,8 @@ impl KernelBackend for Flex {
 /// Bytes past which glibc always maps an allocation afresh (its largest mmap threshold).
 const MAPPED_BYTES: usize = 32 << 20;
 
-/// Whether the kernel takes this product: f32 rows, weights of one width the kernel widens
-/// (f32, bf16 or f16), matching inner sizes. A product of any height does: past
+/// Whether the kernel takes this product: f32 rows, `[n, k]` weights of one width the kernel
+/// widens (f32, bf16 or f16), matching inner sizes. A product of any height does: past
 /// [`crate::cpu_matmul::MAX_BLOCK_ROWS`] it runs in blocks of rows, each faster than Flex's own
 /// matmul on these shapes.
 fn skinny_takes(x: &Tensor<Flex, 2>, weights: &[&Tensor<Flex, 2>]) -> bool {
@@ -256,7 +252,7 @@ fn skinny_takes(x: &Tensor<Flex, 2>, weights: &[&Tensor<Flex, 2>]) -> bool {
         && width.is_some_and(is_weight_width)
         && weights
             .iter()
-            .all(|w| Some(w.dtype()) == width && w.dims()[0] == k)
+            .all(|w| Some(w.dtype()) == width && w.dims()[1] == k)
 }
 
 /// Whether the CPU kernels read weights of this dtype in place.

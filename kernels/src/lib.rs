@@ -6,8 +6,9 @@
 //! methods are the references, and a backend with a kernel of its own overrides them.
 //!
 //! - Flex (feature `cpu`): the skinny matmul and its SwiGLU and residual epilogues run
-//!   [`cpu_matmul`], a weight-streaming f32 kernel (its transposed twin [`cpu_matmul_t`] serves a
-//!   tied output head), RMSNorm [`cpu_norm`]; pooled attention runs [`cpu_attention`] and
+//!   [`cpu_matmul`], a weight-streaming kernel that reads weights as checkpoints store them
+//!   (`[out, in]`, [`WeightLayout::OutIn`]) in f32, bf16 or f16 (a tied output head is the same
+//!   product), RMSNorm [`cpu_norm`]; pooled attention runs [`cpu_attention`] and
 //!   rejection-sampling acceptance [`cpu_sampled`], both on the host memory Flex computes in.
 //! - [`set_enabled`] (or `TROUPE_KERNELS=reference`) sends every backend to the references.
 //! - wgpu and CUDA (feature `cube`, which `wgpu` and `cuda` turn on): the skinny matmul with its
@@ -18,8 +19,8 @@
 
 pub mod accept;
 pub mod cpu_attention;
+pub mod cpu_dot;
 pub mod cpu_matmul;
-pub mod cpu_matmul_t;
 pub mod cpu_norm;
 pub mod cpu_sampled;
 pub mod cpu_weight;
@@ -42,30 +43,47 @@ pub use switch::{enabled, set_enabled};
 /// Most rows a skinny kernel takes; taller products (prefill) go to the backend's own matmul.
 pub const MAX_SKINNY_ROWS: usize = 64;
 
+/// How a backend keeps a projection's weight matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightLayout {
+    /// As a checkpoint stores it, `[out, in]`: the product is `x · Wᵀ`, each output a dot
+    /// product of rows, and the matrix can be used where the file lies.
+    OutIn,
+    /// Transposed, `[in, out]`: the product is `x · W`.
+    InOut,
+}
+
 /// The kernels a decode or verify step calls. Each default method is the reference.
 pub trait KernelBackend: Backend {
-    /// `x · w`, plus `residual` when given. `x` is `[m, k]`, `w` is `[k, n]`.
+    /// How this backend keeps projection weights: the loader lays them out so, and
+    /// [`KernelBackend::skinny_linear`] and [`KernelBackend::skinny_swiglu`] read them so.
+    fn weight_layout() -> WeightLayout {
+        WeightLayout::InOut
+    }
+
+    /// `x · w` (`w` `[k, n]`) or `x · wᵀ` (`w` `[n, k]`), as [`KernelBackend::weight_layout`]
+    /// keeps it, plus `residual` when given. `x` is `[m, k]`.
     fn skinny_linear(
         x: Tensor<Self, 2>,
         w: &Tensor<Self, 2>,
         residual: Option<Tensor<Self, 2>>,
     ) -> Tensor<Self, 2> {
-        reference::linear(x, w, residual)
+        reference::project(x, w, Self::weight_layout(), residual)
     }
 
     /// `x · wᵀ`: `x` is `[m, k]`, `w` is `[n, k]`, read by rows where it lies (a tied output
-    /// head, whose weight is the embedding `[vocab, hidden]`).
+    /// head, whose weight is the embedding `[vocab, hidden]`), whatever the projections' layout.
     fn skinny_linear_t(x: Tensor<Self, 2>, w: &Tensor<Self, 2>) -> Tensor<Self, 2> {
-        reference::linear_t(x, w)
+        reference::linear_t(x, w, None)
     }
 
-    /// `silu(x · gate) ⊙ (x · up)`.
+    /// `silu(x · gate) ⊙ (x · up)`, the weights in [`KernelBackend::weight_layout`].
     fn skinny_swiglu(
         x: Tensor<Self, 2>,
         gate: &Tensor<Self, 2>,
         up: &Tensor<Self, 2>,
     ) -> Tensor<Self, 2> {
-        reference::swiglu(x, gate, up)
+        reference::project_swiglu(x, gate, up, Self::weight_layout())
     }
 
     /// RMSNorm of each row of `x` `[rows, cols]` scaled by `weight` `[cols]`, in f32 whatever
@@ -152,11 +170,15 @@ pub trait KernelBackend: Backend {
     }
 }
 
-/// Training runs the references: gradients flow through plain Burn ops.
+/// Training runs the references: gradients flow through plain Burn ops, on weights laid out as
+/// the inner backend keeps them (a model moves between the two as it is).
 #[cfg(feature = "autodiff")]
 impl<B: KernelBackend, C: burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy>
     KernelBackend for burn::backend::Autodiff<B, C>
 where
     burn::backend::Autodiff<B, C>: burn::tensor::backend::AutodiffBackend,
 {
+    fn weight_layout() -> WeightLayout {
+        B::weight_layout()
+    }
 }

@@ -6,6 +6,7 @@ use burn::tensor::activation::silu;
 use burn::tensor::DType;
 
 use crate::accept::{verdicts_from_pairs, BlockVerdict, DraftBlock};
+use crate::WeightLayout;
 
 /// `x · w`, plus `residual` when given. `x` is `[m, k]`, `w` is `[k, n]`.
 pub fn linear<B: Backend>(
@@ -21,16 +22,61 @@ pub fn linear<B: Backend>(
     }
 }
 
-/// `x · wᵀ` for `w` stored `[n, k]`: a tied output head, whose weight is the embedding.
-pub fn linear_t<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
+/// `x · wᵀ`, plus `residual` when given, for `w` stored `[n, k]`: a projection as a checkpoint
+/// stores it, or a tied output head, whose weight is the embedding.
+pub fn linear_t<B: Backend>(
+    x: Tensor<B, 2>,
+    w: &Tensor<B, 2>,
+    residual: Option<Tensor<B, 2>>,
+) -> Tensor<B, 2> {
     let w = like(w, &x);
-    x.matmul(w.transpose())
+    let y = x.matmul(w.transpose());
+    match residual {
+        Some(r) => r + y,
+        None => y,
+    }
 }
 
-/// `silu(x · gate) ⊙ (x · up)`, the SwiGLU half of a gated MLP.
+/// `silu(x · gate) ⊙ (x · up)`, the SwiGLU half of a gated MLP, weights `[k, n]`.
 pub fn swiglu<B: Backend>(x: Tensor<B, 2>, gate: &Tensor<B, 2>, up: &Tensor<B, 2>) -> Tensor<B, 2> {
     let (gate, up) = (like(gate, &x), like(up, &x));
     silu(x.clone().matmul(gate)) * x.matmul(up)
+}
+
+/// `silu(x · gateᵀ) ⊙ (x · upᵀ)`, weights `[n, k]`.
+pub fn swiglu_t<B: Backend>(
+    x: Tensor<B, 2>,
+    gate: &Tensor<B, 2>,
+    up: &Tensor<B, 2>,
+) -> Tensor<B, 2> {
+    let (gate, up) = (like(gate, &x), like(up, &x));
+    silu(x.clone().matmul(gate.transpose())) * x.matmul(up.transpose())
+}
+
+/// [`linear`] or [`linear_t`], as `layout` keeps `w`.
+pub fn project<B: Backend>(
+    x: Tensor<B, 2>,
+    w: &Tensor<B, 2>,
+    layout: WeightLayout,
+    residual: Option<Tensor<B, 2>>,
+) -> Tensor<B, 2> {
+    match layout {
+        WeightLayout::InOut => linear(x, w, residual),
+        WeightLayout::OutIn => linear_t(x, w, residual),
+    }
+}
+
+/// [`swiglu`] or [`swiglu_t`], as `layout` keeps the weights.
+pub fn project_swiglu<B: Backend>(
+    x: Tensor<B, 2>,
+    gate: &Tensor<B, 2>,
+    up: &Tensor<B, 2>,
+    layout: WeightLayout,
+) -> Tensor<B, 2> {
+    match layout {
+        WeightLayout::InOut => swiglu(x, gate, up),
+        WeightLayout::OutIn => swiglu_t(x, gate, up),
+    }
 }
 
 /// A weight in the activations' dtype: kept narrower than the rows it multiplies (bf16 weights

@@ -5,7 +5,7 @@
 use burn::prelude::*;
 use burn::tensor::{DType, Distribution};
 use troupe_kernels::accept::verdicts_from_argmax;
-use troupe_kernels::{reference, DraftBlock, KernelBackend, PoolLayout, PooledSeq};
+use troupe_kernels::{reference, DraftBlock, KernelBackend, PoolLayout, PooledSeq, WeightLayout};
 
 pub mod sampled;
 
@@ -22,6 +22,7 @@ pub const SHAPES: &[(usize, usize, usize)] = &[
     (33, 64, 513),
     (64, 128, 96),
     (65, 40, 24),
+    (130, 264, 300),
 ];
 
 fn random<B: Backend>(shape: [usize; 2], device: &B::Device) -> Tensor<B, 2> {
@@ -36,21 +37,32 @@ fn rel_err<B: Backend>(got: Tensor<B, 2>, want: Tensor<B, 2>) -> f32 {
     diff.into_scalar().to_f32() / scale
 }
 
+/// A random `[k, n]` weight as the backend keeps it (`[n, k]` where it keeps projections as
+/// checkpoints store them).
+fn weight<B: KernelBackend>(k: usize, n: usize, dtype: DType, device: &B::Device) -> Tensor<B, 2> {
+    let shape = match B::weight_layout() {
+        WeightLayout::InOut => [k, n],
+        WeightLayout::OutIn => [n, k],
+    };
+    random::<B>(shape, device).cast(dtype)
+}
+
 /// The projection, with and without the residual, in the weights' dtype.
 pub fn linear_matches_reference<B: KernelBackend>(device: &B::Device, dtype: DType, tol: f32) {
     // The kernel itself, whatever `TROUPE_KERNELS` says.
     troupe_kernels::set_enabled(true);
     for &(m, k, n) in SHAPES {
         let x = random::<B>([m, k], device);
-        let w = random::<B>([k, n], device).cast(dtype);
+        let w = weight::<B>(k, n, dtype, device);
         let r = random::<B>([m, n], device);
         let xw = x.clone().cast(dtype);
-        let want = reference::linear(xw.clone(), &w, None);
+        let layout = B::weight_layout();
+        let want = reference::project(xw.clone(), &w, layout, None);
         let got = B::skinny_linear(xw.clone(), &w, None);
         let e = rel_err(got, want);
         assert!(e < tol, "linear {m}x{k}x{n} {dtype:?}: error {e}");
         let rw = r.cast(dtype);
-        let want = reference::linear(xw.clone(), &w, Some(rw.clone()));
+        let want = reference::project(xw.clone(), &w, layout, Some(rw.clone()));
         let got = B::skinny_linear(xw, &w, Some(rw));
         let e = rel_err(got, want);
         assert!(e < tol, "linear+residual {m}x{k}x{n} {dtype:?}: error {e}");
@@ -63,9 +75,9 @@ pub fn swiglu_matches_reference<B: KernelBackend>(device: &B::Device, dtype: DTy
     troupe_kernels::set_enabled(true);
     for &(m, k, n) in SHAPES {
         let x = random::<B>([m, k], device).cast(dtype);
-        let g = random::<B>([k, n], device).cast(dtype);
-        let u = random::<B>([k, n], device).cast(dtype);
-        let want = reference::swiglu(x.clone(), &g, &u);
+        let g = weight::<B>(k, n, dtype, device);
+        let u = weight::<B>(k, n, dtype, device);
+        let want = reference::project_swiglu(x.clone(), &g, &u, B::weight_layout());
         let got = B::skinny_swiglu(x, &g, &u);
         let e = rel_err(got, want);
         assert!(e < tol, "swiglu {m}x{k}x{n} {dtype:?}: error {e}");

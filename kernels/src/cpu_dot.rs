@@ -1,12 +1,12 @@
-//! Skinny matmul against a transposed weight on the CPU: `y = x · Wᵀ` for a few rows of `x` and a
-//! large row-major `W[N, K]`. A tied output head is exactly this: the embedding `E[vocab, hidden]`
-//! is the head's weight, read by rows.
+//! The skinny product as dot products of rows: `y = x · Wᵀ` for a few rows of `x` and a large
+//! row-major `W[N, K]`, the layout a checkpoint stores a projection in (`[out, in]`) and the
+//! embedding a tied head reads (`[vocab, hidden]`).
 //!
 //! Each output `y[m, n]` is the dot product of row `m` of `x` and row `n` of `W`, so `W` is read
 //! front to back, once, in place: each task takes a run of `W`'s rows and computes a tile of
-//! [`TX`] rows of `x` against [`TW`] rows of `W` at a time, 8 lanes of `K` per step, so every
-//! load of `W` feeds [`TX`] fused multiply-adds and `x` (at most 64 rows of `K` floats) stays in
-//! cache.
+//! [`TX`] rows of `x` against [`TW`] rows of `W` at a time, 16 (or 8) lanes of `K` per step, so
+//! every load of `W` feeds [`TX`] fused multiply-adds and `x` (at most
+//! [`crate::cpu_matmul::DOT_ROWS`] rows of `K` floats) stays in cache.
 
 use rayon::prelude::*;
 
@@ -25,32 +25,42 @@ pub const TW_NARROW: usize = 3;
 /// 1024.
 const TASK_ROWS: usize = 96;
 
-/// `y[M, N] = x[M, K] · w[N, K]ᵀ`, all row-major, `x` and `y` f32, `w` in any [`Weight`] width
-/// (widened in registers). Panics when a slice is shorter than its shape says (the callers check
-/// shapes first).
-pub fn skinny_matmul_t<W: Weight>(x: &[f32], w: &[W], m: usize, k: usize, n: usize) -> Vec<f32> {
+/// `y[M, N] = x[M, K] · w[N, K]ᵀ`, or `y += …` when `accumulate`; all row-major, `x` and `y`
+/// f32, `w` in any [`Weight`] width (widened in registers). Panics when a slice is shorter than
+/// its shape says (the callers check shapes first).
+pub fn dot_product<W: Weight>(
+    y: &mut [f32],
+    x: &[f32],
+    w: &[W],
+    (m, k, n): (usize, usize, usize),
+    accumulate: bool,
+) {
     assert!(
-        x.len() >= m * k && w.len() >= n * k,
-        "skinny_matmul_t: short input"
+        x.len() >= m * k && w.len() >= n * k && y.len() >= m * n,
+        "dot_product: short input"
     );
     if m == 0 || n == 0 {
-        return vec![0.0; m * n];
+        return;
     }
-    // Written in full by the tasks, each page first touched by the core that fills it.
-    let mut y: Vec<f32> = Vec::with_capacity(m * n);
     let out = SendPtr(y.as_mut_ptr());
-    (0..n.div_ceil(TASK_ROWS)).into_par_iter().for_each(|task| {
+    let task = |task: usize| {
         let first = task * TASK_ROWS;
         let rows = TASK_ROWS.min(n - first);
+        let w = &w[first * k..(first + rows) * k];
         // SAFETY: this task alone writes columns `first..first + rows` of `y`, `m * n` floats.
-        unsafe { dot_rows(x, &w[first * k..(first + rows) * k], m, k, out, n, first) };
-    });
-    // SAFETY: the tasks wrote every column of every row.
-    unsafe { y.set_len(m * n) };
-    y
+        unsafe { dot_rows(x, w, (m, k, n), out, first, accumulate) };
+    };
+    // Worth the cores' fork and join once `W` is 1 MiB; a 256-wide model's 0.1 ms products lose
+    // to the split.
+    let tasks = n.div_ceil(TASK_ROWS);
+    if n * k * std::mem::size_of::<W>() >= 1 << 20 {
+        (0..tasks).into_par_iter().for_each(task);
+    } else {
+        (0..tasks).for_each(task);
+    }
 }
 
-/// `y[i · n + first + j] = x[i] · w[j]` for every row `j` of `w` and `i` of `x`.
+/// `y[i · n + first + j] (+)= x[i] · w[j]` for every row `j` of `w` and `i` of `x`.
 ///
 /// # Safety
 /// `y` must point to `m · n` floats, and no other thread may write columns `first..first +
@@ -58,11 +68,10 @@ pub fn skinny_matmul_t<W: Weight>(x: &[f32], w: &[W], m: usize, k: usize, n: usi
 unsafe fn dot_rows<W: Weight>(
     x: &[f32],
     w: &[W],
-    m: usize,
-    k: usize,
+    (m, k, n): (usize, usize, usize),
     y: SendPtr,
-    n: usize,
     first: usize,
+    accumulate: bool,
 ) {
     let rows = w.len() / k;
     let most = if wide_tiles() { TW } else { TW_NARROW };
@@ -84,8 +93,12 @@ unsafe fn dot_rows<W: Weight>(
             for (a, row) in acc.iter().take(tx).enumerate() {
                 let at = (i + a) * n + first + j;
                 // SAFETY: row `i + a < m`, columns `first + j..first + j + tw` are this task's.
-                unsafe { std::slice::from_raw_parts_mut(y.0.add(at), tw) }
-                    .copy_from_slice(&row[..tw]);
+                let dst = unsafe { std::slice::from_raw_parts_mut(y.0.add(at), tw) };
+                if accumulate {
+                    dst.iter_mut().zip(row).for_each(|(d, v)| *d += v);
+                } else {
+                    dst.copy_from_slice(&row[..tw]);
+                }
             }
             i += tx;
         }
@@ -283,7 +296,8 @@ mod tests {
             (64, 24, 11),
         ] {
             let (x, w) = (values(m * k, 1), values(n * k, 2));
-            let got = skinny_matmul_t(&x, &w, m, k, n);
+            let mut got = vec![f32::NAN; m * n];
+            dot_product(&mut got, &x, &w, (m, k, n), false);
             let want = reference(&x, &w, m, k, n);
             for (idx, (g, r)) in got.iter().zip(&want).enumerate() {
                 assert!(
@@ -294,7 +308,8 @@ mod tests {
         }
     }
 
-    /// bf16 and f16 rows of `W`, widened in the kernel, give the product of their f32 values.
+    /// bf16 and f16 rows of `W`, widened in the kernel, give the product of their f32 values,
+    /// added onto what `y` held.
     #[test]
     fn narrow_weights_match_the_product_of_their_widened_values() {
         fn check<W: Weight>(narrow: impl Fn(f32) -> W) {
@@ -302,8 +317,14 @@ mod tests {
                 let x = values(m * k, 3);
                 let w: Vec<W> = values(n * k, 4).into_iter().map(&narrow).collect();
                 let wide: Vec<f32> = w.iter().map(|e| e.to_f32()).collect();
-                let got = skinny_matmul_t(&x, &w, m, k, n);
-                let want = reference(&x, &wide, m, k, n);
+                let mut got = values(m * n, 5);
+                let before = got.clone();
+                dot_product(&mut got, &x, &w, (m, k, n), true);
+                let want: Vec<f32> = reference(&x, &wide, m, k, n)
+                    .iter()
+                    .zip(&before)
+                    .map(|(p, b)| p + b)
+                    .collect();
                 for (idx, (g, r)) in got.iter().zip(&want).enumerate() {
                     assert!(
                         (g - r).abs() <= 1e-4 * (1.0 + r.abs()),
