@@ -36,7 +36,7 @@ fn main() {
 
 fn time<W: Weight>(name: &str, weights: &[Vec<W>], k: usize, n: usize) {
     let mut line = format!("{name:>4}");
-    for m in [1usize, 2, 4, 8, 16, 32, 64, 256] {
+    for m in [1usize, 2, 4, 5, 8, 16, 32, 40, 64, 256] {
         let x: Vec<f32> = (0..m * k)
             .map(|i| ((i * 31 % 97) as f32) / 97.0 - 0.5)
             .collect();

@@ -4,8 +4,8 @@
 //!
 //! Each output `y[m, n]` is the dot product of row `m` of `x` and row `n` of `W`, so `W` is read
 //! front to back, once, in place: each task takes a run of `W`'s rows and computes a tile of
-//! [`TX`] rows of `x` against [`TW`] rows of `W` at a time, 16 (or 8) lanes of `K` per step, so
-//! every load of `W` feeds [`TX`] fused multiply-adds and `x` (at most
+//! up to [`TX`] rows of `x` against up to [`TW`] rows of `W` at a time, 16 (or 8) lanes of `K` per
+//! step, so every load of `W` feeds several fused multiply-adds and `x` (at most
 //! [`crate::cpu_matmul::DOT_ROWS`] rows of `K` floats) stays in cache.
 
 use rayon::prelude::*;
@@ -13,17 +13,18 @@ use rayon::prelude::*;
 use crate::cpu_matmul::SendPtr;
 use crate::cpu_weight::Weight;
 
-/// Rows of `x` in one tile.
-pub const TX: usize = 4;
+/// Most rows of `x` in one tile: 5 × 5 accumulators on AVX-512 where five-row tiles take fewer
+/// passes over `W` than four-row ones (a verify block of 1 + 4 tokens in one pass), else 4.
+pub const TX: usize = 5;
 /// Most rows of `W` in one tile: 4 × 6 accumulators, six weight vectors and one of `x` fit in
 /// the 32 vector registers of AVX-512; AVX2's 16 take half as many rows ([`TW_NARROW`]).
 pub const TW: usize = 6;
 /// Rows of `W` in one tile without AVX-512 (4 × 3 accumulators, three weight vectors and one of
 /// `x` in 16 registers).
 pub const TW_NARROW: usize = 3;
-/// Rows of `W` one task reads (a multiple of [`TW`] and [`TW_NARROW`]): about 400 KiB at `K` =
-/// 1024.
-const TASK_ROWS: usize = 96;
+/// Rows of `W` one task reads (a multiple of every tile height: 6, 5 and 3): about 480 KiB of f32
+/// at `K` = 1024.
+const TASK_ROWS: usize = 120;
 
 /// `y[M, N] = x[M, K] · w[N, K]ᵀ`, or `y += …` when `accumulate`; all row-major, `x` and `y`
 /// f32, `w` in any [`Weight`] width (widened in registers). Panics when a slice is shorter than
@@ -74,13 +75,19 @@ unsafe fn dot_rows<W: Weight>(
     accumulate: bool,
 ) {
     let rows = w.len() / k;
-    let most = if wide_tiles() { TW } else { TW_NARROW };
+    // Five rows of `x` by five of `W` (25 accumulators of AVX-512's 32 registers) where that
+    // takes fewer passes over `W` than four by six.
+    let (most_x, most) = match wide_tiles() {
+        true if m.div_ceil(TX) < m.div_ceil(4) => (TX, 5),
+        true => (4, TW),
+        false => (4, TW_NARROW),
+    };
     let mut j = 0;
     while j < rows {
         let tw = most.min(rows - j);
         let mut i = 0;
         while i < m {
-            let tx = TX.min(m - i);
+            let tx = most_x.min(m - i);
             let mut acc = [[0.0f32; TW]; TX];
             tile(
                 &x[i * k..(i + tx) * k],
@@ -154,10 +161,12 @@ mod avx2 {
         acc: &mut [[f32; TW]; TX],
     ) {
         assert!(x.len() >= tx * k && w.len() >= tw * k && tx <= TX && tw <= TW);
+        assert!(tx < 5 || tw <= 5, "a five-row tile takes five rows of W");
         /// Calls the loop whose sizes match `(tx, tw)`, for the `tw` sizes listed.
         macro_rules! sized {
             ($f:ident, $($tw:literal)+) => {
                 match tx {
+                    5 => match tw { $($tw => $f::<W, 5, $tw>(x, w, k, acc),)+ _ => unreachable!() },
                     4 => match tw { $($tw => $f::<W, 4, $tw>(x, w, k, acc),)+ _ => unreachable!() },
                     3 => match tw { $($tw => $f::<W, 3, $tw>(x, w, k, acc),)+ _ => unreachable!() },
                     2 => match tw { $($tw => $f::<W, 2, $tw>(x, w, k, acc),)+ _ => unreachable!() },
