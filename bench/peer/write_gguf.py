@@ -4,7 +4,7 @@ so llama.cpp runs the very weights troupe runs. The vocabulary is a placeholder 
 size (`tokenizer.ggml.model = "no_vocab"`): the benchmarks feed token ids, and llama.cpp's own
 converter refuses tokenizers it does not know.
 
-    python3 bench/peer/write_gguf.py --gguf-py LLAMA_CPP/gguf-py DIR OUT.gguf [--type f32|f16]
+    python3 bench/peer/write_gguf.py --gguf-py LLAMA_CPP/gguf-py DIR OUT.gguf [--type f32|f16|q8_0]
 
 For Qwen3, llama.cpp takes HF's layout unpermuted (it applies rotate-half RoPE itself); for Llama
 its own converter permutes the q and k rows, and so does this script. Needs numpy; reads
@@ -64,7 +64,7 @@ def main():
     p.add_argument("dir", type=Path)
     p.add_argument("out", type=Path)
     p.add_argument("--gguf-py", type=Path, required=True, help="llama.cpp's gguf-py directory")
-    p.add_argument("--type", choices=["f32", "f16"], default="f32")
+    p.add_argument("--type", choices=["f32", "f16", "q8_0"], default="f32")
     a = p.parse_args()
     sys.path.insert(0, str(a.gguf_py))
     import gguf  # noqa: E402 (found through --gguf-py)
@@ -88,7 +88,13 @@ def main():
     w.add_layer_norm_rms_eps(c["rms_norm_eps"])
     w.add_vocab_size(c["vocab_size"])
     w.add_tokenizer_model("no_vocab")
-    w.add_file_type(gguf.LlamaFileType.ALL_F32 if a.type == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+    w.add_file_type(
+        {
+            "f32": gguf.LlamaFileType.ALL_F32,
+            "f16": gguf.LlamaFileType.MOSTLY_F16,
+            "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        }[a.type]
+    )
 
     names = {
         "self_attn.q_proj": "attn_q",
@@ -120,9 +126,15 @@ def main():
                 t = permute(t, heads)
             if arch == "llama" and module == "self_attn.k_proj":
                 t = permute(t, kv_heads)
-        # Norms stay f32; matrices take the chosen width.
+        # Norms stay f32; matrices take the chosen width (Q8_0: blocks of 32 along each row, as
+        # llama.cpp's own quantizer writes them, the embedding included).
         if a.type == "f16" and t.ndim == 2:
             t = t.astype(np.float16)
+        if a.type == "q8_0" and t.ndim == 2:
+            q8 = gguf.GGMLQuantizationType.Q8_0
+            t = gguf.quants.quantize(np.ascontiguousarray(t, dtype=np.float32), q8)
+            w.add_tensor(out, t, raw_dtype=q8)
+            continue
         w.add_tensor(out, np.ascontiguousarray(t))
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -35,8 +35,8 @@ pub struct BenchArgs {
     /// Hugging Face directory instead of models/drafter.
     #[arg(long)]
     drafter: Option<PathBuf>,
-    /// The cases that run a model: the width the verifier's weights are kept in: f32, bf16, f16
-    /// or stored (the checkpoint's own, the default).
+    /// The cases that run a model: the width the verifier's weights are kept in: f32, bf16, f16,
+    /// stored (the checkpoint's own, the default) or int8 (quantized at load, CPU only).
     #[arg(long, value_parser = parse_weights)]
     weights: Option<WeightDtype>,
     /// soak: how many minutes the clients run (default 30; 1 with --quick).

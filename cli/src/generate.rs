@@ -51,8 +51,8 @@ pub struct GenerateArgs {
     /// cpu, wgpu or cuda.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// The width the weights are kept in: f32, bf16, f16 or stored (the checkpoint's own, the
-    /// default).
+    /// The width the weights are kept in: f32, bf16, f16, stored (the checkpoint's own, the
+    /// default) or int8 (the projections and head quantized at load, CPU only).
     #[arg(long, value_parser = crate::bench::parse_weights)]
     weights: Option<WeightDtype>,
     /// Stop after the model's EOS token.

@@ -44,7 +44,7 @@ pub struct ServeArgs {
     /// cpu, wgpu or cuda.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// The width the verifier's weights are kept in: f32, bf16, f16 or stored.
+    /// The width the verifier's weights are kept in: f32, bf16, f16, stored or int8 (CPU only).
     #[arg(long, value_parser = crate::bench::parse_weights)]
     weights: Option<troupe::engine::WeightDtype>,
 }

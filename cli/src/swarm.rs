@@ -37,8 +37,8 @@ pub struct SwarmArgs {
     /// cpu, wgpu or cuda.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// The width the verifier's weights are kept in: f32, bf16, f16 or stored (the checkpoint's
-    /// own, the default).
+    /// The width the verifier's weights are kept in: f32, bf16, f16, stored (the checkpoint's
+    /// own, the default) or int8 (CPU only).
     #[arg(long, value_parser = crate::bench::parse_weights)]
     weights: Option<troupe::engine::WeightDtype>,
     /// Longest reply, in tokens (a reply also ends at a newline).

@@ -16,7 +16,7 @@ use crate::config::ModelConfig;
 use crate::drafter::Drafter;
 use crate::engine::Engine;
 use crate::error::{EngineError, Result};
-use crate::loader::{load_model, random_model, WeightDtype};
+use crate::loader::{load_model, quantize_model, random_model, WeightDtype};
 use crate::model::Model;
 use crate::model_drafter::ModelDrafter;
 use crate::verifier::Verifier;
@@ -127,7 +127,12 @@ fn build<B: KernelBackend>(
                 _ => DType::BF16,
             };
             let dt = wd.kept(stored, B::widens_weights());
-            Ok(random_model::<B>(config, dt, *seed, &device))
+            let model = random_model::<B>(config, dt, *seed, &device);
+            if wd == WeightDtype::Int8 {
+                quantize_model(model)
+            } else {
+                Ok(model)
+            }
         }
     }
 }

@@ -28,7 +28,7 @@ use troupe_kernels::{KernelBackend, WeightLayout};
 
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{EngineError, Result};
-use crate::model::{DecoderLayer, Linear, Model};
+use crate::model::{DecoderLayer, Linear, LinearWeight, Model};
 use crate::safetensors_header::{parse_header, Header};
 use crate::shard_index::parse_index;
 
@@ -45,30 +45,37 @@ pub enum WeightDtype {
     /// The checkpoint's own width (its embedding's). On a backend that does not read f16
     /// weights beside f32 activations, f16 is kept as bf16.
     AsStored,
+    /// The projections and the head quantized at load to int8 in blocks of 32 with an f32 scale
+    /// each (llama.cpp's Q8_0 layout); the embedding, norms and biases as with `AsStored`. On
+    /// the CPU backend only.
+    Int8,
 }
 
 impl std::str::FromStr for WeightDtype {
     type Err = EngineError;
 
-    /// `f32`, `bf16`, `f16` or `stored`.
+    /// `f32`, `bf16`, `f16`, `stored` or `int8`.
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "f32" => Ok(Self::F32),
             "bf16" => Ok(Self::Bf16),
             "f16" => Ok(Self::F16),
             "stored" => Ok(Self::AsStored),
+            "int8" => Ok(Self::Int8),
             other => Err(EngineError::InvalidConfig(format!(
-                "unknown weight dtype {other:?}; expected f32, bf16, f16 or stored"
+                "unknown weight dtype {other:?}; expected f32, bf16, f16, stored or int8"
             ))),
         }
     }
 }
 
 impl WeightDtype {
-    /// The dtype weights stored as `stored` are kept in; `widens`: whether the backend reads
-    /// narrow weights beside f32 activations (see [`KernelBackend::widens_weights`]).
+    /// The dtype weights stored as `stored` are kept in (for `Int8`, the float width they are
+    /// read in before they are quantized, and the embedding's); `widens`: whether the backend
+    /// reads narrow weights beside f32 activations (see [`KernelBackend::widens_weights`]).
     pub fn kept(self, stored: DType, widens: bool) -> DType {
         match (self, stored) {
+            (Self::Int8, _) => Self::AsStored.kept(stored, widens),
             (Self::F32, _) => DType::F32,
             (Self::Bf16, _) => DType::BF16,
             (Self::F16, _) => DType::F16,
@@ -94,6 +101,9 @@ pub struct Checkpoint {
     files: Vec<PathBuf>,
     location: HashMap<String, usize>,
     mapped: Vec<Option<Mapped>>,
+    /// Whether tensors that need no conversion are handed out where they lie (and the maps
+    /// populated for them), or every tensor copied and its pages handed back.
+    in_place: bool,
 }
 
 impl Checkpoint {
@@ -125,6 +135,7 @@ impl Checkpoint {
             files,
             location,
             mapped,
+            in_place: false,
         };
         if ckpt.location.is_empty() {
             // A single file: learn its tensor names from its header.
@@ -134,6 +145,13 @@ impl Checkpoint {
             }
         }
         Ok(ckpt)
+    }
+
+    /// Hands out tensors that need no conversion where they lie in the map (see
+    /// [`Checkpoint::read`]), the maps populated up front; off, every tensor is a copy.
+    pub fn in_place(mut self, yes: bool) -> Self {
+        self.in_place = yes;
+        self
     }
 
     /// The file mapped and its header parsed, on first use.
@@ -147,9 +165,14 @@ impl Checkpoint {
             let handle = File::open(path).map_err(io)?;
             // SAFETY: the map is read only. A file written in place while it is mapped is outside
             // what any mmap-based reader can guard against; this project's writer renames a new
-            // file over the old. The map is populated: its pages are read (from the page cache,
-            // where the file usually is) now, not faulted in one by one by the first step.
-            let map = unsafe { MmapOptions::new().populate().map(&handle) }.map_err(io)?;
+            // file over the old. A map whose tensors are used in place is populated: its pages
+            // are read (from the page cache, where the file usually is) now, not faulted in one
+            // by one by the first step.
+            let mut options = MmapOptions::new();
+            if self.in_place {
+                options.populate();
+            }
+            let map = unsafe { options.map(&handle) }.map_err(io)?;
             let map = Arc::new(map);
             let Header { data_start, meta } = parse_header(&map, path)?;
             self.mapped[file] = Some(Mapped {
@@ -209,6 +232,7 @@ impl Checkpoint {
     ) -> Result<HostTensor> {
         let (file, path) = self.file_of(name)?;
         let missing = self.missing(name, &path);
+        let in_place = self.in_place;
         let m = self.mapped(file)?;
         let info = m.meta.info(name).ok_or(missing)?;
         if info.shape != expected {
@@ -227,7 +251,7 @@ impl Checkpoint {
             dtype: format!("{:?}", info.dtype),
         })?;
         let aligned = (bytes.as_ptr() as usize).is_multiple_of(stored.size());
-        if !transpose && stored == kept && aligned {
+        if in_place && !transpose && stored == kept && aligned {
             let range = m.data_start + begin..m.data_start + end;
             let shared = bytes::Bytes::from_owner(SharedMap(m.map.clone())).slice(range);
             return Ok(HostTensor::Mapped(
@@ -470,9 +494,16 @@ pub fn load_model<B: KernelBackend>(
     dtype: WeightDtype,
     device: &B::Device,
 ) -> Result<Model<B>> {
-    let mut ckpt = Checkpoint::open(dir)?;
+    if dtype == WeightDtype::Int8 && !B::widens_weights() {
+        return Err(int8_elsewhere());
+    }
+    // In place where the kernels read the file's width and layout as they lie; int8 weights
+    // are quantized from copies, whose pages of the map are handed back as each is done.
+    let in_place = B::widens_weights() && dtype != WeightDtype::Int8;
+    let mut ckpt = Checkpoint::open(dir)?.in_place(in_place);
     let stored = ckpt.stored_dtype("model.embed_tokens.weight")?;
     let kept = dtype.kept(stored, B::widens_weights());
+    let int8 = dtype == WeightDtype::Int8;
     let small = activation_dtype::<B>(kept);
     let c = config;
     let (h, i, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
@@ -497,6 +528,11 @@ pub fn load_model<B: KernelBackend>(
         let w = ckpt
             .read(&format!("{name}.weight"), &[out, inp], kept, transpose)?
             .into_device(shape, device);
+        let w = if int8 {
+            to_int8(w)
+        } else {
+            LinearWeight::Float(w)
+        };
         let bias = if bias {
             Some(vector(ckpt, &format!("{name}.bias"), out)?)
         } else {
@@ -569,7 +605,9 @@ pub fn load_model<B: KernelBackend>(
     }
     let norm = vector(&mut ckpt, "model.norm.weight", h)?;
     let lm_head = if c.tie_word_embeddings && !ckpt.contains("lm_head.weight") {
-        None
+        // An int8 model reads its head in int8 too: the embedding's blocks, beside the
+        // embedding kept for the input rows.
+        int8.then(|| to_int8(embed.clone()))
     } else {
         Some(linear(&mut ckpt, "lm_head", c.vocab_size, h, false)?.weight)
     };
@@ -582,6 +620,54 @@ pub fn load_model<B: KernelBackend>(
         lm_head,
         device.clone(),
     ))
+}
+
+/// `w` (`[out, in]`) as int8 blocks where its rows are whole blocks; in its float width where
+/// not.
+fn to_int8<B: KernelBackend>(w: Tensor<B, 2>) -> LinearWeight<B> {
+    match B::quantize_int8(&w) {
+        Some(q) => LinearWeight::Int8(q),
+        None => LinearWeight::Float(w),
+    }
+}
+
+/// The error for int8 weights on a backend whose kernels do not read them.
+fn int8_elsewhere() -> EngineError {
+    EngineError::InvalidConfig(
+        "int8 weights run on the CPU backend only; use bf16, f16 or f32 on this device".into(),
+    )
+}
+
+/// `model` with its projections and head in int8 blocks (see [`WeightDtype::Int8`]), as a
+/// checkpoint loaded with `--weights int8` keeps them.
+pub fn quantize_model<B: KernelBackend>(mut model: Model<B>) -> Result<Model<B>> {
+    if !B::widens_weights() {
+        return Err(int8_elsewhere());
+    }
+    let int8 = |l: &mut Linear<B>| {
+        if let LinearWeight::Float(w) = &l.weight {
+            l.weight = to_int8(w.clone());
+        }
+    };
+    for l in &mut model.layers {
+        for lin in [
+            &mut l.q_proj,
+            &mut l.k_proj,
+            &mut l.v_proj,
+            &mut l.o_proj,
+            &mut l.gate_proj,
+            &mut l.up_proj,
+            &mut l.down_proj,
+        ] {
+            int8(lin);
+        }
+    }
+    model.lm_head = match model.lm_head.take() {
+        Some(LinearWeight::Float(w)) => Some(to_int8(w)),
+        Some(q) => Some(q),
+        None => Some(to_int8(model.embed.clone())),
+    };
+    Ok(model)
 }
 
 /// The dtype of the activations, norms and windows of a model whose matrices are kept in
@@ -612,10 +698,10 @@ pub fn random_model<B: KernelBackend>(
     };
     let ones = |n: usize| Tensor::<B, 1>::ones([n], (device, small));
     let linear = |inp: usize, out: usize, bias: bool| Linear {
-        weight: match B::weight_layout() {
+        weight: LinearWeight::Float(match B::weight_layout() {
             WeightLayout::InOut => normal([inp, out]),
             WeightLayout::OutIn => normal([out, inp]),
-        },
+        }),
         bias: bias.then(|| Tensor::zeros([out], (device, small))),
     };
     let qwen = c.architecture == Architecture::Qwen3;

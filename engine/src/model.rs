@@ -8,7 +8,7 @@
 use burn::prelude::*;
 use burn::tensor::activation::silu;
 use burn::tensor::DType;
-use troupe_kernels::KernelBackend;
+use troupe_kernels::{Int8Weight, KernelBackend};
 
 use crate::attention::{attend, SeqPlan};
 use crate::batch::SeqInput;
@@ -20,11 +20,51 @@ use crate::pooled_step::PooledStep;
 use crate::rope::RopeTable;
 use crate::window::{KvWindow, WindowSpec};
 
+/// A projection's matrix.
+#[derive(Debug, Clone)]
+pub enum LinearWeight<B: Backend> {
+    /// In a float width, `[out, in]` or `[in, out]` as the backend's
+    /// [`KernelBackend::weight_layout`] says.
+    Float(Tensor<B, 2>),
+    /// int8 blocks with a scale each, `[out, in]` (see [`Int8Weight`]).
+    Int8(Int8Weight<B>),
+}
+
+impl<B: Backend> LinearWeight<B> {
+    /// The dtype its elements are kept in (`I8` for int8 blocks).
+    pub fn dtype(&self) -> DType {
+        match self {
+            Self::Float(w) => w.dtype(),
+            Self::Int8(_) => DType::I8,
+        }
+    }
+
+    /// The matrix in a float width and the backend's layout: itself, or its int8 blocks
+    /// dequantized (`[out, in]`; only a backend that keeps `[out, in]` makes int8 weights).
+    pub fn to_float(&self) -> Tensor<B, 2> {
+        match self {
+            Self::Float(w) => w.clone(),
+            Self::Int8(q) => q.dequantize(),
+        }
+    }
+
+    /// `x · W`, plus `residual`, through the backend's kernel for this kind of matrix.
+    fn product(&self, x: Tensor<B, 2>, residual: Option<Tensor<B, 2>>) -> Tensor<B, 2>
+    where
+        B: KernelBackend,
+    {
+        match self {
+            Self::Float(w) => B::skinny_linear(x, w, residual),
+            Self::Int8(q) => B::skinny_linear_int8(x, q, residual),
+        }
+    }
+}
+
 /// A projection `x · W + b`.
 #[derive(Debug, Clone)]
 pub struct Linear<B: Backend> {
-    /// `[out, in]` or `[in, out]`, as the backend's [`KernelBackend::weight_layout`] says.
-    pub weight: Tensor<B, 2>,
+    /// The matrix.
+    pub weight: LinearWeight<B>,
     /// `[out]`, when the layer has a bias.
     pub bias: Option<Tensor<B, 1>>,
 }
@@ -38,19 +78,25 @@ impl<B: KernelBackend> Linear<B> {
     /// `residual + x · W + b`: the projection with the residual add fused into it.
     pub fn forward_add(&self, x: Tensor<B, 2>, residual: Option<Tensor<B, 2>>) -> Tensor<B, 2> {
         match &self.bias {
-            Some(b) => B::skinny_linear(x, &self.weight, residual) + b.clone().unsqueeze_dim(0),
-            None => B::skinny_linear(x, &self.weight, residual),
+            Some(b) => self.weight.product(x, residual) + b.clone().unsqueeze_dim(0),
+            None => self.weight.product(x, residual),
         }
     }
 }
 
-/// `silu(gate(x)) ⊙ up(x)`, one fused pass over both weights when neither has a bias.
+/// `silu(gate(x)) ⊙ up(x)`, one fused pass over both weights when neither has a bias and both
+/// are of one kind.
 fn swiglu<B: KernelBackend>(x: Tensor<B, 2>, gate: &Linear<B>, up: &Linear<B>) -> Tensor<B, 2> {
     if gate.bias.is_none() && up.bias.is_none() {
-        B::skinny_swiglu(x, &gate.weight, &up.weight)
-    } else {
-        silu(gate.forward(x.clone())) * up.forward(x)
+        match (&gate.weight, &up.weight) {
+            (LinearWeight::Float(g), LinearWeight::Float(u)) => return B::skinny_swiglu(x, g, u),
+            (LinearWeight::Int8(g), LinearWeight::Int8(u)) => {
+                return B::skinny_swiglu_int8(x, g, u)
+            }
+            _ => {}
+        }
     }
+    silu(gate.forward(x.clone())) * up.forward(x)
 }
 
 /// RMSNorm over the last dimension, computed in f32 whatever the activations' dtype, through
@@ -104,9 +150,8 @@ pub struct Model<B: Backend> {
     pub layers: Vec<DecoderLayer<B>>,
     /// Final RMSNorm.
     pub norm: Tensor<B, 1>,
-    /// Output head, laid out as a projection (`[vocab, hidden]` or `[hidden, vocab]`); `None`
-    /// when tied to the embedding.
-    pub lm_head: Option<Tensor<B, 2>>,
+    /// Output head, kept as a projection; `None` when it is the embedding, read as it lies.
+    pub lm_head: Option<LinearWeight<B>>,
     /// Dtype of the activations and windows (f32 where the backend widens narrower weights).
     pub dtype: DType,
     /// The device the weights live on.
@@ -133,7 +178,7 @@ impl<B: KernelBackend> Model<B> {
         embed: Tensor<B, 2>,
         layers: Vec<DecoderLayer<B>>,
         norm: Tensor<B, 1>,
-        lm_head: Option<Tensor<B, 2>>,
+        lm_head: Option<LinearWeight<B>>,
         device: B::Device,
     ) -> Self {
         let dtype = activation_dtype::<B>(embed.dtype());
@@ -148,7 +193,7 @@ impl<B: Backend> Model<B> {
         embed: Tensor<B, 2>,
         layers: Vec<DecoderLayer<B>>,
         norm: Tensor<B, 1>,
-        lm_head: Option<Tensor<B, 2>>,
+        lm_head: Option<LinearWeight<B>>,
         dtype: DType,
         device: B::Device,
     ) -> Self {
@@ -306,7 +351,7 @@ impl<B: KernelBackend> Model<B> {
     /// embedding by rows where it lies (`x · Eᵀ`), so no step copies or transposes it.
     pub fn logits(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
         let logits = match &self.lm_head {
-            Some(w) => B::skinny_linear(hidden, w, None),
+            Some(w) => w.product(hidden, None),
             None => B::skinny_linear_t(hidden, &self.embed),
         };
         to_f32(logits)

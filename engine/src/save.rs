@@ -55,7 +55,11 @@ fn linear<B: KernelBackend>(
     bf16: bool,
     out: &mut Vec<Entry>,
 ) -> Result<()> {
-    out.push(entry(format!("{name}.weight"), out_in(&l.weight), bf16)?);
+    out.push(entry(
+        format!("{name}.weight"),
+        out_in(&l.weight.to_float()),
+        bf16,
+    )?);
     if let Some(b) = &l.bias {
         out.push(entry(format!("{name}.bias"), b.clone(), bf16)?);
     }
@@ -117,7 +121,7 @@ pub fn save_pretrained<B: KernelBackend>(
     }
     entries.push(entry("model.norm.weight".into(), model.norm.clone(), bf16)?);
     if let Some(h) = &model.lm_head {
-        entries.push(entry("lm_head.weight".into(), out_in(h), bf16)?);
+        entries.push(entry("lm_head.weight".into(), out_in(&h.to_float()), bf16)?);
     }
     let views: Vec<(String, TensorView<'_>)> = entries
         .iter()

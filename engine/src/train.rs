@@ -10,7 +10,7 @@ use troupe_kernels::KernelBackend;
 
 pub use crate::corpus::Corpus;
 use crate::error::{EngineError, Result};
-use crate::model::{DecoderLayer, Linear, Model};
+use crate::model::{DecoderLayer, Linear, LinearWeight, Model};
 
 /// Hyper-parameters of a training run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -88,7 +88,7 @@ fn params<B: Backend>(m: &Model<B>) -> Vec<(Tensor<B, 2>, bool)> {
             &l.up_proj,
             &l.down_proj,
         ] {
-            out.push((lin.weight.clone(), true));
+            out.push((lin.weight.to_float(), true));
             if let Some(b) = &lin.bias {
                 out.push(vec(b));
             }
@@ -100,7 +100,7 @@ fn params<B: Backend>(m: &Model<B>) -> Vec<(Tensor<B, 2>, bool)> {
     }
     out.push(vec(&m.norm));
     if let Some(h) = &m.lm_head {
-        out.push((h.clone(), true));
+        out.push((h.to_float(), true));
     }
     out
 }
@@ -119,7 +119,7 @@ fn with_params<B: Backend, C: Backend>(
         let input_norm = mat().squeeze_dim(0);
         let post_norm = mat().squeeze_dim(0);
         let mut lin = |old: &Linear<B>| Linear {
-            weight: mat(),
+            weight: LinearWeight::Float(mat()),
             bias: old.bias.as_ref().map(|_| mat().squeeze_dim(0)),
         };
         let q_proj = lin(&l.q_proj);
@@ -148,7 +148,7 @@ fn with_params<B: Backend, C: Backend>(
         });
     }
     let norm = mat().squeeze_dim(0);
-    let lm_head = m.lm_head.as_ref().map(|_| mat());
+    let lm_head = m.lm_head.as_ref().map(|_| LinearWeight::Float(mat()));
     Model::with_dtype(
         m.config.clone(),
         embed,

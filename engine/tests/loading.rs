@@ -5,8 +5,8 @@ mod common;
 use common::reference::{inv_freq, Reference};
 use common::*;
 use troupe_engine::{
-    generate, load_verifier, DeviceKind, Engine, GenerateOptions, ModelConfig, ModelSource,
-    RopeScaling, Verifier, WeightDtype, WindowSpec,
+    generate, load_verifier, DeviceKind, Engine, GenerateOptions, LinearWeight, ModelConfig,
+    ModelSource, RopeScaling, Verifier, WeightDtype, WindowSpec,
 };
 
 /// f32 end to end: only summation order differs from the reference.
@@ -202,6 +202,68 @@ fn config_accepts_top_level_rope_theta() {
 fn load_as(ck: &Checkpoint, dtype: WeightDtype) -> troupe_engine::Model<B> {
     let config = ModelConfig::from_file(&ck.config_path()).unwrap();
     troupe_engine::load_model::<B>(ck.path(), &config, dtype, &Default::default()).unwrap()
+}
+
+/// `--weights int8` keeps every projection and the head (a tied model's: the embedding's blocks)
+/// in int8 blocks, the embedding and norms as stored; its logits and greedy tokens equal those of
+/// an f32 model of the dequantized values (the kernels widen and scale in registers, the f32
+/// model's matrices are those values in f32).
+#[test]
+fn int8_weights_match_the_f32_run_of_their_dequantized_values() {
+    use burn::tensor::DType;
+    let cases = [
+        Checkpoint::write(&qwen3_config(), 23, Format::BF16),
+        Checkpoint::write(&llama_config(), 24, Format::F32),
+    ];
+    for ck in cases {
+        let what = format!("int8 from {}", ck.weights.config.torch_dtype);
+        let model = load_as(&ck, WeightDtype::Int8);
+        for l in &model.layers {
+            for lin in [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj] {
+                assert_eq!(lin.weight.dtype(), DType::I8, "{what}: projection");
+            }
+            assert_eq!(l.down_proj.weight.dtype(), DType::I8, "{what}: projection");
+            assert_eq!(l.input_norm.dtype(), DType::F32, "{what}: norm");
+        }
+        assert!(
+            matches!(model.lm_head, Some(LinearWeight::Int8(_))),
+            "{what}: head"
+        );
+        assert_ne!(model.embed.dtype(), DType::I8, "{what}: embedding");
+
+        let mut wide = model.clone();
+        for l in &mut wide.layers {
+            for lin in [
+                &mut l.q_proj,
+                &mut l.k_proj,
+                &mut l.v_proj,
+                &mut l.o_proj,
+                &mut l.gate_proj,
+                &mut l.up_proj,
+                &mut l.down_proj,
+            ] {
+                lin.weight = LinearWeight::Float(lin.weight.to_float());
+            }
+        }
+        wide.lm_head = wide
+            .lm_head
+            .take()
+            .map(|h| LinearWeight::Float(h.to_float()));
+
+        let tokens = random_tokens(7, 16, 256);
+        let logits = |m: troupe_engine::Model<B>| {
+            let mut engine = Engine::new(m);
+            engine.open(1, WindowSpec::new(4, 256).unwrap(), 0).unwrap();
+            step_all(&mut engine, 1, &tokens)
+        };
+        assert_rows_close(&what, &logits(model.clone()), &logits(wide.clone()), TOL);
+        let prompt = random_tokens(9, 5, 256);
+        assert_eq!(
+            greedy(model, &prompt, 12),
+            greedy(wide, &prompt, 12),
+            "{what}: greedy tokens"
+        );
+    }
 }
 
 /// Greedy tokens of `model` after `prompt`.

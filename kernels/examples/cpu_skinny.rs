@@ -1,14 +1,14 @@
 //! Times the CPU skinny matmul `x[m, 2048] · W[6144, 2048]ᵀ` for m = 1..256 the way a model meets
 //! its weights: eight distinct weights (400 MB in f32, past every cache) are multiplied in turn, so
 //! each product streams its weight from memory while the caches hold other weights' clean lines.
-//! Prints, for weights kept in f32, bf16 and f16, the median over five rounds of 32 products (ms
+//! Prints, for weights kept in f32, bf16, f16 and int8 blocks, the median over five rounds of 32 products (ms
 //! per product) and the weight bytes streamed per second at m = 1. `cpu_skinny_numpy.py` beside
 //! this file does the f32 product through numpy's BLAS, for comparison on the same machine.
 use std::time::Instant;
 
 use half::{bf16, f16};
 use troupe_kernels::cpu_matmul::{skinny_matmul, CpuEpilogue};
-use troupe_kernels::cpu_weight::Weight;
+use troupe_kernels::cpu_weight::{quantize_q8, Matrix, Q8};
 
 fn main() {
     let (k, n) = (2048usize, 6144usize); // W is [n, k]
@@ -19,22 +19,34 @@ fn main() {
                 .collect()
         })
         .collect();
-    time("f32", &weights, k, n);
+    time("f32", &slices(&weights), k, n);
     let narrow = |f: fn(f32) -> bf16| -> Vec<Vec<bf16>> {
         weights
             .iter()
             .map(|w| w.iter().map(|&v| f(v)).collect())
             .collect()
     };
-    time("bf16", &narrow(bf16::from_f32), k, n);
+    time("bf16", &slices(&narrow(bf16::from_f32)), k, n);
     let halves: Vec<Vec<f16>> = weights
         .iter()
         .map(|w| w.iter().map(|&v| f16::from_f32(v)).collect())
         .collect();
-    time("f16", &halves, k, n);
+    time("f16", &slices(&halves), k, n);
+    let int8: Vec<(Vec<i8>, Vec<f32>)> =
+        weights.iter().map(|w| quantize_q8(w.as_slice())).collect();
+    let views: Vec<Q8<'_>> = int8
+        .iter()
+        .map(|(q, s)| Q8::new(q, s).expect("a scale per block"))
+        .collect();
+    time("int8", &views, k, n);
 }
 
-fn time<W: Weight>(name: &str, weights: &[Vec<W>], k: usize, n: usize) {
+/// Each weight as the kernels' view of it.
+fn slices<W: troupe_kernels::cpu_weight::Weight>(weights: &[Vec<W>]) -> Vec<&[W]> {
+    weights.iter().map(Vec::as_slice).collect()
+}
+
+fn time<M: Matrix>(name: &str, weights: &[M], k: usize, n: usize) {
     let mut line = format!("{name:>4}");
     for m in [1usize, 2, 4, 5, 8, 16, 32, 40, 64, 256] {
         let x: Vec<f32> = (0..m * k)
@@ -45,7 +57,7 @@ fn time<W: Weight>(name: &str, weights: &[Vec<W>], k: usize, n: usize) {
                 let t = Instant::now();
                 for _ in 0..4 {
                     for w in weights {
-                        std::hint::black_box(skinny_matmul(&x, w, m, k, n, CpuEpilogue::None));
+                        std::hint::black_box(skinny_matmul(&x, *w, m, k, n, CpuEpilogue::None));
                     }
                 }
                 t.elapsed().as_secs_f64() * 1e3 / (4 * weights.len()) as f64
@@ -55,7 +67,7 @@ fn time<W: Weight>(name: &str, weights: &[Vec<W>], k: usize, n: usize) {
         let ms = rounds[rounds.len() / 2];
         line += &format!(" m{m}={ms:.2}");
         if m == 1 {
-            let gbs = (k * n * std::mem::size_of::<W>()) as f64 / ms / 1e6;
+            let gbs = (k * n * M::BYTES) as f64 / ms / 1e6;
             line += &format!(" ({gbs:.1} GB/s)");
         }
     }

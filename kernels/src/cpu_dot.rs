@@ -11,7 +11,7 @@
 use rayon::prelude::*;
 
 use crate::cpu_matmul::SendPtr;
-use crate::cpu_weight::Weight;
+use crate::cpu_weight::Matrix;
 
 /// Most rows of `x` in one tile: 5 × 5 accumulators on AVX-512 where five-row tiles take fewer
 /// passes over `W` than four-row ones (a verify block of 1 + 4 tokens in one pass), else 4.
@@ -22,17 +22,17 @@ pub const TW: usize = 6;
 /// Rows of `W` in one tile without AVX-512 (4 × 3 accumulators, three weight vectors and one of
 /// `x` in 16 registers).
 pub const TW_NARROW: usize = 3;
-/// Rows of `W` one task reads (a multiple of every tile height: 6, 5 and 3): about 480 KiB of f32
-/// at `K` = 1024.
+/// Most rows of `W` one task reads (a multiple of every tile height: 6, 5 and 3): about 480 KiB
+/// of f32 at `K` = 1024.
 const TASK_ROWS: usize = 120;
 
 /// `y[M, N] = x[M, K] · w[N, K]ᵀ`, or `y += …` when `accumulate`; all row-major, `x` and `y`
-/// f32, `w` in any [`Weight`] width (widened in registers). Panics when a slice is shorter than
-/// its shape says (the callers check shapes first).
-pub fn dot_product<W: Weight>(
+/// f32, `w` any [`Matrix`] (widened in registers). Panics when a slice is shorter than its shape
+/// says (the callers check shapes first).
+pub fn dot_product<M: Matrix>(
     y: &mut [f32],
     x: &[f32],
-    w: &[W],
+    w: M,
     (m, k, n): (usize, usize, usize),
     accumulate: bool,
 ) {
@@ -43,18 +43,30 @@ pub fn dot_product<W: Weight>(
     if m == 0 || n == 0 {
         return;
     }
+    // Worth the cores' fork and join once `W` is 1 MiB; a 256-wide model's 0.1 ms products lose
+    // to the split. Split, the tasks come in a multiple of the threads, of equal rows, so no
+    // core waits on another's last task (1,024 rows in runs of 120 would leave one core a
+    // fifth of the work more than the other).
+    let split = n * k * M::BYTES >= 1 << 20;
+    let threads = if split {
+        rayon::current_num_threads().max(1)
+    } else {
+        1
+    };
+    let tasks = n.div_ceil(TASK_ROWS).div_ceil(threads) * threads;
+    let per = n.div_ceil(tasks);
     let out = SendPtr(y.as_mut_ptr());
     let task = |task: usize| {
-        let first = task * TASK_ROWS;
-        let rows = TASK_ROWS.min(n - first);
-        let w = &w[first * k..(first + rows) * k];
+        let first = (task * per).min(n);
+        let rows = per.min(n - first);
+        if rows == 0 {
+            return;
+        }
+        let w = w.range(first * k, rows * k);
         // SAFETY: this task alone writes columns `first..first + rows` of `y`, `m * n` floats.
         unsafe { dot_rows(x, w, (m, k, n), out, first, accumulate) };
     };
-    // Worth the cores' fork and join once `W` is 1 MiB; a 256-wide model's 0.1 ms products lose
-    // to the split.
-    let tasks = n.div_ceil(TASK_ROWS);
-    if n * k * std::mem::size_of::<W>() >= 1 << 20 {
+    if split {
         (0..tasks).into_par_iter().for_each(task);
     } else {
         (0..tasks).for_each(task);
@@ -66,9 +78,9 @@ pub fn dot_product<W: Weight>(
 /// # Safety
 /// `y` must point to `m · n` floats, and no other thread may write columns `first..first +
 /// rows of w`.
-unsafe fn dot_rows<W: Weight>(
+unsafe fn dot_rows<M: Matrix>(
     x: &[f32],
-    w: &[W],
+    w: M,
     (m, k, n): (usize, usize, usize),
     y: SendPtr,
     first: usize,
@@ -91,7 +103,7 @@ unsafe fn dot_rows<W: Weight>(
             let mut acc = [[0.0f32; TW]; TX];
             tile(
                 &x[i * k..(i + tx) * k],
-                &w[j * k..(j + tw) * k],
+                w.range(j * k, tw * k),
                 tx,
                 tw,
                 k,
@@ -114,7 +126,7 @@ unsafe fn dot_rows<W: Weight>(
 }
 
 /// `acc[a][b] = x[a] · w[b]` for `tx` rows of `x` and `tw` rows of `w`, each `k` long.
-fn tile<W: Weight>(x: &[f32], w: &[W], tx: usize, tw: usize, k: usize, acc: &mut [[f32; TW]; TX]) {
+fn tile<M: Matrix>(x: &[f32], w: M, tx: usize, tw: usize, k: usize, acc: &mut [[f32; TW]; TX]) {
     #[cfg(target_arch = "x86_64")]
     if crate::cpu_weight::has_avx2() {
         // SAFETY: the CPU has AVX2 and FMA, checked just above; `x` and `w` hold `tx` and `tw`
@@ -124,7 +136,7 @@ fn tile<W: Weight>(x: &[f32], w: &[W], tx: usize, tw: usize, k: usize, acc: &mut
     }
     for (a, row) in acc.iter_mut().take(tx).enumerate() {
         for (b, v) in row.iter_mut().take(tw).enumerate() {
-            *v = dot(&x[a * k..(a + 1) * k], &w[b * k..(b + 1) * k]);
+            *v = dot(&x[a * k..(a + 1) * k], w.range(b * k, k));
         }
     }
 }
@@ -139,8 +151,8 @@ fn wide_tiles() -> bool {
 }
 
 /// A plain dot product (the fallback, and the tails shorter than a vector).
-fn dot<W: Weight>(a: &[f32], b: &[W]) -> f32 {
-    a.iter().zip(b).map(|(p, q)| p * q.to_f32()).sum()
+fn dot<M: Matrix>(a: &[f32], b: M) -> f32 {
+    a.iter().enumerate().map(|(i, p)| p * b.at(i)).sum()
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -148,13 +160,13 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{dot, TW, TX};
-    use crate::cpu_weight::{load16, load8, Weight};
+    use crate::cpu_weight::{mload16, mload8, Matrix};
 
     /// The tile of [`super::tile`], dispatched to a loop whose sizes are known.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn tile<W: Weight>(
+    pub unsafe fn tile<M: Matrix>(
         x: &[f32],
-        w: &[W],
+        w: M,
         tx: usize,
         tw: usize,
         k: usize,
@@ -166,11 +178,11 @@ mod avx2 {
         macro_rules! sized {
             ($f:ident, $($tw:literal)+) => {
                 match tx {
-                    5 => match tw { $($tw => $f::<W, 5, $tw>(x, w, k, acc),)+ _ => unreachable!() },
-                    4 => match tw { $($tw => $f::<W, 4, $tw>(x, w, k, acc),)+ _ => unreachable!() },
-                    3 => match tw { $($tw => $f::<W, 3, $tw>(x, w, k, acc),)+ _ => unreachable!() },
-                    2 => match tw { $($tw => $f::<W, 2, $tw>(x, w, k, acc),)+ _ => unreachable!() },
-                    _ => match tw { $($tw => $f::<W, 1, $tw>(x, w, k, acc),)+ _ => unreachable!() },
+                    5 => match tw { $($tw => $f::<M, 5, $tw>(x, w, k, acc),)+ _ => unreachable!() },
+                    4 => match tw { $($tw => $f::<M, 4, $tw>(x, w, k, acc),)+ _ => unreachable!() },
+                    3 => match tw { $($tw => $f::<M, 3, $tw>(x, w, k, acc),)+ _ => unreachable!() },
+                    2 => match tw { $($tw => $f::<M, 2, $tw>(x, w, k, acc),)+ _ => unreachable!() },
+                    _ => match tw { $($tw => $f::<M, 1, $tw>(x, w, k, acc),)+ _ => unreachable!() },
                 }
             };
         }
@@ -187,9 +199,9 @@ mod avx2 {
 
     /// [`fixed`] sixteen lanes at a time, on AVX-512F.
     #[target_feature(enable = "avx512f")]
-    unsafe fn fixed16<W: Weight, const RX: usize, const RW: usize>(
+    unsafe fn fixed16<M: Matrix, const RX: usize, const RW: usize>(
         x: &[f32],
-        w: &[W],
+        w: M,
         k: usize,
         acc: &mut [[f32; TW]; TX],
     ) {
@@ -198,15 +210,14 @@ mod avx2 {
             let mut sums = [[_mm512_setzero_ps(); RW]; RX];
             let mut p = 0;
             while p + 16 <= k {
-                if (p * std::mem::size_of::<W>()).is_multiple_of(64) {
+                if (p * M::BYTES).is_multiple_of(64) {
                     for b in 0..RW {
                         _mm_prefetch::<_MM_HINT_T0>(
-                            w.as_ptr().wrapping_add((RW + b) * k + p).cast(),
+                            w.base().wrapping_add(((RW + b) * k + p) * M::BYTES).cast(),
                         );
                     }
                 }
-                let ws: [__m512; RW] =
-                    std::array::from_fn(|b| load16!(W, w.as_ptr().add(b * k + p)));
+                let ws: [__m512; RW] = std::array::from_fn(|b| mload16!(w, b * k + p));
                 for (a, row) in sums.iter_mut().enumerate() {
                     let xv = _mm512_loadu_ps(x.as_ptr().add(a * k + p));
                     for (s, wv) in row.iter_mut().zip(&ws) {
@@ -217,7 +228,7 @@ mod avx2 {
             }
             for a in 0..RX {
                 for b in 0..RW {
-                    let tail = dot(&x[a * k + p..(a + 1) * k], &w[b * k + p..(b + 1) * k]);
+                    let tail = dot(&x[a * k + p..(a + 1) * k], w.range(b * k + p, k - p));
                     acc[a][b] = _mm512_reduce_add_ps(sums[a][b]) + tail;
                 }
             }
@@ -226,9 +237,9 @@ mod avx2 {
 
     /// `RX × RW` dot products of length `k`, eight lanes at a time, the tail in scalar.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn fixed<W: Weight, const RX: usize, const RW: usize>(
+    unsafe fn fixed<M: Matrix, const RX: usize, const RW: usize>(
         x: &[f32],
-        w: &[W],
+        w: M,
         k: usize,
         acc: &mut [[f32; TW]; TX],
     ) {
@@ -238,8 +249,7 @@ mod avx2 {
             let mut sums = [[_mm256_setzero_ps(); RW]; RX];
             let mut p = 0;
             while p + 8 <= k {
-                let ws: [__m256; RW] =
-                    std::array::from_fn(|b| load8!(W, w.as_ptr().add(b * k + p)));
+                let ws: [__m256; RW] = std::array::from_fn(|b| mload8!(w, b * k + p));
                 for (a, row) in sums.iter_mut().enumerate() {
                     let xv = _mm256_loadu_ps(x.as_ptr().add(a * k + p));
                     for (s, wv) in row.iter_mut().zip(&ws) {
@@ -250,7 +260,7 @@ mod avx2 {
             }
             for a in 0..RX {
                 for b in 0..RW {
-                    let tail = dot(&x[a * k + p..(a + 1) * k], &w[b * k + p..(b + 1) * k]);
+                    let tail = dot(&x[a * k + p..(a + 1) * k], w.range(b * k + p, k - p));
                     acc[a][b] = horizontal_sum(sums[a][b]) + tail;
                 }
             }
@@ -269,6 +279,7 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu_weight::{quantize_q8, Weight, Q8};
 
     fn reference(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
         let mut y = vec![0.0f64; m * n];
@@ -306,7 +317,7 @@ mod tests {
         ] {
             let (x, w) = (values(m * k, 1), values(n * k, 2));
             let mut got = vec![f32::NAN; m * n];
-            dot_product(&mut got, &x, &w, (m, k, n), false);
+            dot_product(&mut got, &x, w.as_slice(), (m, k, n), false);
             let want = reference(&x, &w, m, k, n);
             for (idx, (g, r)) in got.iter().zip(&want).enumerate() {
                 assert!(
@@ -328,7 +339,7 @@ mod tests {
                 let wide: Vec<f32> = w.iter().map(|e| e.to_f32()).collect();
                 let mut got = values(m * n, 5);
                 let before = got.clone();
-                dot_product(&mut got, &x, &w, (m, k, n), true);
+                dot_product(&mut got, &x, w.as_slice(), (m, k, n), true);
                 let want: Vec<f32> = reference(&x, &wide, m, k, n)
                     .iter()
                     .zip(&before)
@@ -344,5 +355,26 @@ mod tests {
         }
         check(half::bf16::from_f32);
         check(half::f16::from_f32);
+    }
+
+    /// int8 rows of `W` in blocks of 32, widened and scaled in the kernel, give the product of
+    /// their dequantized values, on every tile size.
+    #[test]
+    fn int8_blocks_match_the_product_of_their_dequantized_values() {
+        for (m, k, n) in [(1, 1024, 301), (5, 64, 193), (13, 96, 290), (64, 32, 11)] {
+            let x = values(m * k, 6);
+            let (q, scales) = quantize_q8(values(n * k, 7).as_slice());
+            let w = Q8::new(&q, &scales).expect("a scale per block");
+            let wide: Vec<f32> = (0..n * k).map(|i| w.at(i)).collect();
+            let mut got = vec![f32::NAN; m * n];
+            dot_product(&mut got, &x, w, (m, k, n), false);
+            let want = reference(&x, &wide, m, k, n);
+            for (idx, (g, r)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - r).abs() <= 1e-4 * (1.0 + r.abs()),
+                    "{m}×{k}×{n} at {idx}: {g} vs {r}"
+                );
+            }
+        }
     }
 }

@@ -19,7 +19,7 @@
 use rayon::prelude::*;
 
 use crate::cpu_dot::dot_product;
-use crate::cpu_weight::{Weight, WeightKind};
+use crate::cpu_weight::{Matrix, WeightKind};
 
 /// Columns of one register tile: two 256-bit vectors of f32.
 pub const NR: usize = 16;
@@ -42,25 +42,25 @@ pub const DOT_ROWS_F32: usize = 32;
 
 /// What happens to the product before it is stored.
 #[derive(Debug, Clone, Copy)]
-pub enum CpuEpilogue<'a, W = f32> {
+pub enum CpuEpilogue<'a, M> {
     /// `y = x · Wᵀ`.
     None,
     /// `y = r + x · Wᵀ`, `r` row-major `[M, N]`.
     Residual(&'a [f32]),
     /// `y = silu(x · Wᵀ) ⊙ (x · Uᵀ)`, `U` row-major `[N, K]` like `W` and in its width.
-    SwiGlu(&'a [W]),
+    SwiGlu(M),
 }
 
-/// `y[M, N] = epilogue(x[M, K] · w[N, K]ᵀ)`, all row-major, `x` and `y` f32, `w` in any
-/// [`Weight`] width (widened in registers, accumulated in f32). Panics when a slice is shorter
+/// `y[M, N] = epilogue(x[M, K] · w[N, K]ᵀ)`, all row-major, `x` and `y` f32, `w` any [`Matrix`]
+/// (widened in registers, accumulated in f32). Panics when a slice is shorter
 /// than its shape says (the callers check shapes first).
-pub fn skinny_matmul<W: Weight>(
+pub fn skinny_matmul<M: Matrix>(
     x: &[f32],
-    w: &[W],
+    w: M,
     m: usize,
     k: usize,
     n: usize,
-    epilogue: CpuEpilogue<'_, W>,
+    epilogue: CpuEpilogue<'_, M>,
 ) -> Vec<f32> {
     assert!(
         x.len() >= m * k && w.len() >= k * n,
@@ -93,10 +93,10 @@ fn silu(v: f32) -> f32 {
 
 /// `y = x · wᵀ`, or `y += x · wᵀ` when `accumulate`. A product taller than [`MAX_BLOCK_ROWS`]
 /// (a prefill chunk) runs in blocks of that many rows, reading `W` once per block.
-fn accumulate_product<W: Weight>(
+fn accumulate_product<M: Matrix>(
     y: &mut [f32],
     x: &[f32],
-    w: &[W],
+    w: M,
     m: usize,
     k: usize,
     n: usize,
@@ -119,7 +119,7 @@ fn accumulate_product<W: Weight>(
         }
         return;
     }
-    let dot_rows = match W::KIND {
+    let dot_rows = match M::KIND {
         WeightKind::F32 => DOT_ROWS_F32,
         _ => DOT_ROWS,
     };
@@ -165,16 +165,16 @@ unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
 /// One product's operands.
-struct Block<'a, W> {
+struct Block<'a, M> {
     x: &'a [f32],
-    w: &'a [W],
+    w: M,
     m: usize,
     k: usize,
     n: usize,
     accumulate: bool,
 }
 
-impl<W: Weight> Block<'_, W> {
+impl<M: Matrix> Block<'_, M> {
     /// Computes columns `cols` of `y` for all rows.
     ///
     /// # Safety
@@ -283,7 +283,7 @@ impl<W: Weight> Block<'_, W> {
                 let mut done = 0;
                 #[cfg(target_arch = "x86_64")]
                 if cols == 8 && crate::cpu_weight::has_avx2() {
-                    let src = &self.w[j0 * k + k0..(j0 + 7) * k + k0 + kb];
+                    let src = self.w.range(j0 * k + k0, 7 * k + kb);
                     // SAFETY: AVX2 and F16C were just checked; `src` holds 8 rows `k` apart of
                     // `kb` elements each, and `tile` holds `kb` steps of `NR` from `half · 8`.
                     done = unsafe { avx2::pack8(src, k, kb, &mut tile[half * 8..]) };
@@ -292,7 +292,7 @@ impl<W: Weight> Block<'_, W> {
                     let dst = &mut tile[kk * NR + half * 8..][..8];
                     for (c, d) in dst.iter_mut().enumerate() {
                         *d = if c < cols {
-                            self.w[(j0 + c) * k + k0 + kk].to_f32()
+                            self.w.at((j0 + c) * k + k0 + kk)
                         } else {
                             0.0
                         };
@@ -430,7 +430,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{Strip, MR, NR};
-    use crate::cpu_weight::{load8, Weight};
+    use crate::cpu_weight::{mload8, Matrix};
 
     /// The register-tiled loop over a full-width tile.
     #[target_feature(enable = "avx2,fma")]
@@ -459,15 +459,15 @@ mod avx2 {
     /// The CPU must have AVX2 and F16C; `src` must hold `7 · ldw + kb` elements and `dst` `kb`
     /// steps of `NR`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn pack8<W: Weight>(src: &[W], ldw: usize, kb: usize, dst: &mut [f32]) -> usize {
+    pub unsafe fn pack8<M: Matrix>(src: M, ldw: usize, kb: usize, dst: &mut [f32]) -> usize {
         assert!(src.len() >= 7 * ldw + kb && dst.len() >= (kb.max(1) - 1) * NR + 8);
-        let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+        let d = dst.as_mut_ptr();
         let mut kk = 0;
         // SAFETY: every load reads steps `kk..kk + 8 <= kb` of a row, every store the first eight
         // floats of step `kk + i < kb` of `dst`, both bounded by the assert above.
         unsafe {
             while kk + 8 <= kb {
-                let r: [__m256; 8] = std::array::from_fn(|c| load8!(W, s.add(c * ldw + kk)));
+                let r: [__m256; 8] = std::array::from_fn(|c| mload8!(src, c * ldw + kk));
                 let t: [__m256; 8] = [
                     _mm256_unpacklo_ps(r[0], r[1]),
                     _mm256_unpackhi_ps(r[0], r[1]),
@@ -533,6 +533,7 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu_weight::Weight;
 
     fn naive(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
         let mut y = vec![0.0f32; m * n];
@@ -581,13 +582,13 @@ mod tests {
             (531, 90, 70),
         ] {
             let (x, w) = (noise(m * k, 1), noise(k * n, 2));
-            let y = skinny_matmul(&x, &w, m, k, n, CpuEpilogue::None);
+            let y = skinny_matmul(&x, w.as_slice(), m, k, n, CpuEpilogue::None);
             let want = naive(&x, &w, m, k, n);
             for (a, b) in y.iter().zip(&want) {
                 assert!((a - b).abs() < 1e-3, "{m}x{k}x{n}: {a} vs {b}");
             }
             let r = noise(m * n, 3);
-            let y = skinny_matmul(&x, &w, m, k, n, CpuEpilogue::Residual(&r));
+            let y = skinny_matmul(&x, w.as_slice(), m, k, n, CpuEpilogue::Residual(&r));
             for ((a, b), r) in y.iter().zip(&want).zip(&r) {
                 assert!(
                     (a - b - r).abs() < 1e-3,
@@ -610,12 +611,12 @@ mod tests {
                 );
                 let wide = |v: &[W]| v.iter().map(|e| e.to_f32()).collect::<Vec<_>>();
                 let (ww, uw) = (wide(&w), wide(&u));
-                let y = skinny_matmul(&x, &w, m, k, n, CpuEpilogue::None);
+                let y = skinny_matmul(&x, w.as_slice(), m, k, n, CpuEpilogue::None);
                 let want = naive(&x, &ww, m, k, n);
                 for (a, b) in y.iter().zip(&want) {
                     assert!((a - b).abs() < 1e-3, "{m}x{k}x{n}: {a} vs {b}");
                 }
-                let g = skinny_matmul(&x, &w, m, k, n, CpuEpilogue::SwiGlu(&u));
+                let g = skinny_matmul(&x, w.as_slice(), m, k, n, CpuEpilogue::SwiGlu(u.as_slice()));
                 let up = naive(&x, &uw, m, k, n);
                 for ((a, gate), up) in g.iter().zip(&want).zip(&up) {
                     let want = silu(*gate) * up;
@@ -625,5 +626,30 @@ mod tests {
         }
         check(half::bf16::from_f32);
         check(half::f16::from_f32);
+    }
+
+    /// int8 weights in blocks of 32 give the f32 product of their dequantized values on both
+    /// paths and through the SwiGLU epilogue.
+    #[test]
+    fn int8_blocks_match_the_product_of_their_dequantized_values() {
+        use crate::cpu_weight::{quantize_q8, Q8};
+        for &(m, k, n) in &[(1, 64, 33), (3, 1024, 517), (40, 288, 77), (90, 512, 300)] {
+            let x = noise(m * k, 8);
+            let (wq, ws) = quantize_q8(noise(k * n, 9).as_slice());
+            let (uq, us) = quantize_q8(noise(k * n, 10).as_slice());
+            let (w, u) = (Q8::new(&wq, &ws).unwrap(), Q8::new(&uq, &us).unwrap());
+            let wide = |q: Q8<'_>| (0..k * n).map(|i| q.at(i)).collect::<Vec<_>>();
+            let want = naive(&x, &wide(w), m, k, n);
+            let y = skinny_matmul(&x, w, m, k, n, CpuEpilogue::None);
+            for (a, b) in y.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-3, "{m}x{k}x{n}: {a} vs {b}");
+            }
+            let g = skinny_matmul(&x, w, m, k, n, CpuEpilogue::SwiGlu(u));
+            let up = naive(&x, &wide(u), m, k, n);
+            for ((a, gate), up) in g.iter().zip(&want).zip(&up) {
+                let want = silu(*gate) * up;
+                assert!((a - want).abs() < 1e-3, "{m}x{k}x{n} swiglu: {a} vs {want}");
+            }
+        }
     }
 }

@@ -11,6 +11,8 @@ use crate::accept::verdicts_from_argmax;
 use crate::cpu_attention::{pooled_attention, PooledInputs};
 use crate::cpu_matmul::{skinny_matmul, CpuEpilogue};
 use crate::cpu_norm;
+use crate::cpu_weight::{quantize_q8, Q8, Q8_BLOCK};
+use crate::Int8Weight;
 use crate::{cpu_sampled, enabled, pool, reference, sampled, KernelBackend, WeightLayout};
 use crate::{BlockVerdict, DraftBlock, PoolLayout, PooledSeq, SampledBlock};
 
@@ -85,6 +87,63 @@ impl KernelBackend for Flex {
             skinny_matmul(slice(&x), gw, m, k, n, CpuEpilogue::SwiGlu(u))
         });
         from_rows(y, [m, n])
+    }
+
+    /// Quantized over the cores, read as it lies by the same kernels as the float widths.
+    fn quantize_int8(w: &Tensor<Self, 2>) -> Option<Int8Weight<Self>> {
+        let [n, k] = w.dims();
+        if k == 0 || !k.is_multiple_of(Q8_BLOCK) || !is_weight_width(w.dtype()) {
+            return None;
+        }
+        let t = contiguous(w.clone());
+        let (values, scales) = by_width!(&t, |s| quantize_q8(s));
+        let values = FlexTensor::from_data(TensorData::new(values, [n, k]));
+        Some(Int8Weight {
+            values: Tensor::from_primitive(values),
+            scales: from_rows(scales, [n, k / Q8_BLOCK]),
+        })
+    }
+
+    fn skinny_linear_int8(
+        x: Tensor<Self, 2>,
+        w: &Int8Weight<Self>,
+        residual: Option<Tensor<Self, 2>>,
+    ) -> Tensor<Self, 2> {
+        let ([m, k], [n, kw]) = (x.dims(), w.dims());
+        let r_f32 = residual.as_ref().is_none_or(|r| r.dtype() == DType::F32);
+        if !enabled() || x.dtype() != DType::F32 || k != kw || !r_f32 {
+            return reference::linear_t(x, &w.dequantize(), residual);
+        }
+        let (x, r) = (contiguous(x), residual.map(contiguous));
+        let (values, scales) = int8_parts(w);
+        let Some(q) = int8_matrix(&values, &scales) else {
+            return reference::linear_t(from_flex(x), &w.dequantize(), r.map(from_flex));
+        };
+        let y = match &r {
+            Some(r) => skinny_matmul(slice(&x), q, m, k, n, CpuEpilogue::Residual(slice(r))),
+            None => skinny_matmul(slice(&x), q, m, k, n, CpuEpilogue::None),
+        };
+        from_rows(y, [m, n])
+    }
+
+    fn skinny_swiglu_int8(
+        x: Tensor<Self, 2>,
+        gate: &Int8Weight<Self>,
+        up: &Int8Weight<Self>,
+    ) -> Tensor<Self, 2> {
+        let ([m, k], [n, kw]) = (x.dims(), gate.dims());
+        if !enabled() || x.dtype() != DType::F32 || k != kw || gate.dims() != up.dims() {
+            return reference::swiglu_t(x, &gate.dequantize(), &up.dequantize());
+        }
+        let x = contiguous(x);
+        let ((gv, gs), (uv, us)) = (int8_parts(gate), int8_parts(up));
+        let (Some(g), Some(u)) = (int8_matrix(&gv, &gs), int8_matrix(&uv, &us)) else {
+            return reference::swiglu_t(from_flex(x), &gate.dequantize(), &up.dequantize());
+        };
+        from_rows(
+            skinny_matmul(slice(&x), g, m, k, n, CpuEpilogue::SwiGlu(u)),
+            [m, n],
+        )
     }
 
     /// One pass over each row where it lies (Flex's broadcasting ops walk strided iterators).
@@ -268,6 +327,28 @@ fn contiguous<const D: usize>(t: Tensor<Flex, D>) -> FlexTensor {
     } else {
         t.to_contiguous()
     }
+}
+
+/// An int8 weight's values and scales, each made contiguous.
+fn int8_parts(w: &Int8Weight<Flex>) -> (FlexTensor, FlexTensor) {
+    let values: FlexTensor = w.values.clone().into_primitive();
+    let values = if values.layout().contiguous_offsets().is_some() {
+        values
+    } else {
+        values.to_contiguous()
+    };
+    (values, contiguous(w.scales.clone()))
+}
+
+/// The kernels' view of an int8 weight's parts; `None` when they are not i8 values with an f32
+/// scale per block.
+fn int8_matrix<'a>(values: &'a FlexTensor, scales: &'a FlexTensor) -> Option<Q8<'a>> {
+    Q8::new(values.as_slice::<i8>()?, scales.as_slice::<f32>()?)
+}
+
+/// A Flex tensor back as a Burn float tensor.
+fn from_flex(t: FlexTensor) -> Tensor<Flex, 2> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
 /// The contiguous f32 elements of an f32 tensor from [`contiguous`].

@@ -28,6 +28,7 @@ pub mod cpu_weight;
 pub mod cube;
 #[cfg(feature = "cpu")]
 mod flex;
+mod int8;
 pub mod pool;
 pub mod reference;
 pub mod sampled;
@@ -36,6 +37,7 @@ mod switch;
 use burn::prelude::*;
 
 pub use accept::{BlockVerdict, DraftBlock};
+pub use int8::Int8Weight;
 pub use pool::{PoolLayout, PooledSeq};
 pub use sampled::SampledBlock;
 pub use switch::{enabled, set_enabled};
@@ -84,6 +86,32 @@ pub trait KernelBackend: Backend {
         up: &Tensor<Self, 2>,
     ) -> Tensor<Self, 2> {
         reference::project_swiglu(x, gate, up, Self::weight_layout())
+    }
+
+    /// `w` (`[n, k]`, a float width) quantized to int8 blocks ([`Int8Weight`]) where this
+    /// backend's kernels read them; `None` where they do not, or when `k` is not a whole number
+    /// of blocks.
+    fn quantize_int8(w: &Tensor<Self, 2>) -> Option<Int8Weight<Self>> {
+        let _ = w;
+        None
+    }
+
+    /// `x · wᵀ`, plus `residual` when given, for an int8 weight `[n, k]`.
+    fn skinny_linear_int8(
+        x: Tensor<Self, 2>,
+        w: &Int8Weight<Self>,
+        residual: Option<Tensor<Self, 2>>,
+    ) -> Tensor<Self, 2> {
+        reference::linear_t(x, &w.dequantize(), residual)
+    }
+
+    /// `silu(x · gateᵀ) ⊙ (x · upᵀ)` for int8 weights `[n, k]`.
+    fn skinny_swiglu_int8(
+        x: Tensor<Self, 2>,
+        gate: &Int8Weight<Self>,
+        up: &Int8Weight<Self>,
+    ) -> Tensor<Self, 2> {
+        reference::swiglu_t(x, &gate.dequantize(), &up.dequantize())
     }
 
     /// RMSNorm of each row of `x` `[rows, cols]` scaled by `weight` `[cols]`, in f32 whatever

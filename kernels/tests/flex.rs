@@ -22,6 +22,11 @@ fn bf16_weights_fall_back_to_the_reference() {
 }
 
 #[test]
+fn int8_weights_match_the_reference_on_their_dequantized_values() {
+    common::int8_matches_reference::<Flex>(&Default::default(), 1e-5);
+}
+
+#[test]
 fn greedy_accept_matches_host() {
     common::greedy_accept_matches_host::<Flex>(&Default::default());
 }

@@ -84,6 +84,35 @@ pub fn swiglu_matches_reference<B: KernelBackend>(device: &B::Device, dtype: DTy
     }
 }
 
+/// Projections and the SwiGLU product on int8 weights against the references on their dequantized
+/// values, for every shape whose rows are whole blocks of 32; others are not quantized.
+pub fn int8_matches_reference<B: KernelBackend>(device: &B::Device, tol: f32) {
+    troupe_kernels::set_enabled(true);
+    for &(m, k, n) in SHAPES {
+        let w = random::<B>([n, k], device);
+        let Some(q) = B::quantize_int8(&w) else {
+            assert!(k % 32 != 0, "{n}x{k}: rows of whole blocks are quantized");
+            continue;
+        };
+        assert_eq!(q.dims(), [n, k]);
+        let wide = q.dequantize();
+        let e = rel_err(wide.clone(), w);
+        assert!(
+            e < 1.0 / 127.0,
+            "{n}x{k}: dequantized within half a step: {e}"
+        );
+        let x = random::<B>([m, k], device);
+        let r = random::<B>([m, n], device);
+        let want = reference::linear_t(x.clone(), &wide, Some(r.clone()));
+        let e = rel_err(B::skinny_linear_int8(x.clone(), &q, Some(r)), want);
+        assert!(e < tol, "int8 linear {m}x{k}x{n}: error {e}");
+        let u = B::quantize_int8(&random::<B>([n, k], device)).expect("same shape");
+        let want = reference::swiglu_t(x.clone(), &wide, &u.dequantize());
+        let e = rel_err(B::skinny_swiglu_int8(x, &q, &u), want);
+        assert!(e < tol, "int8 swiglu {m}x{k}x{n}: error {e}");
+    }
+}
+
 /// Ragged blocks whose drafts agree with the argmax for a chosen number of leading positions.
 pub fn greedy_accept_matches_host<B: KernelBackend>(device: &B::Device) {
     // The kernel itself, whatever `TROUPE_KERNELS` says.
