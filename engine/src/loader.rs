@@ -644,22 +644,9 @@ pub fn quantize_model<B: KernelBackend>(mut model: Model<B>) -> Result<Model<B>>
     if !B::widens_weights() {
         return Err(int8_elsewhere());
     }
-    let int8 = |l: &mut Linear<B>| {
-        if let LinearWeight::Float(w) = &l.weight {
-            l.weight = to_int8(w.clone());
-        }
-    };
-    for l in &mut model.layers {
-        for lin in [
-            &mut l.q_proj,
-            &mut l.k_proj,
-            &mut l.v_proj,
-            &mut l.o_proj,
-            &mut l.gate_proj,
-            &mut l.up_proj,
-            &mut l.down_proj,
-        ] {
-            int8(lin);
+    for lin in model.layers.iter_mut().flat_map(|l| l.projections_mut()) {
+        if let LinearWeight::Float(w) = &lin.weight {
+            lin.weight = to_int8(w.clone());
         }
     }
     model.lm_head = match model.lm_head.take() {

@@ -139,6 +139,34 @@ pub struct DecoderLayer<B: Backend> {
     pub down_proj: Linear<B>,
 }
 
+impl<B: Backend> DecoderLayer<B> {
+    /// The layer's seven projections: q, k, v, o, gate, up, down.
+    pub fn projections(&self) -> [&Linear<B>; 7] {
+        [
+            &self.q_proj,
+            &self.k_proj,
+            &self.v_proj,
+            &self.o_proj,
+            &self.gate_proj,
+            &self.up_proj,
+            &self.down_proj,
+        ]
+    }
+
+    /// [`DecoderLayer::projections`], to change.
+    pub fn projections_mut(&mut self) -> [&mut Linear<B>; 7] {
+        [
+            &mut self.q_proj,
+            &mut self.k_proj,
+            &mut self.v_proj,
+            &mut self.o_proj,
+            &mut self.gate_proj,
+            &mut self.up_proj,
+            &mut self.down_proj,
+        ]
+    }
+}
+
 /// A loaded or randomly initialised decoder, generic over the Burn backend.
 #[derive(Debug, Clone)]
 pub struct Model<B: Backend> {

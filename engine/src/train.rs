@@ -79,15 +79,7 @@ fn params<B: Backend>(m: &Model<B>) -> Vec<(Tensor<B, 2>, bool)> {
     for l in &m.layers {
         out.push(vec(&l.input_norm));
         out.push(vec(&l.post_norm));
-        for lin in [
-            &l.q_proj,
-            &l.k_proj,
-            &l.v_proj,
-            &l.o_proj,
-            &l.gate_proj,
-            &l.up_proj,
-            &l.down_proj,
-        ] {
+        for lin in l.projections() {
             out.push((lin.weight.to_float(), true));
             if let Some(b) = &lin.bias {
                 out.push(vec(b));

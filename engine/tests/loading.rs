@@ -219,10 +219,9 @@ fn int8_weights_match_the_f32_run_of_their_dequantized_values() {
         let what = format!("int8 from {}", ck.weights.config.torch_dtype);
         let model = load_as(&ck, WeightDtype::Int8);
         for l in &model.layers {
-            for lin in [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj] {
+            for lin in l.projections() {
                 assert_eq!(lin.weight.dtype(), DType::I8, "{what}: projection");
             }
-            assert_eq!(l.down_proj.weight.dtype(), DType::I8, "{what}: projection");
             assert_eq!(l.input_norm.dtype(), DType::F32, "{what}: norm");
         }
         assert!(
@@ -232,18 +231,8 @@ fn int8_weights_match_the_f32_run_of_their_dequantized_values() {
         assert_ne!(model.embed.dtype(), DType::I8, "{what}: embedding");
 
         let mut wide = model.clone();
-        for l in &mut wide.layers {
-            for lin in [
-                &mut l.q_proj,
-                &mut l.k_proj,
-                &mut l.v_proj,
-                &mut l.o_proj,
-                &mut l.gate_proj,
-                &mut l.up_proj,
-                &mut l.down_proj,
-            ] {
-                lin.weight = LinearWeight::Float(lin.weight.to_float());
-            }
+        for lin in wide.layers.iter_mut().flat_map(|l| l.projections_mut()) {
+            lin.weight = LinearWeight::Float(lin.weight.to_float());
         }
         wide.lm_head = wide
             .lm_head
