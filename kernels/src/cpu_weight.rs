@@ -256,41 +256,6 @@ pub(crate) fn has_avx2() -> bool {
         && std::arch::is_x86_feature_detected!("f16c")
 }
 
-/// Eight weights from `$p` (a `*const W`) widened to a `__m256`. Expands inside a function
-/// compiled with `avx2` and `f16c`, so the widening is inlined there.
-#[cfg(target_arch = "x86_64")]
-macro_rules! load8 {
-    ($w:ty, $p:expr) => {
-        match <$w as $crate::cpu_weight::Weight>::KIND {
-            $crate::cpu_weight::WeightKind::F32 => _mm256_loadu_ps($p as *const f32),
-            $crate::cpu_weight::WeightKind::Bf16 => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(
-                _mm256_cvtepu16_epi32(_mm_loadu_si128($p as *const __m128i)),
-            )),
-            $crate::cpu_weight::WeightKind::F16 => {
-                _mm256_cvtph_ps(_mm_loadu_si128($p as *const __m128i))
-            }
-            $crate::cpu_weight::WeightKind::Q8 => unreachable!("no element type is Q8"),
-        }
-    };
-}
-
-/// Sixteen weights from `$p` (a `*const W`) widened to a `__m512`, inside an `avx512f` function.
-#[cfg(target_arch = "x86_64")]
-macro_rules! load16 {
-    ($w:ty, $p:expr) => {
-        match <$w as $crate::cpu_weight::Weight>::KIND {
-            $crate::cpu_weight::WeightKind::F32 => _mm512_loadu_ps($p as *const f32),
-            $crate::cpu_weight::WeightKind::Bf16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(
-                _mm512_cvtepu16_epi32(_mm256_loadu_si256($p as *const __m256i)),
-            )),
-            $crate::cpu_weight::WeightKind::F16 => {
-                _mm512_cvtph_ps(_mm256_loadu_si256($p as *const __m256i))
-            }
-            $crate::cpu_weight::WeightKind::Q8 => unreachable!("no element type is Q8"),
-        }
-    };
-}
-
 /// Eight elements `$i..$i + 8` of the [`Matrix`] `$m` widened to a `__m256`, inside an `avx2`,
 /// `fma` and `f16c` function; the caller bounds `$i + 8` by the matrix's length.
 #[cfg(target_arch = "x86_64")]
@@ -345,66 +310,6 @@ macro_rules! mload16 {
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) use {mload16, mload8};
-
-/// `dst = src` widened to f32 (equal lengths), sixteen or eight at a time where the CPU can.
-pub fn widen<W: Weight>(src: &[W], dst: &mut [f32]) {
-    assert_eq!(src.len(), dst.len(), "widen: lengths differ");
-    #[cfg(target_arch = "x86_64")]
-    if W::KIND != WeightKind::F32 {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: AVX-512F was just detected; the lengths are equal.
-            return unsafe { simd::widen16(src, dst) };
-        }
-        if has_avx2() {
-            // SAFETY: AVX2 and F16C were just detected; the lengths are equal.
-            return unsafe { simd::widen8(src, dst) };
-        }
-    }
-    W::widen_into(src, dst);
-}
-
-#[cfg(target_arch = "x86_64")]
-mod simd {
-    use std::arch::x86_64::*;
-
-    use super::Weight;
-
-    /// [`super::widen`] sixteen at a time.
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512F; `src` and `dst` equally long.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn widen16<W: Weight>(src: &[W], dst: &mut [f32]) {
-        let n = src.len();
-        let mut i = 0;
-        // SAFETY: every access covers 16 elements below `n`.
-        unsafe {
-            while i + 16 <= n {
-                _mm512_storeu_ps(dst.as_mut_ptr().add(i), load16!(W, src.as_ptr().add(i)));
-                i += 16;
-            }
-        }
-        W::widen_into(&src[i..], &mut dst[i..]);
-    }
-
-    /// [`super::widen`] eight at a time.
-    ///
-    /// # Safety
-    /// The CPU must have AVX2 and F16C; `src` and `dst` equally long.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn widen8<W: Weight>(src: &[W], dst: &mut [f32]) {
-        let n = src.len();
-        let mut i = 0;
-        // SAFETY: every access covers 8 elements below `n`.
-        unsafe {
-            while i + 8 <= n {
-                _mm256_storeu_ps(dst.as_mut_ptr().add(i), load8!(W, src.as_ptr().add(i)));
-                i += 8;
-            }
-        }
-        W::widen_into(&src[i..], &mut dst[i..]);
-    }
-}
 
 #[cfg(test)]
 mod tests {
