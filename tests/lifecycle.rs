@@ -44,6 +44,12 @@ impl Verifier for Tracked {
     fn close(&mut self, seq: SeqId) -> EngineResult<()> {
         self.inner.close(seq)
     }
+    fn fork(&mut self, from: SeqId, seq: SeqId, seed: u64) -> EngineResult<()> {
+        self.inner.fork(from, seq, seed)
+    }
+    fn reseed(&mut self, seq: SeqId, seed: u64) -> EngineResult<()> {
+        self.inner.reseed(seq, seed)
+    }
     fn verify(&mut self, works: &[VerifyWork]) -> EngineResult<Vec<VerifyOutcome>> {
         self.inner.verify(works)
     }

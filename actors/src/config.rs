@@ -157,6 +157,9 @@ pub struct GenerateParams {
     /// emitted as ordinary tokens, so a reply that opens with the newline that ends replies is
     /// not empty.
     pub stop_after_content: bool,
+    /// Seed of this turn's sampling: the session's sampling restarts from it, so the same seed
+    /// on the same context gives the same reply. `None` continues the session's own draws.
+    pub seed: Option<u64>,
 }
 
 impl Default for GenerateParams {
@@ -167,6 +170,7 @@ impl Default for GenerateParams {
             top_p: 1.0,
             stop_tokens: Vec::new(),
             stop_after_content: false,
+            seed: None,
         }
     }
 }
@@ -196,6 +200,12 @@ impl GenerateParams {
     /// Ends the turn at any of `tokens`.
     pub fn with_stop_tokens(mut self, tokens: impl IntoIterator<Item = u32>) -> Self {
         self.stop_tokens = tokens.into_iter().collect();
+        self
+    }
+
+    /// Samples this turn from `seed` (see [`GenerateParams::seed`]).
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
         self
     }
 

@@ -50,6 +50,15 @@ pub enum ManagerMsg {
         /// The new session.
         reply: RpcReplyPort<Result<Spawned, RuntimeError>>,
     },
+    /// Admit and spawn a session to become a copy of session `from` (with its configuration, a
+    /// seed of its own, and its window's shape); the source then copies itself into it
+    /// ([`SessionMsg::Fork`]).
+    Fork {
+        /// The session copied.
+        from: SessionId,
+        /// The new session, and its seed.
+        reply: RpcReplyPort<Result<(Spawned, u64), RuntimeError>>,
+    },
     /// Close a session and return its bytes.
     Close {
         /// Session.
@@ -107,6 +116,8 @@ struct Open {
     bytes: u64,
     /// Its window.
     window: WindowSpec,
+    /// Its configuration, for its forks.
+    config: SessionConfig,
 }
 
 /// The manager's state.
@@ -152,6 +163,46 @@ impl ManagerState {
             });
         }
         Ok(())
+    }
+
+    /// Admits and spawns a session of `config` (one that a fork opens at the scheduler when
+    /// `forked`).
+    async fn spawn(
+        &mut self,
+        myself: &ActorRef<ManagerMsg>,
+        config: SessionConfig,
+        forked: bool,
+    ) -> Result<Spawned, RuntimeError> {
+        let window = config.window.unwrap_or(self.args.default_window);
+        config.validate()?;
+        window_fits(window, self.args.max_positions)?;
+        let bytes = window_bytes(window, self.args.slot_bytes)?;
+        self.admit(bytes)?;
+        let id = self.next_id;
+        self.next_id += 1;
+        let args = SessionArgs {
+            id,
+            config: config.clone(),
+            window,
+            kv_bytes: bytes,
+            max_prompt_tokens: self.args.max_prompt_tokens,
+            vocab_size: self.args.vocab_size,
+            tokenizer: self.args.tokenizer.clone(),
+            scheduler: self.args.scheduler.clone(),
+            faults: self.args.faults.clone(),
+            forked,
+        };
+        let (actor, _) = Actor::spawn_linked(None, SessionActor, args, myself.get_cell()).await?;
+        let open = Open {
+            actor: actor.clone(),
+            bytes,
+            window,
+            config,
+        };
+        self.sessions.insert(id, open);
+        self.by_actor.insert(actor.get_id(), id);
+        self.used += bytes;
+        Ok(Spawned { id, actor, window })
     }
 
     fn release(&mut self, id: SessionId) -> bool {
@@ -202,6 +253,7 @@ impl Actor for ManagerActor {
     ) -> Result<(), ActorProcessingErr> {
         let name = match &msg {
             ManagerMsg::Spawn { .. } => "spawn",
+            ManagerMsg::Fork { .. } => "fork",
             ManagerMsg::Close { .. } => "close",
             ManagerMsg::Lookup { .. } => "lookup",
             ManagerMsg::Budget(_) => "budget",
@@ -218,43 +270,22 @@ impl Actor for ManagerActor {
         }
         match msg {
             ManagerMsg::Spawn { config, reply } => {
-                let window = config.window.unwrap_or(st.args.default_window);
-                let admitted = config
-                    .validate()
-                    .and_then(|()| window_fits(window, st.args.max_positions))
-                    .and_then(|()| window_bytes(window, st.args.slot_bytes))
-                    .and_then(|bytes| st.admit(bytes).map(|()| bytes));
-                let result = match admitted {
-                    Err(e) => Err(e),
-                    Ok(bytes) => {
-                        let id = st.next_id;
-                        st.next_id += 1;
-                        let args = SessionArgs {
-                            id,
-                            config,
-                            window,
-                            kv_bytes: bytes,
-                            max_prompt_tokens: st.args.max_prompt_tokens,
-                            vocab_size: st.args.vocab_size,
-                            tokenizer: st.args.tokenizer.clone(),
-                            scheduler: st.args.scheduler.clone(),
-                            faults: st.args.faults.clone(),
-                        };
-                        match Actor::spawn_linked(None, SessionActor, args, myself.get_cell()).await
-                        {
-                            Ok((actor, _)) => {
-                                let open = Open {
-                                    actor: actor.clone(),
-                                    bytes,
-                                    window,
-                                };
-                                st.sessions.insert(id, open);
-                                st.by_actor.insert(actor.get_id(), id);
-                                st.used += bytes;
-                                Ok(Spawned { id, actor, window })
-                            }
-                            Err(e) => Err(RuntimeError::from(e)),
-                        }
+                let _ = reply.send(st.spawn(&myself, config, false).await);
+            }
+            ManagerMsg::Fork { from, reply } => {
+                let result = match st.sessions.get(&from) {
+                    None => Err(RuntimeError::UnknownSession(from)),
+                    Some(source) => {
+                        let mut config = source.config.clone();
+                        config.window = Some(source.window);
+                        let explicit = config.seed;
+                        // Each fork samples on its own: an explicit seed is mixed with the
+                        // fork's id, and none derives one from the id as for any session.
+                        config.seed = None;
+                        st.spawn(&myself, config, true).await.map(|s| {
+                            let seed = SessionConfig::default().seed_for(s.id);
+                            (s, explicit.map_or(seed, |e| e ^ seed))
+                        })
                     }
                 };
                 let _ = reply.send(result);

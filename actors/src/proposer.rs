@@ -34,6 +34,13 @@ pub enum ProposerMsg {
         /// Sequence.
         seq: SeqId,
     },
+    /// Restart the sampling of a sequence's drafts from a turn's seed.
+    Reseed {
+        /// Sequence.
+        seq: SeqId,
+        /// Seed.
+        seed: u64,
+    },
     /// Tokens now known to be in the sequence.
     Observe {
         /// Sequence.
@@ -63,6 +70,8 @@ pub enum Job {
     Open(SeqId, WindowSpec, u64),
     /// Close a sequence.
     Close(SeqId),
+    /// Reseed a sequence's sampling.
+    Reseed(SeqId, u64),
     /// Observe tokens.
     Observe(SeqId, Vec<u32>),
     /// Draft blocks.
@@ -141,6 +150,7 @@ impl Actor for ProposerActor {
                     let _ = drafter.open(seq, spec, seed);
                 }
                 Job::Close(seq) => drafter.close(seq),
+                Job::Reseed(seq, seed) => drafter.reseed(seq, seed),
                 Job::Observe(seq, tokens) => {
                     let _ = drafter.observe(seq, &tokens);
                 }
@@ -224,6 +234,7 @@ impl Actor for ProposerActor {
         let job = match msg {
             ProposerMsg::Open { seq, spec, seed } => Job::Open(seq, spec, seed),
             ProposerMsg::Close { seq } => Job::Close(seq),
+            ProposerMsg::Reseed { seq, seed } => Job::Reseed(seq, seed),
             ProposerMsg::Observe { seq, tokens } => Job::Observe(seq, tokens),
             ProposerMsg::Draft(orders) => Job::Draft(orders),
             ProposerMsg::ThreadFailed(why) => {

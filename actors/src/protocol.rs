@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::DerivedActorRef;
+use ractor::{DerivedActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
 use troupe_engine::drafter::Draft;
 use troupe_engine::{EngineError, SamplingParams, SeqId, VerifyOutcome, WindowSpec};
@@ -106,6 +106,27 @@ pub enum SeqRequest {
         seed: u64,
         /// Where its turns' updates go.
         session: DerivedActorRef<TurnUpdate>,
+    },
+    /// Open a sequence as a copy of another with no turn: its history and its window as they
+    /// stand. Sent by the source's session, in order with its turns.
+    Fork {
+        /// The sequence copied.
+        from: SeqId,
+        /// The new sequence.
+        seq: SeqId,
+        /// Its sampling seed.
+        seed: u64,
+        /// Where its turns' updates go.
+        session: DerivedActorRef<TurnUpdate>,
+        /// Done, or why not.
+        reply: RpcReplyPort<Result<(), RuntimeError>>,
+    },
+    /// Restart a sequence's sampling from `seed` (a turn's own seed), before its next turn.
+    Reseed {
+        /// Sequence.
+        seq: SeqId,
+        /// Seed.
+        seed: u64,
     },
     /// Start a turn.
     Submit {

@@ -472,6 +472,51 @@ impl SessionHandle {
             .map_err(|_| RuntimeError::SessionClosed(self.id))
     }
 
+    /// A new session whose context is a copy of this one's: its window, what it has seen and its
+    /// configuration (persona, template, stop tokens, window shape), with a seed of its own. For
+    /// agents that branch a conversation: each branch then continues on its own, and neither
+    /// sees the other's later turns. The copy is taken once the turns asked of this session
+    /// before the fork are done (it waits for them); the fork is admitted against the session cap
+    /// and the KV budget as any new session is.
+    pub async fn fork(&self) -> Result<SessionHandle, RuntimeError> {
+        let from = self.id;
+        let (spawned, seed) = ask(&self.manager, "manager", |reply| ManagerMsg::Fork {
+            from,
+            reply,
+        })
+        .await??;
+        let fork = SessionHandle {
+            id: spawned.id,
+            window: spawned.window,
+            actor: spawned.actor,
+            manager: self.manager.clone(),
+        };
+        // No deadline: the copy waits for this session's earlier turns, however long they run.
+        let copied = match self
+            .actor
+            .call(
+                |reply| SessionMsg::Fork {
+                    into: fork.id,
+                    actor: fork.actor.clone(),
+                    seed,
+                    reply,
+                },
+                None,
+            )
+            .await
+        {
+            Ok(CallResult::Success(r)) => r,
+            _ => Err(RuntimeError::SessionClosed(from)),
+        };
+        match copied {
+            Ok(()) => Ok(fork),
+            Err(e) => {
+                let _ = fork.close().await;
+                Err(e)
+            }
+        }
+    }
+
     /// The session's counters and window.
     pub async fn info(&self) -> Result<SessionInfo, RuntimeError> {
         ask(&self.actor, "session", SessionMsg::Info)

@@ -219,6 +219,58 @@ impl Actor for SchedulerActor {
                     },
                 );
             }
+            SchedulerMsg::Seq(SeqRequest::Fork {
+                from,
+                seq,
+                seed,
+                session,
+                reply,
+            }) => {
+                let forked = st
+                    .seqs
+                    .get(&from)
+                    .map(|info| info.spec)
+                    .ok_or(RuntimeError::UnknownSession(from))
+                    .and_then(|spec| st.policy.fork(from, seq).map(|()| spec));
+                match forked {
+                    Ok(spec) => {
+                        if let Some(v) = &st.verifier {
+                            v.fork(from, seq, seed);
+                        }
+                        if let Some(p) = &st.proposer {
+                            let _ = p.cast(ProposerMsg::Open { seq, spec, seed });
+                            let history = st.policy.seq(seq).map(|e| e.history.clone());
+                            if let Some(tokens) = history.filter(|h| !h.is_empty()) {
+                                let _ = p.cast(ProposerMsg::Observe { seq, tokens });
+                            }
+                        }
+                        st.seqs.insert(
+                            seq,
+                            SeqInfo {
+                                spec,
+                                seed,
+                                session,
+                            },
+                        );
+                        let _ = reply.send(Ok(()));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            SchedulerMsg::Seq(SeqRequest::Reseed { seq, seed }) => {
+                if let Some(info) = st.seqs.get_mut(&seq) {
+                    // A verifier rebuilt later opens the sequence with its latest seed.
+                    info.seed = seed;
+                    if let Some(v) = &st.verifier {
+                        v.reseed(seq, seed);
+                    }
+                    if let Some(p) = &st.proposer {
+                        let _ = p.cast(ProposerMsg::Reseed { seq, seed });
+                    }
+                }
+            }
             SchedulerMsg::Seq(SeqRequest::Submit { seq, tokens, turn }) => {
                 let verdict = st.faults.check(ActorKind::Scheduler, "submit");
                 if verdict.drop {

@@ -118,6 +118,28 @@ impl Verifier for ScriptedModel {
         Ok(())
     }
 
+    fn fork(&mut self, from: SeqId, seq: SeqId, seed: u64) -> Result<()> {
+        if self.tracks.contains_key(&seq) {
+            return Err(EngineError::DuplicateSequence(seq));
+        }
+        let mut track = self
+            .tracks
+            .get(&from)
+            .ok_or(EngineError::UnknownSequence(from))?
+            .clone();
+        track.rng = StdRng::seed_from_u64(seed);
+        self.tracks.insert(seq, track);
+        Ok(())
+    }
+
+    fn reseed(&mut self, seq: SeqId, seed: u64) -> Result<()> {
+        self.tracks
+            .get_mut(&seq)
+            .ok_or(EngineError::UnknownSequence(seq))?
+            .rng = StdRng::seed_from_u64(seed);
+        Ok(())
+    }
+
     fn close(&mut self, seq: SeqId) -> Result<()> {
         self.tracks
             .remove(&seq)

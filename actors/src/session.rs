@@ -37,6 +37,23 @@ pub enum SessionMsg {
     Cancel(Option<TurnId>),
     /// The scheduler is gone: fail every turn, now and later, with this error.
     Fail(RuntimeError),
+    /// Copy the session, as it stands once the turns asked for before are done, into the new
+    /// session `into` (spawned for it, not yet open at the scheduler).
+    Fork {
+        /// The new session.
+        into: SessionId,
+        /// Its actor.
+        actor: ActorRef<SessionMsg>,
+        /// Its sampling seed.
+        seed: u64,
+        /// Done, or why not.
+        reply: RpcReplyPort<Result<(), RuntimeError>>,
+    },
+    /// This session is a fork of one that had seen `tokens_seen` tokens.
+    Adopt {
+        /// Tokens the source had seen.
+        tokens_seen: u64,
+    },
     /// Report.
     Info(RpcReplyPort<SessionInfo>),
     /// Answer once no turn runs or waits (for `shutdown`).
@@ -80,6 +97,20 @@ pub struct SessionArgs {
     pub scheduler: DerivedActorRef<SeqRequest>,
     /// Injected faults.
     pub faults: FaultPlan,
+    /// Opened by the session it forks (which copies its sequence at the scheduler), not by
+    /// itself.
+    pub forked: bool,
+}
+
+/// What a session was asked and has not yet started: a turn, or a fork.
+enum Pending {
+    Turn(Queued),
+    Fork {
+        into: SessionId,
+        actor: ActorRef<SessionMsg>,
+        seed: u64,
+        reply: RpcReplyPort<Result<(), RuntimeError>>,
+    },
 }
 
 /// A turn asked for and not yet started.
@@ -109,7 +140,7 @@ struct Active {
 /// The session's state.
 pub struct SessionState {
     args: SessionArgs,
-    queue: VecDeque<Queued>,
+    queue: VecDeque<Pending>,
     active: Option<Active>,
     /// Set when the scheduler is gone: every turn fails with it.
     failed: Option<RuntimeError>,
@@ -135,12 +166,14 @@ impl Actor for SessionActor {
         myself: ActorRef<Self::Msg>,
         args: SessionArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        args.scheduler.send_message(SeqRequest::Open {
-            seq: args.id,
-            spec: args.window,
-            seed: args.config.seed_for(args.id),
-            session: myself.get_derived(),
-        })?;
+        if !args.forked {
+            args.scheduler.send_message(SeqRequest::Open {
+                seq: args.id,
+                spec: args.window,
+                seed: args.config.seed_for(args.id),
+                session: myself.get_derived(),
+            })?;
+        }
         Ok(SessionState {
             args,
             queue: VecDeque::new(),
@@ -168,6 +201,8 @@ impl Actor for SessionActor {
             SessionMsg::Update(TurnUpdate::Cancelled) => "cancelled",
             SessionMsg::Cancel(_) => "cancel",
             SessionMsg::Fail(_) => "fail",
+            SessionMsg::Fork { .. } => "fork",
+            SessionMsg::Adopt { .. } => "adopt",
             SessionMsg::Info(_) => "info",
             SessionMsg::Drain(_) => "drain",
         };
@@ -192,14 +227,33 @@ impl Actor for SessionActor {
                     sink.end(Err(why.clone()));
                     return Ok(());
                 }
-                st.queue.push_back(Queued {
+                st.queue.push_back(Pending::Turn(Queued {
                     turn,
                     prompt,
                     params,
                     sink,
+                }));
+                st.start_next();
+            }
+            SessionMsg::Fork {
+                into,
+                actor,
+                seed,
+                reply,
+            } => {
+                if let Some(why) = &st.failed {
+                    let _ = reply.send(Err(why.clone()));
+                    return Ok(());
+                }
+                st.queue.push_back(Pending::Fork {
+                    into,
+                    actor,
+                    seed,
+                    reply,
                 });
                 st.start_next();
             }
+            SessionMsg::Adopt { tokens_seen } => st.tokens_seen = tokens_seen,
             SessionMsg::Update(TurnUpdate::Emitted(e)) => st.emitted(e),
             SessionMsg::Update(TurnUpdate::Failed(why)) => st.end_active(Err(why)),
             SessionMsg::Update(TurnUpdate::Cancelled) => {
@@ -208,7 +262,12 @@ impl Actor for SessionActor {
             SessionMsg::Cancel(turn) => st.cancel(turn),
             SessionMsg::Fail(why) => {
                 for q in st.queue.drain(..) {
-                    q.sink.end(Err(why.clone()));
+                    match q {
+                        Pending::Turn(q) => q.sink.end(Err(why.clone())),
+                        Pending::Fork { reply, .. } => {
+                            let _ = reply.send(Err(why.clone()));
+                        }
+                    }
                 }
                 if let Some(a) = st.active.take() {
                     a.sink.end(Err(why.clone()));
@@ -252,17 +311,51 @@ impl SessionState {
         }
     }
 
+    /// Copies this session into `into`: the new session learns what this one has seen, and the
+    /// scheduler opens its sequence as a copy of this one's (in order with this session's turns,
+    /// so it copies the context as it stands now) and answers `reply`.
+    fn fork(
+        &self,
+        into: SessionId,
+        actor: ActorRef<SessionMsg>,
+        seed: u64,
+        reply: RpcReplyPort<Result<(), RuntimeError>>,
+    ) {
+        let _ = actor.cast(SessionMsg::Adopt {
+            tokens_seen: self.tokens_seen,
+        });
+        // A reply port that is dropped unanswered (the scheduler is gone) fails the fork.
+        let _ = self.args.scheduler.send_message(SeqRequest::Fork {
+            from: self.args.id,
+            seq: into,
+            seed,
+            session: actor.get_derived(),
+            reply,
+        });
+    }
+
     fn start_next(&mut self) {
         while self.active.is_none() {
-            let Some(Queued {
-                turn,
-                prompt,
-                params,
-                sink,
-            }) = self.queue.pop_front()
-            else {
-                self.answer_drains();
-                return;
+            let (turn, prompt, params, sink) = match self.queue.pop_front() {
+                None => {
+                    self.answer_drains();
+                    return;
+                }
+                Some(Pending::Fork {
+                    into,
+                    actor,
+                    seed,
+                    reply,
+                }) => {
+                    self.fork(into, actor, seed, reply);
+                    continue;
+                }
+                Some(Pending::Turn(Queued {
+                    turn,
+                    prompt,
+                    params,
+                    sink,
+                })) => (turn, prompt, params, sink),
             };
             let started = Instant::now();
             let checked = self.tokens_of(prompt).and_then(|tokens| {
@@ -301,6 +394,12 @@ impl SessionState {
                 if !stop.contains(&t) {
                     stop.push(t);
                 }
+            }
+            if let Some(seed) = params.seed {
+                let _ = self.args.scheduler.send_message(SeqRequest::Reseed {
+                    seq: self.args.id,
+                    seed,
+                });
             }
             // A turn of no tokens only adds its prompt to the context: the scheduler appends it to
             // the history without starting a turn, to be fed with the next one.
@@ -415,10 +514,11 @@ impl SessionState {
         let id = self.args.id;
         let mut kept = VecDeque::with_capacity(self.queue.len());
         for q in self.queue.drain(..) {
-            if turn.is_none_or(|t| t == q.turn) {
-                q.sink.end(Err(RuntimeError::Cancelled(id)));
-            } else {
-                kept.push_back(q);
+            match q {
+                Pending::Turn(q) if turn.is_none_or(|t| t == q.turn) => {
+                    q.sink.end(Err(RuntimeError::Cancelled(id)));
+                }
+                other => kept.push_back(other),
             }
         }
         self.queue = kept;

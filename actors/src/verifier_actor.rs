@@ -39,6 +39,10 @@ pub enum Job {
     Open(SeqId, WindowSpec, u64),
     /// Close a sequence.
     Close(SeqId),
+    /// Open a sequence (the second) as a copy of another (the first), sampling with a seed.
+    Fork(SeqId, SeqId, u64),
+    /// Reseed a sequence's sampling.
+    Reseed(SeqId, u64),
     /// Run a step.
     Step(u64, Vec<VerifyWork>),
 }
@@ -73,6 +77,16 @@ impl Actor for VerifierActor {
                 }
                 Job::Close(seq) => {
                     let _ = model.close(seq);
+                }
+                Job::Fork(from, seq, seed) => {
+                    if let Err(e) = model.fork(from, seq, seed) {
+                        tracing::warn!(from, seq, error = %e, "verifier could not fork a sequence");
+                    }
+                }
+                Job::Reseed(seq, seed) => {
+                    if let Err(e) = model.reseed(seq, seed) {
+                        tracing::warn!(seq, error = %e, "verifier could not reseed a sequence");
+                    }
                 }
                 Job::Step(id, works) => {
                     let verdict = faults.check(ActorKind::Verifier, "step");
@@ -165,6 +179,16 @@ impl VerifierLink {
     /// Closes a sequence's window.
     pub fn close(&self, seq: SeqId) {
         self.jobs.send(Job::Close(seq));
+    }
+
+    /// Opens `seq` as a copy of `from`'s window.
+    pub fn fork(&self, from: SeqId, seq: SeqId, seed: u64) {
+        self.jobs.send(Job::Fork(from, seq, seed));
+    }
+
+    /// Restarts a sequence's sampling from `seed`.
+    pub fn reseed(&self, seq: SeqId, seed: u64) {
+        self.jobs.send(Job::Reseed(seq, seed));
     }
 
     /// Runs a step; its outcome comes back as `StepDone`. (A thread that is gone has told its

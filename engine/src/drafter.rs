@@ -40,6 +40,9 @@ pub trait Drafter: Send {
     fn open(&mut self, seq: SeqId, spec: WindowSpec, seed: u64) -> Result<()>;
     /// Stops tracking a sequence.
     fn close(&mut self, seq: SeqId);
+    /// Restarts the sampling of `seq`'s drafts from `seed` (a turn's own seed). Deterministic
+    /// drafters draw nothing and ignore it.
+    fn reseed(&mut self, _seq: SeqId, _seed: u64) {}
     /// Appends tokens now known to be part of the sequence (prompt, accepted tokens).
     fn observe(&mut self, seq: SeqId, tokens: &[u32]) -> Result<()>;
     /// Drafts for each request, in order.
@@ -65,6 +68,9 @@ impl<D: Drafter + ?Sized> Drafter for Box<D> {
     }
     fn close(&mut self, seq: SeqId) {
         (**self).close(seq)
+    }
+    fn reseed(&mut self, seq: SeqId, seed: u64) {
+        (**self).reseed(seq, seed)
     }
     fn observe(&mut self, seq: SeqId, tokens: &[u32]) -> Result<()> {
         (**self).observe(seq, tokens)

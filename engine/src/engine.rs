@@ -411,6 +411,43 @@ where
         Ok(())
     }
 
+    fn fork(&mut self, from: SeqId, seq: SeqId, seed: u64) -> Result<()> {
+        if self.seqs.contains_key(&seq) {
+            return Err(EngineError::DuplicateSequence(seq));
+        }
+        let source = &self
+            .seqs
+            .get(&from)
+            .ok_or(EngineError::UnknownSequence(from))?
+            .window;
+        let (spec, from_slot, held) = (source.spec(), source.slot(), source.logical_slots());
+        let slot = self.pool.alloc(spec);
+        let window = match source.forked(slot) {
+            Ok(w) => w,
+            Err(e) => {
+                self.pool.release(spec, slot);
+                return Err(e);
+            }
+        };
+        self.pool.copy_positions(spec, from_slot, slot, &held);
+        self.seqs.insert(
+            seq,
+            SeqState {
+                window,
+                rng: StdRng::seed_from_u64(seed),
+            },
+        );
+        Ok(())
+    }
+
+    fn reseed(&mut self, seq: SeqId, seed: u64) -> Result<()> {
+        self.seqs
+            .get_mut(&seq)
+            .ok_or(EngineError::UnknownSequence(seq))?
+            .rng = StdRng::seed_from_u64(seed);
+        Ok(())
+    }
+
     fn close(&mut self, seq: SeqId) -> Result<()> {
         let state = self
             .seqs

@@ -204,27 +204,100 @@ impl<B: KernelBackend> KvPool<B> {
             }
             // The gather and scatter's index tensors, built when a backend first cannot write
             // in place.
-            let mut indices: Option<(Tensor<B, 1, Int>, Tensor<B, 2, Int>)> = None;
+            let mut indices = None;
             for (layer, (k, v)) in step.iter().enumerate() {
                 for (store, rows) in [(&mut chunk.k[layer], k), (&mut chunk.v[layer], v)] {
                     let n = rows.dims()[0];
                     let rows = rows.clone().reshape([n * h, d]);
-                    let t = store
-                        .take()
-                        .expect("a pool tensor is present between writes");
-                    *store = Some(match B::write_pool_rows(t, &rows, &src, &dst) {
-                        Ok(t) => t,
-                        Err(t) => {
-                            let (s, i) = indices
-                                .get_or_insert_with(|| index_tensors(&src, &dst, &self.device));
-                            let values = rows.select(0, s.clone());
-                            t.scatter_nd(i.clone(), values, IndexingUpdateOp::Assign)
-                        }
-                    });
+                    write_rows(store, &rows, &src, &dst, &mut indices, &self.device);
                 }
             }
         }
     }
+
+    /// Copies the keys and values at `positions` of the window at slot `from` to the same
+    /// positions of the window at slot `to`, both of shape `spec`, in every layer: the window of
+    /// a forked session. Each layer's rows are gathered first, so `from` and `to` may share a
+    /// chunk.
+    pub fn copy_positions(
+        &mut self,
+        spec: WindowSpec,
+        from: usize,
+        to: usize,
+        positions: &[usize],
+    ) {
+        if positions.is_empty() {
+            return;
+        }
+        let (h, d, c) = (self.kv_heads, self.head_dim, spec.capacity());
+        let (chunk, local) = self.locate(spec, to);
+        // Head-major rows of the source window, `[kv_heads · capacity, head_dim]`, and where each
+        // goes in the target's chunk.
+        let gather: Vec<i64> = (0..h)
+            .flat_map(|hh| positions.iter().map(move |&p| (hh * c + p) as i64))
+            .collect();
+        let dst: Vec<[usize; 3]> = (0..h)
+            .flat_map(|hh| positions.iter().map(move |&p| [local, hh, p]))
+            .collect();
+        let n = gather.len();
+        let gather = Tensor::<B, 1, Int>::from_data(TensorData::new(gather, [n]), &self.device);
+        let src: Vec<usize> = (0..n).collect();
+        let mut indices = None;
+        for layer in 0..self.layers {
+            let (k, v) = self.window(spec, from, layer);
+            let rows = [k, v].map(|t| t.reshape([h * c, d]).select(0, gather.clone()));
+            let target = &mut self
+                .pools
+                .get_mut(&spec)
+                .expect("the windows' pool exists")
+                .chunks[chunk];
+            let [k_rows, v_rows] = rows;
+            write_rows(
+                &mut target.k[layer],
+                &k_rows,
+                &src,
+                &dst,
+                &mut indices,
+                &self.device,
+            );
+            write_rows(
+                &mut target.v[layer],
+                &v_rows,
+                &src,
+                &dst,
+                &mut indices,
+                &self.device,
+            );
+        }
+    }
+}
+
+/// The gather's and the scatter's index tensors of a write that a backend cannot do in place.
+type RowIndices<B> = (Tensor<B, 1, Int>, Tensor<B, 2, Int>);
+
+/// Writes row `src[i]` of `rows` (`[n, head_dim]`) to (slot in the chunk, head, position)
+/// `dst[i]` of the chunk tensor in `store`: in place where the backend can
+/// ([`KernelBackend::write_pool_rows`]), else with one gather and one scatter, whose index
+/// tensors `indices` keeps for the next call with the same `src` and `dst`.
+fn write_rows<B: KernelBackend>(
+    store: &mut Option<Tensor<B, 4>>,
+    rows: &Tensor<B, 2>,
+    src: &[usize],
+    dst: &[[usize; 3]],
+    indices: &mut Option<RowIndices<B>>,
+    device: &B::Device,
+) {
+    let t = store
+        .take()
+        .expect("a pool tensor is present between writes");
+    *store = Some(match B::write_pool_rows(t, rows, src, dst) {
+        Ok(t) => t,
+        Err(t) => {
+            let (s, i) = indices.get_or_insert_with(|| index_tensors(src, dst, device));
+            let values = rows.clone().select(0, s.clone());
+            t.scatter_nd(i.clone(), values, IndexingUpdateOp::Assign)
+        }
+    });
 }
 
 /// `src` and `dst` as the gather's and the scatter's index tensors.

@@ -69,6 +69,12 @@ where
         self.tracks.remove(&seq);
     }
 
+    fn reseed(&mut self, seq: SeqId, seed: u64) {
+        if let Some(t) = self.tracks.get_mut(&seq) {
+            t.rng = StdRng::seed_from_u64(seed ^ 0x5eed_d4af);
+        }
+    }
+
     fn observe(&mut self, seq: SeqId, tokens: &[u32]) -> Result<()> {
         self.tracks
             .get_mut(&seq)

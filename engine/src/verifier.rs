@@ -52,6 +52,11 @@ pub trait Verifier: Send {
     fn open(&mut self, seq: SeqId, spec: WindowSpec, seed: u64) -> Result<()>;
     /// Closes a sequence and frees its window.
     fn close(&mut self, seq: SeqId) -> Result<()>;
+    /// Opens `seq` as a copy of `from` (its window and what it has seen), sampling with `seed`
+    /// from here on. `from` must have no step in progress.
+    fn fork(&mut self, from: SeqId, seq: SeqId, seed: u64) -> Result<()>;
+    /// Restarts the sampling of `seq` from `seed` (a turn's own seed).
+    fn reseed(&mut self, seq: SeqId, seed: u64) -> Result<()>;
     /// One batched step over many sequences (each at most once).
     fn verify(&mut self, works: &[VerifyWork]) -> Result<Vec<VerifyOutcome>>;
     /// Bytes one sequence's window takes with this model.
@@ -76,6 +81,12 @@ impl<V: Verifier + ?Sized> Verifier for Box<V> {
     }
     fn close(&mut self, seq: SeqId) -> Result<()> {
         (**self).close(seq)
+    }
+    fn fork(&mut self, from: SeqId, seq: SeqId, seed: u64) -> Result<()> {
+        (**self).fork(from, seq, seed)
+    }
+    fn reseed(&mut self, seq: SeqId, seed: u64) -> Result<()> {
+        (**self).reseed(seq, seed)
     }
     fn verify(&mut self, works: &[VerifyWork]) -> Result<Vec<VerifyOutcome>> {
         (**self).verify(works)

@@ -54,6 +54,22 @@ impl<B: Backend> KvWindow<B> {
         }
     }
 
+    /// The same window at `slot` of its pool: a fork's, once [`KvPool::copy_positions`] has copied
+    /// the held tokens there. A window with tokens in its scratch (a step in progress) is not
+    /// forked.
+    pub fn forked(&self, slot: usize) -> Result<Self> {
+        if self.scratch_len > 0 {
+            return Err(EngineError::InvalidStep(format!(
+                "a window with {} uncommitted tokens cannot be forked: fork it between steps",
+                self.scratch_len
+            )));
+        }
+        Ok(Self {
+            slot,
+            ..self.clone()
+        })
+    }
+
     /// The window's shape.
     pub fn spec(&self) -> WindowSpec {
         self.spec

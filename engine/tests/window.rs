@@ -290,3 +290,52 @@ fn rejected_drafts_leave_no_trace() {
     );
     assert_eq!(a.window(1).unwrap().len(), SINK + WINDOW);
 }
+
+#[test]
+fn a_forked_window_is_an_exact_copy_that_then_keeps_to_itself() {
+    let ck = Checkpoint::write(&qwen3_config(), 33, Format::F32);
+    let mut engine = Engine::new(ck.load());
+    let stream = random_tokens(9, 30, 256);
+    // The source has evicted from its window (30 tokens through 2 + 8 slots) and shares a chunk
+    // of its pool with another window, which the copy must leave alone.
+    engine.open(1, spec(), 0).unwrap();
+    engine.open(2, spec(), 0).unwrap();
+    step_all(&mut engine, 1, &stream[..26]);
+    step_all(&mut engine, 2, &stream[4..20]);
+    engine.fork(1, 3, 5).unwrap();
+    let (w1, w3) = (engine.window(1).unwrap(), engine.window(3).unwrap());
+    assert_ne!(w1.slot(), w3.slot());
+    assert_eq!((w3.seen(), w3.len()), (w1.seen(), w1.len()));
+    // The same next tokens give the same logits, bit for bit, in the source and the fork.
+    let next = &stream[26..28];
+    let from_source = step_all(&mut engine, 1, next);
+    let from_fork = step_all(&mut engine, 3, next);
+    assert_eq!(
+        from_fork, from_source,
+        "the fork's window differs from its source's"
+    );
+    // Each then goes its own way: the fork's new tokens do not reach the source or its neighbour.
+    step_all(&mut engine, 3, &[7, 8, 9]);
+    let mut alone = Engine::new(ck.load());
+    alone.open(1, spec(), 0).unwrap();
+    alone.open(2, spec(), 0).unwrap();
+    step_all(&mut alone, 1, &stream[..26]);
+    step_all(&mut alone, 1, next);
+    step_all(&mut alone, 2, &stream[4..20]);
+    let tail = &stream[28..30];
+    assert_eq!(
+        step_all(&mut engine, 1, tail),
+        step_all(&mut alone, 1, tail)
+    );
+    assert_eq!(
+        step_all(&mut engine, 2, tail),
+        step_all(&mut alone, 2, tail)
+    );
+    // The check can fail: a fresh window fed the same next tokens gives other logits.
+    engine.open(4, spec(), 0).unwrap();
+    let fresh = step_all(&mut engine, 4, next);
+    assert!(max_abs_diff(&fresh[1], &from_source[1]) > 10.0 * TOL);
+    // A fork of an unknown sequence, or onto an open one, is refused.
+    assert!(engine.fork(99, 5, 0).is_err());
+    assert!(engine.fork(1, 2, 0).is_err());
+}

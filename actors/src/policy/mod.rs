@@ -141,6 +141,31 @@ impl SchedulerState {
         self.seqs.entry(seq).or_insert_with(SeqEntry::new);
     }
 
+    /// Opens `seq` as a copy of `from`: its history, as much of it in the verifier's window as
+    /// `from` has (the verifier copies the window), and its acceptance estimate. `from` must be
+    /// open with no turn and nothing in a step.
+    pub fn fork(&mut self, from: SeqId, seq: SeqId) -> Result<(), RuntimeError> {
+        if self.seqs.contains_key(&seq) {
+            return Err(RuntimeError::InvalidConfig(format!(
+                "sequence {seq} is open already"
+            )));
+        }
+        let src = self
+            .seqs
+            .get(&from)
+            .ok_or(RuntimeError::UnknownSession(from))?;
+        if src.turn.is_some() || src.in_step {
+            return Err(RuntimeError::TurnInProgress(from));
+        }
+        let mut e = SeqEntry::new();
+        e.history = src.history.clone();
+        e.committed = src.committed;
+        e.alpha = src.alpha;
+        e.acceptance = src.acceptance.clone();
+        self.seqs.insert(seq, e);
+        Ok(())
+    }
+
     /// Forgets a sequence; a step in flight for it is ignored when it returns.
     pub fn close(&mut self, seq: SeqId) -> bool {
         self.turns.remove(&seq);
