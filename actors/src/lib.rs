@@ -35,7 +35,7 @@ pub use events::{quantile, Event, SessionInfo, TurnStats, TurnStream};
 pub use faults::{ActorKind, FaultAction, FaultPlan, FaultRule};
 pub use health::Health;
 pub use manager::BudgetInfo;
-pub use policy::{SchedulerStats, MAX_ORDERS_IN_FLIGHT};
+pub use policy::{Histogram, SchedulerStats, MAX_ORDERS_IN_FLIGHT};
 pub use runtime::{
     DrafterFactory, Runtime, RuntimeBuilder, SessionHandle, VerifierFactory, WarmUpReport,
 };

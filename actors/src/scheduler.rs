@@ -97,6 +97,8 @@ struct SeqInfo {
     spec: WindowSpec,
     seed: u64,
     session: DerivedActorRef<TurnUpdate>,
+    /// Evictions a fork's count starts from: its source's, which its own window never held.
+    evicted_before: u64,
 }
 
 /// The scheduler's state: the policy plus the actor wiring.
@@ -120,6 +122,8 @@ pub struct SchedulerActorState {
     /// When the latest fresh and pipelined order of each sequence went out.
     orders_sent: HashMap<(SeqId, bool), Instant>,
     submitted_at: HashMap<SeqId, Instant>,
+    /// Tokens evicted from the windows of closed sequences.
+    evicted_closed: u64,
     /// The verifier's vocabulary: a draft naming a token past it is cut there, not sent.
     vocab_size: usize,
     /// Where a verifier lost for good is reported.
@@ -184,6 +188,7 @@ impl Actor for SchedulerActor {
             wait_timer: None,
             orders_sent: HashMap::new(),
             submitted_at: HashMap::new(),
+            evicted_closed: 0,
             vocab_size,
             health: args.health,
             step_deadline: None,
@@ -216,6 +221,7 @@ impl Actor for SchedulerActor {
                         spec,
                         seed,
                         session,
+                        evicted_before: 0,
                     },
                 );
             }
@@ -244,12 +250,14 @@ impl Actor for SchedulerActor {
                                 let _ = p.cast(ProposerMsg::Observe { seq, tokens });
                             }
                         }
+                        let evicted_before = st.evicted(seq, spec);
                         st.seqs.insert(
                             seq,
                             SeqInfo {
                                 spec,
                                 seed,
                                 session,
+                                evicted_before,
                             },
                         );
                         let _ = reply.send(Ok(()));
@@ -315,8 +323,10 @@ impl Actor for SchedulerActor {
                 st.pump(&myself);
             }
             SchedulerMsg::Seq(SeqRequest::Close { seq }) => {
+                if let Some(info) = st.seqs.remove(&seq) {
+                    st.evicted_closed += st.evicted(seq, info.spec) - info.evicted_before;
+                }
                 st.policy.close(seq);
-                st.seqs.remove(&seq);
                 st.submitted_at.remove(&seq);
                 st.orders_sent.retain(|k, _| k.0 != seq);
                 if let Some(v) = &st.verifier {
@@ -370,7 +380,16 @@ impl Actor for SchedulerActor {
                 }
             }
             SchedulerMsg::Stats(reply) => {
-                let _ = reply.send(st.policy.stats.clone());
+                let mut stats = st.policy.stats.clone();
+                stats.window_evictions = st.evicted_closed
+                    + st.seqs
+                        .iter()
+                        .map(|(&seq, info)| {
+                            st.evicted(seq, info.spec)
+                                .saturating_sub(info.evicted_before)
+                        })
+                        .sum::<u64>();
+                let _ = reply.send(stats);
             }
         }
         Ok(())
@@ -450,11 +469,13 @@ impl SchedulerActorState {
         };
         for w in &step.works {
             if let Some(t) = self.submitted_at.remove(&w.seq) {
+                let wait = t.elapsed().as_secs_f64();
+                self.policy.stats.queue_wait.observe(wait);
                 tracing::info!(
                     target: "troupe::probe",
                     stage = "queue_wait",
                     seq = w.seq,
-                    ms = t.elapsed().as_secs_f64() * 1e3
+                    ms = wait * 1e3
                 );
             }
         }
@@ -547,6 +568,14 @@ impl SchedulerActorState {
         drop(_enter);
         self.send_orders(orders);
         self.pump(myself);
+    }
+
+    /// Tokens evicted from the window of `seq` (of shape `spec`) so far: those committed past
+    /// its capacity.
+    fn evicted(&self, seq: SeqId, spec: WindowSpec) -> u64 {
+        self.policy
+            .seq(seq)
+            .map_or(0, |e| e.committed.saturating_sub(spec.capacity()) as u64)
     }
 
     async fn restart_verifier(

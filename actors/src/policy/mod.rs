@@ -30,7 +30,7 @@ mod waits;
 pub use orders::MAX_ORDERS_IN_FLIGHT;
 pub use plan::PlannedStep;
 pub use seq::SeqEntry;
-pub use stats::SchedulerStats;
+pub use stats::{Histogram, SchedulerStats};
 
 /// A sequence's place in a step.
 #[derive(Debug, Clone)]

@@ -50,6 +50,7 @@ impl SchedulerState {
         self.stats.forward_time += elapsed;
         self.stats.max_step_seqs = self.stats.max_step_seqs.max(chosen.len());
         self.stats.total_step_seqs += chosen.len() as u64;
+        self.stats.step_seqs.observe(chosen.len() as f64);
         self.stats.tokens += step_tokens as u64;
         let mut emissions = Vec::new();
         for (o, c) in outcomes.iter().zip(chosen) {
@@ -67,6 +68,7 @@ impl SchedulerState {
                 e.alpha = e.acceptance.alpha();
             }
             self.stats.drafted += drafted as u64;
+            self.stats.drafts += u64::from(drafted > 0);
             self.stats.accepted += accepted as u64;
             self.stats.emitted += o.tokens.len() as u64;
             let mut finished = false;
