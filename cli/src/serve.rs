@@ -1,14 +1,17 @@
-//! `troupe serve`: the runtime behind an OpenAI-compatible HTTP front, with sessions.
+//! `troupe serve`: the runtime behind an OpenAI-compatible HTTP front, with sessions, and with
+//! `--grpc-port` the gRPC `troupe.v1.RuntimeService` beside it.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use troupe::engine::{
     load_model_drafter, load_verifier, DeviceKind, ModelConfig, ModelSource, NgramDrafter,
 };
 use troupe::{RuntimeBuilder, Tokenizer, WindowSpec};
+use troupe_server::chat::ChatTemplate;
 use troupe_server::{AppState, ServerConfig};
 
 /// Arguments of `troupe serve`.
@@ -26,6 +29,9 @@ pub struct ServeArgs {
     /// Port to listen on (0: any free port, printed when ready).
     #[arg(long, default_value_t = 8080)]
     port: u16,
+    /// Also serve gRPC (`troupe.v1.RuntimeService`) on this port of `--host` (0: any free port).
+    #[arg(long)]
+    grpc_port: Option<u16>,
     /// The node's KV budget in bytes.
     #[arg(long, default_value_t = 8 << 30)]
     kv_budget: u64,
@@ -102,6 +108,13 @@ async fn serve(a: ServeArgs) -> Result<()> {
     let listener = TcpListener::bind((a.host.as_str(), a.port))
         .with_context(|| format!("binding {}:{}", a.host, a.port))?;
     let addr = listener.local_addr()?;
+    let grpc_listener = match a.grpc_port {
+        Some(port) => Some(
+            TcpListener::bind((a.host.as_str(), port))
+                .with_context(|| format!("binding {}:{port} for gRPC", a.host))?,
+        ),
+        None => None,
+    };
     let state = AppState::new(
         runtime.clone(),
         ServerConfig {
@@ -109,14 +122,51 @@ async fn serve(a: ServeArgs) -> Result<()> {
             api_key: a.api_key,
             max_queued_turns: a.max_queued_turns,
             eos_tokens: config.eos_token_id.into_iter().collect(),
+            chat_template: ChatTemplate::from_model_dir(&dir)?.map(Arc::new),
             ..ServerConfig::default()
         },
     );
-    let server = troupe_server::server(state, listener)?;
-    eprintln!("troupe serve: {name} on http://{addr} (OpenAI-compatible: /v1/chat/completions)");
-    // The server stops on SIGINT or SIGTERM, once the requests in flight are answered.
-    server.await?;
+    let server = troupe_server::server(state.clone(), listener)?;
+    let http = server.handle();
+    let mut ready =
+        format!("troupe serve: {name} on http://{addr} (OpenAI-compatible: /v1/chat/completions)");
+    // gRPC stops when HTTP does: `stop` is sent once the HTTP server has stopped.
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let grpc = match grpc_listener {
+        Some(l) => {
+            ready += &format!(", gRPC on {} (troupe.v1.RuntimeService)", l.local_addr()?);
+            let signal = async {
+                let _ = stopped.await;
+            };
+            Some(tokio::spawn(troupe_server::grpc_server(state, l, signal)?))
+        }
+        None => None,
+    };
+    eprintln!("{ready}");
+    // The HTTP server stops on SIGINT or SIGTERM, once the requests in flight are answered; a
+    // gRPC server that fails stops it too.
+    let mut http_done = tokio::spawn(server);
+    match grpc {
+        None => http_done.await??,
+        Some(mut grpc) => {
+            tokio::select! {
+                done = &mut http_done => done??,
+                failed = &mut grpc => {
+                    http.stop(true).await;
+                    failed??;
+                    anyhow::bail!("the gRPC server stopped on its own");
+                }
+            }
+            let _ = stop.send(());
+            if tokio::time::timeout(GRPC_DRAIN, grpc).await.is_err() {
+                eprintln!("troupe serve: gRPC calls still open after {GRPC_DRAIN:?}; stopping");
+            }
+        }
+    }
     runtime.shutdown().await?;
     eprintln!("troupe serve: stopped");
     Ok(())
 }
+
+/// How long gRPC calls in flight may run on once the server is stopping (actix-web's own limit).
+const GRPC_DRAIN: Duration = Duration::from_secs(30);

@@ -12,9 +12,17 @@
 //! Errors come in OpenAI's shape, with the status each deserves ([`ApiError`]). A client that goes
 //! away mid-stream cancels its turn: the response stream owns the turn's stream, and dropping it
 //! cancels the turn in the runtime.
+//!
+//! The same runtime is served over gRPC too ([`grpc`], started by [`grpc_server`]):
+//! `troupe.v1.RuntimeService` with `CreateSession`, `Generate` (the turn's tokens streamed, then
+//! its stats), `GetSessionInfo`, `CloseSession` and `ForkSession`, under the same key, limits and
+//! counters. Its errors carry gRPC's codes, and a cancelled `Generate` cancels its turn.
 
+pub mod chat;
 pub mod client;
 pub mod error;
+pub mod grpc;
+pub mod metrics;
 pub mod openai;
 pub mod routes;
 pub mod state;
@@ -26,6 +34,7 @@ use std::net::TcpListener;
 use actix_web::{web, App, HttpServer};
 
 pub use error::ApiError;
+pub use grpc::{grpc_server, RuntimeServiceClient};
 pub use state::{AppState, ServerConfig};
 
 /// Bodies larger than this are refused (a prompt of about a million characters).

@@ -1,17 +1,16 @@
 //! The endpoints: OpenAI's chat and completions, models, health and metrics, and sessions.
 
-use std::fmt::Write as _;
-use std::sync::atomic::Ordering;
-
 use actix_web::http::StatusCode;
 use actix_web::web::{self, Bytes};
 use actix_web::{HttpRequest, HttpResponse};
 use serde_json::json;
 use troupe::{Health, Persona, SessionConfig, WindowSpec};
 
+use crate::chat::render_chat;
 use crate::error::ApiError;
 use crate::openai::{
-    parse, parse_request, ChatRequest, CompletionRequest, Message, PromptInput, SessionRequest,
+    parse, parse_request, ChatRequest, CompletionRequest, Content, Message, PromptInput,
+    SessionRequest,
 };
 use crate::state::AppState;
 use crate::turn::{parse_session_id, Kind, Prepared};
@@ -19,13 +18,14 @@ use crate::turn::{parse_session_id, Kind, Prepared};
 /// Registers every endpoint.
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/health", web::get().to(health))
-        .route("/metrics", web::get().to(metrics))
+        .route("/metrics", web::get().to(crate::metrics::metrics))
         .route("/v1/models", web::get().to(models))
         .route("/v1/chat/completions", web::post().to(chat))
         .route("/v1/completions", web::post().to(completions))
         .route("/v1/sessions", web::post().to(create_session))
         .route("/v1/sessions/{id}", web::get().to(get_session))
-        .route("/v1/sessions/{id}", web::delete().to(delete_session));
+        .route("/v1/sessions/{id}", web::delete().to(delete_session))
+        .route("/v1/sessions/{id}/fork", web::post().to(fork_session));
 }
 
 /// Refuses a request without the server's key, when it has one.
@@ -50,29 +50,6 @@ fn session_header(req: &HttpRequest) -> Option<String> {
         .get("x-session-id")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
-}
-
-/// A chat as the text the model continues: each message on its own lines after its role, then
-/// the assistant's turn. (A session continues from what it holds, so a request naming a session
-/// sends only its new messages.)
-pub fn render_chat(messages: &[Message]) -> Result<String, ApiError> {
-    let mut out = String::new();
-    for m in messages {
-        let role = match m.role.as_str() {
-            "system" | "developer" => "System",
-            "user" => "User",
-            "assistant" => "Assistant",
-            other => {
-                return Err(ApiError::bad_request(
-                    format!("unknown message role `{other}`"),
-                    Some("messages"),
-                ))
-            }
-        };
-        let _ = writeln!(out, "{role}: {}", m.content.text()?);
-    }
-    out.push_str("Assistant:");
-    Ok(out)
 }
 
 async fn respond(prepared: Prepared, stream: bool) -> Result<HttpResponse, ApiError> {
@@ -101,7 +78,11 @@ async fn chat(
     }
     let prompt = state
         .tokenizer()?
-        .encode(&render_chat(&r.messages)?)
+        .encode(&render_chat(
+            state.config.chat_template.as_deref(),
+            &r.messages,
+            true,
+        )?)
         .map_err(|e| {
             ApiError::bad_request(
                 format!("the messages do not tokenize: {e}"),
@@ -171,108 +152,6 @@ async fn health(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::build(status).json(h)
 }
 
-/// A metric family: name, type, help, and its samples (extra labels, value).
-type Family = (
-    &'static str,
-    &'static str,
-    &'static str,
-    Vec<(&'static str, f64)>,
-);
-
-async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let c = &state.counters;
-    let budget = state.runtime.budget().await?;
-    let stats = state.runtime.stats().await?;
-    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
-    let kv_perc = budget.used_bytes as f64 / budget.budget_bytes.max(1) as f64;
-    let families: [Family; 11] = [
-        (
-            "num_requests_running",
-            "gauge",
-            "Turns running or waiting.",
-            vec![("", c.running.load(Ordering::Relaxed) as f64)],
-        ),
-        (
-            "prompt_tokens_total",
-            "counter",
-            "Prompt tokens sent to the runtime.",
-            vec![("", load(&c.prompt_tokens))],
-        ),
-        (
-            "generation_tokens_total",
-            "counter",
-            "Tokens generated.",
-            vec![("", load(&c.generation_tokens))],
-        ),
-        (
-            "request_success_total",
-            "counter",
-            "Requests finished, by reason.",
-            vec![
-                (",finished_reason=\"stop\"", load(&c.finished_stop)),
-                (",finished_reason=\"length\"", load(&c.finished_length)),
-                (",finished_reason=\"abort\"", load(&c.finished_abort)),
-            ],
-        ),
-        (
-            "kv_cache_usage_perc",
-            "gauge",
-            "KV bytes reserved over the budget.",
-            vec![("", kv_perc)],
-        ),
-        (
-            "sessions_open",
-            "gauge",
-            "Sessions open.",
-            vec![("", budget.sessions as f64)],
-        ),
-        (
-            "kv_bytes_reserved",
-            "gauge",
-            "KV bytes reserved by open sessions.",
-            vec![("", budget.used_bytes as f64)],
-        ),
-        (
-            "kv_budget_bytes",
-            "gauge",
-            "The KV budget.",
-            vec![("", budget.budget_bytes as f64)],
-        ),
-        (
-            "verifier_restarts_total",
-            "counter",
-            "Verifier restarts.",
-            vec![("", stats.verifier_restarts as f64)],
-        ),
-        (
-            "spec_decode_num_draft_tokens_total",
-            "counter",
-            "Drafted tokens verified.",
-            vec![("", stats.drafted as f64)],
-        ),
-        (
-            "spec_decode_num_accepted_tokens_total",
-            "counter",
-            "Drafted tokens accepted.",
-            vec![("", stats.accepted as f64)],
-        ),
-    ];
-    let m = &state.config.model_name;
-    let mut out = String::new();
-    for (name, kind, help, samples) in families {
-        let _ = writeln!(
-            out,
-            "# HELP troupe:{name} {help}\n# TYPE troupe:{name} {kind}"
-        );
-        for (labels, v) in samples {
-            let _ = writeln!(out, "troupe:{name}{{model_name=\"{m}\"{labels}}} {v}");
-        }
-    }
-    Ok(HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4")
-        .body(out))
-}
-
 async fn create_session(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -305,12 +184,14 @@ async fn create_session(
     // A session that cannot take it is closed again, not left holding its bytes.
     if let Some(system) = r.system_prompt.filter(|s| !s.is_empty()) {
         let added = async {
-            let tokens = state
-                .tokenizer()?
-                .encode(&format!("System: {system}\n"))
-                .map_err(|e| {
-                    ApiError::bad_request(format!("the system prompt does not tokenize: {e}"), None)
-                })?;
+            let message = Message {
+                role: "system".into(),
+                content: Content::Text(system),
+            };
+            let text = render_chat(state.config.chat_template.as_deref(), &[message], false)?;
+            let tokens = state.tokenizer()?.encode(&text).map_err(|e| {
+                ApiError::bad_request(format!("the system prompt does not tokenize: {e}"), None)
+            })?;
             let prefill = session.generate(tokens, troupe::GenerateParams::greedy(0))?;
             prefill.collect().await?;
             Ok::<_, ApiError>(())
@@ -351,4 +232,24 @@ async fn delete_session(
         HttpResponse::Ok()
             .json(json!({"id": id.to_string(), "object": "session", "deleted": true})),
     )
+}
+
+/// `POST /v1/sessions/{id}/fork`: a new session whose context is a copy of this one's, once the
+/// turns asked of it before are done; it is admitted as any new session is (a 429 past the cap or
+/// the budget).
+async fn fork_session(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&state, &req)?;
+    let source = state.runtime.session(parse_session_id(&id, None)?).await?;
+    let fork = source.fork().await?;
+    let w = fork.window();
+    Ok(HttpResponse::Ok().json(json!({
+        "id": fork.id().to_string(),
+        "object": "session",
+        "forked_from": source.id().to_string(),
+        "window": {"sink": w.sink, "window": w.window},
+    })))
 }

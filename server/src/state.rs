@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use troupe::{Runtime, Tokenizer};
 
+use crate::chat::ChatTemplate;
 use crate::error::ApiError;
+use crate::metrics::RequestHistograms;
 
 /// How the server is set up.
 #[derive(Debug, Clone)]
@@ -21,6 +23,9 @@ pub struct ServerConfig {
     pub default_max_tokens: usize,
     /// The model's end-of-text tokens: a reply stops at them unless the request says `ignore_eos`.
     pub eos_tokens: Vec<u32>,
+    /// The model's chat template (from its `tokenizer_config.json`); `None` renders chats as
+    /// `Role: text` lines.
+    pub chat_template: Option<Arc<ChatTemplate>>,
 }
 
 impl Default for ServerConfig {
@@ -31,6 +36,7 @@ impl Default for ServerConfig {
             max_queued_turns: 1024,
             default_max_tokens: 256,
             eos_tokens: Vec::new(),
+            chat_template: None,
         }
     }
 }
@@ -40,6 +46,10 @@ impl Default for ServerConfig {
 pub struct Counters {
     /// Turns running or waiting.
     pub running: AtomicUsize,
+    /// Of which waiting for their first token.
+    pub waiting: AtomicUsize,
+    /// Latencies of the requests served.
+    pub histograms: RequestHistograms,
     /// Prompt tokens sent to the runtime.
     pub prompt_tokens: AtomicU64,
     /// Tokens generated.
@@ -50,6 +60,21 @@ pub struct Counters {
     pub finished_length: AtomicU64,
     /// Requests cancelled by their client or failed mid-way.
     pub finished_abort: AtomicU64,
+}
+
+impl Counters {
+    /// Counts a finished request: its `tokens` generated, and its reason (`stop`, `length`, or
+    /// anything else for an abort).
+    pub fn finish(&self, reason: &str, tokens: usize) {
+        self.generation_tokens
+            .fetch_add(tokens as u64, Ordering::Relaxed);
+        match reason {
+            "stop" => &self.finished_stop,
+            "length" => &self.finished_length,
+            _ => &self.finished_abort,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// The shared state of the handlers.

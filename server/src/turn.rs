@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 use troupe::{Event, GenerateParams, RuntimeError, SessionConfig, SessionHandle, TurnStream};
 
 use crate::error::ApiError;
+use crate::metrics::Timings;
 use crate::openai::Sampling;
 use crate::state::{AppState, Seat};
 use crate::stops::StopScanner;
@@ -61,6 +62,8 @@ pub struct Prepared {
     state: AppState,
     /// Held while the turn runs: its place among `max_queued_turns`.
     _seat: Seat,
+    /// Its clock, for the latency metrics.
+    timings: Timings,
     ephemeral: Option<Ephemeral>,
 }
 
@@ -135,11 +138,10 @@ impl Prepared {
                 (s, None, held)
             }
             None => {
-                let mut config = SessionConfig::default();
-                if let Some(seed) = sampling.seed {
-                    config = config.with_seed(seed);
-                }
-                let s = state.runtime.spawn_session(config).await?;
+                let s = state
+                    .runtime
+                    .spawn_session(SessionConfig::default())
+                    .await?;
                 (s.clone(), Some(Ephemeral(s)), 0)
             }
         };
@@ -148,9 +150,12 @@ impl Prepared {
         } else {
             state.config.eos_tokens.clone()
         };
-        let params = GenerateParams::greedy(max_tokens)
+        let mut params = GenerateParams::greedy(max_tokens)
             .with_sampling(temperature, top_p)
             .with_stop_tokens(stop_tokens);
+        if let Some(seed) = sampling.seed {
+            params = params.with_seed(seed);
+        }
         let created = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -179,6 +184,7 @@ impl Prepared {
                 .is_some_and(|o| o.include_usage),
             state: state.clone(),
             _seat: seat,
+            timings: Timings::start(state.counters.clone()),
             ephemeral,
         })
     }
@@ -195,7 +201,7 @@ impl Prepared {
     }
 
     /// Runs the turn to its end and answers with the whole reply.
-    pub async fn whole(self) -> Result<Value, ApiError> {
+    pub async fn whole(mut self) -> Result<Value, ApiError> {
         let mut turn = self.start()?;
         let mut scan = StopScanner::new(self.stops.clone());
         let (mut text, mut tokens) = (String::new(), 0usize);
@@ -208,6 +214,7 @@ impl Prepared {
             match ev {
                 Event::Tokens { ids, text: delta } => {
                     tokens += ids.len();
+                    self.timings.tokens(ids.len());
                     text.push_str(&scan.push(delta.as_deref().unwrap_or_default()));
                     if scan.stopped() {
                         break; // dropping the stream below cancels the rest of the turn
@@ -222,6 +229,7 @@ impl Prepared {
             }
         }
         drop(turn);
+        self.timings.finish();
         text.push_str(&scan.finish());
         let reason = self.finish_reason(&scan, tokens);
         self.count_finish(reason, tokens);
@@ -287,15 +295,7 @@ impl Prepared {
     }
 
     fn count_finish(&self, reason: &str, tokens: usize) {
-        let c = &self.state.counters;
-        c.generation_tokens
-            .fetch_add(tokens as u64, Ordering::Relaxed);
-        match reason {
-            "stop" => &c.finished_stop,
-            "length" => &c.finished_length,
-            _ => &c.finished_abort,
-        }
-        .fetch_add(1, Ordering::Relaxed);
+        self.state.counters.finish(reason, tokens);
     }
 
     fn usage(&self, tokens: usize) -> Value {
@@ -368,6 +368,7 @@ impl Sse {
             match ev {
                 Some(Event::Tokens { ids, text }) => {
                     self.tokens += ids.len();
+                    self.reply.timings.tokens(ids.len());
                     let out = self.scan.push(text.as_deref().unwrap_or_default());
                     if self.scan.stopped() {
                         self.turn = None; // cancels the rest of the turn
@@ -406,6 +407,7 @@ impl Sse {
 
     /// Queues the held-back text, the last chunk, usage when asked for, and `[DONE]`.
     fn finish(&mut self, rest: String) {
+        self.reply.timings.finish();
         let reason = self.reply.finish_reason(&self.scan, self.tokens);
         self.reply.count_finish(reason, self.tokens);
         let mut out = Vec::new();

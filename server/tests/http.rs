@@ -390,12 +390,13 @@ async fn clients_that_go_away_cancel_their_turns() {
         open_streams.push(o);
     }
     let metrics = call(s.addr, "GET", "/metrics", &[], "").await.body;
-    assert_eq!(metric(&metrics, "num_requests_running"), 32.0);
+    let in_flight = |m: &str| metric(m, "num_requests_running") + metric(m, "num_requests_waiting");
+    assert_eq!(in_flight(&metrics), 32.0);
     drop(open_streams);
     let mut running = 32.0;
     for _ in 0..3000 {
         let m = call(s.addr, "GET", "/metrics", &[], "").await.body;
-        running = metric(&m, "num_requests_running");
+        running = in_flight(&m);
         if running == 0.0 && metric(&m, "sessions_open") == 0.0 {
             break;
         }
@@ -407,5 +408,135 @@ async fn clients_that_go_away_cancel_their_turns() {
     );
     let stats = s.runtime.stats().await.unwrap();
     assert!(stats.emitted < 32 * 10_000, "the turns ran on: {stats:?}");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forked_session_continues_its_source_and_seeds_repeat_samples() {
+    let s = serve().await;
+    let a = json(&post(s.addr, "/v1/sessions", &json!({"name": "A"})).await)["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let turn = |session: &str, content: &str| {
+        let mut body = chat(content, 6);
+        body["session"] = json!(session);
+        body
+    };
+    post(s.addr, "/v1/chat/completions", &turn(&a, "first")).await;
+    let fork = |id: &str| {
+        let path = format!("/v1/sessions/{id}/fork");
+        async move { call(s.addr, "POST", &path, &[], "").await }
+    };
+    let f = fork(&a).await;
+    assert_eq!(f.status, 200, "{}", f.body);
+    let b = json(&f)["id"].as_str().unwrap().to_string();
+    assert_ne!(b, a);
+    assert_eq!(json(&f)["forked_from"], a);
+    let info = |id: String| {
+        let path = format!("/v1/sessions/{id}");
+        async move { call(s.addr, "GET", &path, &[], "").await.json() }
+    };
+    let (ia, ib) = (info(a.clone()).await, info(b.clone()).await);
+    assert_eq!(ib["tokens_seen"], ia["tokens_seen"]);
+    // Both continue the same context with the same message: the same reply.
+    let ra = post(s.addr, "/v1/chat/completions", &turn(&a, "second"))
+        .await
+        .json();
+    let rb = post(s.addr, "/v1/chat/completions", &turn(&b, "second"))
+        .await
+        .json();
+    assert_eq!(ra["choices"][0]["message"], rb["choices"][0]["message"]);
+    assert_eq!(
+        ra["usage"]["prompt_tokens_details"]["cached_tokens"],
+        rb["usage"]["prompt_tokens_details"]["cached_tokens"],
+        "the fork holds what its source held"
+    );
+    // A seed repeats a sampled reply on the same context; forks without one draw their own.
+    let sampled = |session: &str, seed: Option<u64>| {
+        let mut body = turn(session, "pick");
+        body["temperature"] = json!(1.0);
+        body["max_tokens"] = json!(24);
+        if let Some(seed) = seed {
+            body["seed"] = json!(seed);
+        }
+        body
+    };
+    let mut replies = Vec::new();
+    for seed in [Some(5), Some(5), Some(6), None, None] {
+        let id = json(&fork(&a).await)["id"].as_str().unwrap().to_string();
+        let r = post(s.addr, "/v1/chat/completions", &sampled(&id, seed))
+            .await
+            .json();
+        replies.push(r["choices"][0]["message"]["content"].clone());
+    }
+    assert_eq!(replies[0], replies[1], "the same seed, the same reply");
+    assert_ne!(replies[0], replies[2], "another seed, another reply");
+    assert_ne!(replies[3], replies[4], "forks sample on their own");
+    // An unknown session has no fork.
+    assert_eq!(fork("424242").await.status, 404);
+
+    // Every request so far is in the latency histograms, and the runtime's own figures are there.
+    let m = call(s.addr, "GET", "/metrics", &[], "").await.body;
+    let requests = 1 + 2 + 5;
+    for h in [
+        "time_to_first_token_seconds_count",
+        "e2e_request_latency_seconds_count",
+        "request_time_per_output_token_seconds_count",
+    ] {
+        assert_eq!(metric(&m, h), requests as f64, "{h}");
+    }
+    assert!(metric(&m, "inter_token_latency_seconds_count") >= (requests * 5) as f64 / 2.0);
+    assert!(metric(&m, "request_queue_time_seconds_count") >= requests as f64);
+    assert!(metric(&m, "step_sequences_count") > 0.0);
+    assert_eq!(metric(&m, "num_requests_waiting"), 0.0);
+    assert!(m.contains("troupe:step_sequences_bucket{model_name=\"troupe\",le=\"+Inf\"}"));
+    for name in ["spec_decode_num_drafts_total", "window_evictions_total"] {
+        assert!(metric(&m, name) >= 0.0);
+    }
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chats_are_rendered_with_the_models_chat_template() {
+    let config = serde_json::json!({
+        "eos_token": "<|im_end|>",
+        "chat_template": "{% for m in messages %}{{ '<|im_start|>' + m.role + '\n' + m.content.strip() + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
+    });
+    let template = troupe_server::chat::ChatTemplate::from_tokenizer_config(&config.to_string())
+        .unwrap()
+        .unwrap();
+    let server_config = ServerConfig {
+        chat_template: Some(std::sync::Arc::new(template)),
+        ..ServerConfig::default()
+    };
+    let s = serve_with(Duration::from_millis(1), server_config, |b| b).await;
+    let body = json!({
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": " hi "},
+        ],
+        "max_tokens": 3,
+    });
+    let r = post(s.addr, "/v1/chat/completions", &body).await.json();
+    // The byte-level tokenizer makes a token of each byte.
+    let rendered = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n";
+    assert_eq!(r["usage"]["prompt_tokens"], rendered.len());
+    // A session's system prompt is rendered by the template too, without an assistant turn.
+    let session = post(
+        s.addr,
+        "/v1/sessions",
+        &json!({"name": "A", "system_prompt": "Be brief."}),
+    )
+    .await
+    .json();
+    let id = session["id"].as_str().unwrap();
+    let info = call(s.addr, "GET", &format!("/v1/sessions/{id}"), &[], "")
+        .await
+        .json();
+    assert_eq!(
+        info["tokens_seen"],
+        "<|im_start|>system\nBe brief.<|im_end|>\n".len()
+    );
     s.stop().await;
 }
