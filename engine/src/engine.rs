@@ -6,6 +6,7 @@ use std::collections::{HashMap, HashSet};
 use burn::prelude::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use troupe_kernels::accept::verdicts_from_argmax;
 use troupe_kernels::{BlockVerdict, DraftBlock, KernelBackend, SampledBlock};
 
 use crate::accept::Acceptance;
@@ -38,6 +39,14 @@ pub struct StepResult<B: Backend> {
     pub captured: Vec<Vec<Tensor<B, 2>>>,
     /// Each layer's keys and values of the step's tokens (see [`Engine::resolve_step`]).
     pub kv: Vec<(Tensor<B, 3>, Tensor<B, 3>)>,
+}
+
+/// A step up to its head: the final-normed hidden rows that need logits, items in order.
+struct StepHidden<B: Backend> {
+    head: Option<Tensor<B, 2>>,
+    row_offsets: Vec<usize>,
+    captured: Vec<Vec<Tensor<B, 2>>>,
+    kv: Vec<(Tensor<B, 3>, Tensor<B, 3>)>,
 }
 
 /// The committed tokens of one window shape in a step: their rows in the step, and the (slot,
@@ -168,6 +177,17 @@ impl<B: KernelBackend> Engine<B> {
 
     /// One batched forward over `items`. Windows are taken out for the step and always put back.
     pub fn step(&mut self, items: &[StepItem]) -> Result<StepResult<B>> {
+        let s = self.step_hidden(items)?;
+        Ok(StepResult {
+            logits: s.head.map(|h| self.model.logits(h)),
+            row_offsets: s.row_offsets,
+            captured: s.captured,
+            kv: s.kv,
+        })
+    }
+
+    /// [`Engine::step`] up to the final-normed hidden rows the logits would be computed from.
+    fn step_hidden(&mut self, items: &[StepItem]) -> Result<StepHidden<B>> {
         self.check(items.iter().map(|i| (i.seq, i.tokens.as_slice())))?;
         for it in items {
             if it.logit_rows > it.tokens.len() {
@@ -194,7 +214,7 @@ impl<B: KernelBackend> Engine<B> {
         &mut self,
         items: &[StepItem],
         states: &mut [SeqState<B>],
-    ) -> Result<StepResult<B>> {
+    ) -> Result<StepHidden<B>> {
         let tokens: Vec<u32> = items
             .iter()
             .flat_map(|i| i.tokens.iter().copied())
@@ -227,13 +247,13 @@ impl<B: KernelBackend> Engine<B> {
             );
             offset = end;
         }
-        let logits = (!rows.is_empty()).then(|| {
+        let head = (!rows.is_empty()).then(|| {
             let n = rows.len();
             let idx = Tensor::from_data(TensorData::new(rows, [n]), &self.model.device);
-            self.model.logits(out.hidden.select(0, idx))
+            out.hidden.select(0, idx)
         });
-        Ok(StepResult {
-            logits,
+        Ok(StepHidden {
+            head,
             row_offsets,
             captured,
             kv: out.kv,
@@ -323,17 +343,22 @@ impl<B: KernelBackend> Engine<B> {
                 logit_rows: if w.sample { w.draft.len() + 1 } else { 0 },
             })
             .collect();
-        let step = self.step(&items)?;
-        // Acceptance runs on the device; two integers per sampled work come back.
+        let step = self.step_hidden(&items)?;
+        // Acceptance runs on the device; two integers per sampled work come back. A greedy
+        // step on a backend with a greedy head needs no logits at all: one token per row.
         let sampled = || works.iter().filter(|w| w.sample);
-        let verdicts: Vec<BlockVerdict> = match step.logits {
+        let verdicts: Vec<BlockVerdict> = match step.head {
             None => Vec::new(),
-            Some(l) if sampled().all(|w| w.params.is_greedy()) => {
+            Some(h) if sampled().all(|w| w.params.is_greedy()) => {
                 let blocks: Vec<DraftBlock<'_>> =
                     sampled().map(|w| DraftBlock { drafts: &w.draft }).collect();
-                B::greedy_accept(l, &blocks)
+                match self.model.head_argmax(h.clone()) {
+                    Some(tokens) => verdicts_from_argmax(&tokens, &blocks),
+                    None => B::greedy_accept(self.model.logits(h), &blocks),
+                }
             }
-            Some(l) => {
+            Some(h) => {
+                let l = self.model.logits(h);
                 let uniforms = self.draw_uniforms(works);
                 let blocks: Vec<SampledBlock<'_>> = sampled()
                     .zip(&uniforms)

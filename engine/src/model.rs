@@ -375,6 +375,16 @@ impl<B: KernelBackend> Model<B> {
         }
     }
 
+    /// Each final-normed hidden row's most likely token, the argmax of [`Model::logits`], from
+    /// the backend's greedy head, which writes no logits; `None` where the backend has none.
+    pub fn head_argmax(&self, hidden: Tensor<B, 2>) -> Option<Vec<u32>> {
+        match &self.lm_head {
+            None => B::head_argmax(hidden, &self.embed),
+            Some(LinearWeight::Float(w)) => B::head_argmax(hidden, w),
+            Some(LinearWeight::Int8(q)) => B::head_argmax_int8(hidden, q),
+        }
+    }
+
     /// Logits `[rows, vocab]` in f32 for final-normed hidden rows. A tied head reads the
     /// embedding by rows where it lies (`x · Eᵀ`), so no step copies or transposes it.
     pub fn logits(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {

@@ -415,3 +415,39 @@ fn random_tiny_preset_generates() {
     assert!(g.tokens.iter().all(|&t| t < 256));
     assert_eq!(g.stats.kv_bytes_per_session, v.kv_bytes(spec));
 }
+
+/// The greedy head (each row's argmax without the logits) picks what the full logits' argmax
+/// picks, for a tied and an untied head in every width the CPU keeps weights in, on the dot
+/// kernel's row counts and the packed one's.
+#[test]
+fn the_greedy_head_picks_the_logits_argmax() {
+    let cases = [
+        Checkpoint::write(&qwen3_config(), 31, Format::F32),
+        Checkpoint::write(&llama_config(), 32, Format::BF16),
+    ];
+    for ck in &cases {
+        for dtype in [WeightDtype::AsStored, WeightDtype::Bf16, WeightDtype::Int8] {
+            let model = load_as(ck, dtype);
+            let hidden = model.config.hidden_size;
+            for m in [1, 7, 40, 70] {
+                let data: Vec<f32> = random_tokens(m as u64, m * hidden, 2000)
+                    .into_iter()
+                    .map(|t| t as f32 / 500.0 - 2.0)
+                    .collect();
+                let h = burn::tensor::Tensor::<B, 2>::from_data(
+                    burn::tensor::TensorData::new(data, [m, hidden]),
+                    &model.device,
+                );
+                let fused = model
+                    .head_argmax(h.clone())
+                    .expect("the CPU has a greedy head");
+                let full = troupe_engine::engine::argmax_rows(model.logits(h)).unwrap();
+                assert_eq!(
+                    fused, full,
+                    "{} as {dtype:?}, {m} rows",
+                    ck.weights.config.torch_dtype
+                );
+            }
+        }
+    }
+}

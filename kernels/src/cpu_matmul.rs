@@ -93,7 +93,7 @@ fn silu(v: f32) -> f32 {
 
 /// `y = x · wᵀ`, or `y += x · wᵀ` when `accumulate`. A product taller than [`MAX_BLOCK_ROWS`]
 /// (a prefill chunk) runs in blocks of that many rows, reading `W` once per block.
-fn accumulate_product<M: Matrix>(
+pub(crate) fn accumulate_product<M: Matrix>(
     y: &mut [f32],
     x: &[f32],
     w: M,

@@ -9,6 +9,7 @@ use burn::tensor::{bf16, f16, DType, TensorPrimitive};
 
 use crate::accept::verdicts_from_argmax;
 use crate::cpu_attention::{pooled_attention, PooledInputs};
+use crate::cpu_head;
 use crate::cpu_matmul::{skinny_matmul, CpuEpilogue};
 use crate::cpu_norm;
 use crate::cpu_weight::{quantize_q8, Q8, Q8_BLOCK};
@@ -158,6 +159,33 @@ impl KernelBackend for Flex {
             cpu_norm::rms_norm(slice(&x), slice(&w), cols, eps as f32),
             [rows, cols],
         )
+    }
+
+    /// By blocks of the vocabulary, each row keeping its best token ([`cpu_head`]).
+    fn head_argmax(x: Tensor<Self, 2>, w: &Tensor<Self, 2>) -> Option<Vec<u32>> {
+        if !skinny_takes(&x, &[w]) {
+            return None;
+        }
+        let ([m, k], n) = (x.dims(), w.dims()[0]);
+        let (x, w) = (contiguous(x), contiguous(w.clone()));
+        Some(by_width!(&w, |w| cpu_head::head_argmax(
+            slice(&x),
+            w,
+            m,
+            k,
+            n
+        )))
+    }
+
+    fn head_argmax_int8(x: Tensor<Self, 2>, w: &Int8Weight<Self>) -> Option<Vec<u32>> {
+        let ([m, k], [n, kw]) = (x.dims(), w.dims());
+        if !enabled() || x.dtype() != DType::F32 || k != kw {
+            return None;
+        }
+        let x = contiguous(x);
+        let (values, scales) = int8_parts(w);
+        let q = int8_matrix(&values, &scales)?;
+        Some(cpu_head::head_argmax(slice(&x), q, m, k, n))
     }
 
     /// On the CPU the host is the device: the argmax rows are compared where they are.

@@ -20,6 +20,7 @@
 pub mod accept;
 pub mod cpu_attention;
 pub mod cpu_dot;
+pub mod cpu_head;
 pub mod cpu_matmul;
 pub mod cpu_norm;
 pub mod cpu_sampled;
@@ -124,6 +125,20 @@ pub trait KernelBackend: Backend {
     /// `drafts.len() + 1` rows back to back.
     fn greedy_accept(logits: Tensor<Self, 2>, blocks: &[DraftBlock<'_>]) -> Vec<BlockVerdict> {
         reference::greedy_accept(logits, blocks)
+    }
+
+    /// Each row's argmax of `x · Wᵀ` (`W` the head, `[vocab, hidden]` as an embedding lies)
+    /// without materialising the logits, for a step whose every row is greedy; `None` where the
+    /// backend has no such kernel, and the caller takes the full logits' argmax instead.
+    fn head_argmax(x: Tensor<Self, 2>, w: &Tensor<Self, 2>) -> Option<Vec<u32>> {
+        let _ = (x, w);
+        None
+    }
+
+    /// [`KernelBackend::head_argmax`] over an int8 head.
+    fn head_argmax_int8(x: Tensor<Self, 2>, w: &Int8Weight<Self>) -> Option<Vec<u32>> {
+        let _ = (x, w);
+        None
     }
 
     /// Rejection-sampling acceptance of every block of a verify step (see [`sampled`]): `logits`
