@@ -208,9 +208,17 @@ fn agent_capacity_counts_the_clients_admission_refuses() {
         assert_eq!(row["mode"], mode, "{row}");
         assert_eq!(row["sessions"], n, "{row}");
         assert_eq!(row["errors"], errors, "{row}");
+        assert_eq!(row["over"], "inproc");
+        let kinds = if errors > 0 {
+            json!({"refused": errors})
+        } else {
+            json!({})
+        };
+        assert_eq!(row["error_kinds"], kinds, "{row}");
         for key in [
             "create_ms_p50",
             "create_ms_p99",
+            "first_token_ms_p50",
             "generate_ms_p50",
             "generate_ms_p99",
         ] {

@@ -12,6 +12,8 @@ use troupe::engine::{DeviceKind, WeightDtype};
 
 pub mod batching;
 pub mod capacity;
+pub mod capacity_agents;
+pub mod capacity_over;
 pub mod decode;
 pub mod demo;
 pub mod error;
@@ -23,6 +25,7 @@ pub mod persona;
 pub mod plot;
 pub mod rtt;
 pub mod serve;
+pub mod server_process;
 pub mod soak;
 pub mod spec;
 pub mod step;
@@ -43,7 +46,8 @@ pub enum Case {
     /// runtime's own overhead per turn.
     PersonaStress,
     /// Up to 10,000 concurrent clients, each with its own session, light and heavy prompts, on the
-    /// demo verifier: errors, create and turn latency, memory.
+    /// demo verifier, in process or over HTTP or gRPC to a `troupe serve` child: errors, create
+    /// and turn latency, memory.
     AgentCapacity,
     /// One session with the demo models while each draft block pays an injected
     /// proposer↔verifier round trip, pipelined and serial: speedup and break-even.
@@ -123,6 +127,11 @@ pub struct Env {
     pub drafter: Option<PathBuf>,
     /// The soak's minutes and sessions, when not its defaults.
     pub soak: Option<(f64, usize)>,
+    /// agent-capacity's wire and ramps, when not its defaults.
+    pub capacity: capacity::CapacityFlags,
+    /// Appended to the output files' names (`<case>-<suffix>.json`), so that runs of a case
+    /// under different setups sit side by side.
+    pub suffix: Option<String>,
 }
 
 impl Env {
@@ -136,7 +145,15 @@ impl Env {
             weights: None,
             drafter: None,
             soak: None,
+            capacity: capacity::CapacityFlags::default(),
+            suffix: None,
         })
+    }
+
+    /// The same environment, naming its output files `<case>-<suffix>.<ext>`.
+    pub fn with_suffix(mut self, suffix: Option<String>) -> Self {
+        self.suffix = suffix;
+        self
     }
 
     /// The same environment, drafting with the model in `drafter` in the cases that speculate.
@@ -171,14 +188,18 @@ impl Env {
         self
     }
 
-    /// `DIR/<case>.<ext>`, creating `DIR` if needed.
+    /// `DIR/<case>.<ext>` (or `DIR/<case>-<suffix>.<ext>`), creating `DIR` if needed.
     pub fn out_file(&self, case: Case, ext: &str) -> Result<PathBuf> {
         std::fs::create_dir_all(&self.out).map_err(|source| BenchError::Io {
             what: "creating",
             path: self.out.clone(),
             source,
         })?;
-        Ok(self.out.join(format!("{}.{ext}", case.name())))
+        let stem = match &self.suffix {
+            Some(suffix) => format!("{}-{suffix}", case.name()),
+            None => case.name().to_owned(),
+        };
+        Ok(self.out.join(format!("{stem}.{ext}")))
     }
 }
 
@@ -197,7 +218,7 @@ pub fn run(case: Case, quick: bool, env: &Env) -> Result<Value> {
         Case::Batching => batching::run(&batching::BatchingPlan::new(quick), env),
         Case::PersonaStress => persona::run(&persona::PersonaPlan::new(quick), env),
         Case::AgentCapacity => {
-            let plan = capacity::CapacityPlan::new(quick)?;
+            let plan = capacity::CapacityPlan::new(quick)?.with_flags(&env.capacity);
             let models = env.demo_models()?;
             capacity::run(&capacity::CapacityPlan { models, ..plan }, env)
         }
@@ -261,8 +282,8 @@ pub fn commit() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-/// Adds the machine and the commit to a case's report, writes `DIR/<case>.json`, prints `table`
-/// to stdout and returns the report as written.
+/// Adds the machine and the commit to a case's report, writes `DIR/<case>.json` (with the
+/// environment's suffix), prints `table` to stdout and returns the report as written.
 pub fn finish(env: &Env, case: Case, mut report: Value, table: &str) -> Result<Value> {
     report["machine"] = json!({ "cores": cores(), "device": env.device_name });
     report["model_choice"] = json!(env.model.name());

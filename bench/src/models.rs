@@ -165,16 +165,23 @@ fn write_preset(_config: &ModelConfig, dir: &Path) -> Result<()> {
 
 /// Resident memory at its peak so far (Linux `/proc/self/status` `VmHWM`; 0 elsewhere).
 pub fn peak_rss_bytes() -> u64 {
-    status_kb("VmHWM:").map_or(0, |kb| kb * 1024)
+    process_memory("/proc/self/status").1
 }
 
 /// Resident memory now (Linux `/proc/self/status` `VmRSS`; 0 elsewhere).
 pub fn rss_bytes() -> u64 {
-    status_kb("VmRSS:").map_or(0, |kb| kb * 1024)
+    process_memory("/proc/self/status").0
 }
 
-fn status_kb(field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with(field))?;
-    line.split_whitespace().nth(1)?.parse().ok()
+/// A process's resident memory now and at its peak, in bytes, from its `/proc/PID/status`
+/// (`VmRSS`, `VmHWM`; 0 where it cannot be read).
+pub fn process_memory(status: &str) -> (u64, u64) {
+    let text = std::fs::read_to_string(status).unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
 }

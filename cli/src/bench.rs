@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use troupe::engine::WeightDtype;
+use troupe_bench::capacity::{CapacityFlags, Over};
 use troupe_bench::{Case, Env, ModelChoice};
 
 /// Arguments of `troupe bench`.
@@ -45,12 +46,29 @@ pub struct BenchArgs {
     /// soak: the session cap, with a twentieth more clients (default 1,000; 64 with --quick).
     #[arg(long)]
     sessions: Option<usize>,
+    /// agent-capacity: how the clients reach the runtime: inproc (tasks of this process), http or
+    /// grpc (a connection each to a `troupe serve` this starts on loopback; writes
+    /// agent-capacity-http.json or -grpc.json).
+    #[arg(long, value_parser = parse_over)]
+    over: Option<Over>,
+    /// agent-capacity: the light clients of each measurement, as `1,16,256` (instead of the
+    /// case's ramp).
+    #[arg(long, value_delimiter = ',')]
+    light: Option<Vec<usize>>,
+    /// agent-capacity: the heavy clients of each measurement, as `1,4,16`.
+    #[arg(long, value_delimiter = ',')]
+    heavy: Option<Vec<usize>>,
 }
 
 /// Parses `--weights`.
 pub fn parse_weights(s: &str) -> Result<WeightDtype, String> {
     s.parse()
         .map_err(|e: troupe::engine::EngineError| e.to_string())
+}
+
+fn parse_over(s: &str) -> Result<Over, String> {
+    s.parse()
+        .map_err(|e: troupe_bench::BenchError| e.to_string())
 }
 
 fn parse_case(s: &str) -> Result<Case, String> {
@@ -84,11 +102,22 @@ pub fn run(a: BenchArgs) -> Result<()> {
             ))
         }
     };
+    let capacity = CapacityFlags {
+        over: a.over.unwrap_or_default(),
+        light: a.light,
+        heavy: a.heavy,
+    };
+    if a.case != Case::AgentCapacity
+        && (a.over.is_some() || capacity.light.is_some() || capacity.heavy.is_some())
+    {
+        anyhow::bail!("--over, --light and --heavy apply to agent-capacity");
+    }
     let mut env = Env::new(a.out, &a.device)?
         .with_model(model)
         .with_weights(a.weights)
         .with_drafter(a.drafter);
     env.soak = soak;
+    env.capacity = capacity;
     troupe_bench::run(a.case, a.quick, &env)?;
     Ok(())
 }

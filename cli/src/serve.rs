@@ -1,7 +1,6 @@
 //! `troupe serve`: the runtime behind an OpenAI-compatible HTTP front, with sessions, and with
 //! `--grpc-port` the gRPC `troupe.v1.RuntimeService` beside it.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +11,7 @@ use troupe::engine::{
 };
 use troupe::{RuntimeBuilder, Tokenizer, WindowSpec};
 use troupe_server::chat::ChatTemplate;
+use troupe_server::sockets::listen;
 use troupe_server::{AppState, ServerConfig};
 
 /// Arguments of `troupe serve`.
@@ -74,6 +74,12 @@ fn window(s: &str) -> Result<WindowSpec> {
 }
 
 async fn serve(a: ServeArgs) -> Result<()> {
+    // A socket per client: thousands of clients need more files than a usual soft limit of 1,024.
+    if let Err(e) = troupe_server::sockets::raise_open_file_limit() {
+        eprintln!(
+            "troupe serve: could not raise the open-file limit ({e}); clients past it are refused"
+        );
+    }
     let dir = a.model.clone();
     let config = ModelConfig::from_file(&dir.join("config.json"))
         .with_context(|| format!("no model in {}", dir.display()))?;
@@ -105,12 +111,12 @@ async fn serve(a: ServeArgs) -> Result<()> {
         .ok()
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
         .unwrap_or_else(|| "troupe".into());
-    let listener = TcpListener::bind((a.host.as_str(), a.port))
+    let listener = listen((a.host.as_str(), a.port))
         .with_context(|| format!("binding {}:{}", a.host, a.port))?;
     let addr = listener.local_addr()?;
     let grpc_listener = match a.grpc_port {
         Some(port) => Some(
-            TcpListener::bind((a.host.as_str(), port))
+            listen((a.host.as_str(), port))
                 .with_context(|| format!("binding {}:{port} for gRPC", a.host))?,
         ),
         None => None,

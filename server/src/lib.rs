@@ -17,6 +17,9 @@
 //! `troupe.v1.RuntimeService` with `CreateSession`, `Generate` (the turn's tokens streamed, then
 //! its stats), `GetSessionInfo`, `CloseSession` and `ForkSession`, under the same key, limits and
 //! counters. Its errors carry gRPC's codes, and a cancelled `Generate` cancels its turn.
+//!
+//! [`sockets`] binds listeners with an accept queue for thousands of clients connecting at once,
+//! and raises the open-file limit a server of that many connections needs.
 
 pub mod chat;
 pub mod client;
@@ -25,6 +28,7 @@ pub mod grpc;
 pub mod metrics;
 pub mod openai;
 pub mod routes;
+pub mod sockets;
 pub mod state;
 pub mod stops;
 pub mod turn;
@@ -50,6 +54,9 @@ pub fn server(state: AppState, listener: TcpListener) -> std::io::Result<actix_w
             .app_data(web::PayloadConfig::new(MAX_BODY_BYTES))
             .configure(routes::configure)
     })
+    // Streamed tokens go out one small chunk at a time: with Nagle's algorithm each waited for
+    // the client's delayed ACK of the one before, about 40 ms.
+    .tcp_nodelay(true)
     .listen(listener)?
     .run())
 }

@@ -1,6 +1,6 @@
 """The official `openai` Python client against a running `troupe serve`: chat and completions,
-whole and streamed (with and without usage), a session continued by id, and errors surfacing as
-the client's own exception types.
+whole and streamed (with and without usage), a session continued by id and forked, and errors
+surfacing as the client's own exception types.
 
     python server/tests/openai_client.py http://127.0.0.1:PORT/v1
 """
@@ -50,7 +50,21 @@ for content in ["Hello.", "And then?"]:
     assert r.usage.completion_tokens == 6
 cached = r.usage.prompt_tokens_details.cached_tokens
 assert cached > 0, r.usage
+
+# A fork continues a copy of the session's context: the same next message, the same reply.
+fork = client.post(f"/sessions/{sid}/fork", body={}, cast_to=object)
+assert fork["id"] != sid and fork["forked_from"] == sid, fork
+replies = [
+    client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Go on."}], max_tokens=6,
+        temperature=0, extra_body={"session": s},
+    )
+    for s in [sid, fork["id"]]
+]
+assert replies[0].choices[0].message.content == replies[1].choices[0].message.content, replies
+assert replies[1].usage.prompt_tokens_details.cached_tokens == replies[0].usage.prompt_tokens_details.cached_tokens
 client.delete(f"/sessions/{sid}", cast_to=object)
+client.delete(f"/sessions/{fork['id']}", cast_to=object)
 
 try:
     client.chat.completions.create(model=model, messages=messages, n=2)
