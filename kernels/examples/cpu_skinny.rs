@@ -48,7 +48,7 @@ fn slices<W: troupe_kernels::cpu_weight::Weight>(weights: &[Vec<W>]) -> Vec<&[W]
 
 fn time<M: Matrix>(name: &str, weights: &[M], k: usize, n: usize) {
     let mut line = format!("{name:>4}");
-    for m in [1usize, 2, 4, 5, 8, 16, 32, 40, 64, 256] {
+    for m in [1usize, 2, 4, 5, 8, 16, 32, 40, 64, 96, 128, 256] {
         let x: Vec<f32> = (0..m * k)
             .map(|i| ((i * 31 % 97) as f32) / 97.0 - 0.5)
             .collect();

@@ -7,7 +7,9 @@
 //! - Up to [`DOT_ROWS`] rows ([`DOT_ROWS_F32`] for f32 weights), each output is the dot product of a row of `x` and a row of `W`
 //!   ([`crate::cpu_dot`]): `W` is read front to back in place, each load of it feeding every row
 //!   of `x` in a register tile.
-//! - Past that (prefill, long verify blocks), each core owns a range of columns. It walks `K` in
+//! - Past that, up to [`ROWS_F32`] rows, f32 weights are read in place by tiles that broadcast
+//!   `W` against `xᵀ` (`cpu_rows_f32`, where the CPU has AVX-512F).
+//! - Past that otherwise (prefill, long verify blocks), each core owns a range of columns. It walks `K` in
 //!   packed strips of [`KB`] and `N` in register tiles of [`MR`] rows × [`NR`] columns: each strip
 //!   is packed from [`NR`] rows of `W` at a time, transposed in registers eight by eight, and
 //!   serves every row of `x`. The partial sums of `y` stay in cache between strips, and `x` is
@@ -39,6 +41,13 @@ pub const DOT_ROWS: usize = 64;
 /// [`DOT_ROWS`] for f32 weights (`kernels/examples/cpu_skinny.rs` on a 2048 × 6144 weight: the
 /// dot products win up to 32 rows, the packed strips from 40).
 pub const DOT_ROWS_F32: usize = 32;
+
+/// Up to this many rows, f32 weights past [`DOT_ROWS_F32`] are read in place by
+/// `cpu_rows_f32` rather than packed (`kernels/examples/cpu_skinny.rs`, 2048 × 6144, ms
+/// per product, packed vs in place: 40 rows 7.6 vs 6.3, 64 rows 9.8 vs 8.0, 96 rows 13.0 vs 12.6,
+/// 128 rows 16.9 vs 17.8, 256 rows 29.0 vs 44.2: past 64 rows a group of `W` no longer serves
+/// enough rows from L1).
+pub const ROWS_F32: usize = 64;
 
 /// What happens to the product before it is stored.
 #[derive(Debug, Clone, Copy)]
@@ -125,6 +134,11 @@ pub(crate) fn accumulate_product<M: Matrix>(
     };
     if m <= dot_rows {
         return dot_product(y, x, w, (m, k, n), accumulate);
+    }
+    if M::KIND == WeightKind::F32 && m <= ROWS_F32 && crate::cpu_rows_f32::available() {
+        // SAFETY: only `&[f32]` is a matrix of f32 elements: `len` of them from `base`.
+        let w = unsafe { std::slice::from_raw_parts(w.base().cast::<f32>(), w.len()) };
+        return crate::cpu_rows_f32::product(y, x, w, (m, k, n), accumulate);
     }
     let job = Block {
         x,

@@ -23,6 +23,7 @@ pub mod cpu_dot;
 pub mod cpu_head;
 pub mod cpu_matmul;
 pub mod cpu_norm;
+mod cpu_rows_f32;
 pub mod cpu_sampled;
 pub mod cpu_weight;
 #[cfg(feature = "cube")]
