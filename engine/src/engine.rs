@@ -426,13 +426,7 @@ where
             });
         }
         let window = self.model.new_window(spec, self.pool.alloc(spec));
-        self.seqs.insert(
-            seq,
-            SeqState {
-                window,
-                rng: StdRng::seed_from_u64(seed),
-            },
-        );
+        self.insert(seq, window, seed);
         Ok(())
     }
 
@@ -455,13 +449,7 @@ where
             }
         };
         self.pool.copy_positions(spec, from_slot, slot, &held);
-        self.seqs.insert(
-            seq,
-            SeqState {
-                window,
-                rng: StdRng::seed_from_u64(seed),
-            },
-        );
+        self.insert(seq, window, seed);
         Ok(())
     }
 
@@ -517,6 +505,12 @@ where
 }
 
 impl<B: KernelBackend> Engine<B> {
+    /// Opens `seq` with `window`, sampling from `seed`.
+    fn insert(&mut self, seq: SeqId, window: KvWindow<B>, seed: u64) {
+        let rng = StdRng::seed_from_u64(seed);
+        self.seqs.insert(seq, SeqState { window, rng });
+    }
+
     /// The uniforms device-side acceptance consumes for each sampled work, from its sequence's
     /// generator: one per draft, then one for the token the block adds. Greedy works draw none.
     fn draw_uniforms(&mut self, works: &[VerifyWork]) -> Vec<(Vec<f32>, f32)> {

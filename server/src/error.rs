@@ -110,59 +110,85 @@ impl ResponseError for ApiError {
     }
 }
 
+/// What a runtime error is to a client, whatever the wire: the HTTP front and gRPC answer each
+/// class with their own status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The server is full: past the KV budget, the session cap or the turn queue.
+    Overloaded,
+    /// No such session (or it closed).
+    NotFound,
+    /// The request cannot be taken as it is; `param` names the field at fault, and `too_long`
+    /// says it asks for more context than the model or server allows.
+    BadInput {
+        /// The field at fault.
+        param: Option<&'static str>,
+        /// Past the context a model or server allows.
+        too_long: bool,
+    },
+    /// The runtime is stopping, has failed or did not answer.
+    Unavailable,
+    /// The turn was cancelled.
+    Cancelled,
+    /// Anything else.
+    Internal,
+}
+
+/// The class of `e`.
+pub fn classify(e: &RuntimeError) -> ErrorClass {
+    let bad = |param, too_long| ErrorClass::BadInput { param, too_long };
+    match e {
+        RuntimeError::AdmissionRefused { .. } => ErrorClass::Overloaded,
+        RuntimeError::UnknownSession(_) | RuntimeError::SessionClosed(_) => ErrorClass::NotFound,
+        RuntimeError::PromptTooLong { .. } => bad(Some("messages"), true),
+        RuntimeError::EmptyPrompt | RuntimeError::InvalidConfig(_) | RuntimeError::NoTokenizer => {
+            bad(None, false)
+        }
+        RuntimeError::Engine(inner) => match inner.as_ref() {
+            EngineError::WindowPastPositions { .. } => bad(Some("window"), true),
+            EngineError::InvalidWindow(_) => bad(Some("window"), false),
+            EngineError::TokenOutOfRange { .. } => bad(Some("prompt"), false),
+            _ => ErrorClass::Internal,
+        },
+        RuntimeError::ShuttingDown
+        | RuntimeError::ActorUnavailable(_)
+        | RuntimeError::Timeout(_)
+        | RuntimeError::RuntimeFailed(_)
+        | RuntimeError::NoVerifier
+        | RuntimeError::TooManyRestarts { .. }
+        | RuntimeError::RebuildFailed(_) => ErrorClass::Unavailable,
+        RuntimeError::Cancelled(_) => ErrorClass::Cancelled,
+        _ => ErrorClass::Internal,
+    }
+}
+
 impl From<RuntimeError> for ApiError {
     fn from(e: RuntimeError) -> Self {
         let message = e.to_string();
-        let status = |status, kind, code| ApiError {
+        let status = |status, code| ApiError {
             status,
             message: message.clone(),
-            kind,
+            kind: "server_error",
             code,
             param: None,
         };
-        match &e {
-            RuntimeError::AdmissionRefused { .. } => {
-                ApiError::overloaded(message.clone(), "admission_refused")
-            }
-            RuntimeError::UnknownSession(_) | RuntimeError::SessionClosed(_) => status(
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                Some("session_not_found"),
-            ),
-            RuntimeError::PromptTooLong { .. } => {
-                ApiError::bad_request(message.clone(), Some("messages"))
-                    .with_code("context_length_exceeded")
-            }
-            RuntimeError::EmptyPrompt | RuntimeError::InvalidConfig(_) => {
-                ApiError::bad_request(message.clone(), None)
-            }
-            RuntimeError::Engine(inner) => match inner.as_ref() {
-                EngineError::WindowPastPositions { .. } => {
-                    ApiError::bad_request(message.clone(), Some("window"))
-                        .with_code("context_length_exceeded")
-                }
-                EngineError::TokenOutOfRange { .. } => {
-                    ApiError::bad_request(message.clone(), Some("prompt"))
-                }
-                _ => status(StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
+        match classify(&e) {
+            ErrorClass::Overloaded => ApiError::overloaded(message.clone(), "admission_refused"),
+            ErrorClass::NotFound => ApiError {
+                kind: "invalid_request_error",
+                ..status(StatusCode::NOT_FOUND, Some("session_not_found"))
             },
-            RuntimeError::ShuttingDown
-            | RuntimeError::ActorUnavailable(_)
-            | RuntimeError::Timeout(_)
-            | RuntimeError::RuntimeFailed(_)
-            | RuntimeError::NoVerifier
-            | RuntimeError::TooManyRestarts { .. }
-            | RuntimeError::RebuildFailed(_) => status(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                Some("unavailable"),
-            ),
-            RuntimeError::Cancelled(_) => status(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                Some("cancelled"),
-            ),
-            _ => status(StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
+            ErrorClass::BadInput { param, too_long } => {
+                let r = ApiError::bad_request(message.clone(), param);
+                if too_long {
+                    r.with_code("context_length_exceeded")
+                } else {
+                    r
+                }
+            }
+            ErrorClass::Unavailable => status(StatusCode::SERVICE_UNAVAILABLE, Some("unavailable")),
+            ErrorClass::Cancelled => status(StatusCode::INTERNAL_SERVER_ERROR, Some("cancelled")),
+            ErrorClass::Internal => status(StatusCode::INTERNAL_SERVER_ERROR, None),
         }
     }
 }

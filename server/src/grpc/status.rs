@@ -3,42 +3,27 @@
 //! runtime cannot take `INVALID_ARGUMENT`, a runtime that is stopping or has failed `UNAVAILABLE`.
 
 use tonic::Status;
-use troupe::engine::EngineError;
 use troupe::RuntimeError;
+
+use crate::error::{classify, ErrorClass};
 
 /// The status a client receives for `e`, its message saying what went wrong.
 pub fn status(e: &RuntimeError) -> Status {
     let message = e.to_string();
-    match e {
-        RuntimeError::AdmissionRefused { .. } => Status::resource_exhausted(message),
-        RuntimeError::UnknownSession(_) | RuntimeError::SessionClosed(_) => {
-            Status::not_found(message)
-        }
-        RuntimeError::PromptTooLong { .. }
-        | RuntimeError::EmptyPrompt
-        | RuntimeError::InvalidConfig(_)
-        | RuntimeError::NoTokenizer => Status::invalid_argument(message),
-        RuntimeError::Engine(inner) => match inner.as_ref() {
-            EngineError::WindowPastPositions { .. }
-            | EngineError::InvalidWindow(_)
-            | EngineError::TokenOutOfRange { .. } => Status::invalid_argument(message),
-            _ => Status::internal(message),
-        },
-        RuntimeError::ShuttingDown
-        | RuntimeError::ActorUnavailable(_)
-        | RuntimeError::Timeout(_)
-        | RuntimeError::RuntimeFailed(_)
-        | RuntimeError::NoVerifier
-        | RuntimeError::TooManyRestarts { .. }
-        | RuntimeError::RebuildFailed(_) => Status::unavailable(message),
-        RuntimeError::Cancelled(_) => Status::cancelled(message),
-        _ => Status::internal(message),
+    match classify(e) {
+        ErrorClass::Overloaded => Status::resource_exhausted(message),
+        ErrorClass::NotFound => Status::not_found(message),
+        ErrorClass::BadInput { .. } => Status::invalid_argument(message),
+        ErrorClass::Unavailable => Status::unavailable(message),
+        ErrorClass::Cancelled => Status::cancelled(message),
+        ErrorClass::Internal => Status::internal(message),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use tonic::Code;
+    use troupe::engine::EngineError;
 
     use super::*;
 
