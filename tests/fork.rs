@@ -5,6 +5,7 @@ mod common;
 
 use std::path::Path;
 
+use troupe::actors::scripted::ScriptedModel;
 use troupe::{
     GenerateParams, Limit, Runtime, RuntimeBuilder, RuntimeError, SessionConfig, SessionHandle,
     WindowSpec,
@@ -181,5 +182,75 @@ async fn a_turn_seed_makes_a_sampled_reply_repeatable() {
         "the same seed on the same context gives the same reply"
     );
     assert_ne!(rd, rf, "another seed draws another reply");
+    rt.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fork_whose_caller_goes_away_is_closed_again() {
+    use std::time::Duration;
+    let rt = RuntimeBuilder::new(|| Ok(ScriptedModel::new(Duration::from_millis(5))))
+        .max_sessions(4)
+        .build()
+        .await
+        .unwrap();
+    let a = rt.spawn_session(SessionConfig::default()).await.unwrap();
+    // A long turn the fork must wait for; its caller gives up first.
+    let running = a
+        .generate(vec![1, 2, 3], GenerateParams::greedy(40))
+        .unwrap();
+    let gave_up = tokio::time::timeout(Duration::from_millis(30), a.fork()).await;
+    assert!(
+        gave_up.is_err(),
+        "the fork came before the turn it waits for ended"
+    );
+    running.collect().await.unwrap();
+    // The unclaimed fork is closed: its slot and bytes come back.
+    let mut open = usize::MAX;
+    for _ in 0..300 {
+        open = rt.budget().await.unwrap().sessions;
+        if open == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(open, 1, "a fork nobody holds kept its session");
+    rt.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evictions_are_counted_once_across_forks_closes_and_a_verifier_restart() {
+    use std::time::Duration;
+    use troupe::{ActorKind, FaultPlan};
+    // Each turn's tokens overflow the 4 + 8 window; the verifier panics at its 20th step and is
+    // rebuilt, replaying every window from nothing.
+    let rt = RuntimeBuilder::new(|| Ok(ScriptedModel::new(Duration::ZERO)))
+        .default_window(WindowSpec::new(4, 8).unwrap())
+        .faults(FaultPlan::default().panic_after(ActorKind::Verifier, "step", 20))
+        .build()
+        .await
+        .unwrap();
+    let a = rt.spawn_session(SessionConfig::default()).await.unwrap();
+    turn(&a, &[1, 2, 3, 4], 16).await;
+    let before = rt.stats().await.unwrap().window_evictions;
+    // 19 in the window (the last token emitted is fed with the next step), 12 slots.
+    assert_eq!(before, 19 - 12);
+    let b = a.fork().await.unwrap();
+    assert_eq!(
+        rt.stats().await.unwrap().window_evictions,
+        before,
+        "a fork has evicted nothing of its own"
+    );
+    // Past the restart: the fork, idle, holds nothing in the rebuilt verifier yet.
+    turn(&a, &[5], 16).await;
+    assert!(rt.stats().await.unwrap().verifier_restarts >= 1);
+    let after = rt.stats().await.unwrap().window_evictions;
+    assert!(after >= before + 16, "{after} after {before}");
+    b.close().await.unwrap();
+    let closed = rt.stats().await.unwrap().window_evictions;
+    assert!(
+        closed >= after,
+        "the count went down: {closed} after {after}"
+    );
+    assert_eq!(rt.health(), troupe::Health::Serving);
     rt.shutdown().await.unwrap();
 }

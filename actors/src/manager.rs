@@ -278,10 +278,10 @@ impl Actor for ManagerActor {
                     Some(source) => {
                         let mut config = source.config.clone();
                         config.window = Some(source.window);
-                        let explicit = config.seed;
                         // Each fork samples on its own: an explicit seed is mixed with the
-                        // fork's id, and none derives one from the id as for any session.
-                        config.seed = None;
+                        // fork's id (and kept in its configuration, for its own forks), and none
+                        // derives one from the id as for any session.
+                        let explicit = config.seed;
                         st.spawn(&myself, config, true).await.map(|s| {
                             let seed = SessionConfig::default().seed_for(s.id);
                             (s, explicit.map_or(seed, |e| e ^ seed))

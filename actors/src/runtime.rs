@@ -414,6 +414,22 @@ impl Runtime {
     }
 }
 
+/// A fork not yet handed to its caller: closed when dropped.
+struct Unclaimed(Option<SessionHandle>);
+
+impl Drop for Unclaimed {
+    fn drop(&mut self) {
+        let Some(fork) = self.0.take() else {
+            return;
+        };
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = fork.close().await;
+            });
+        }
+    }
+}
+
 /// How long `shutdown` lets active turns finish.
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(600);
 /// How long `shutdown` waits for each group of actors to stop.
@@ -485,19 +501,25 @@ impl SessionHandle {
             reply,
         })
         .await??;
-        let fork = SessionHandle {
+        // Closed again unless handed back: on an error, and when the caller goes away while the
+        // copy waits (a client that disconnects), so no fork is left holding its bytes unseen.
+        let mut pending = Unclaimed(Some(SessionHandle {
             id: spawned.id,
             window: spawned.window,
             actor: spawned.actor,
             manager: self.manager.clone(),
+        }));
+        let (into, actor) = match &pending.0 {
+            Some(f) => (f.id, f.actor.clone()),
+            None => unreachable!("just made"),
         };
         // No deadline: the copy waits for this session's earlier turns, however long they run.
         let copied = match self
             .actor
             .call(
                 |reply| SessionMsg::Fork {
-                    into: fork.id,
-                    actor: fork.actor.clone(),
+                    into,
+                    actor: actor.clone(),
                     seed,
                     reply,
                 },
@@ -508,13 +530,12 @@ impl SessionHandle {
             Ok(CallResult::Success(r)) => r,
             _ => Err(RuntimeError::SessionClosed(from)),
         };
-        match copied {
-            Ok(()) => Ok(fork),
-            Err(e) => {
-                let _ = fork.close().await;
-                Err(e)
-            }
-        }
+        let tokens_seen = copied?;
+        // The scheduler holds the copy: the fork's turns may start.
+        actor
+            .cast(SessionMsg::Adopt { tokens_seen })
+            .map_err(|_| RuntimeError::SessionClosed(into))?;
+        Ok(pending.0.take().expect("held until here"))
     }
 
     /// The session's counters and window.

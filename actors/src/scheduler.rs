@@ -99,6 +99,9 @@ struct SeqInfo {
     session: DerivedActorRef<TurnUpdate>,
     /// Evictions a fork's count starts from: its source's, which its own window never held.
     evicted_before: u64,
+    /// Tokens evicted from its window as counted so far (a verifier restart replays a window
+    /// from nothing, so the count never goes down).
+    evicted: u64,
 }
 
 /// The scheduler's state: the policy plus the actor wiring.
@@ -222,6 +225,7 @@ impl Actor for SchedulerActor {
                         seed,
                         session,
                         evicted_before: 0,
+                        evicted: 0,
                     },
                 );
             }
@@ -258,6 +262,7 @@ impl Actor for SchedulerActor {
                                 seed,
                                 session,
                                 evicted_before,
+                                evicted: 0,
                             },
                         );
                         let _ = reply.send(Ok(()));
@@ -323,9 +328,8 @@ impl Actor for SchedulerActor {
                 st.pump(&myself);
             }
             SchedulerMsg::Seq(SeqRequest::Close { seq }) => {
-                if let Some(info) = st.seqs.remove(&seq) {
-                    st.evicted_closed += st.evicted(seq, info.spec) - info.evicted_before;
-                }
+                st.evicted_closed += st.count_evictions(seq);
+                st.seqs.remove(&seq);
                 st.policy.close(seq);
                 st.submitted_at.remove(&seq);
                 st.orders_sent.retain(|k, _| k.0 != seq);
@@ -381,13 +385,11 @@ impl Actor for SchedulerActor {
             }
             SchedulerMsg::Stats(reply) => {
                 let mut stats = st.policy.stats.clone();
+                let open: Vec<SeqId> = st.seqs.keys().copied().collect();
                 stats.window_evictions = st.evicted_closed
-                    + st.seqs
-                        .iter()
-                        .map(|(&seq, info)| {
-                            st.evicted(seq, info.spec)
-                                .saturating_sub(info.evicted_before)
-                        })
+                    + open
+                        .into_iter()
+                        .map(|seq| st.count_evictions(seq))
                         .sum::<u64>();
                 let _ = reply.send(stats);
             }
@@ -568,6 +570,18 @@ impl SchedulerActorState {
         drop(_enter);
         self.send_orders(orders);
         self.pump(myself);
+    }
+
+    /// Tokens evicted from the window of `seq` since it opened (a fork's since it was made), its
+    /// count brought up to date.
+    fn count_evictions(&mut self, seq: SeqId) -> u64 {
+        let Some(spec) = self.seqs.get(&seq).map(|i| i.spec) else {
+            return 0;
+        };
+        let now = self.evicted(seq, spec);
+        let info = self.seqs.get_mut(&seq).expect("looked up above");
+        info.evicted = info.evicted.max(now.saturating_sub(info.evicted_before));
+        info.evicted
     }
 
     /// Tokens evicted from the window of `seq` (of shape `spec`) so far: those committed past

@@ -46,10 +46,11 @@ pub enum SessionMsg {
         actor: ActorRef<SessionMsg>,
         /// Its sampling seed.
         seed: u64,
-        /// Done, or why not.
-        reply: RpcReplyPort<Result<(), RuntimeError>>,
+        /// The tokens the source had seen, once the scheduler holds the copy; or why not.
+        reply: RpcReplyPort<Result<u64, RuntimeError>>,
     },
-    /// This session is a fork of one that had seen `tokens_seen` tokens.
+    /// This session is a fork of one that had seen `tokens_seen` tokens, and the scheduler holds
+    /// its copy: its turns may start.
     Adopt {
         /// Tokens the source had seen.
         tokens_seen: u64,
@@ -109,7 +110,7 @@ enum Pending {
         into: SessionId,
         actor: ActorRef<SessionMsg>,
         seed: u64,
-        reply: RpcReplyPort<Result<(), RuntimeError>>,
+        reply: RpcReplyPort<Result<u64, RuntimeError>>,
     },
 }
 
@@ -148,6 +149,8 @@ pub struct SessionState {
     drains: Vec<RpcReplyPort<()>>,
     turns: u64,
     tokens_seen: u64,
+    /// False for a fork until its copy is made: its turns wait until then.
+    adopted: bool,
     drafted: u64,
     accepted: u64,
     latencies: VecDeque<f64>,
@@ -174,6 +177,7 @@ impl Actor for SessionActor {
                 session: myself.get_derived(),
             })?;
         }
+        let adopted = !args.forked;
         Ok(SessionState {
             args,
             queue: VecDeque::new(),
@@ -181,6 +185,7 @@ impl Actor for SessionActor {
             failed: None,
             drains: Vec::new(),
             turns: 0,
+            adopted,
             tokens_seen: 0,
             drafted: 0,
             accepted: 0,
@@ -253,7 +258,11 @@ impl Actor for SessionActor {
                 });
                 st.start_next();
             }
-            SessionMsg::Adopt { tokens_seen } => st.tokens_seen = tokens_seen,
+            SessionMsg::Adopt { tokens_seen } => {
+                st.tokens_seen = tokens_seen;
+                st.adopted = true;
+                st.start_next();
+            }
             SessionMsg::Update(TurnUpdate::Emitted(e)) => st.emitted(e),
             SessionMsg::Update(TurnUpdate::Failed(why)) => st.end_active(Err(why)),
             SessionMsg::Update(TurnUpdate::Cancelled) => {
@@ -311,31 +320,43 @@ impl SessionState {
         }
     }
 
-    /// Copies this session into `into`: the new session learns what this one has seen, and the
-    /// scheduler opens its sequence as a copy of this one's (in order with this session's turns,
-    /// so it copies the context as it stands now) and answers `reply`.
+    /// Copies this session into `into`: the scheduler opens its sequence as a copy of this
+    /// one's, in order with this session's turns (so it copies the context as it stands now), and
+    /// `reply` gets the tokens this session has seen once the scheduler holds the copy.
     fn fork(
         &self,
         into: SessionId,
         actor: ActorRef<SessionMsg>,
         seed: u64,
-        reply: RpcReplyPort<Result<(), RuntimeError>>,
+        reply: RpcReplyPort<Result<u64, RuntimeError>>,
     ) {
-        let _ = actor.cast(SessionMsg::Adopt {
-            tokens_seen: self.tokens_seen,
-        });
-        // A reply port that is dropped unanswered (the scheduler is gone) fails the fork.
-        let _ = self.args.scheduler.send_message(SeqRequest::Fork {
+        let (tx, rx) = ractor::concurrency::oneshot();
+        let sent = self.args.scheduler.send_message(SeqRequest::Fork {
             from: self.args.id,
             seq: into,
             seed,
             session: actor.get_derived(),
-            reply,
+            reply: tx.into(),
+        });
+        if sent.is_err() {
+            let _ = reply.send(Err(RuntimeError::ActorUnavailable("scheduler".into())));
+            return;
+        }
+        let seen = self.tokens_seen;
+        // This session goes on with its next turns meanwhile: they reach the scheduler after
+        // the fork.
+        tokio::spawn(async move {
+            let done = match rx.await {
+                Ok(r) => r.map(|()| seen),
+                Err(_) => Err(RuntimeError::ActorUnavailable("scheduler".into())),
+            };
+            let _ = reply.send(done);
         });
     }
 
     fn start_next(&mut self) {
-        while self.active.is_none() {
+        // A fork's turns wait for its copy.
+        while self.active.is_none() && self.adopted {
             let (turn, prompt, params, sink) = match self.queue.pop_front() {
                 None => {
                     self.answer_drains();

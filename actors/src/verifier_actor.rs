@@ -66,6 +66,7 @@ impl Actor for VerifierActor {
             faults,
         } = args;
         let me = myself.clone();
+        let fork_failed = myself.clone();
         let worker = Worker::spawn(
             "troupe-verifier",
             model,
@@ -80,7 +81,10 @@ impl Actor for VerifierActor {
                 }
                 Job::Fork(from, seq, seed) => {
                     if let Err(e) = model.fork(from, seq, seed) {
-                        tracing::warn!(from, seq, error = %e, "verifier could not fork a sequence");
+                        // The scheduler counts the fork's window as copied: a failed copy fails
+                        // the verifier, whose restart replays every window from its history.
+                        let why = format!("could not fork sequence {seq} from {from}: {e}");
+                        let _ = fork_failed.cast(VerifierMsg::ThreadFailed(why));
                     }
                 }
                 Job::Reseed(seq, seed) => {

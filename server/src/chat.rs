@@ -138,11 +138,13 @@ impl ChatTemplate {
     }
 
     /// `messages` as the model's text; with `add_generation_prompt`, followed by what opens the
-    /// assistant's reply.
+    /// assistant's reply. `continuing` renders the new messages of a session that holds the
+    /// conversation before them: without the BOS token, which begins a conversation once.
     pub fn render(
         &self,
         messages: &[(&str, String)],
         add_generation_prompt: bool,
+        continuing: bool,
     ) -> Result<String, ChatTemplateError> {
         let messages: Vec<TemplateMessage> = messages
             .iter()
@@ -159,7 +161,7 @@ impl ChatTemplate {
             .render(context! {
                 messages => minijinja::Value::from(Serde(messages)),
                 add_generation_prompt => add_generation_prompt,
-                bos_token => self.bos.as_str(),
+                bos_token => if continuing { "" } else { self.bos.as_str() },
                 eos_token => self.eos.as_str(),
             })
             .map_err(|e| ChatTemplateError::Render(e.to_string()))
@@ -182,11 +184,12 @@ fn role(raw: &str) -> Result<&'static str, ApiError> {
 
 /// A chat as the text the model continues: the model's template when it has one, else each
 /// message on its own lines after its role, then the assistant's turn. (A session continues from
-/// what it holds, so a request naming a session sends only its new messages.)
+/// what it holds, so a request naming a session sends only its new messages: `continuing`.)
 pub fn render_chat(
     template: Option<&ChatTemplate>,
     messages: &[Message],
     add_generation_prompt: bool,
+    continuing: bool,
 ) -> Result<String, ApiError> {
     let messages = messages
         .iter()
@@ -194,7 +197,7 @@ pub fn render_chat(
         .collect::<Result<Vec<_>, ApiError>>()?;
     if let Some(t) = template {
         return t
-            .render(&messages, add_generation_prompt)
+            .render(&messages, add_generation_prompt, continuing)
             .map_err(|e| ApiError::bad_request(e.to_string(), Some("messages")));
     }
     let mut out = String::new();
@@ -305,11 +308,14 @@ mod tests {
             ("user", "  Hi there \n".to_string()),
         ];
         assert_eq!(
-            t.render(&messages, true).unwrap(),
+            t.render(&messages, true, false).unwrap(),
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n\
              <|im_start|>assistant\n"
         );
-        assert!(!t.render(&messages, false).unwrap().contains("assistant"));
+        assert!(!t
+            .render(&messages, false, false)
+            .unwrap()
+            .contains("assistant"));
     }
 
     #[test]
@@ -326,8 +332,13 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(
-            t.render(&[("user", "hi".into())], true).unwrap(),
+            t.render(&[("user", "hi".into())], true, false).unwrap(),
             "<s>USER:hi</s>"
+        );
+        assert_eq!(
+            t.render(&[("user", "hi".into())], true, true).unwrap(),
+            "USER:hi</s>",
+            "a session's later turns begin no new conversation"
         );
         assert!(ChatTemplate::from_tokenizer_config("{}").unwrap().is_none());
         assert!(matches!(
@@ -344,7 +355,7 @@ mod tests {
             String::new(),
         )
         .unwrap();
-        match raising.render(&[("user", "x".into())], true) {
+        match raising.render(&[("user", "x".into())], true, false) {
             Err(ChatTemplateError::Render(why)) => assert!(why.contains("only user")),
             other => panic!("{other:?}"),
         }

@@ -76,12 +76,16 @@ async fn chat(
             Some("messages"),
         ));
     }
+    let header = session_header(&req);
+    // A request naming a session sends only its new messages.
+    let continuing = sampling.session.is_some() || header.is_some();
     let prompt = state
         .tokenizer()?
         .encode(&render_chat(
             state.config.chat_template.as_deref(),
             &r.messages,
             true,
+            continuing,
         )?)
         .map_err(|e| {
             ApiError::bad_request(
@@ -89,7 +93,6 @@ async fn chat(
                 Some("messages"),
             )
         })?;
-    let header = session_header(&req);
     let prepared = Prepared::new(&state, Kind::Chat, &sampling, prompt, header.as_deref()).await?;
     respond(prepared, sampling.stream).await
 }
@@ -188,7 +191,12 @@ async fn create_session(
                 role: "system".into(),
                 content: Content::Text(system),
             };
-            let text = render_chat(state.config.chat_template.as_deref(), &[message], false)?;
+            let text = render_chat(
+                state.config.chat_template.as_deref(),
+                &[message],
+                false,
+                false,
+            )?;
             let tokens = state.tokenizer()?.encode(&text).map_err(|e| {
                 ApiError::bad_request(format!("the system prompt does not tokenize: {e}"), None)
             })?;

@@ -335,6 +335,15 @@ impl Prepared {
     }
 }
 
+impl Drop for Sse {
+    fn drop(&mut self) {
+        if !self.ended {
+            // The client went away mid-stream: the turn is cancelled as its stream drops.
+            self.reply.count_finish("abort", self.tokens);
+        }
+    }
+}
+
 /// `data: {json}\n\n`.
 fn event(v: &Value) -> Bytes {
     Bytes::from(format!("data: {v}\n\n"))
