@@ -503,16 +503,13 @@ impl SessionHandle {
         .await??;
         // Closed again unless handed back: on an error, and when the caller goes away while the
         // copy waits (a client that disconnects), so no fork is left holding its bytes unseen.
+        let (into, actor) = (spawned.id, spawned.actor.clone());
         let mut pending = Unclaimed(Some(SessionHandle {
             id: spawned.id,
             window: spawned.window,
             actor: spawned.actor,
             manager: self.manager.clone(),
         }));
-        let (into, actor) = match &pending.0 {
-            Some(f) => (f.id, f.actor.clone()),
-            None => unreachable!("just made"),
-        };
         // No deadline: the copy waits for this session's earlier turns, however long they run.
         let copied = match self
             .actor

@@ -104,6 +104,22 @@ struct SeqInfo {
     evicted: u64,
 }
 
+/// Opens `seq` at the proposer and tells it the history the scheduler holds for it (none for a
+/// new session; a fork's or, after the proposer's restart, every sequence's).
+fn open_in_proposer(
+    p: &ActorRef<ProposerMsg>,
+    policy: &SchedulerState,
+    seq: SeqId,
+    spec: WindowSpec,
+    seed: u64,
+) {
+    let _ = p.cast(ProposerMsg::Open { seq, spec, seed });
+    let history = policy.seq(seq).map(|e| e.history.clone());
+    if let Some(tokens) = history.filter(|h| !h.is_empty()) {
+        let _ = p.cast(ProposerMsg::Observe { seq, tokens });
+    }
+}
+
 /// The scheduler's state: the policy plus the actor wiring.
 pub struct SchedulerActorState {
     policy: SchedulerState,
@@ -215,19 +231,7 @@ impl Actor for SchedulerActor {
                 if let Some(v) = &st.verifier {
                     v.open(seq, spec, seed);
                 }
-                if let Some(p) = &st.proposer {
-                    let _ = p.cast(ProposerMsg::Open { seq, spec, seed });
-                }
-                st.seqs.insert(
-                    seq,
-                    SeqInfo {
-                        spec,
-                        seed,
-                        session,
-                        evicted_before: 0,
-                        evicted: 0,
-                    },
-                );
+                st.register(seq, spec, seed, session);
             }
             SchedulerMsg::Seq(SeqRequest::Fork {
                 from,
@@ -247,24 +251,7 @@ impl Actor for SchedulerActor {
                         if let Some(v) = &st.verifier {
                             v.fork(from, seq, seed);
                         }
-                        if let Some(p) = &st.proposer {
-                            let _ = p.cast(ProposerMsg::Open { seq, spec, seed });
-                            let history = st.policy.seq(seq).map(|e| e.history.clone());
-                            if let Some(tokens) = history.filter(|h| !h.is_empty()) {
-                                let _ = p.cast(ProposerMsg::Observe { seq, tokens });
-                            }
-                        }
-                        let evicted_before = st.evicted(seq, spec);
-                        st.seqs.insert(
-                            seq,
-                            SeqInfo {
-                                spec,
-                                seed,
-                                session,
-                                evicted_before,
-                                evicted: 0,
-                            },
-                        );
+                        st.register(seq, spec, seed, session);
                         let _ = reply.send(Ok(()));
                     }
                     Err(e) => {
@@ -572,6 +559,29 @@ impl SchedulerActorState {
         self.pump(myself);
     }
 
+    /// Registers an opened (or forked) sequence: with the proposer, told its history, and in
+    /// `seqs`, its evictions counted from those its history already holds (a fork's source's).
+    fn register(
+        &mut self,
+        seq: SeqId,
+        spec: WindowSpec,
+        seed: u64,
+        session: DerivedActorRef<TurnUpdate>,
+    ) {
+        if let Some(p) = &self.proposer {
+            open_in_proposer(p, &self.policy, seq, spec, seed);
+        }
+        let evicted_before = self.evicted(seq, spec);
+        let info = SeqInfo {
+            spec,
+            seed,
+            session,
+            evicted_before,
+            evicted: 0,
+        };
+        self.seqs.insert(seq, info);
+    }
+
     /// Tokens evicted from the window of `seq` since it opened (a fork's since it was made), its
     /// count brought up to date.
     fn count_evictions(&mut self, seq: SeqId) -> u64 {
@@ -672,19 +682,7 @@ impl SchedulerActorState {
         )
         .await?;
         for (&seq, info) in &self.seqs {
-            let _ = p.cast(ProposerMsg::Open {
-                seq,
-                spec: info.spec,
-                seed: info.seed,
-            });
-            if let Some(e) = self.policy.seq(seq) {
-                if !e.history.is_empty() {
-                    let _ = p.cast(ProposerMsg::Observe {
-                        seq,
-                        tokens: e.history.clone(),
-                    });
-                }
-            }
+            open_in_proposer(&p, &self.policy, seq, info.spec, info.seed);
         }
         self.proposer = Some(p);
         let orders = self.policy.orders_after_proposer_restart();

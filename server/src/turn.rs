@@ -67,6 +67,21 @@ pub struct Prepared {
     ephemeral: Option<Ephemeral>,
 }
 
+/// Sampling parameters a request may give, as both wires check them: `temperature` in [0, 2],
+/// `top_p` in (0, 1]. An error names the field.
+pub(crate) fn check_sampling(temperature: f32, top_p: f32) -> Result<(), (String, &'static str)> {
+    if !(temperature.is_finite() && (0.0..=2.0).contains(&temperature)) {
+        return Err((
+            format!("`temperature` must be in [0, 2], got {temperature}"),
+            "temperature",
+        ));
+    }
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err((format!("`top_p` must be in (0, 1], got {top_p}"), "top_p"));
+    }
+    Ok(())
+}
+
 /// Reads the session a request names: `session` in the body, else the `X-Session-Id` header.
 fn session_id(sampling: &Sampling, header: Option<&str>) -> Result<Option<u64>, ApiError> {
     match sampling.session.as_deref().or(header) {
@@ -102,19 +117,9 @@ impl Prepared {
             return Err(ApiError::bad_request("only `n: 1` is supported", Some("n")));
         }
         let temperature = sampling.temperature.unwrap_or(1.0);
-        if !(temperature.is_finite() && (0.0..=2.0).contains(&temperature)) {
-            return Err(ApiError::bad_request(
-                format!("`temperature` must be in [0, 2], got {temperature}"),
-                Some("temperature"),
-            ));
-        }
         let top_p = sampling.top_p.unwrap_or(1.0);
-        if !(top_p > 0.0 && top_p <= 1.0) {
-            return Err(ApiError::bad_request(
-                format!("`top_p` must be in (0, 1], got {top_p}"),
-                Some("top_p"),
-            ));
-        }
+        check_sampling(temperature, top_p)
+            .map_err(|(message, field)| ApiError::bad_request(message, Some(field)))?;
         let stops = sampling
             .stop
             .as_ref()

@@ -10,6 +10,7 @@ use super::pb::{self, generate_request};
 use super::status::status;
 use super::stream::{GenerateStream, Turn};
 use crate::state::AppState;
+use crate::turn::check_sampling;
 
 /// The service: the runtime and the server's limits and counters.
 #[derive(Clone)]
@@ -66,18 +67,8 @@ fn turn_of(state: &AppState, r: pb::GenerateRequest) -> Result<(Prompt, Generate
             ))
         }
     };
-    let temperature = r.temperature;
-    if !(temperature.is_finite() && (0.0..=2.0).contains(&temperature)) {
-        return Err(Status::invalid_argument(format!(
-            "`temperature` must be in [0, 2], got {temperature}"
-        )));
-    }
-    let top_p = r.top_p.unwrap_or(1.0);
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(Status::invalid_argument(format!(
-            "`top_p` must be in (0, 1], got {top_p}"
-        )));
-    }
+    let (temperature, top_p) = (r.temperature, r.top_p.unwrap_or(1.0));
+    check_sampling(temperature, top_p).map_err(|(message, _)| Status::invalid_argument(message))?;
     let max_tokens = r
         .max_tokens
         .map_or(state.config.default_max_tokens, |n| n as usize);
