@@ -48,6 +48,15 @@ pub enum ProposerMsg {
         /// Tokens.
         tokens: Vec<u32>,
     },
+    /// The verifier's states of positions `from..` of a sequence, for a drafter that reads them.
+    Hidden {
+        /// Sequence.
+        seq: SeqId,
+        /// Position of the first row.
+        from: usize,
+        /// Per layer the drafter asked for, `[rows][hidden]`.
+        hidden: Vec<Vec<Vec<f32>>>,
+    },
     /// Draft these blocks; the replies go to the scheduler as `Drafts`.
     Draft(Vec<DraftOrder>),
     /// The drafting thread panicked.
@@ -74,6 +83,8 @@ pub enum Job {
     Reseed(SeqId, u64),
     /// Observe tokens.
     Observe(SeqId, Vec<u32>),
+    /// Observe the verifier's states of positions from the given one on.
+    Hidden(SeqId, usize, Vec<Vec<Vec<f32>>>),
     /// Draft blocks.
     Draft(Vec<DraftOrder>),
 }
@@ -154,6 +165,11 @@ impl Actor for ProposerActor {
                 Job::Observe(seq, tokens) => {
                     let _ = drafter.observe(seq, &tokens);
                 }
+                Job::Hidden(seq, from, hidden) => {
+                    if let Err(e) = drafter.observe_hidden(seq, from, &hidden) {
+                        tracing::warn!(seq, error = %e, "the drafter refused the verifier's states");
+                    }
+                }
                 Job::Draft(orders) => {
                     let verdict = faults.check(ActorKind::Proposer, "draft");
                     if verdict.drop {
@@ -174,7 +190,6 @@ impl Actor for ProposerActor {
                             assumed: o.assumed.clone(),
                             k: o.k,
                             params: o.params,
-                            hidden: Vec::new(),
                         })
                         .collect();
                     match drafter.draft(&requests) {
@@ -236,6 +251,7 @@ impl Actor for ProposerActor {
             ProposerMsg::Close { seq } => Job::Close(seq),
             ProposerMsg::Reseed { seq, seed } => Job::Reseed(seq, seed),
             ProposerMsg::Observe { seq, tokens } => Job::Observe(seq, tokens),
+            ProposerMsg::Hidden { seq, from, hidden } => Job::Hidden(seq, from, hidden),
             ProposerMsg::Draft(orders) => Job::Draft(orders),
             ProposerMsg::ThreadFailed(why) => {
                 return Err(format!("proposer thread panicked: {why}").into())

@@ -201,7 +201,12 @@ impl RuntimeBuilder {
             }
             None => None,
         };
-        let slot_bytes = verifier.kv_bytes(WindowSpec { sink: 0, window: 1 });
+        // A session reserves its verifier window and the drafter's state for it.
+        let one = WindowSpec { sink: 0, window: 1 };
+        let drafting = drafter
+            .as_ref()
+            .filter(|_| self.scheduler.max_draft_len > 0);
+        let slot_bytes = verifier.kv_bytes(one) + drafting.map_or(0, |d| d.kv_bytes(one));
         crate::manager::window_bytes(self.default_window, slot_bytes)?;
         let max_positions = verifier.max_positions();
         crate::manager::window_fits(self.default_window, max_positions)?;

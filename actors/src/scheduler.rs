@@ -9,7 +9,7 @@ use ractor::{
     Actor, ActorProcessingErr, ActorRef, DerivedActorRef, RpcReplyPort, SupervisionEvent,
 };
 use troupe_engine::drafter::Drafter;
-use troupe_engine::{SeqId, Verifier, WindowSpec};
+use troupe_engine::{SeqId, Verifier, VerifyOutcome, WindowSpec};
 
 use crate::config::SchedulerConfig;
 use crate::error::RuntimeError;
@@ -145,6 +145,8 @@ pub struct SchedulerActorState {
     evicted_closed: u64,
     /// The verifier's vocabulary: a draft naming a token past it is cut there, not sent.
     vocab_size: usize,
+    /// Verifier layers whose states the drafter reads (set on every verifier built).
+    hidden_layers: Vec<usize>,
     /// Where a verifier lost for good is reported.
     health: HealthCell,
     /// The timer of the step in flight: aborted when the step comes back, so at most one sleeps.
@@ -165,9 +167,17 @@ impl Actor for SchedulerActor {
         args: SchedulerArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         let vocab_size = args.verifier.vocab_size();
+        // A drafter conditioned on the verifier's states says which layers it reads; each step
+        // then reports them for the positions it commits.
+        let hidden_layers = match &args.drafter {
+            Some(d) if args.config.max_draft_len > 0 => d.hidden_layers(),
+            _ => Vec::new(),
+        };
+        let mut model = args.verifier;
+        model.set_hidden_layers(hidden_layers.clone());
         let verifier = VerifierLink::spawn(
             VerifierArgs {
-                model: args.verifier,
+                model,
                 scheduler: myself.get_derived(),
                 faults: args.faults.clone(),
             },
@@ -209,6 +219,7 @@ impl Actor for SchedulerActor {
             submitted_at: HashMap::new(),
             evicted_closed: 0,
             vocab_size,
+            hidden_layers,
             health: args.health,
             step_deadline: None,
         })
@@ -506,6 +517,24 @@ impl SchedulerActorState {
         }
     }
 
+    /// Hands the proposer the verifier's states of the positions each outcome committed, which
+    /// start where the sequence's window ended before the step.
+    fn forward_hidden(&mut self, outcomes: &mut [VerifyOutcome]) {
+        let Some(p) = &self.proposer else {
+            return;
+        };
+        for o in outcomes.iter_mut().filter(|o| !o.hidden.is_empty()) {
+            let Some(from) = self.policy.seq(o.seq).map(|e| e.committed) else {
+                continue;
+            };
+            let _ = p.cast(ProposerMsg::Hidden {
+                seq: o.seq,
+                from,
+                hidden: std::mem::take(&mut o.hidden),
+            });
+        }
+    }
+
     fn step_done(&mut self, myself: &ActorRef<SchedulerMsg>, done: StepDone) {
         let StepDone {
             id,
@@ -518,7 +547,7 @@ impl SchedulerActorState {
         if let Some(deadline) = self.step_deadline.take() {
             deadline.abort();
         }
-        let outcomes = match result {
+        let mut outcomes = match result {
             Ok(o) => o,
             Err(e) => {
                 // The engine refused the step: fail the turns in it, and rebuild their windows.
@@ -539,6 +568,7 @@ impl SchedulerActorState {
         };
         let span = tracing::info_span!("accept", step = id, seqs = outcomes.len());
         let _enter = span.enter();
+        self.forward_hidden(&mut outcomes);
         let Completion { emissions, orders } = self.policy.complete(id, &outcomes, elapsed);
         self.phase.step_ended(Instant::now());
         for e in emissions {
@@ -622,7 +652,7 @@ impl SchedulerActorState {
             Ok(Err(e)) => Err(e.to_string()),
             Err(e) => Err(e.to_string()),
         };
-        let model = match model {
+        let mut model = match model {
             Ok(m) => m,
             Err(e) => {
                 let why = RuntimeError::RebuildFailed(e);
@@ -631,6 +661,7 @@ impl SchedulerActorState {
                 return Ok(());
             }
         };
+        model.set_hidden_layers(self.hidden_layers.clone());
         let v = VerifierLink::spawn(
             VerifierArgs {
                 model,

@@ -11,8 +11,10 @@ use crate::error::{BenchError, Result};
 use futures::future::join_all;
 use serde::Serialize;
 use serde_json::json;
-use troupe::actors::VerifierFactory;
-use troupe::engine::{load_verifier, DeviceKind, ModelConfig, ModelSource, NgramDrafter};
+use troupe::actors::{DrafterFactory, VerifierFactory};
+use troupe::engine::{
+    load_model_drafter, load_verifier, DeviceKind, ModelConfig, ModelSource, NgramDrafter,
+};
 use troupe::SchedulerStats;
 use troupe::{GenerateParams, RuntimeBuilder, SchedulerConfig, SessionConfig, WindowSpec};
 
@@ -31,7 +33,8 @@ pub struct BatchingPlan {
     pub new_tokens: usize,
     /// Tokens of each session's prompt (a repetitive one, so prompt lookup finds drafts).
     pub prompt_len: usize,
-    /// Modes to measure: `false` plain, `true` speculative with the n-gram drafter.
+    /// Modes to measure: `false` plain, `true` speculative (with the n-gram drafter, or the one
+    /// `--drafter` names).
     pub speculative: Vec<bool>,
 }
 
@@ -65,7 +68,7 @@ impl BatchingPlan {
 pub struct BatchRow {
     /// Concurrent sessions.
     pub sessions: usize,
-    /// Whether the n-gram drafter proposed tokens.
+    /// Whether a drafter proposed tokens.
     pub speculative: bool,
     /// Generated tokens of all sessions per second of wall time.
     pub tokens_per_s: f64,
@@ -146,11 +149,28 @@ pub fn run(plan: &BatchingPlan, env: &Env) -> Result<serde_json::Value> {
         .enable_all()
         .build()
         .map_err(BenchError::AsyncRuntime)?;
-    let rows = rt.block_on(measure(plan, factory, &bar))?;
+    // `--drafter DIR` speculates with that drafter instead of prompt lookup.
+    let drafter: Option<(DrafterFactory, String)> = match &env.drafter {
+        Some(dir) => {
+            let (dir, device) = (dir.clone(), env.device);
+            let name = load_model_drafter(&ModelSource::Dir(&dir), device, None)?
+                .name()
+                .to_owned();
+            let f: DrafterFactory =
+                Arc::new(move || load_model_drafter(&ModelSource::Dir(&dir), device, None));
+            Some((f, name))
+        }
+        None => None,
+    };
+    let drafter_name = drafter
+        .as_ref()
+        .map_or("ngram".to_owned(), |(_, n)| n.clone());
+    let rows = rt.block_on(measure(plan, factory, drafter.map(|(f, _)| f), &bar))?;
     bar.finish_and_clear();
 
     let report = json!({
         "case": "batching",
+        "drafter": drafter_name,
         "new_tokens": plan.new_tokens,
         "prompt_len": plan.prompt_len,
         "rows": rows,
@@ -161,12 +181,12 @@ pub fn run(plan: &BatchingPlan, env: &Env) -> Result<serde_json::Value> {
         .map(|&spec| {
             let pts = rows.iter().filter(|r| r.speculative == spec);
             let name = if spec {
-                "speculative (n-gram)"
+                format!("speculative ({drafter_name})")
             } else {
-                "plain"
+                "plain".to_owned()
             };
             (
-                name.to_owned(),
+                name,
                 pts.map(|r| (r.sessions as f64, r.tokens_per_s)).collect(),
             )
         })
@@ -184,14 +204,20 @@ pub fn run(plan: &BatchingPlan, env: &Env) -> Result<serde_json::Value> {
 async fn measure(
     plan: &BatchingPlan,
     factory: VerifierFactory,
+    drafter: Option<DrafterFactory>,
     bar: &indicatif::ProgressBar,
 ) -> Result<Vec<BatchRow>> {
     let most = plan.sessions.iter().copied().max().unwrap_or(1);
     let window = WindowSpec::default();
     let c = &plan.model;
     // f32 bytes: an upper bound on any device.
-    let per_session =
-        (2 * c.num_layers * c.num_kv_heads * c.head_dim * window.capacity() * 4) as u64;
+    let drafter_bytes = match &drafter {
+        Some(f) => f()?.kv_bytes(window),
+        None => 0,
+    };
+    let per_session = (2 * c.num_layers * c.num_kv_heads * c.head_dim * window.capacity() * 4)
+        as u64
+        + drafter_bytes;
     let params = GenerateParams::greedy(plan.new_tokens);
     let mut rows = Vec::new();
     for &spec in &plan.speculative {
@@ -201,8 +227,13 @@ async fn measure(
             .kv_budget_bytes(per_session * (most as u64 + 1))
             .default_window(window)
             .scheduler(SchedulerConfig::default().with_max_step_seqs(most.max(256)));
-        if spec {
-            builder = builder.drafter(|| Ok(NgramDrafter::default()));
+        match (&drafter, spec) {
+            (Some(f), true) => {
+                let f = f.clone();
+                builder = builder.drafter(move || f());
+            }
+            (None, true) => builder = builder.drafter(|| Ok(NgramDrafter::default())),
+            _ => {}
         }
         let rt = builder.build().await?;
         // Warm the model and the actors up before the first measurement.

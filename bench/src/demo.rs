@@ -9,8 +9,8 @@ use crate::error::Result;
 use troupe::actors::{DrafterFactory, VerifierFactory};
 use troupe::engine::Corpus;
 use troupe::engine::{
-    load_model_drafter, load_verifier, DeviceKind, Drafter, ModelConfig, ModelSource, NgramDrafter,
-    Tokenizer, WeightDtype,
+    load_block_drafter, load_model_drafter, load_verifier, DeviceKind, Drafter, ModelConfig,
+    ModelSource, NgramDrafter, Tokenizer, WeightDtype,
 };
 use troupe::{FaultPlan, GenerateParams, Runtime, RuntimeBuilder, SchedulerConfig, SessionConfig};
 
@@ -24,6 +24,8 @@ pub struct DemoModels {
     pub verifier: PathBuf,
     /// Draft model directory.
     pub drafter: PathBuf,
+    /// Block drafter directory.
+    pub block_drafter: PathBuf,
     /// The training corpus; prompts come from its held-out tail.
     pub corpus: PathBuf,
     /// The width the verifier's weights are kept in; `None`: the checkpoint's own.
@@ -35,6 +37,7 @@ impl Default for DemoModels {
         Self {
             verifier: "models/verifier".into(),
             drafter: "models/drafter".into(),
+            block_drafter: "models/block-drafter".into(),
             corpus: "corpus/rust-docs.txt".into(),
             weights: None,
         }
@@ -48,6 +51,8 @@ pub enum DrafterKind {
     Ngram,
     /// The shipped draft model.
     Model,
+    /// The shipped block drafter.
+    Block,
 }
 
 impl DrafterKind {
@@ -56,6 +61,7 @@ impl DrafterKind {
         match self {
             DrafterKind::Ngram => "ngram",
             DrafterKind::Model => "model",
+            DrafterKind::Block => "block",
         }
     }
 }
@@ -80,6 +86,11 @@ impl DemoModels {
                 let dir = self.drafter.clone();
                 check_dir(&dir)?;
                 Arc::new(move || load_model_drafter(&ModelSource::Dir(&dir), device, None))
+            }
+            DrafterKind::Block => {
+                let dir = self.block_drafter.clone();
+                check_dir(&dir)?;
+                Arc::new(move || load_block_drafter(&dir, device))
             }
         })
     }

@@ -170,7 +170,11 @@ impl Env {
             models.verifier = dir;
         }
         if let Some(dir) = &self.drafter {
-            models.drafter = dir.clone();
+            if troupe::engine::block::is_block_drafter(dir)? {
+                models.block_drafter = dir.clone();
+            } else {
+                models.drafter = dir.clone();
+            }
         }
         models.weights = self.weights;
         Ok(models)
@@ -224,9 +228,18 @@ pub fn run(case: Case, quick: bool, env: &Env) -> Result<Value> {
         }
         Case::RttSweep => {
             let models = env.demo_models()?;
+            // The round trip is paid per block by the drafter `--drafter` names (the draft
+            // model's by default).
+            let drafter = match &env.drafter {
+                Some(dir) if troupe::engine::block::is_block_drafter(dir)? => {
+                    demo::DrafterKind::Block
+                }
+                _ => demo::DrafterKind::Model,
+            };
             rtt::run(
                 &rtt::RttPlan {
                     models,
+                    drafter,
                     ..rtt::RttPlan::new(quick)
                 },
                 env,

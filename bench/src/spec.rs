@@ -35,7 +35,7 @@ impl SpecPlan {
     pub fn new(quick: bool) -> Self {
         Self {
             models: DemoModels::default(),
-            drafters: vec![DrafterKind::Ngram, DrafterKind::Model],
+            drafters: vec![DrafterKind::Ngram, DrafterKind::Model, DrafterKind::Block],
             draft_lens: vec![2, 4, 8],
             prompts: if quick { 2 } else { 8 },
             prompt_len: 64,
@@ -47,7 +47,7 @@ impl SpecPlan {
 /// One measurement.
 #[derive(Debug, Clone, Serialize)]
 pub struct SpecRow {
-    /// "ngram" or "model".
+    /// "ngram", "model" or "block".
     pub drafter: String,
     /// Tokens drafted per block, or "adaptive".
     pub draft_len: Value,

@@ -32,8 +32,9 @@ pub struct BenchArgs {
     /// ~/.cache/troupe).
     #[arg(long)]
     preset: Option<String>,
-    /// The cases that speculate with a draft model (spec-speedup, rtt-sweep): draft with this
-    /// Hugging Face directory instead of models/drafter.
+    /// The cases that speculate with a drafter model: spec-speedup and rtt-sweep draft with this
+    /// directory instead of models/drafter (or models/block-drafter, when it holds a block
+    /// drafter); batching speculates with it instead of prompt lookup.
     #[arg(long)]
     drafter: Option<PathBuf>,
     /// The cases that run a model: the width the verifier's weights are kept in: f32, bf16, f16,
@@ -83,8 +84,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if !runs_model && (!model.is_default() || a.weights.is_some()) {
         anyhow::bail!("--model, --preset and --weights apply to the cases that run a model");
     }
-    if a.drafter.is_some() && !matches!(a.case, Case::SpecSpeedup | Case::RttSweep) {
-        anyhow::bail!("--drafter applies to spec-speedup and rtt-sweep");
+    if a.drafter.is_some() && !matches!(a.case, Case::SpecSpeedup | Case::RttSweep | Case::Batching)
+    {
+        anyhow::bail!("--drafter applies to spec-speedup, rtt-sweep and batching");
     }
     let soak = match (a.minutes, a.sessions) {
         _ if a.case != Case::Soak => {

@@ -5,6 +5,7 @@ mod generate;
 mod serve;
 mod swarm;
 mod train;
+mod train_block;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

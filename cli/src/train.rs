@@ -24,39 +24,53 @@ type Train = Autodiff<Flex>;
 /// Arguments of `troupe train`.
 #[derive(clap::Args)]
 pub struct TrainArgs {
-    /// Which demo model: `verifier` (about 2.3 M parameters) or `drafter` (about 0.1 M).
+    /// Which demo model: `verifier` (about 2.3 M parameters), `drafter` (about 0.1 M), or
+    /// `block-drafter` (a block drafter for the verifier in `--verifier`, trained on its own
+    /// greedy continuations).
     #[arg(long, default_value = "verifier")]
-    preset: String,
+    pub(crate) preset: String,
+    /// The verifier a block drafter is trained for.
+    #[arg(long, default_value = "models/verifier")]
+    pub(crate) verifier: PathBuf,
+    /// A block drafter's decoder layers.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) layers: usize,
+    /// A block drafter's block size (it drafts at most one less).
+    #[arg(long, default_value_t = 16)]
+    pub(crate) block_size: usize,
+    /// Sequences the verifier generates to train a block drafter on.
+    #[arg(long, default_value_t = 768)]
+    pub(crate) sequences: usize,
     /// Text corpus; its last 5% is held out for validation.
     #[arg(long, default_value = "corpus/rust-docs.txt")]
-    corpus: PathBuf,
+    pub(crate) corpus: PathBuf,
     /// Where the model is written (Hugging Face layout).
     #[arg(long)]
-    out: PathBuf,
+    pub(crate) out: PathBuf,
     /// Where optimizer state for resuming is kept.
     #[arg(long, default_value = "target/train-state")]
     state_dir: PathBuf,
-    /// Total optimizer steps.
-    #[arg(long, default_value_t = 1400)]
-    steps: usize,
-    /// Sequences per step.
-    #[arg(long, default_value_t = 16)]
-    batch: usize,
+    /// Total optimizer steps [default: 1400; a block drafter 1200].
+    #[arg(long)]
+    pub(crate) steps: Option<usize>,
+    /// Sequences per step [default: 16; a block drafter 8].
+    #[arg(long)]
+    pub(crate) batch: Option<usize>,
     /// Bytes per sequence.
     #[arg(long, default_value_t = 128)]
     seq_len: usize,
-    /// Peak learning rate.
-    #[arg(long, default_value_t = 3e-3)]
-    lr: f64,
+    /// Peak learning rate [default: 3e-3; a block drafter 2e-3].
+    #[arg(long)]
+    pub(crate) lr: Option<f64>,
     /// Validate and checkpoint every this many steps.
     #[arg(long, default_value_t = 100)]
-    every: usize,
+    pub(crate) every: usize,
     /// Continue from the checkpoint in --out and --state-dir.
     #[arg(long)]
     resume: bool,
     /// Seed of initialisation and batches.
     #[arg(long, default_value_t = 0)]
-    seed: u64,
+    pub(crate) seed: u64,
 }
 
 /// What a run has done, saved beside the optimizer state.
@@ -91,7 +105,7 @@ pub fn demo_config(preset: &str) -> Result<ModelConfig> {
     match preset {
         "verifier" => Ok(base(192, 768, 4, 4, 2, 48)),
         "drafter" => Ok(base(64, 192, 2, 2, 1, 32)),
-        other => anyhow::bail!("unknown preset {other:?}; use verifier or drafter"),
+        other => anyhow::bail!("unknown preset {other:?}; use verifier, drafter or block-drafter"),
     }
 }
 
@@ -141,13 +155,17 @@ fn load_state(dir: &Path, opt: &mut AdamW<Train>) -> Result<TrainerState> {
 
 /// Runs `troupe train`.
 pub fn run(a: TrainArgs) -> Result<()> {
+    if a.preset == "block-drafter" {
+        return crate::train_block::run(a);
+    }
     let config = demo_config(&a.preset)?;
+    let steps = a.steps.unwrap_or(1400);
     let corpus = Corpus::from_file(&a.corpus, 0.05)?;
     let cfg = TrainConfig {
         seq_len: a.seq_len,
-        batch: a.batch,
-        steps: a.steps,
-        lr: a.lr,
+        batch: a.batch.unwrap_or(16),
+        steps,
+        lr: a.lr.unwrap_or(3e-3),
         seed: a.seed,
         ..Default::default()
     };
@@ -172,7 +190,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         corpus.train.len(),
         corpus.val.len()
     );
-    let bar = ProgressBar::new(a.steps as u64);
+    let bar = ProgressBar::new(steps as u64);
     bar.set_style(ProgressStyle::with_template(
         "{bar:40} {pos}/{len} [{elapsed} < {eta}] {msg}",
     )?);
@@ -181,7 +199,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let start = Instant::now();
     let seconds_before = st.seconds;
     let mut ema = None;
-    while st.step < a.steps {
+    while st.step < steps {
         let (next, loss) = train_step(&model, &mut opt, &corpus, &cfg, &mut rng)?;
         model = next;
         st.step += 1;
@@ -201,7 +219,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 start.elapsed().as_secs_f64()
             );
         }
-        if st.step % a.every == 0 || st.step == a.steps {
+        if st.step % a.every == 0 || st.step == steps {
             let inner = inner_model(&model);
             let bpb = bits_per_byte(&inner, &corpus.val, &cfg, cfg.eval_batches)?;
             st.seconds = seconds_before + start.elapsed().as_secs_f64();

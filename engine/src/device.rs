@@ -12,6 +12,7 @@ use burn::prelude::*;
 use burn::tensor::DType;
 use troupe_kernels::KernelBackend;
 
+use crate::block::BlockDrafter;
 use crate::config::ModelConfig;
 use crate::drafter::Drafter;
 use crate::engine::Engine;
@@ -173,14 +174,29 @@ pub fn load_verifier(
     })
 }
 
-/// Loads a draft model on the chosen device.
+/// Loads a drafter with a model on the chosen device: a block drafter where the directory holds
+/// one (its `config.json` says so), a small draft model otherwise.
 pub fn load_model_drafter(
     source: &ModelSource<'_>,
     kind: DeviceKind,
     dtype: Option<WeightDtype>,
 ) -> Result<Box<dyn Drafter>> {
+    if let ModelSource::Dir(dir) = source {
+        if crate::block::is_block_drafter(dir)? {
+            return load_block_drafter(dir, kind);
+        }
+    }
     dispatch!(kind, |B| {
         let model = build::<B>(source, kind, dtype)?;
         Ok(Box::new(ModelDrafter::new(Engine::new(model))) as Box<dyn Drafter>)
+    })
+}
+
+/// Loads the block drafter saved in `dir` on the chosen device (its weights in f32).
+pub fn load_block_drafter(dir: &Path, kind: DeviceKind) -> Result<Box<dyn Drafter>> {
+    dispatch!(kind, |B| {
+        let device = probe::<B>(kind)?;
+        let model = crate::block::load_block_model::<B>(dir, &device)?;
+        Ok(Box::new(BlockDrafter::new(model)) as Box<dyn Drafter>)
     })
 }

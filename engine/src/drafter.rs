@@ -1,5 +1,5 @@
 //! Drafters propose tokens for the verifier to check. Behind one trait: prompt-lookup n-grams, a
-//! small draft model, and (later) block drafters conditioned on the verifier's hidden states.
+//! small draft model, and a block drafter conditioned on the verifier's hidden states.
 
 use std::collections::HashMap;
 
@@ -19,8 +19,6 @@ pub struct DraftRequest {
     pub k: usize,
     /// The session's sampling parameters (a model drafter samples its drafts the same way).
     pub params: SamplingParams,
-    /// The verifier's latest hidden states for the layers the drafter asked for, if any.
-    pub hidden: Vec<Vec<Vec<f32>>>,
 }
 
 /// A drafted block.
@@ -47,9 +45,28 @@ pub trait Drafter: Send {
     fn observe(&mut self, seq: SeqId, tokens: &[u32]) -> Result<()>;
     /// Drafts for each request, in order.
     fn draft(&mut self, requests: &[DraftRequest]) -> Result<Vec<Draft>>;
-    /// Layers of the verifier whose hidden states this drafter wants in each request.
+    /// Layers of the verifier whose hidden states this drafter wants, in the order
+    /// [`Drafter::observe_hidden`] gives them.
     fn hidden_layers(&self) -> Vec<usize> {
         Vec::new()
+    }
+    /// The verifier's hidden states of positions `from..from + n` of `seq` (positions of its
+    /// whole history, as [`Drafter::observe`] counts them): one `[n][hidden]` list per layer
+    /// [`Drafter::hidden_layers`] names, in that order. States of positions given before are
+    /// ignored; positions never given are missing from what it conditions on. A drafter that
+    /// asks for no layers ignores them.
+    fn observe_hidden(
+        &mut self,
+        _seq: SeqId,
+        _from: usize,
+        _hidden: &[Vec<Vec<f32>>],
+    ) -> Result<()> {
+        Ok(())
+    }
+    /// Bytes its own per-sequence state takes for a window of shape `spec` (a draft model's
+    /// window, a block drafter's context): what a session reserves beside the verifier's window.
+    fn kv_bytes(&self, _spec: WindowSpec) -> u64 {
+        0
     }
     /// The vocabulary its drafts and their distributions are over; `None` for a drafter that only
     /// repeats the sequence's own tokens (prompt lookup), which fits any verifier.
@@ -80,6 +97,12 @@ impl<D: Drafter + ?Sized> Drafter for Box<D> {
     }
     fn hidden_layers(&self) -> Vec<usize> {
         (**self).hidden_layers()
+    }
+    fn observe_hidden(&mut self, seq: SeqId, from: usize, hidden: &[Vec<Vec<f32>>]) -> Result<()> {
+        (**self).observe_hidden(seq, from, hidden)
+    }
+    fn kv_bytes(&self, spec: WindowSpec) -> u64 {
+        (**self).kv_bytes(spec)
     }
     fn vocab_size(&self) -> Option<usize> {
         (**self).vocab_size()
@@ -229,7 +252,6 @@ mod tests {
             assumed: vec![10, 11],
             k: 2,
             params: SamplingParams::greedy(),
-            hidden: vec![],
         };
         let out = d.draft(&[req]).unwrap();
         assert_eq!(out[0].tokens, vec![12, 13]);

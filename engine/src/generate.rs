@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::drafter::{DraftRequest, Drafter};
 use crate::error::{EngineError, Result};
 use crate::sampling::SamplingParams;
-use crate::verifier::{Verifier, VerifyWork};
+use crate::verifier::{SeqId, Verifier, VerifyOutcome, VerifyWork};
 use crate::window::WindowSpec;
 
 /// How to generate.
@@ -86,6 +86,7 @@ pub fn generate<'d>(
     verifier.open(seq, opts.window, opts.seed)?;
     if let Some(d) = drafter.as_deref_mut() {
         d.open(seq, opts.window, opts.seed)?;
+        verifier.set_hidden_layers(d.hidden_layers());
     }
     let result = run(verifier, drafter.as_deref_mut(), prompt, opts);
     let _ = verifier.close(seq);
@@ -118,6 +119,8 @@ fn run<'d>(
     let chunk = opts.prefill_chunk.max(1);
     let chunks: Vec<&[u32]> = prompt.chunks(chunk).collect();
     let mut last = None;
+    // Positions the verifier's window holds: where the hidden states of the next step begin.
+    let mut committed = 0;
     for (i, c) in chunks.iter().enumerate() {
         let is_last = i + 1 == chunks.len();
         let o = verifier.verify(&[VerifyWork {
@@ -132,6 +135,10 @@ fn run<'d>(
         if is_last {
             last = o[0].tokens.first().copied();
         }
+        if let Some(d) = drafter.as_deref_mut() {
+            observe_hidden(d, seq, committed, &o[0])?;
+        }
+        committed += c.len();
     }
     let mut last = last.ok_or_else(|| EngineError::Backend("prefill emitted no token".into()))?;
     out.push(last);
@@ -149,7 +156,6 @@ fn run<'d>(
                     assumed: vec![],
                     k,
                     params: opts.params,
-                    hidden: vec![],
                 }])?
                 .pop()
                 .unwrap_or_default(),
@@ -170,6 +176,10 @@ fn run<'d>(
             .ok_or_else(|| EngineError::Backend("verify returned nothing".into()))?;
         stats.verify_steps += 1;
         stats.accepted += o.accepted;
+        if let Some(d) = drafter.as_deref_mut() {
+            observe_hidden(d, seq, committed, &o)?;
+        }
+        committed += 1 + o.accepted;
         let mut emitted = o.tokens;
         emitted.truncate(remaining);
         if let Some(p) = emitted.iter().position(|t| opts.stop_tokens.contains(t)) {
@@ -184,4 +194,17 @@ fn run<'d>(
         out.extend(emitted);
     }
     Ok((out, stats))
+}
+
+/// Hands the drafter the verifier's states of the positions a step committed, if it asked for any.
+fn observe_hidden(
+    d: &mut (dyn Drafter + '_),
+    seq: SeqId,
+    from: usize,
+    outcome: &VerifyOutcome,
+) -> Result<()> {
+    if outcome.hidden.is_empty() {
+        return Ok(());
+    }
+    d.observe_hidden(seq, from, &outcome.hidden)
 }

@@ -8,6 +8,7 @@
 pub mod accept;
 pub mod attention;
 pub mod batch;
+pub mod block;
 pub mod causal;
 pub mod config;
 mod config_json;
@@ -36,9 +37,10 @@ pub mod warm_up;
 pub mod window;
 pub mod window_spec;
 
+pub use block::BlockDrafter;
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use corpus::Corpus;
-pub use device::{load_model_drafter, load_verifier, DeviceKind, ModelSource};
+pub use device::{load_block_drafter, load_model_drafter, load_verifier, DeviceKind, ModelSource};
 pub use drafter::{Draft, DraftRequest, Drafter, NgramDrafter};
 pub use engine::{Engine, StepItem, StepResult};
 pub use error::{EngineError, Result};
@@ -48,7 +50,7 @@ pub use loader::{load_model, quantize_model, random_model, WeightDtype};
 pub use model::{Linear, LinearWeight, Model};
 pub use model_drafter::ModelDrafter;
 pub use sampling::SamplingParams;
-pub use save::save_pretrained;
+pub use save::{save_pretrained, save_pretrained_with, Extras};
 pub use tokenizer::Tokenizer;
 pub use verifier::{SeqId, Verifier, VerifyOutcome, VerifyWork};
 pub use warm_up::{warm_up, WarmUp, WarmUpProgress};

@@ -385,7 +385,7 @@ impl HostTensor {
         }
     }
 
-    fn into_device<B: Backend, const D: usize>(
+    pub(crate) fn into_device<B: Backend, const D: usize>(
         self,
         shape: [usize; D],
         device: &B::Device,

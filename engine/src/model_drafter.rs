@@ -52,6 +52,10 @@ where
         Some(self.engine.model().config.vocab_size)
     }
 
+    fn kv_bytes(&self, spec: WindowSpec) -> u64 {
+        Verifier::kv_bytes(&self.engine, spec)
+    }
+
     fn open(&mut self, seq: SeqId, spec: WindowSpec, seed: u64) -> Result<()> {
         Verifier::open(&mut self.engine, seq, spec, seed)?;
         self.tracks.insert(

@@ -66,12 +66,44 @@ fn linear<B: KernelBackend>(
     Ok(())
 }
 
+/// Tensors a model's file carries beside its decoder's, and keys its `config.json` adds (a block
+/// drafter's context projection, norm and mask embedding).
+pub struct Extras<'a, B: Backend> {
+    /// Projections, saved as `{name}.weight` `[out, in]` (and `{name}.bias`).
+    pub linears: Vec<(&'a str, &'a Linear<B>)>,
+    /// Vectors, saved under their names.
+    pub vectors: Vec<(&'a str, Tensor<B, 1>)>,
+    /// Keys added to `config.json`.
+    pub config: Vec<(&'a str, serde_json::Value)>,
+}
+
+impl<B: Backend> Default for Extras<'_, B> {
+    fn default() -> Self {
+        Self {
+            linears: Vec::new(),
+            vectors: Vec::new(),
+            config: Vec::new(),
+        }
+    }
+}
+
 /// Saves `model` to `dir` (created if needed), in f32 or bf16.
 pub fn save_pretrained<B: KernelBackend>(
     model: &Model<B>,
     dir: &Path,
     bf16: bool,
     tokenizer_json: Option<&str>,
+) -> Result<()> {
+    save_pretrained_with(model, dir, bf16, tokenizer_json, Extras::default())
+}
+
+/// [`save_pretrained`] with `extras` in the same file and config.
+pub fn save_pretrained_with<B: KernelBackend>(
+    model: &Model<B>,
+    dir: &Path,
+    bf16: bool,
+    tokenizer_json: Option<&str>,
+    extras: Extras<'_, B>,
 ) -> Result<()> {
     let io = |path: &Path, source| EngineError::Io {
         path: path.into(),
@@ -123,6 +155,12 @@ pub fn save_pretrained<B: KernelBackend>(
     if let Some(h) = &model.lm_head {
         entries.push(entry("lm_head.weight".into(), out_in(&h.to_float()), bf16)?);
     }
+    for (name, l) in &extras.linears {
+        linear(name, l, bf16, &mut entries)?;
+    }
+    for (name, v) in extras.vectors {
+        entries.push(entry(name.into(), v, bf16)?);
+    }
     let views: Vec<(String, TensorView<'_>)> = entries
         .iter()
         .map(|e| {
@@ -144,7 +182,11 @@ pub fn save_pretrained<B: KernelBackend>(
     let mut config = model.config.clone();
     config.torch_dtype = if bf16 { "bfloat16" } else { "float32" }.into();
     let cfg_path = dir.join("config.json");
-    let text = serde_json::to_string_pretty(&config.to_hf_json()).expect("a JSON value serializes");
+    let mut json = config.to_hf_json();
+    for (key, value) in extras.config {
+        json[key] = value;
+    }
+    let text = serde_json::to_string_pretty(&json).expect("a JSON value serializes");
     std::fs::write(&cfg_path, text).map_err(|e| io(&cfg_path, e))?;
     if let Some(tok) = tokenizer_json {
         let p = dir.join("tokenizer.json");

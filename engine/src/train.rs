@@ -75,26 +75,72 @@ pub struct AdamW<B: AutodiffBackend> {
 /// decay applies to it.
 fn params<B: Backend>(m: &Model<B>) -> Vec<(Tensor<B, 2>, bool)> {
     let mut out = vec![(m.embed.clone(), true)];
-    let vec = |t: &Tensor<B, 1>| (t.clone().unsqueeze_dim(0), false);
     for l in &m.layers {
-        out.push(vec(&l.input_norm));
-        out.push(vec(&l.post_norm));
-        for lin in l.projections() {
-            out.push((lin.weight.to_float(), true));
-            if let Some(b) = &lin.bias {
-                out.push(vec(b));
-            }
-        }
-        if let (Some(q), Some(k)) = (&l.q_norm, &l.k_norm) {
-            out.push(vec(q));
-            out.push(vec(k));
-        }
+        layer_params(l, &mut out);
     }
-    out.push(vec(&m.norm));
+    out.push(as_row(&m.norm));
     if let Some(h) = &m.lm_head {
         out.push((h.to_float(), true));
     }
     out
+}
+
+/// A vector as a `[1, n]` parameter, without weight decay.
+pub(crate) fn as_row<B: Backend>(t: &Tensor<B, 1>) -> (Tensor<B, 2>, bool) {
+    (t.clone().unsqueeze_dim(0), false)
+}
+
+/// A decoder layer's trainable tensors, in the order [`layer_with`] takes them back.
+pub(crate) fn layer_params<B: Backend>(l: &DecoderLayer<B>, out: &mut Vec<(Tensor<B, 2>, bool)>) {
+    out.push(as_row(&l.input_norm));
+    out.push(as_row(&l.post_norm));
+    for lin in l.projections() {
+        out.push((lin.weight.to_float(), true));
+        if let Some(b) = &lin.bias {
+            out.push(as_row(b));
+        }
+    }
+    if let (Some(q), Some(k)) = (&l.q_norm, &l.k_norm) {
+        out.push(as_row(q));
+        out.push(as_row(k));
+    }
+}
+
+/// A layer shaped like `l` from tensors in [`layer_params`] order.
+pub(crate) fn layer_with<B: Backend, C: Backend>(
+    l: &DecoderLayer<B>,
+    mat: &mut impl FnMut() -> Tensor<C, 2>,
+) -> DecoderLayer<C> {
+    let input_norm = mat().squeeze_dim(0);
+    let post_norm = mat().squeeze_dim(0);
+    let mut lin = |old: &Linear<B>| Linear {
+        weight: LinearWeight::Float(mat()),
+        bias: old.bias.as_ref().map(|_| mat().squeeze_dim(0)),
+    };
+    let q_proj = lin(&l.q_proj);
+    let k_proj = lin(&l.k_proj);
+    let v_proj = lin(&l.v_proj);
+    let o_proj = lin(&l.o_proj);
+    let gate_proj = lin(&l.gate_proj);
+    let up_proj = lin(&l.up_proj);
+    let down_proj = lin(&l.down_proj);
+    let (q_norm, k_norm) = match (&l.q_norm, &l.k_norm) {
+        (Some(_), Some(_)) => (Some(mat().squeeze_dim(0)), Some(mat().squeeze_dim(0))),
+        _ => (None, None),
+    };
+    DecoderLayer {
+        input_norm,
+        q_proj,
+        k_proj,
+        v_proj,
+        o_proj,
+        q_norm,
+        k_norm,
+        post_norm,
+        gate_proj,
+        up_proj,
+        down_proj,
+    }
 }
 
 /// Rebuilds a model from tensors in [`params`] order (vectors as `[1, n]`), on any backend.
@@ -106,39 +152,7 @@ fn with_params<B: Backend, C: Backend>(
     let mut it = new.into_iter();
     let mut mat = || it.next().expect("as many tensors as parameters");
     let embed = mat();
-    let mut layers = Vec::with_capacity(m.layers.len());
-    for l in &m.layers {
-        let input_norm = mat().squeeze_dim(0);
-        let post_norm = mat().squeeze_dim(0);
-        let mut lin = |old: &Linear<B>| Linear {
-            weight: LinearWeight::Float(mat()),
-            bias: old.bias.as_ref().map(|_| mat().squeeze_dim(0)),
-        };
-        let q_proj = lin(&l.q_proj);
-        let k_proj = lin(&l.k_proj);
-        let v_proj = lin(&l.v_proj);
-        let o_proj = lin(&l.o_proj);
-        let gate_proj = lin(&l.gate_proj);
-        let up_proj = lin(&l.up_proj);
-        let down_proj = lin(&l.down_proj);
-        let (q_norm, k_norm) = match (&l.q_norm, &l.k_norm) {
-            (Some(_), Some(_)) => (Some(mat().squeeze_dim(0)), Some(mat().squeeze_dim(0))),
-            _ => (None, None),
-        };
-        layers.push(DecoderLayer {
-            input_norm,
-            q_proj,
-            k_proj,
-            v_proj,
-            o_proj,
-            q_norm,
-            k_norm,
-            post_norm,
-            gate_proj,
-            up_proj,
-            down_proj,
-        });
-    }
+    let layers = m.layers.iter().map(|l| layer_with(l, &mut mat)).collect();
     let norm = mat().squeeze_dim(0);
     let lm_head = m.lm_head.as_ref().map(|_| LinearWeight::Float(mat()));
     Model::with_dtype(
@@ -170,9 +184,14 @@ pub fn trainable<B: AutodiffBackend>(m: &Model<B::InnerBackend>, device: &B::Dev
 impl<B: AutodiffBackend> AdamW<B> {
     /// Zero moments for `model`'s parameters.
     pub fn new(model: &Model<B>) -> Self {
-        let zeros: Vec<_> = params(model)
-            .into_iter()
-            .map(|(t, _)| t.inner().zeros_like())
+        Self::for_params(&params(model))
+    }
+
+    /// Zero moments for `params`.
+    pub fn for_params(params: &[(Tensor<B, 2>, bool)]) -> Self {
+        let zeros: Vec<_> = params
+            .iter()
+            .map(|(t, _)| t.clone().inner().zeros_like())
             .collect();
         Self {
             m: zeros.clone(),
@@ -189,13 +208,26 @@ impl<B: AutodiffBackend> AdamW<B> {
         lr: f64,
         weight_decay: f64,
     ) -> Model<B> {
+        let updated = self.update(params(model), loss, lr, weight_decay);
+        with_params(model, updated, &model.device)
+    }
+
+    /// One update of `params` (with whether each decays) from `loss`'s gradients; returns the
+    /// updated tensors, in order, marked as requiring gradients.
+    pub fn update(
+        &mut self,
+        params: Vec<(Tensor<B, 2>, bool)>,
+        loss: Tensor<B, 1>,
+        lr: f64,
+        weight_decay: f64,
+    ) -> Vec<Tensor<B, 2>> {
         let (b1, b2, eps) = (0.9f64, 0.95f64, 1e-8f64);
         let grads = loss.backward();
         self.t += 1;
         let c1 = 1.0 - b1.powi(self.t as i32);
         let c2 = 1.0 - b2.powi(self.t as i32);
         let mut updated = Vec::new();
-        for (i, (p, decay)) in params(model).into_iter().enumerate() {
+        for (i, (p, decay)) in params.into_iter().enumerate() {
             let g = p.grad(&grads);
             let p = p.inner();
             let Some(g) = g else {
@@ -213,7 +245,7 @@ impl<B: AutodiffBackend> AdamW<B> {
             let p = p - step.mul_scalar(lr);
             updated.push(Tensor::<B, 2>::from_inner(p).require_grad());
         }
-        with_params(model, updated, &model.device)
+        updated
     }
 
     /// The moments in `params` order, for a checkpoint.

@@ -224,7 +224,6 @@ fn batched_decoding_case(config: &troupe_engine::ModelConfig, seed: u64) {
                     assumed: vec![],
                     k,
                     params: *params,
-                    hidden: vec![],
                 };
                 ngram.draft(&[req]).unwrap().pop().unwrap().tokens
             } else {

@@ -6,8 +6,8 @@ mod common;
 use common::reference::{softmax, Reference};
 use common::*;
 use troupe_engine::{
-    generate, Drafter, Engine, GenerateOptions, Generation, ModelConfig, ModelDrafter,
-    NgramDrafter, SamplingParams, WindowSpec,
+    generate, BlockDrafter, Drafter, Engine, GenerateOptions, Generation, ModelConfig,
+    ModelDrafter, NgramDrafter, SamplingParams, WindowSpec,
 };
 
 fn run(
@@ -276,14 +276,22 @@ fn sampled_speculative_decoding_preserves_the_verifier_distribution() {
     };
     let mut ngram = NgramDrafter::default();
     let mut small = ModelDrafter::new(Engine::new(draft_ck.load()));
+    // A block drafter grown from the verifier (untrained): deterministic drafts from the
+    // verifier's states, verified by rejection sampling against one-hot proposals.
+    let layers = verifier_config.num_layers;
+    let mut block = BlockDrafter::new(
+        troupe_engine::block::drafter_from_verifier(&model, vec![0, layers - 1], 1, 4).unwrap(),
+    );
     // (name, draft_len, top_p): a nucleus changes both the verifier's and the draft model's
     // distributions, and tokens outside it must never appear.
-    let cases: [(&str, usize, f32); 5] = [
+    let cases: [(&str, usize, f32); 7] = [
         ("plain", 0, 1.0),
         ("ngram", 3, 1.0),
         ("model", 3, 1.0),
         ("model", 2, TOP_P),
         ("ngram", 2, TOP_P),
+        ("block", 3, 1.0),
+        ("block", 2, TOP_P),
     ];
     for (name, k, top_p) in cases {
         let exact = if top_p < 1.0 { &exact_top_p } else { &exact };
@@ -307,6 +315,7 @@ fn sampled_speculative_decoding_preserves_the_verifier_distribution() {
             let drafter: Option<&mut dyn Drafter> = match &name[..5] {
                 "ngram" => Some(&mut ngram),
                 "model" => Some(&mut small),
+                "block" => Some(&mut block),
                 _ => None,
             };
             let g = run(&model, drafter, &prompt, &opts);
@@ -378,7 +387,6 @@ fn model_drafter_assumed_tokens_leave_no_trace() {
         assumed,
         k: 3,
         params: SamplingParams::greedy(),
-        hidden: vec![],
     };
     for round in 0..8u64 {
         let block = random_tokens(500 + round, 2, 256);

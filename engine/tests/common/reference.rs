@@ -68,14 +68,14 @@ pub struct Reference<'a> {
     pub inv_freq: Vec<f64>,
 }
 
-fn rms_norm(x: &[f32], w: &[f32], eps: f64) -> Vec<f32> {
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f64) -> Vec<f32> {
     let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
     let inv = 1.0 / (ms + eps as f32).sqrt();
     x.iter().zip(w).map(|(v, g)| g * (v * inv)).collect()
 }
 
 /// `W x` with `W` stored `[out, in]` row-major.
-fn matvec(w: &[f32], x: &[f32], out: usize) -> Vec<f32> {
+pub fn matvec(w: &[f32], x: &[f32], out: usize) -> Vec<f32> {
     let inp = x.len();
     assert_eq!(w.len(), out * inp);
     (0..out)
@@ -98,7 +98,7 @@ fn linear(w: &Weights, prefix: &str, name: &str, x: &[f32], out: usize) -> Vec<f
     y
 }
 
-fn silu(x: f32) -> f32 {
+pub fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
@@ -111,7 +111,7 @@ impl<'a> Reference<'a> {
     }
 
     /// Rotate-half RoPE of one head vector at `pos`.
-    fn rope(&self, x: &[f32], pos: usize) -> Vec<f32> {
+    pub fn rope(&self, x: &[f32], pos: usize) -> Vec<f32> {
         let half = x.len() / 2;
         let mut out = vec![0.0; x.len()];
         for i in 0..half {

@@ -1,0 +1,331 @@
+//! A block drafter (DFlash-style): drafts a whole block in one forward, conditioned on the
+//! verifier's hidden states.
+//!
+//! Each sequence's block is `[anchor, known…, MASK…]`: the anchor is the first token whose
+//! verifier states the drafter has not been given (the verifier's latest own token), any further
+//! known tokens follow it (the block still in flight, when the order is pipelined), and masked
+//! rows fill the block; the drafts are the head's argmax at the first masked rows. The context is
+//! the fused states of every position before the anchor, kept per sequence in a bounded window
+//! ([`ContextWindow`]) whose bytes count in the session's reservation.
+//!
+//! Drafts are deterministic (one-hot proposals): under sampling the verifier's rejection sampling
+//! keeps the output distribution exact, and sampling each block position independently would
+//! only lower acceptance.
+
+mod context;
+mod model;
+mod spec;
+#[cfg(feature = "train")]
+pub mod train;
+mod weights;
+
+use std::collections::HashMap;
+
+use burn::prelude::*;
+use troupe_kernels::KernelBackend;
+
+pub use context::{context_bytes, ContextWindow};
+pub use model::{BlockInputs, BlockModel, ContextKv};
+pub use spec::{BlockSpec, CONFIG_KEY};
+pub use weights::{drafter_from_verifier, is_block_drafter, load_block_model, save_block_drafter};
+
+use crate::drafter::{Draft, DraftRequest, Drafter};
+use crate::engine::{argmax_rows, logits_to_host};
+use crate::error::{EngineError, Result};
+use crate::verifier::SeqId;
+use crate::window::WindowSpec;
+
+struct Track<B: Backend> {
+    /// Tokens from position `base` of the sequence on.
+    tokens: Vec<u32>,
+    base: usize,
+    /// Positions whose verifier states the context has taken (or skipped): the anchor's.
+    featured: usize,
+    ctx: ContextWindow<B>,
+}
+
+impl<B: Backend> Track<B> {
+    /// The tokens from the anchor on.
+    fn unfeatured(&self) -> &[u32] {
+        let from = self
+            .featured
+            .saturating_sub(self.base)
+            .min(self.tokens.len());
+        &self.tokens[from..]
+    }
+}
+
+/// A block drafter serving many sequences, one batched forward per call to `draft`.
+pub struct BlockDrafter<B: Backend> {
+    model: BlockModel<B>,
+    tracks: HashMap<SeqId, Track<B>>,
+}
+
+/// One block of a batched forward: which request, its rows' tokens, and how many drafts it reads.
+struct Planned {
+    request: usize,
+    known: Vec<u32>,
+    drafts: usize,
+}
+
+impl<B: KernelBackend> BlockDrafter<B> {
+    /// Drafts with `model`.
+    pub fn new(model: BlockModel<B>) -> Self {
+        Self {
+            model,
+            tracks: HashMap::new(),
+        }
+    }
+
+    /// The network.
+    pub fn model(&self) -> &BlockModel<B> {
+        &self.model
+    }
+
+    /// Rows of the context of `seq`, if it is open.
+    pub fn context_len(&self, seq: SeqId) -> Option<usize> {
+        self.tracks.get(&seq).map(|t| t.ctx.len())
+    }
+
+    /// One batched forward over the blocks of `requests`: the blocks planned (requests that
+    /// can draft nothing have none) and the logits of their drafted rows, blocks in order.
+    fn forward_blocks(
+        &mut self,
+        requests: &[DraftRequest],
+    ) -> Result<Option<(Vec<Planned>, Tensor<B, 2>)>> {
+        let block = self.model.spec.block_size;
+        let mut plans = Vec::new();
+        let mut seqs = Vec::new();
+        for (i, r) in requests.iter().enumerate() {
+            let t = self
+                .tracks
+                .get(&r.seq)
+                .ok_or(EngineError::UnknownSequence(r.seq))?;
+            let mut known = t.unfeatured().to_vec();
+            known.extend_from_slice(&r.assumed);
+            // An anchor is needed, and room for at least one masked row.
+            if known.is_empty() || known.len() >= block || r.k == 0 {
+                continue;
+            }
+            let drafts = r.k.min(block - known.len());
+            plans.push(Planned {
+                request: i,
+                known,
+                drafts,
+            });
+            seqs.push(r.seq);
+        }
+        if plans.is_empty() {
+            return Ok(None);
+        }
+        let b = plans.len();
+        let (ctx, lens) = self.batch_context(&seqs);
+        let longest = lens.iter().copied().max().unwrap_or(0);
+        self.model.ensure_positions(longest + block);
+        let device = self.model.stack.device.clone();
+        let mut rows = Vec::with_capacity(b * block);
+        let mut positions = Vec::with_capacity(b * block);
+        let mut mask = Vec::with_capacity(b * block * (longest + block));
+        for (p, &n) in plans.iter().zip(&lens) {
+            rows.extend(p.known.iter().map(|&t| Some(t)));
+            rows.extend(std::iter::repeat_n(None, block - p.known.len()));
+            positions.extend((0..block).map(|j| (n + j) as i64));
+            for _ in 0..block {
+                mask.extend((0..longest).map(|c| if c < n { 0.0 } else { f32::NEG_INFINITY }));
+                mask.extend(std::iter::repeat_n(0f32, block));
+            }
+        }
+        let inputs = BlockInputs {
+            ctx,
+            positions: Tensor::from_data(TensorData::new(positions, [b, block]), &device),
+            mask: Tensor::from_data(
+                TensorData::new(mask, [b, 1, block, longest + block]),
+                &device,
+            ),
+        };
+        let x = self.model.block_inputs(&rows, b);
+        let hidden = self.model.forward(x, &inputs);
+        let h = self.model.stack.config.hidden_size;
+        let picked: Vec<i64> = plans
+            .iter()
+            .enumerate()
+            .flat_map(|(i, p)| {
+                let first = i * block + p.known.len();
+                (first..first + p.drafts).map(|r| r as i64)
+            })
+            .collect();
+        let n = picked.len();
+        let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(picked, [n]), &device);
+        let hidden = hidden.reshape([b * block, h]).select(0, idx);
+        Ok(Some((plans, self.model.logits(hidden))))
+    }
+
+    /// The logits each request's drafts are the argmax of, one row per draft (none for a request
+    /// that can draft nothing).
+    pub fn draft_logits(&mut self, requests: &[DraftRequest]) -> Result<Vec<Vec<Vec<f32>>>> {
+        let mut out = vec![Vec::new(); requests.len()];
+        let Some((plans, logits)) = self.forward_blocks(requests)? else {
+            return Ok(out);
+        };
+        let mut rows = logits_to_host(logits)?.into_iter();
+        for p in plans {
+            out[p.request] = rows.by_ref().take(p.drafts).collect();
+        }
+        Ok(out)
+    }
+
+    fn track(&mut self, seq: SeqId) -> Result<&mut Track<B>> {
+        self.tracks
+            .get_mut(&seq)
+            .ok_or(EngineError::UnknownSequence(seq))
+    }
+
+    /// The tapped states of `rows` positions as one `[rows, taps × hidden]` matrix.
+    fn tapped(&self, hidden: &[Vec<Vec<f32>>]) -> Result<(Tensor<B, 2>, usize)> {
+        let taps = self.model.spec.target_layer_ids.len();
+        let h = self.model.spec.verifier_hidden_size;
+        if hidden.len() != taps {
+            return Err(EngineError::InvalidStep(format!(
+                "{} layers of hidden states for a drafter that taps {taps}",
+                hidden.len()
+            )));
+        }
+        let rows = hidden[0].len();
+        let mut flat = Vec::with_capacity(rows * taps * h);
+        for r in 0..rows {
+            for layer in hidden {
+                let row = layer.get(r).filter(|row| row.len() == h).ok_or_else(|| {
+                    EngineError::InvalidStep(format!(
+                        "hidden states of uneven rows or not {h} wide"
+                    ))
+                })?;
+                flat.extend_from_slice(row);
+            }
+        }
+        let t = Tensor::from_data(
+            TensorData::new(flat, [rows, taps * h]),
+            &self.model.stack.device,
+        );
+        Ok((t, rows))
+    }
+
+    /// The padded context of every planned block, per layer `[batch, longest, kv_dim]`, and each
+    /// block's context length.
+    fn batch_context(
+        &self,
+        seqs: &[SeqId],
+    ) -> (Option<Vec<(Tensor<B, 3>, Tensor<B, 3>)>>, Vec<usize>) {
+        let lens: Vec<usize> = seqs.iter().map(|s| self.tracks[s].ctx.len()).collect();
+        let longest = lens.iter().copied().max().unwrap_or(0);
+        if longest == 0 {
+            return (None, lens);
+        }
+        let c = &self.model.stack.config;
+        let kvd = c.num_kv_heads * c.head_dim;
+        let device = &self.model.stack.device;
+        let pad = |t: Option<&Tensor<B, 2>>, n: usize| -> Tensor<B, 3> {
+            let t = match t {
+                Some(t) if n == longest => t.clone(),
+                Some(t) => Tensor::cat(
+                    vec![t.clone(), Tensor::zeros([longest - n, kvd], device)],
+                    0,
+                ),
+                None => Tensor::zeros([longest, kvd], device),
+            };
+            t.unsqueeze_dim(0)
+        };
+        let layers = (0..c.num_layers)
+            .map(|l| {
+                let (mut ks, mut vs) = (Vec::new(), Vec::new());
+                for (seq, &n) in seqs.iter().zip(&lens) {
+                    let held = self.tracks[seq].ctx.layers().get(l);
+                    ks.push(pad(held.map(|(k, _)| k), n));
+                    vs.push(pad(held.map(|(_, v)| v), n));
+                }
+                (Tensor::cat(ks, 0), Tensor::cat(vs, 0))
+            })
+            .collect();
+        (Some(layers), lens)
+    }
+}
+
+impl<B: KernelBackend> Drafter for BlockDrafter<B>
+where
+    B::Device: Send,
+{
+    fn name(&self) -> &str {
+        "block"
+    }
+
+    fn open(&mut self, seq: SeqId, spec: WindowSpec, _seed: u64) -> Result<()> {
+        if self.tracks.contains_key(&seq) {
+            return Err(EngineError::DuplicateSequence(seq));
+        }
+        self.tracks.insert(
+            seq,
+            Track {
+                tokens: Vec::new(),
+                base: 0,
+                featured: 0,
+                ctx: ContextWindow::new(spec),
+            },
+        );
+        Ok(())
+    }
+
+    fn close(&mut self, seq: SeqId) {
+        self.tracks.remove(&seq);
+    }
+
+    fn observe(&mut self, seq: SeqId, tokens: &[u32]) -> Result<()> {
+        self.track(seq)?.tokens.extend_from_slice(tokens);
+        Ok(())
+    }
+
+    fn observe_hidden(&mut self, seq: SeqId, from: usize, hidden: &[Vec<Vec<f32>>]) -> Result<()> {
+        let featured = self.track(seq)?.featured;
+        let (tapped, rows) = self.tapped(hidden)?;
+        let end = from + rows;
+        if end <= featured {
+            return Ok(()); // states of positions it has (a replay after a verifier restart)
+        }
+        // Positions before `from` it was never given (after a restart of its own) stay out of
+        // its context, as evicted ones do.
+        let skip = featured.saturating_sub(from);
+        let d = tapped.dims()[1];
+        let new = tapped.slice([skip..rows, 0..d]);
+        let kv = self.model.context_kv(self.model.fuse(new));
+        let t = self.track(seq)?;
+        t.ctx.push(kv);
+        t.featured = end;
+        let drop = t.featured.saturating_sub(t.base).min(t.tokens.len());
+        t.tokens.drain(..drop);
+        t.base += drop;
+        Ok(())
+    }
+
+    fn draft(&mut self, requests: &[DraftRequest]) -> Result<Vec<Draft>> {
+        let mut out: Vec<Draft> = requests.iter().map(|_| Draft::default()).collect();
+        let Some((plans, logits)) = self.forward_blocks(requests)? else {
+            return Ok(out);
+        };
+        let mut tokens = argmax_rows(logits)?.into_iter();
+        for p in plans {
+            out[p.request].tokens = tokens.by_ref().take(p.drafts).collect();
+        }
+        Ok(out)
+    }
+
+    fn hidden_layers(&self) -> Vec<usize> {
+        self.model.spec.target_layer_ids.clone()
+    }
+
+    fn vocab_size(&self) -> Option<usize> {
+        Some(self.model.stack.config.vocab_size)
+    }
+
+    fn kv_bytes(&self, spec: WindowSpec) -> u64 {
+        let c = &self.model.stack.config;
+        context_bytes(c.num_layers, c.num_kv_heads * c.head_dim, spec)
+    }
+}
