@@ -5,6 +5,8 @@
 
 use std::collections::VecDeque;
 
+use troupe_engine::DraftCost;
+
 /// Step-time model fitted from observations.
 #[derive(Debug, Clone)]
 pub struct CostModel {
@@ -141,11 +143,26 @@ pub fn expected_emitted(alpha: f64, k: usize) -> f64 {
 }
 
 /// The draft length in `0..=max_k` that maximises tokens emitted per unit of cost, where a step of
-/// `1 + k` tokens costs `1 + ratio·k` shares.
+/// `1 + k` tokens costs `1 + ratio·k` shares (drafting free).
+#[cfg(test)]
 pub fn best_draft_len(alpha: f64, ratio: f64, max_k: usize) -> usize {
+    best_draft_len_drafting(alpha, ratio, max_k, 0.0, DraftCost::PerBlock)
+}
+
+/// [`best_draft_len`] when drafting also takes the step's time: each drafter forward costs
+/// `forward` shares (its time over a step's), and a block of `k` costs as many forwards as
+/// `cost` says (one for a block drafter, `k` for a draft model).
+pub fn best_draft_len_drafting(
+    alpha: f64,
+    ratio: f64,
+    max_k: usize,
+    forward: f64,
+    cost: DraftCost,
+) -> usize {
     let mut best = (0, 1.0);
     for k in 1..=max_k {
-        let gain = expected_emitted(alpha, k) / (1.0 + ratio * k as f64);
+        let drafting = forward * cost.forwards(k) as f64;
+        let gain = expected_emitted(alpha, k) / (1.0 + ratio * k as f64 + drafting);
         if gain > best.1 + 1e-9 {
             best = (k, gain);
         }
@@ -209,5 +226,14 @@ mod tests {
         let high = best_draft_len(0.9, 0.2, 8);
         assert!(low < high, "{low} {high}");
         assert_eq!(best_draft_len(0.0, 0.0, 8), 0);
+        // Drafting that costs half a step per forward: a draft model, paying per token, drafts
+        // short or not at all; a block drafter, paying once per block, drafts long.
+        let per_token = best_draft_len_drafting(0.8, 0.1, 8, 0.5, DraftCost::PerToken);
+        let per_block = best_draft_len_drafting(0.8, 0.1, 8, 0.5, DraftCost::PerBlock);
+        assert!(per_token < per_block, "{per_token} vs {per_block}");
+        assert!(
+            per_token <= 1 && per_block >= 6,
+            "{per_token} vs {per_block}"
+        );
     }
 }

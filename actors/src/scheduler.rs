@@ -173,6 +173,11 @@ impl Actor for SchedulerActor {
             Some(d) if args.config.max_draft_len > 0 => d.hidden_layers(),
             _ => Vec::new(),
         };
+        let draft_cost = args
+            .drafter
+            .as_ref()
+            .map(|d| d.draft_cost())
+            .unwrap_or_default();
         let mut model = args.verifier;
         model.set_hidden_layers(hidden_layers.clone());
         let verifier = VerifierLink::spawn(
@@ -201,8 +206,10 @@ impl Actor for SchedulerActor {
             ),
             _ => None,
         };
+        let mut policy = SchedulerState::new(args.config);
+        policy.set_draft_cost(draft_cost);
         Ok(SchedulerActorState {
-            policy: SchedulerState::new(args.config),
+            policy,
             verifier: Some(verifier),
             proposer,
             verifier_factory: args.verifier_factory,
@@ -352,7 +359,8 @@ impl Actor for SchedulerActor {
                 }
                 for r in &replies {
                     if let Some(t) = st.orders_sent.remove(&(r.order.seq, r.order.pipelined)) {
-                        st.policy.observe_draft_latency(t.elapsed().as_secs_f64());
+                        st.policy
+                            .observe_draft(t.elapsed().as_secs_f64(), r.order.k);
                     }
                 }
                 st.policy.on_drafts(replies);

@@ -30,6 +30,27 @@ pub struct Draft {
     pub probs: Option<Vec<Vec<f32>>>,
 }
 
+/// How a drafter's time grows with the tokens it drafts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DraftCost {
+    /// A block costs about one forward (or nothing) whatever its length: a block drafter, prompt
+    /// lookup.
+    #[default]
+    PerBlock,
+    /// Every drafted token costs a forward: an autoregressive draft model.
+    PerToken,
+}
+
+impl DraftCost {
+    /// Forwards a block of `k` drafts costs.
+    pub fn forwards(self, k: usize) -> usize {
+        match self {
+            DraftCost::PerBlock => usize::from(k > 0),
+            DraftCost::PerToken => k,
+        }
+    }
+}
+
 /// Something that proposes tokens for many sequences at once.
 pub trait Drafter: Send {
     /// A short name for reports ("ngram", "model").
@@ -62,6 +83,10 @@ pub trait Drafter: Send {
         _hidden: &[Vec<Vec<f32>>],
     ) -> Result<()> {
         Ok(())
+    }
+    /// How its time grows with the tokens it drafts (what the scheduler prices a block at).
+    fn draft_cost(&self) -> DraftCost {
+        DraftCost::PerBlock
     }
     /// Bytes its own per-sequence state takes for a window of shape `spec` (a draft model's
     /// window, a block drafter's context): what a session reserves beside the verifier's window.
@@ -103,6 +128,9 @@ impl<D: Drafter + ?Sized> Drafter for Box<D> {
     }
     fn kv_bytes(&self, spec: WindowSpec) -> u64 {
         (**self).kv_bytes(spec)
+    }
+    fn draft_cost(&self) -> DraftCost {
+        (**self).draft_cost()
     }
     fn vocab_size(&self) -> Option<usize> {
         (**self).vocab_size()

@@ -8,7 +8,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use troupe_kernels::KernelBackend;
 
-use crate::drafter::{Draft, DraftRequest, Drafter};
+use crate::drafter::{Draft, DraftCost, DraftRequest, Drafter};
 use crate::engine::{logits_to_host, Engine, StepItem};
 use crate::error::{EngineError, Result};
 use crate::sampling::{argmax, distribution, sample};
@@ -54,6 +54,10 @@ where
 
     fn kv_bytes(&self, spec: WindowSpec) -> u64 {
         Verifier::kv_bytes(&self.engine, spec)
+    }
+
+    fn draft_cost(&self) -> DraftCost {
+        DraftCost::PerToken
     }
 
     fn open(&mut self, seq: SeqId, spec: WindowSpec, seed: u64) -> Result<()> {

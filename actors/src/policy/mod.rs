@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::Duration;
 
-use troupe_engine::{SeqId, VerifyOutcome};
+use troupe_engine::{DraftCost, SeqId, VerifyOutcome};
 
 use crate::config::SchedulerConfig;
 use crate::cost::CostModel;
@@ -108,6 +108,10 @@ pub struct SchedulerState {
     step_ema: Option<f64>,
     /// Seconds from a draft order to its reply, averaged; `None` before the first reply.
     draft_latency_ema: Option<f64>,
+    /// How the drafter's time grows with a block's length.
+    draft_cost: DraftCost,
+    /// Seconds per drafter forward (a reply's latency over its block's forwards), averaged.
+    draft_forward_ema: Option<f64>,
     /// Sequences whose turn the last step ended and whose next turn has not come yet.
     just_finished: BTreeSet<SeqId>,
     /// Running share of follow-up turns that came within the turn-around wait.
@@ -130,10 +134,17 @@ impl SchedulerState {
             stats: SchedulerStats::default(),
             step_ema: None,
             draft_latency_ema: None,
+            draft_cost: DraftCost::default(),
+            draft_forward_ema: None,
             just_finished: BTreeSet::new(),
             turnaround_hits: 1.0,
             gather_hits: 1.0,
         }
+    }
+
+    /// Says how the drafter's time grows with a block's length (see [`DraftCost`]).
+    pub fn set_draft_cost(&mut self, cost: DraftCost) {
+        self.draft_cost = cost;
     }
 
     /// Registers a sequence.

@@ -6,7 +6,7 @@ use troupe_engine::SeqId;
 
 use super::seq::{PipeRequest, ReadyDraft, SeqEntry};
 use super::{Chosen, SchedulerState};
-use crate::cost::best_draft_len;
+use crate::cost::best_draft_len_drafting;
 use crate::protocol::{DraftOrder, DraftReply};
 
 /// Draft orders one sequence may have unanswered at once: a fresh block and a pipelined one.
@@ -48,7 +48,13 @@ impl SchedulerState {
             return cap;
         }
         let ratio = self.cost.marginal_ratio(decoding.max(1));
-        best_draft_len(e.alpha, ratio, cap)
+        best_draft_len_drafting(
+            e.alpha,
+            ratio,
+            cap,
+            self.draft_forward_share(),
+            self.draft_cost,
+        )
     }
 
     /// Drafts to make while the step in flight is verified: block n+1 of each decoding sequence,

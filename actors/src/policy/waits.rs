@@ -43,6 +43,24 @@ impl SchedulerState {
         self.draft_latency_ema = Some(ema(self.draft_latency_ema, seconds));
     }
 
+    /// Records how long a block of `k` drafts took from order to reply: the latency, and the
+    /// time per drafter forward the draft length is priced with.
+    pub fn observe_draft(&mut self, seconds: f64, k: usize) {
+        self.observe_draft_latency(seconds);
+        let forwards = self.draft_cost.forwards(k).max(1);
+        self.draft_forward_ema = Some(ema(self.draft_forward_ema, seconds / forwards as f64));
+    }
+
+    /// What one drafter forward costs in shares of a step, where drafting holds the step up (it
+    /// is not pipelined); 0 where it overlaps the step in flight.
+    pub(super) fn draft_forward_share(&self) -> f64 {
+        if self.config.pipelined {
+            return 0.0;
+        }
+        self.draft_forward_ema
+            .map_or(0.0, |f| f / self.step_estimate())
+    }
+
     /// Records how long a step took the verifier.
     pub(super) fn observe_step_time(&mut self, seconds: f64) {
         self.step_ema = Some(ema(self.step_ema, seconds));
