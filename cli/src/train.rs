@@ -35,8 +35,8 @@ pub struct TrainArgs {
     /// A block drafter's decoder layers.
     #[arg(long, default_value_t = 1)]
     pub(crate) layers: usize,
-    /// A block drafter's block size (it drafts at most one less).
-    #[arg(long, default_value_t = 16)]
+    /// A block drafter's block size: the anchor and up to one less drafts.
+    #[arg(long, default_value_t = 17)]
     pub(crate) block_size: usize,
     /// Sequences the verifier generates to train a block drafter on.
     #[arg(long, default_value_t = 768)]

@@ -48,22 +48,15 @@ fn say(bar: &ProgressBar, line: String) {
 }
 
 fn describe(v: &Validation) -> String {
-    let means: Vec<String> = v
-        .mean_accepted
+    let parts: Vec<String> = v
+        .by_draft_len
         .iter()
-        .map(|(k, m)| format!("k={k}: {m:.2}"))
+        .map(|(k, mean, at_least)| {
+            let first: Vec<String> = at_least.iter().take(4).map(|p| format!("{p:.2}")).collect();
+            format!("k={k}: {mean:.2} ({})", first.join(" "))
+        })
         .collect();
-    let first: Vec<String> = v
-        .at_least
-        .iter()
-        .take(6)
-        .map(|p| format!("{p:.2}"))
-        .collect();
-    format!(
-        "accepted per block {}; P(first n right) {}",
-        means.join(", "),
-        first.join(" ")
-    )
+    format!("accepted per block {}", parts.join("; "))
 }
 
 /// Runs `troupe train --preset block-drafter`.
@@ -154,13 +147,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
         train_bar.set_message(format!("loss {e:.3}"));
         train_bar.inc(1);
         let step = trainer.steps();
-        if train_bar.is_hidden() && step % 20 == 0 {
+        if train_bar.is_hidden() && step.is_multiple_of(20) {
             eprintln!(
                 "step {step:>5}: loss {e:.3}, {:.0} s",
                 started.elapsed().as_secs_f64()
             );
         }
-        if step % a.every == 0 || step == cfg.steps {
+        if step.is_multiple_of(a.every.max(1)) || step == cfg.steps {
             let inner = trainer.inner();
             let v = validate(&inner, &val, 8, 8)?;
             say(

@@ -1,16 +1,17 @@
-//! A block drafter's per-sequence context: each drafter layer's keys and values of the fused
-//! verifier states, with the sink + sliding window semantics of the verifier's own windows and an
-//! exact byte bound.
+//! A block drafter's per-sequence context: each drafter layer's keys (rotated at their positions,
+//! transposed) and values of the fused verifier states, with the sink + sliding window semantics
+//! of the verifier's own windows and an exact byte bound.
 
 use burn::prelude::*;
 
 use crate::window::WindowSpec;
 
-/// One sequence's context rows, per drafter layer `(keys, values)`, each `[rows, kv_dim]` f32.
+/// One sequence's context, per drafter layer: keys `[kv_heads, head_dim, rows]` and values
+/// `[kv_heads, rows, head_dim]`, f32.
 #[derive(Debug, Clone)]
 pub struct ContextWindow<B: Backend> {
     spec: WindowSpec,
-    layers: Vec<(Tensor<B, 2>, Tensor<B, 2>)>,
+    layers: Vec<(Tensor<B, 3>, Tensor<B, 3>)>,
     rows: usize,
     seen: u64,
 }
@@ -41,20 +42,22 @@ impl<B: Backend> ContextWindow<B> {
         self.rows == 0
     }
 
-    /// Rows ever added, evicted ones included.
+    /// Rows ever added, evicted ones included: the position the next row takes.
     pub fn seen(&self) -> u64 {
         self.seen
     }
 
-    /// The held rows of each layer.
-    pub fn layers(&self) -> &[(Tensor<B, 2>, Tensor<B, 2>)] {
+    /// The held rows of each layer: keys `[kv_heads, head_dim, rows]`, values `[kv_heads, rows,
+    /// head_dim]`.
+    pub fn layers(&self) -> &[(Tensor<B, 3>, Tensor<B, 3>)] {
         &self.layers
     }
 
-    /// Appends rows (per layer `(keys, values)`, `[new, kv_dim]`), then evicts past the
-    /// capacity: the first `sink` rows ever added stay, and the latest `window` after them.
-    pub fn push(&mut self, new: Vec<(Tensor<B, 2>, Tensor<B, 2>)>) {
-        let Some(n) = new.first().map(|(k, _)| k.dims()[0]) else {
+    /// Appends rows (per layer keys `[kv_heads, head_dim, new]` and values `[kv_heads, new,
+    /// head_dim]`), then evicts past the capacity: the first `sink` rows ever added stay, and the
+    /// latest `window` after them.
+    pub fn push(&mut self, new: Vec<(Tensor<B, 3>, Tensor<B, 3>)>) {
+        let Some(n) = new.first().map(|(k, _)| k.dims()[2]) else {
             return;
         };
         if n == 0 {
@@ -67,7 +70,7 @@ impl<B: Backend> ContextWindow<B> {
                 .into_iter()
                 .zip(new)
                 .map(|((k, v), (nk, nv))| {
-                    (Tensor::cat(vec![k, nk], 0), Tensor::cat(vec![v, nv], 0))
+                    (Tensor::cat(vec![k, nk], 2), Tensor::cat(vec![v, nv], 1))
                 })
                 .collect()
         };
@@ -75,19 +78,18 @@ impl<B: Backend> ContextWindow<B> {
         self.seen += n as u64;
         let cap = self.spec.capacity();
         if self.rows > cap {
-            let sink = self.spec.sink;
-            let keep = |t: Tensor<B, 2>| {
-                let [rows, d] = t.dims();
-                let tail = t.clone().slice([rows - self.spec.window..rows, 0..d]);
+            let (sink, window, rows) = (self.spec.sink, self.spec.window, self.rows);
+            let keep = |t: Tensor<B, 3>, dim: usize| {
+                let tail = t.clone().narrow(dim, rows - window, window);
                 if sink == 0 {
                     tail
                 } else {
-                    Tensor::cat(vec![t.slice([0..sink, 0..d]), tail], 0)
+                    Tensor::cat(vec![t.narrow(dim, 0, sink), tail], dim)
                 }
             };
             self.layers = std::mem::take(&mut self.layers)
                 .into_iter()
-                .map(|(k, v)| (keep(k), keep(v)))
+                .map(|(k, v)| (keep(k, 2), keep(v, 1)))
                 .collect();
             self.rows = cap;
         }
@@ -99,44 +101,38 @@ mod tests {
     use super::*;
     use burn::backend::Flex;
 
-    fn rows(values: &[f32]) -> Vec<(Tensor<Flex, 2>, Tensor<Flex, 2>)> {
-        let t = Tensor::<Flex, 2>::from_data(
-            TensorData::new(values.to_vec(), [values.len(), 1]),
+    fn rows(values: &[f32]) -> Vec<(Tensor<Flex, 3>, Tensor<Flex, 3>)> {
+        let n = values.len();
+        let t = Tensor::<Flex, 1>::from_data(
+            TensorData::new(values.to_vec(), [n]),
             &Default::default(),
         );
-        vec![(t.clone(), t.neg())]
+        vec![(t.clone().reshape([1, 1, n]), t.neg().reshape([1, n, 1]))]
     }
 
-    fn held(w: &ContextWindow<Flex>) -> Vec<f32> {
-        w.layers()[0]
-            .0
-            .to_data()
-            .convert::<f32>()
-            .into_vec()
-            .unwrap()
+    fn held(w: &ContextWindow<Flex>) -> (Vec<f32>, Vec<f32>) {
+        let (k, v) = &w.layers()[0];
+        (
+            k.to_data().convert::<f32>().into_vec().unwrap(),
+            v.to_data().convert::<f32>().into_vec().unwrap(),
+        )
     }
 
     #[test]
     fn keeps_the_sinks_and_the_latest_window() {
         let mut w = ContextWindow::<Flex>::new(WindowSpec { sink: 2, window: 3 });
         w.push(rows(&[0., 1., 2.]));
-        assert_eq!(held(&w), vec![0., 1., 2.]);
+        assert_eq!(held(&w).0, vec![0., 1., 2.]);
         w.push(rows(&[3., 4., 5., 6.]));
-        assert_eq!(held(&w), vec![0., 1., 4., 5., 6.]);
+        assert_eq!(held(&w).0, vec![0., 1., 4., 5., 6.]);
         assert_eq!((w.len(), w.seen()), (5, 7));
-        let values: Vec<f32> = w.layers()[0]
-            .1
-            .to_data()
-            .convert::<f32>()
-            .into_vec()
-            .unwrap();
         assert_eq!(
-            values,
+            held(&w).1,
             vec![-0., -1., -4., -5., -6.],
             "values evict with their keys"
         );
         w.push(rows(&[7.]));
-        assert_eq!(held(&w), vec![0., 1., 5., 6., 7.]);
+        assert_eq!(held(&w).0, vec![0., 1., 5., 6., 7.]);
         assert_eq!(
             context_bytes(1, 1, WindowSpec { sink: 2, window: 3 }),
             2 * 5 * 4

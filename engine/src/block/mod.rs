@@ -25,7 +25,7 @@ use burn::prelude::*;
 use troupe_kernels::KernelBackend;
 
 pub use context::{context_bytes, ContextWindow};
-pub use model::{BlockInputs, BlockModel, ContextKv};
+pub use model::{BlockInputs, BlockModel, LayerContext};
 pub use spec::{BlockSpec, CONFIG_KEY};
 pub use weights::{drafter_from_verifier, is_block_drafter, load_block_model, save_block_drafter};
 
@@ -93,7 +93,7 @@ impl<B: KernelBackend> BlockDrafter<B> {
         &mut self,
         requests: &[DraftRequest],
     ) -> Result<Option<(Vec<Planned>, Tensor<B, 2>)>> {
-        let block = self.model.spec.block_size;
+        let most = self.model.spec.block_size;
         let mut plans = Vec::new();
         let mut seqs = Vec::new();
         for (i, r) in requests.iter().enumerate() {
@@ -104,10 +104,10 @@ impl<B: KernelBackend> BlockDrafter<B> {
             let mut known = t.unfeatured().to_vec();
             known.extend_from_slice(&r.assumed);
             // An anchor is needed, and room for at least one masked row.
-            if known.is_empty() || known.len() >= block || r.k == 0 {
+            if known.is_empty() || known.len() >= most || r.k == 0 {
                 continue;
             }
-            let drafts = r.k.min(block - known.len());
+            let drafts = r.k.min(most - known.len());
             plans.push(Planned {
                 request: i,
                 known,
@@ -119,29 +119,35 @@ impl<B: KernelBackend> BlockDrafter<B> {
             return Ok(None);
         }
         let b = plans.len();
-        let (ctx, lens) = self.batch_context(&seqs);
+        let (ctx, lens, anchors) = self.batch_context(&seqs);
         let longest = lens.iter().copied().max().unwrap_or(0);
-        self.model.ensure_positions(longest + block);
         let device = self.model.stack.device.clone();
+        // A block is its anchor, known tokens and one mask per draft; the batch runs the longest
+        // block's rows for every block, rows past a block's own length absent (seen by nothing).
+        let block = plans
+            .iter()
+            .map(|p| p.known.len() + p.drafts)
+            .max()
+            .unwrap_or(1);
         let mut rows = Vec::with_capacity(b * block);
         let mut positions = Vec::with_capacity(b * block);
         let mut mask = Vec::with_capacity(b * block * (longest + block));
-        for (p, &n) in plans.iter().zip(&lens) {
+        for ((p, &n), &anchor) in plans.iter().zip(&lens).zip(&anchors) {
+            let len = p.known.len() + p.drafts;
             rows.extend(p.known.iter().map(|&t| Some(t)));
             rows.extend(std::iter::repeat_n(None, block - p.known.len()));
-            positions.extend((0..block).map(|j| (n + j) as i64));
+            positions.extend(anchor..anchor + block);
             for _ in 0..block {
                 mask.extend((0..longest).map(|c| if c < n { 0.0 } else { f32::NEG_INFINITY }));
-                mask.extend(std::iter::repeat_n(0f32, block));
+                mask.extend((0..block).map(|c| if c < len { 0.0 } else { f32::NEG_INFINITY }));
             }
         }
+        let (cos, sin) = self.model.rope_rows(&positions);
+        let hd = self.model.stack.config.head_dim;
         let inputs = BlockInputs {
             ctx,
-            positions: Tensor::from_data(TensorData::new(positions, [b, block]), &device),
-            mask: Tensor::from_data(
-                TensorData::new(mask, [b, 1, block, longest + block]),
-                &device,
-            ),
+            rope: (cos.reshape([b, block, hd]), sin.reshape([b, block, hd])),
+            mask: Tensor::from_data(TensorData::new(mask, [b, block, longest + block]), &device),
         };
         let x = self.model.block_inputs(&rows, b);
         let hidden = self.model.forward(x, &inputs);
@@ -209,43 +215,59 @@ impl<B: KernelBackend> BlockDrafter<B> {
         Ok((t, rows))
     }
 
-    /// The padded context of every planned block, per layer `[batch, longest, kv_dim]`, and each
-    /// block's context length.
+    /// The context of every planned block, per layer (keys `[batch, kv_heads, head_dim,
+    /// longest]`, values `[batch, kv_heads, longest, head_dim]`, shorter ones padded), each
+    /// block's rows held, and its anchor's position (rows its context ever took).
     fn batch_context(
         &self,
         seqs: &[SeqId],
-    ) -> (Option<Vec<(Tensor<B, 3>, Tensor<B, 3>)>>, Vec<usize>) {
-        let lens: Vec<usize> = seqs.iter().map(|s| self.tracks[s].ctx.len()).collect();
+    ) -> (Option<Vec<LayerContext<B>>>, Vec<usize>, Vec<usize>) {
+        let ctxs: Vec<&ContextWindow<B>> = seqs.iter().map(|s| &self.tracks[s].ctx).collect();
+        let lens: Vec<usize> = ctxs.iter().map(|c| c.len()).collect();
+        let anchors = ctxs.iter().map(|c| c.seen() as usize).collect();
         let longest = lens.iter().copied().max().unwrap_or(0);
         if longest == 0 {
-            return (None, lens);
+            return (None, lens, anchors);
         }
         let c = &self.model.stack.config;
-        let kvd = c.num_kv_heads * c.head_dim;
+        let (kvh, hd) = (c.num_kv_heads, c.head_dim);
         let device = &self.model.stack.device;
-        let pad = |t: Option<&Tensor<B, 2>>, n: usize| -> Tensor<B, 3> {
+        // Keys grow along their last dimension, values along their middle one.
+        let pad = |t: Option<&Tensor<B, 3>>, n: usize, dim: usize| -> Tensor<B, 4> {
+            let zeros = |rows: usize| {
+                let shape = if dim == 2 {
+                    [kvh, hd, rows]
+                } else {
+                    [kvh, rows, hd]
+                };
+                Tensor::zeros(shape, device)
+            };
             let t = match t {
                 Some(t) if n == longest => t.clone(),
-                Some(t) => Tensor::cat(
-                    vec![t.clone(), Tensor::zeros([longest - n, kvd], device)],
-                    0,
-                ),
-                None => Tensor::zeros([longest, kvd], device),
+                Some(t) => Tensor::cat(vec![t.clone(), zeros(longest - n)], dim),
+                None => zeros(longest),
             };
             t.unsqueeze_dim(0)
         };
         let layers = (0..c.num_layers)
             .map(|l| {
                 let (mut ks, mut vs) = (Vec::new(), Vec::new());
-                for (seq, &n) in seqs.iter().zip(&lens) {
-                    let held = self.tracks[seq].ctx.layers().get(l);
-                    ks.push(pad(held.map(|(k, _)| k), n));
-                    vs.push(pad(held.map(|(_, v)| v), n));
+                for (ctx, &n) in ctxs.iter().zip(&lens) {
+                    let held = ctx.layers().get(l);
+                    ks.push(pad(held.map(|(k, _)| k), n, 2));
+                    vs.push(pad(held.map(|(_, v)| v), n, 1));
                 }
-                (Tensor::cat(ks, 0), Tensor::cat(vs, 0))
+                let cat = |t: Vec<Tensor<B, 4>>| {
+                    if t.len() == 1 {
+                        t.into_iter().next().expect("one")
+                    } else {
+                        Tensor::cat(t, 0)
+                    }
+                };
+                (cat(ks), cat(vs))
             })
             .collect();
-        (Some(layers), lens)
+        (Some(layers), lens, anchors)
     }
 }
 
@@ -294,9 +316,16 @@ where
         let skip = featured.saturating_sub(from);
         let d = tapped.dims()[1];
         let new = tapped.slice([skip..rows, 0..d]);
-        let kv = self.model.context_kv(self.model.fuse(new));
+        let seen = self.track(seq)?.ctx.seen() as usize;
+        let positions: Vec<usize> = (seen..seen + rows - skip).collect();
+        let layers = self
+            .model
+            .context(self.model.fuse(new), 1, &positions)
+            .into_iter()
+            .map(|(k, v)| (k.squeeze_dim(0), v.squeeze_dim(0)))
+            .collect();
         let t = self.track(seq)?;
-        t.ctx.push(kv);
+        t.ctx.push(layers);
         t.featured = end;
         let drop = t.featured.saturating_sub(t.base).min(t.tokens.len());
         t.tokens.drain(..drop);

@@ -7,15 +7,18 @@
 //!
 //! One forward serves inference (a batch of blocks, each over its own cached context) and
 //! training (many anchors of one sequence at once, each seeing only the context before it): what
-//! differs is the visibility mask and the positions, which the caller builds.
+//! differs is the visibility mask and the positions, which the caller builds. Context keys are
+//! rotated once, when they are made, and kept transposed (`[kv_heads, head_dim, rows]`), so a
+//! draft reads them as they lie; query heads are grouped by the key/value head they share, so
+//! no key is copied per query head.
 
 use burn::prelude::*;
 use burn::tensor::activation::{silu, softmax};
+use burn::tensor::DType;
 use troupe_kernels::KernelBackend;
 
 use crate::block::spec::BlockSpec;
 use crate::model::{rms_norm, DecoderLayer, Linear, Model};
-use crate::rope::RopeTable;
 
 /// The block drafter's weights, and the verifier's embedding and head it shares.
 #[derive(Debug, Clone)]
@@ -31,21 +34,21 @@ pub struct BlockModel<B: Backend> {
     pub hidden_norm: Tensor<B, 1>,
     /// The learned embedding of a masked block position (the byte vocabulary has no spare id).
     pub mask: Tensor<B, 1>,
-    rope: RopeTable<B>,
+    inv_freq: Vec<f64>,
 }
 
-/// Per drafter layer: the context's keys (normalised, before RoPE) and values, `[rows, kv_dim]`.
-pub type ContextKv<B> = Vec<(Tensor<B, 2>, Tensor<B, 2>)>;
+/// One drafter layer's context: keys rotated at their positions and transposed, `[batch,
+/// kv_heads, head_dim, rows]`, and values `[batch, kv_heads, rows, head_dim]`.
+pub type LayerContext<B> = (Tensor<B, 4>, Tensor<B, 4>);
 
 /// What one forward reads besides the block rows' inputs.
 pub struct BlockInputs<B: Backend> {
-    /// Per drafter layer: keys (normalised, before RoPE) and values of the context, `[batch,
-    /// ctx, kv_dim]`. `None`: no context.
-    pub ctx: Option<Vec<(Tensor<B, 3>, Tensor<B, 3>)>>,
-    /// Position of each block row, `[batch, rows]`; the context sits at positions `0..ctx`.
-    pub positions: Tensor<B, 2, Int>,
-    /// Additive visibility mask `[batch, 1, rows, ctx + rows]` (0 or −∞).
-    pub mask: Tensor<B, 4>,
+    /// Per drafter layer, the context (see [`LayerContext`]); `None`: no context.
+    pub ctx: Option<Vec<LayerContext<B>>>,
+    /// Cos and sin of each block row's position, `[batch, rows, head_dim]`.
+    pub rope: (Tensor<B, 3>, Tensor<B, 3>),
+    /// Additive visibility mask `[batch, rows, ctx + rows]` (0 or −∞).
+    pub mask: Tensor<B, 3>,
 }
 
 impl<B: KernelBackend> BlockModel<B> {
@@ -57,20 +60,37 @@ impl<B: KernelBackend> BlockModel<B> {
         hidden_norm: Tensor<B, 1>,
         mask: Tensor<B, 1>,
     ) -> Self {
-        let rope = RopeTable::new(&stack.config, 1024, &stack.device);
+        let inv_freq = crate::rope::inv_freq(&stack.config);
         Self {
             spec,
             stack,
             fc,
             hidden_norm,
             mask,
-            rope,
+            inv_freq,
         }
     }
 
-    /// Makes sure RoPE covers positions `0..len`.
-    pub fn ensure_positions(&mut self, len: usize) {
-        self.rope.ensure(len);
+    /// Cos and sin `[n, head_dim]` of `positions` (rotate-half layout, each half repeated).
+    pub fn rope_rows(&self, positions: &[usize]) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let hd = self.stack.config.head_dim;
+        let n = positions.len();
+        let mut cos = Vec::with_capacity(n * hd);
+        let mut sin = Vec::with_capacity(n * hd);
+        for &p in positions {
+            for _ in 0..2 {
+                for &f in &self.inv_freq {
+                    let angle = p as f64 * f;
+                    cos.push(angle.cos() as f32);
+                    sin.push(angle.sin() as f32);
+                }
+            }
+        }
+        let device = &self.stack.device;
+        (
+            Tensor::from_data(TensorData::new(cos, [n, hd]), device),
+            Tensor::from_data(TensorData::new(sin, [n, hd]), device),
+        )
     }
 
     /// The fused context `[rows, hidden]` of the tapped verifier states `[rows, taps × hidden]`.
@@ -79,21 +99,35 @@ impl<B: KernelBackend> BlockModel<B> {
         rms_norm(self.fc.forward(tapped), &self.hidden_norm, eps)
     }
 
-    /// Each layer's keys (normalised, before RoPE) and values of fused context rows.
-    pub fn context_kv(&self, fused: Tensor<B, 2>) -> ContextKv<B> {
+    /// Each layer's context of fused rows `[batch × rows, hidden]` at `positions` (the same for
+    /// every batch entry, `rows` of them).
+    pub fn context(
+        &self,
+        fused: Tensor<B, 2>,
+        batch: usize,
+        positions: &[usize],
+    ) -> Vec<LayerContext<B>> {
         let c = &self.stack.config;
         let (kvh, hd) = (c.num_kv_heads, c.head_dim);
-        let rows = fused.dims()[0];
+        let n = positions.len();
+        let (cos, sin) = self.rope_rows(positions);
+        let cos: Tensor<B, 4> = cos.reshape([1, n, 1, hd]);
+        let sin: Tensor<B, 4> = sin.reshape([1, n, 1, hd]);
         self.stack
             .layers
             .iter()
             .map(|l| {
-                let mut k = l.k_proj.forward(fused.clone());
+                let mut k = l.k_proj.forward(fused.clone()).reshape([batch, n, kvh, hd]);
                 if let Some(kn) = &l.k_norm {
-                    k = rms_norm(k.reshape([rows, kvh, hd]), kn, c.rms_norm_eps)
-                        .reshape([rows, kvh * hd]);
+                    k = rms_norm(k, kn, c.rms_norm_eps);
                 }
-                (k, l.v_proj.forward(fused.clone()))
+                let k = rotate(k, &cos, &sin).permute([0, 2, 3, 1]);
+                let v = l
+                    .v_proj
+                    .forward(fused.clone())
+                    .reshape([batch, n, kvh, hd])
+                    .swap_dims(1, 2);
+                (k, v)
             })
             .collect()
     }
@@ -109,17 +143,8 @@ impl<B: KernelBackend> BlockModel<B> {
         let masked: Vec<f32> = tokens.iter().map(|t| t.is_none() as u8 as f32).collect();
         let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), device);
         let masked = Tensor::<B, 2>::from_data(TensorData::new(masked, [n, 1]), device);
-        let embedded = self
-            .stack
-            .embed
-            .clone()
-            .select(0, ids)
-            .cast(burn::tensor::DType::F32);
-        let mask = self
-            .mask
-            .clone()
-            .cast(burn::tensor::DType::F32)
-            .unsqueeze_dim::<2>(0);
+        let embedded = self.stack.embed.clone().select(0, ids).cast(DType::F32);
+        let mask = self.mask.clone().cast(DType::F32).unsqueeze_dim::<2>(0);
         let x = embedded * (masked.ones_like() - masked.clone()) + mask * masked;
         x.reshape([batch, n / batch.max(1), h])
     }
@@ -128,25 +153,17 @@ impl<B: KernelBackend> BlockModel<B> {
     pub fn forward(&self, x: Tensor<B, 3>, inputs: &BlockInputs<B>) -> Tensor<B, 3> {
         let c = &self.stack.config;
         let [b, r, _] = x.dims();
+        let keys = inputs.mask.dims()[2];
         let hd = c.head_dim;
-        let ctx_len = inputs.ctx.as_ref().map_or(0, |ctx| ctx[0].0.dims()[1]);
-        let flat = inputs.positions.clone().reshape([b * r]);
-        let (cos, sin) = self.rope.gather(flat);
-        let rows_rope = (cos.reshape([b, 1, r, hd]), sin.reshape([b, 1, r, hd]));
-        let ctx_rope = (ctx_len > 0).then(|| {
-            let (cos, sin) = self.rope.range(0, ctx_len);
-            (
-                cos.reshape([1, 1, ctx_len, hd]),
-                sin.reshape([1, 1, ctx_len, hd]),
-            )
-        });
+        let rope = (
+            inputs.rope.0.clone().reshape([b, r, 1, hd]),
+            inputs.rope.1.clone().reshape([b, r, 1, hd]),
+        );
+        let mask: Tensor<B, 5> = inputs.mask.clone().reshape([b, 1, 1, r, keys]);
         let mut x = x;
         for (i, layer) in self.stack.layers.iter().enumerate() {
-            let ctx = inputs
-                .ctx
-                .as_ref()
-                .map(|ctx| (ctx[i].0.clone(), ctx[i].1.clone()));
-            x = self.layer(layer, x, ctx, &rows_rope, ctx_rope.as_ref(), &inputs.mask);
+            let ctx = inputs.ctx.as_ref().map(|ctx| &ctx[i]);
+            x = self.layer(layer, x, ctx, &rope, &mask);
         }
         rms_norm(x, &self.stack.norm, c.rms_norm_eps)
     }
@@ -160,10 +177,9 @@ impl<B: KernelBackend> BlockModel<B> {
         &self,
         l: &DecoderLayer<B>,
         x: Tensor<B, 3>,
-        ctx: Option<(Tensor<B, 3>, Tensor<B, 3>)>,
-        rows_rope: &(Tensor<B, 4>, Tensor<B, 4>),
-        ctx_rope: Option<&(Tensor<B, 4>, Tensor<B, 4>)>,
-        mask: &Tensor<B, 4>,
+        ctx: Option<&LayerContext<B>>,
+        (cos, sin): &(Tensor<B, 4>, Tensor<B, 4>),
+        mask: &Tensor<B, 5>,
     ) -> Tensor<B, 3> {
         let c = &self.stack.config;
         let eps = c.rms_norm_eps;
@@ -178,32 +194,40 @@ impl<B: KernelBackend> BlockModel<B> {
             q = rms_norm(q, qn, eps);
             k = rms_norm(k, kn, eps);
         }
-        let q = rotate(q.swap_dims(1, 2), rows_rope);
-        let mut k = rotate(k.swap_dims(1, 2), rows_rope); // [b, kvh, r, hd]
-        let mut v = v.swap_dims(1, 2);
-        if let (Some((ck, cv)), Some(rope)) = (ctx, ctx_rope) {
-            let n = ck.dims()[1];
-            let ck = rotate(ck.reshape([b, n, kvh, hd]).swap_dims(1, 2), rope);
-            let cv = cv.reshape([b, n, kvh, hd]).swap_dims(1, 2);
-            k = Tensor::cat(vec![ck, k], 2);
-            v = Tensor::cat(vec![cv, v], 2);
-        }
-        let keys = k.dims()[2];
-        // GQA: each key/value head serves `group` consecutive query heads.
-        let k = k
-            .unsqueeze_dim::<5>(2)
-            .repeat_dim(2, group)
-            .reshape([b, h, keys, hd]);
-        let v = v
-            .unsqueeze_dim::<5>(2)
-            .repeat_dim(2, group)
-            .reshape([b, h, keys, hd]);
-        let scores = q
-            .matmul(k.swap_dims(2, 3))
-            .mul_scalar(1.0 / (hd as f64).sqrt())
-            + mask.clone();
-        let attn = softmax(scores, 3).matmul(v); // [b, h, r, hd]
-        let attn = attn.swap_dims(1, 2).reshape([b * r, h * hd]);
+        // Query heads grouped by their key/value head: [b, kvh, group × r, hd].
+        let q = rotate(q, cos, sin)
+            .reshape([b, r, kvh, group, hd])
+            .permute([0, 2, 3, 1, 4])
+            .reshape([b, kvh, group * r, hd]);
+        let k = rotate(k, cos, sin).permute([0, 2, 3, 1]); // [b, kvh, hd, r]
+        let v = v.swap_dims(1, 2); // [b, kvh, r, hd]
+        let scale = 1.0 / (hd as f64).sqrt();
+        let own = q.clone().matmul(k).mul_scalar(scale);
+        let scores = match ctx {
+            Some((ck, _)) => Tensor::cat(vec![q.matmul(ck.clone()).mul_scalar(scale), own], 3),
+            None => own,
+        };
+        let keys = scores.dims()[3];
+        let p = softmax(scores.reshape([b, kvh, group, r, keys]) + mask.clone(), 4).reshape([
+            b,
+            kvh,
+            group * r,
+            keys,
+        ]);
+        let attn = match ctx {
+            Some((_, cv)) => {
+                let n = keys - r;
+                let pc = p.clone().slice([0..b, 0..kvh, 0..group * r, 0..n]);
+                let pb = p.slice([0..b, 0..kvh, 0..group * r, n..keys]);
+                pc.matmul(cv.clone()) + pb.matmul(v)
+            }
+            None => p.matmul(v),
+        };
+        // Back to [b × r, h × hd], heads in order.
+        let attn = attn
+            .reshape([b, kvh, group, r, hd])
+            .permute([0, 3, 1, 2, 4])
+            .reshape([b * r, h * hd]);
         let x = x.reshape([b * r, hidden]);
         let x = x.clone() + l.o_proj.forward(attn);
         let hn = rms_norm(x.clone(), &l.post_norm, eps);
@@ -213,13 +237,13 @@ impl<B: KernelBackend> BlockModel<B> {
     }
 }
 
-/// Rotates `x` `[batch, heads, rows, head_dim]` by cos/sin rows broadcast over its heads,
+/// Rotates `x` `[batch, rows, heads, head_dim]` by cos/sin `[batch or 1, rows, 1, head_dim]`,
 /// rotate-half style (as [`crate::rope::apply`]).
-fn rotate<B: Backend>(x: Tensor<B, 4>, (cos, sin): &(Tensor<B, 4>, Tensor<B, 4>)) -> Tensor<B, 4> {
-    let [b, h, n, d] = x.dims();
+fn rotate<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
+    let [b, n, h, d] = x.dims();
     let half = d / 2;
-    let x1 = x.clone().slice([0..b, 0..h, 0..n, 0..half]);
-    let x2 = x.clone().slice([0..b, 0..h, 0..n, half..d]);
+    let x1 = x.clone().slice([0..b, 0..n, 0..h, 0..half]);
+    let x2 = x.clone().slice([0..b, 0..n, 0..h, half..d]);
     let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
     x * cos.clone() + rotated * sin.clone()
 }

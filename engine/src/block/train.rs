@@ -66,7 +66,7 @@ impl Default for BlockTrainConfig {
         Self {
             layers: 1,
             taps: Vec::new(),
-            block_size: 16,
+            block_size: 17,
             sequences: 768,
             val_sequences: 48,
             prompt_len: 64,
@@ -231,7 +231,7 @@ pub fn generate_samples(
     Ok(Samples { samples, width })
 }
 
-/// Where one training block starts: which sample, its anchor, and the known tokens after it.
+/// One training block: which sample, its anchor, the known tokens after it, and its rows.
 #[derive(Debug, Clone, Copy)]
 pub struct Anchor {
     /// Index into the samples.
@@ -240,13 +240,17 @@ pub struct Anchor {
     pub at: usize,
     /// Known tokens after the anchor.
     pub known: usize,
+    /// Rows of the block (anchor, known tokens, masks), at most the drafter's block size: a
+    /// draft of `k` tokens runs a block of `1 + known + k` rows.
+    pub len: usize,
 }
 
 /// Blocks of several samples laid out for one forward: `anchors` per sample, in sample order.
 pub struct BlockBatch<B: Backend> {
     states: Tensor<B, 2>,
     rows: Vec<Option<u32>>,
-    inputs: BlockInputs<B>,
+    positions: Vec<usize>,
+    mask: Tensor<B, 3>,
     targets: Vec<i64>,
     weights: Vec<f32>,
     batch: usize,
@@ -254,8 +258,10 @@ pub struct BlockBatch<B: Backend> {
 }
 
 /// Lays out `anchors` (grouped by sample, the same number for each of `samples`' ids in
-/// `which`) for one forward. A block row sees the context strictly before its anchor and every
-/// row of its own block; its target is the token at its position, weighted where it is masked.
+/// `which`) for one forward, `block` rows each. A block row sees the context strictly before its
+/// anchor and every row of its own block; its target is the token at its position, weighted
+/// where it is masked. Rows past a block's `len` are absent: nothing sees them, nothing is
+/// learned from them.
 pub fn block_batch<B: Backend>(
     data: &Samples,
     which: &[usize],
@@ -286,17 +292,22 @@ pub fn block_batch<B: Backend>(
                 let pos = a.at + r;
                 let masked = r > a.known;
                 rows.push((!masked).then(|| tokens[pos]));
-                positions.push(pos as i64);
+                positions.push(pos);
                 targets.push(tokens[pos] as i64);
-                weights.push(if masked {
+                weights.push(if masked && r < a.len {
                     (-((r - a.known - 1) as f64) / gamma).exp() as f32
                 } else {
                     0.0
                 });
                 mask.extend((0..ctx).map(|c| if c < a.at { 0.0 } else { f32::NEG_INFINITY }));
                 for m in 0..per {
-                    let v = if m == n { 0.0 } else { f32::NEG_INFINITY };
-                    mask.extend(std::iter::repeat_n(v, block));
+                    mask.extend((0..block).map(|c| {
+                        if m == n && c < a.len {
+                            0.0
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    }));
                 }
             }
         }
@@ -304,14 +315,8 @@ pub fn block_batch<B: Backend>(
     BlockBatch {
         states: Tensor::from_data(TensorData::new(states, [b * ctx, w]), device),
         rows,
-        inputs: BlockInputs {
-            ctx: None,
-            positions: Tensor::from_data(TensorData::new(positions, [b, rows_per]), device),
-            mask: Tensor::from_data(
-                TensorData::new(mask, [b, 1, rows_per, ctx + rows_per]),
-                device,
-            ),
-        },
+        positions,
+        mask: Tensor::from_data(TensorData::new(mask, [b, rows_per, ctx + rows_per]), device),
         targets,
         weights,
         batch: b,
@@ -320,7 +325,8 @@ pub fn block_batch<B: Backend>(
 }
 
 /// Random anchors for training: `per` per sample, in the continuation, each with no known token
-/// after it half the time and otherwise up to `max_known`.
+/// after it half the time and otherwise up to `max_known`, and a block of any length that drafts
+/// at least one token.
 pub fn random_anchors(
     data: &Samples,
     which: &[usize],
@@ -343,6 +349,7 @@ pub fn random_anchors(
                 sample: s,
                 at: rng.random_range(sample.prompt_len.min(last)..=last),
                 known,
+                len: rng.random_range(known + 2..=block),
             });
         }
     }
@@ -355,21 +362,22 @@ impl<B: KernelBackend> BlockModel<B> {
         let BlockBatch {
             states,
             rows,
-            mut inputs,
+            positions,
+            mask,
             targets,
             weights,
             batch: b,
             ctx,
         } = batch;
-        let kv = self.context_kv(self.fuse(states));
-        inputs.ctx = Some(
-            kv.into_iter()
-                .map(|(k, v)| {
-                    let d = k.dims()[1];
-                    (k.reshape([b, ctx, d]), v.reshape([b, ctx, d]))
-                })
-                .collect(),
-        );
+        let context_positions: Vec<usize> = (0..ctx).collect();
+        let hd = self.stack.config.head_dim;
+        let r = rows.len() / b.max(1);
+        let (cos, sin) = self.rope_rows(&positions);
+        let inputs = BlockInputs {
+            ctx: Some(self.context(self.fuse(states), b, &context_positions)),
+            rope: (cos.reshape([b, r, hd]), sin.reshape([b, r, hd])),
+            mask,
+        };
         let x = self.block_inputs(&rows, b);
         let hidden = self.forward(x, &inputs);
         let [_, r, h] = hidden.dims();
@@ -393,12 +401,11 @@ impl<B: KernelBackend> BlockModel<B> {
         (logp * weights).sum().div_scalar(total.max(1e-6)).neg()
     }
 
-    /// For each block of a batch, how many of its masked rows in a row the head's argmax gets
-    /// right (the drafts a greedy verifier would accept).
-    pub fn accepted_runs(&self, batch: BlockBatch<B>) -> Result<Vec<usize>> {
+    /// For each block of a batch laid out `block` rows a block, how many of its masked rows in a
+    /// row the head's argmax gets right (the drafts a greedy verifier would accept).
+    pub fn accepted_runs(&self, batch: BlockBatch<B>, block: usize) -> Result<Vec<usize>> {
         let (hidden, targets, weights) = self.batch_hidden(batch);
         let picked = argmax_rows(self.logits(hidden))?;
-        let block = self.spec.block_size;
         Ok(picked
             .chunks(block)
             .zip(targets.chunks(block).zip(weights.chunks(block)))
@@ -417,14 +424,24 @@ impl<B: KernelBackend> BlockModel<B> {
 /// Acceptance measured on held-out sequences.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Validation {
-    /// `at_least[k]`: the fraction of blocks whose first `k + 1` drafts are all right.
-    pub at_least: Vec<f64>,
-    /// Mean accepted drafts per block at draft lengths 4, 8 and the block's most.
-    pub mean_accepted: Vec<(usize, f64)>,
+    /// Per draft length `k` (4, 8 and the block's most): the mean drafts a greedy verifier
+    /// accepts from a block of `1 + k` rows, and the fraction of blocks whose first `n + 1`
+    /// drafts are all right, for each `n < k`.
+    pub by_draft_len: Vec<(usize, f64, Vec<f64>)>,
 }
 
-/// Greedy acceptance of `model` on `data`: blocks with the anchor alone, every `stride` positions
-/// of each continuation.
+impl Validation {
+    /// The mean accepted drafts at draft length `k`, if it was measured.
+    pub fn mean_accepted(&self, k: usize) -> Option<f64> {
+        self.by_draft_len
+            .iter()
+            .find(|(len, _, _)| *len == k)
+            .map(|(_, m, _)| *m)
+    }
+}
+
+/// Greedy acceptance of `model` on `data`: blocks of the anchor alone and `k` masks, every
+/// `stride` positions of each continuation, at draft lengths 4, 8 and the block's most.
 pub fn validate<B: KernelBackend>(
     model: &BlockModel<B>,
     data: &Samples,
@@ -432,39 +449,42 @@ pub fn validate<B: KernelBackend>(
     batch: usize,
 ) -> Result<Validation> {
     let block = model.spec.block_size;
-    let mut runs = Vec::new();
-    let ids: Vec<usize> = (0..data.samples.len()).collect();
-    for which in ids.chunks(batch.max(1)) {
-        let s0 = &data.samples[which[0]];
-        let starts: Vec<usize> = (s0.prompt_len..=s0.tokens.len() - block)
-            .step_by(stride.max(1))
-            .collect();
-        let anchors: Vec<Anchor> = which
-            .iter()
-            .flat_map(|&s| {
-                starts.iter().map(move |&at| Anchor {
-                    sample: s,
-                    at,
-                    known: 0,
-                })
-            })
-            .collect();
-        let b = block_batch::<B>(data, which, &anchors, block, 7.0, &model.stack.device);
-        runs.extend(model.accepted_runs(b)?);
-    }
-    let n = runs.len().max(1) as f64;
-    let at_least = (0..block - 1)
-        .map(|k| runs.iter().filter(|&&r| r > k).count() as f64 / n)
-        .collect();
-    let mean_accepted = [4, 8, block - 1]
+    let mut lens: Vec<usize> = [4, 8, block - 1]
         .into_iter()
         .filter(|&k| k < block)
-        .map(|k| (k, runs.iter().map(|&r| r.min(k) as f64).sum::<f64>() / n))
         .collect();
-    Ok(Validation {
-        at_least,
-        mean_accepted,
-    })
+    lens.dedup();
+    let mut by_draft_len = Vec::new();
+    for k in lens {
+        let mut runs = Vec::new();
+        let ids: Vec<usize> = (0..data.samples.len()).collect();
+        for which in ids.chunks(batch.max(1)) {
+            let s0 = &data.samples[which[0]];
+            let starts: Vec<usize> = (s0.prompt_len..=s0.tokens.len() - block)
+                .step_by(stride.max(1))
+                .collect();
+            let anchors: Vec<Anchor> = which
+                .iter()
+                .flat_map(|&s| {
+                    starts.iter().map(move |&at| Anchor {
+                        sample: s,
+                        at,
+                        known: 0,
+                        len: k + 1,
+                    })
+                })
+                .collect();
+            let b = block_batch::<B>(data, which, &anchors, k + 1, 7.0, &model.stack.device);
+            runs.extend(model.accepted_runs(b, k + 1)?);
+        }
+        let n = runs.len().max(1) as f64;
+        let mean = runs.iter().sum::<usize>() as f64 / n;
+        let at_least = (0..k)
+            .map(|j| runs.iter().filter(|&&r| r > j).count() as f64 / n)
+            .collect();
+        by_draft_len.push((k, mean, at_least));
+    }
+    Ok(Validation { by_draft_len })
 }
 
 /// Every trainable tensor of a drafter viewed as 2-D, with whether weight decay applies; the
