@@ -29,6 +29,19 @@ pub enum ProposerMsg {
         /// Sampling seed.
         seed: u64,
     },
+    /// Start tracking a sequence as a copy of another.
+    Fork {
+        /// The source.
+        from: SeqId,
+        /// The copy.
+        seq: SeqId,
+        /// Window shape.
+        spec: WindowSpec,
+        /// Sampling seed.
+        seed: u64,
+        /// The source's tokens so far.
+        history: Vec<u32>,
+    },
     /// Stop tracking a sequence.
     Close {
         /// Sequence.
@@ -77,6 +90,8 @@ pub struct ProposerArgs {
 pub enum Job {
     /// Open a sequence.
     Open(SeqId, WindowSpec, u64),
+    /// Open a sequence as a copy of another: source, copy, window, seed, history.
+    Fork(SeqId, SeqId, WindowSpec, u64, Vec<u32>),
     /// Close a sequence.
     Close(SeqId),
     /// Reseed a sequence's sampling.
@@ -159,6 +174,9 @@ impl Actor for ProposerActor {
             move |drafter: &mut Box<dyn Drafter>, job: Job| match job {
                 Job::Open(seq, spec, seed) => {
                     let _ = drafter.open(seq, spec, seed);
+                }
+                Job::Fork(from, seq, spec, seed, history) => {
+                    let _ = drafter.fork(from, seq, spec, seed, &history);
                 }
                 Job::Close(seq) => drafter.close(seq),
                 Job::Reseed(seq, seed) => drafter.reseed(seq, seed),
@@ -248,6 +266,13 @@ impl Actor for ProposerActor {
     ) -> Result<(), ActorProcessingErr> {
         let job = match msg {
             ProposerMsg::Open { seq, spec, seed } => Job::Open(seq, spec, seed),
+            ProposerMsg::Fork {
+                from,
+                seq,
+                spec,
+                seed,
+                history,
+            } => Job::Fork(from, seq, spec, seed, history),
             ProposerMsg::Close { seq } => Job::Close(seq),
             ProposerMsg::Reseed { seq, seed } => Job::Reseed(seq, seed),
             ProposerMsg::Observe { seq, tokens } => Job::Observe(seq, tokens),

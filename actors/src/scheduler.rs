@@ -249,7 +249,7 @@ impl Actor for SchedulerActor {
                 if let Some(v) = &st.verifier {
                     v.open(seq, spec, seed);
                 }
-                st.register(seq, spec, seed, session);
+                st.register(seq, None, spec, seed, session);
             }
             SchedulerMsg::Seq(SeqRequest::Fork {
                 from,
@@ -269,7 +269,7 @@ impl Actor for SchedulerActor {
                         if let Some(v) = &st.verifier {
                             v.fork(from, seq, seed);
                         }
-                        st.register(seq, spec, seed, session);
+                        st.register(seq, Some(from), spec, seed, session);
                         let _ = reply.send(Ok(()));
                     }
                     Err(e) => {
@@ -602,12 +602,30 @@ impl SchedulerActorState {
     fn register(
         &mut self,
         seq: SeqId,
+        forked_from: Option<SeqId>,
         spec: WindowSpec,
         seed: u64,
         session: DerivedActorRef<TurnUpdate>,
     ) {
         if let Some(p) = &self.proposer {
-            open_in_proposer(p, &self.policy, seq, spec, seed);
+            match forked_from {
+                // A drafter with state of its own (a block drafter's context) copies it.
+                Some(from) => {
+                    let history = self
+                        .policy
+                        .seq(seq)
+                        .map(|e| e.history.clone())
+                        .unwrap_or_default();
+                    let _ = p.cast(ProposerMsg::Fork {
+                        from,
+                        seq,
+                        spec,
+                        seed,
+                        history,
+                    });
+                }
+                None => open_in_proposer(p, &self.policy, seq, spec, seed),
+            }
         }
         let evicted_before = self.evicted(seq, spec);
         let info = SeqInfo {

@@ -36,7 +36,11 @@ impl SpecPlan {
         Self {
             models: DemoModels::default(),
             drafters: vec![DrafterKind::Ngram, DrafterKind::Model, DrafterKind::Block],
-            draft_lens: vec![2, 4, 8],
+            draft_lens: if quick {
+                vec![2, 4, 8]
+            } else {
+                vec![2, 4, 8, 16]
+            },
             prompts: if quick { 2 } else { 8 },
             prompt_len: 64,
             new_tokens: if quick { 32 } else { 128 },

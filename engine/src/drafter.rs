@@ -59,6 +59,19 @@ pub trait Drafter: Send {
     fn open(&mut self, seq: SeqId, spec: WindowSpec, seed: u64) -> Result<()>;
     /// Stops tracking a sequence.
     fn close(&mut self, seq: SeqId);
+    /// Starts tracking `seq` as a copy of `from`, whose tokens so far are `history`. By default
+    /// the copy is rebuilt from the history; a drafter with state of its own copies that.
+    fn fork(
+        &mut self,
+        _from: SeqId,
+        seq: SeqId,
+        spec: WindowSpec,
+        seed: u64,
+        history: &[u32],
+    ) -> Result<()> {
+        self.open(seq, spec, seed)?;
+        self.observe(seq, history)
+    }
     /// Restarts the sampling of `seq`'s drafts from `seed` (a turn's own seed). Deterministic
     /// drafters draw nothing and ignore it.
     fn reseed(&mut self, _seq: SeqId, _seed: u64) {}
@@ -110,6 +123,16 @@ impl<D: Drafter + ?Sized> Drafter for Box<D> {
     }
     fn close(&mut self, seq: SeqId) {
         (**self).close(seq)
+    }
+    fn fork(
+        &mut self,
+        from: SeqId,
+        seq: SeqId,
+        spec: WindowSpec,
+        seed: u64,
+        history: &[u32],
+    ) -> Result<()> {
+        (**self).fork(from, seq, spec, seed, history)
     }
     fn reseed(&mut self, seq: SeqId, seed: u64) {
         (**self).reseed(seq, seed)

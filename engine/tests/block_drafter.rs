@@ -393,3 +393,40 @@ fn training_lowers_the_loss_in_a_few_steps() {
         "15 steps took the loss from {before:.3} only to {after:.3}"
     );
 }
+
+#[test]
+fn a_fork_drafts_as_its_source_and_then_keeps_to_itself() {
+    let s = setup();
+    let mut verifier = Engine::new(s.verifier.load());
+    verifier.set_hidden_layers(TAPS.to_vec());
+    let mut drafter = BlockDrafter::new(s.drafter.clone());
+    let tokens = random_tokens(85, 12, 256);
+    feed(&mut verifier, &mut drafter, 1, &tokens);
+    drafter.observe(1, &[5]).unwrap();
+    let spec = WindowSpec::new(4, 64).unwrap();
+    drafter.fork(1, 2, spec, 0, &[]).unwrap();
+    assert!(
+        drafter.fork(1, 2, spec, 0, &[]).is_err(),
+        "2 is open already"
+    );
+    let request = |seq| DraftRequest {
+        seq,
+        assumed: vec![],
+        k: 3,
+        params: SamplingParams::greedy(),
+    };
+    let before = drafter.draft_logits(&[request(1), request(2)]).unwrap();
+    assert_eq!(
+        before[0], before[1],
+        "the fork drafts exactly as its source"
+    );
+    // The source moves on; the fork's context stays where it was.
+    verifier.fork(1, 2, 0).unwrap();
+    let out = verifier.verify(&[greedy_work(1, vec![5])]).unwrap();
+    drafter.observe(1, &[6]).unwrap();
+    drafter.observe_hidden(1, 12, &out[0].hidden).unwrap();
+    assert_eq!(drafter.context_len(1), Some(13));
+    assert_eq!(drafter.context_len(2), Some(12));
+    let after = drafter.draft_logits(&[request(2)]).unwrap();
+    assert_eq!(after[0], before[1]);
+}

@@ -35,6 +35,7 @@ use crate::error::{EngineError, Result};
 use crate::verifier::SeqId;
 use crate::window::WindowSpec;
 
+#[derive(Clone)]
 struct Track<B: Backend> {
     /// Tokens from position `base` of the sequence on.
     tokens: Vec<u32>,
@@ -297,6 +298,26 @@ where
 
     fn close(&mut self, seq: SeqId) {
         self.tracks.remove(&seq);
+    }
+
+    fn fork(
+        &mut self,
+        from: SeqId,
+        seq: SeqId,
+        spec: WindowSpec,
+        seed: u64,
+        history: &[u32],
+    ) -> Result<()> {
+        let Some(source) = self.tracks.get(&from).cloned() else {
+            self.open(seq, spec, seed)?;
+            return self.observe(seq, history);
+        };
+        if self.tracks.contains_key(&seq) {
+            return Err(EngineError::DuplicateSequence(seq));
+        }
+        // The context's tensors are shared until either side appends (appending makes new ones).
+        self.tracks.insert(seq, source);
+        Ok(())
     }
 
     fn observe(&mut self, seq: SeqId, tokens: &[u32]) -> Result<()> {
