@@ -321,7 +321,7 @@ fn spec_speedup_reports_each_drafter_and_length_with_plain_outputs() {
     let ar = positive(&v, "ar_tokens_per_s");
     let rows = v["rows"].as_array().expect("rows");
     let mut expect = Vec::new();
-    for d in ["ngram", "model"] {
+    for d in ["ngram", "model", "block"] {
         for k in [json!(2), json!(4), json!(8), json!("adaptive")] {
             expect.push((d, k));
         }
@@ -338,13 +338,30 @@ fn spec_speedup_reports_each_drafter_and_length_with_plain_outputs() {
         assert!(num(row, "accepted") <= num(row, "drafted"));
         assert_eq!(row["matches_ar"], true, "{row}");
     }
-    // The draft model was trained on the same text as the verifier: it gets drafts accepted.
-    let model_accepted: f64 = rows
-        .iter()
-        .filter(|r| r["drafter"] == "model")
-        .map(|r| num(r, "accepted"))
-        .sum();
-    assert!(model_accepted > 0.0);
+    // The draft model was trained on the same text as the verifier, the block drafter on the
+    // verifier's own continuations of it: both get drafts accepted.
+    for d in ["model", "block"] {
+        let accepted: f64 = rows
+            .iter()
+            .filter(|r| r["drafter"] == d)
+            .map(|r| num(r, "accepted"))
+            .sum();
+        assert!(accepted > 0.0, "{d}");
+    }
+    // The step costs: a verify step and each drafter's block at every draft length.
+    let costs = v["step_costs"].as_array().expect("step_costs");
+    assert_eq!(costs.len(), 3);
+    for c in costs {
+        assert!(num(c, "verify_ms") > 0.0, "{c}");
+        let drafts = c["draft_ms"].as_array().expect("draft_ms");
+        let names: Vec<&str> = drafts.iter().map(|d| d[0].as_str().unwrap()).collect();
+        assert_eq!(names, ["ngram", "model", "block"]);
+        // Models draft in measurable time.
+        assert!(
+            drafts[1][1].as_f64().unwrap() > 0.0 && drafts[2][1].as_f64().unwrap() > 0.0,
+            "{c}"
+        );
+    }
 }
 
 #[test]

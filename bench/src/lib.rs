@@ -28,6 +28,7 @@ pub mod serve;
 pub mod server_process;
 pub mod soak;
 pub mod spec;
+pub mod spec_costs;
 pub mod step;
 
 pub use error::{BenchError, Result};

@@ -11,6 +11,7 @@ use troupe::{FaultPlan, GenerateParams, SchedulerConfig};
 use crate::demo::{DemoModels, DrafterKind, Setup, StreamRun};
 use crate::error::{BenchError, Result};
 use crate::plot::{lines, Axes, Series};
+use crate::spec_costs::{step_costs, StepCost};
 use crate::{finish, fmt, markdown, mean, progress, Case, Env};
 
 /// What the `spec-speedup` case measures.
@@ -80,6 +81,14 @@ pub fn run(plan: &SpecPlan, env: &Env) -> Result<Value> {
     let (ar_runs, rows) = rt.block_on(measure(plan, env, &bar))?;
     let ar = mean(&ar_runs);
     bar.finish_and_clear();
+    let context = plan.models.held_out_prompts(1, plan.prompt_len)?.remove(0);
+    let costs = step_costs(
+        &plan.models,
+        env.device,
+        &plan.drafters,
+        &plan.draft_lens,
+        &context,
+    )?;
 
     let report = json!({
         "case": "spec-speedup",
@@ -89,6 +98,7 @@ pub fn run(plan: &SpecPlan, env: &Env) -> Result<Value> {
         "ar_tokens_per_s": ar,
         "ar_runs_tokens_per_s": ar_runs,
         "rows": rows,
+        "step_costs": costs,
     });
     let series: Vec<Series> = plan
         .drafters
@@ -113,7 +123,7 @@ pub fn run(plan: &SpecPlan, env: &Env) -> Result<Value> {
         log_x: true,
     };
     lines(&env.out_file(Case::SpecSpeedup, "svg")?, &axes, &series)?;
-    let table = table(plan, ar, &rows);
+    let table = format!("{}\n\n{}", table(plan, ar, &rows), cost_table(&costs));
     finish(env, Case::SpecSpeedup, report, &table)
 }
 
@@ -216,6 +226,36 @@ fn table(plan: &SpecPlan, ar: f64, rows: &[SpecRow]) -> String {
         plan.prompt_len,
         plan.new_tokens,
         fmt(ar),
+        markdown(&headers, &body)
+    )
+}
+
+fn cost_table(costs: &[StepCost]) -> String {
+    let names: Vec<String> = costs
+        .first()
+        .map(|c| c.draft_ms.iter().map(|(n, _)| n.clone()).collect())
+        .unwrap_or_default();
+    let body: Vec<Vec<String>> = costs
+        .iter()
+        .map(|c| {
+            let mut row = vec![
+                c.draft_len.to_string(),
+                format!("{:.3}", c.verify_ms),
+                format!("{:.2}x", c.verify_vs_one),
+            ];
+            row.extend(c.draft_ms.iter().map(|(_, ms)| format!("{ms:.3}")));
+            row
+        })
+        .collect();
+    let mut headers = vec![
+        "draft len".to_owned(),
+        "verify 1 + k, ms".to_owned(),
+        "vs 1 token".to_owned(),
+    ];
+    headers.extend(names.iter().map(|n| format!("{n} draft, ms")));
+    let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
+    format!(
+        "Step costs (medians, the engine alone, one session):\n\n{}",
         markdown(&headers, &body)
     )
 }
