@@ -198,7 +198,12 @@ pub fn run(plan: &BatchingPlan, env: &Env) -> Result<serde_json::Value> {
         log_x: true,
     };
     lines(&env.out_file(Case::Batching, "svg")?, &axes, &series)?;
-    finish(env, Case::Batching, report, &table(plan, &rows))
+    finish(
+        env,
+        Case::Batching,
+        report,
+        &table(plan, &rows, &drafter_name),
+    )
 }
 
 async fn measure(
@@ -307,7 +312,7 @@ fn row(
     }
 }
 
-fn table(plan: &BatchingPlan, rows: &[BatchRow]) -> String {
+fn table(plan: &BatchingPlan, rows: &[BatchRow], drafter: &str) -> String {
     let find = |n: usize, spec: bool| {
         rows.iter()
             .find(|r| r.sessions == n && r.speculative == spec)
@@ -348,7 +353,7 @@ fn table(plan: &BatchingPlan, rows: &[BatchRow]) -> String {
         "spec acceptance",
     ];
     format!(
-        "Runtime, one turn of {} new tokens per session from a {}-token prompt (spec = n-gram \
+        "Runtime, one turn of {} new tokens per session from a {}-token prompt (spec = the {drafter} \
          drafter; ms/tok = turn latency / tokens, mean over sessions):\n\n{}",
         plan.new_tokens,
         plan.prompt_len,

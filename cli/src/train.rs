@@ -33,7 +33,7 @@ pub struct TrainArgs {
     #[arg(long, default_value = "models/verifier")]
     pub(crate) verifier: PathBuf,
     /// A block drafter's decoder layers.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 2)]
     pub(crate) layers: usize,
     /// A block drafter's block size: the anchor and up to one less drafts.
     #[arg(long, default_value_t = 17)]

@@ -51,12 +51,10 @@ impl SchedulerState {
         self.draft_forward_ema = Some(ema(self.draft_forward_ema, seconds / forwards as f64));
     }
 
-    /// What one drafter forward costs in shares of a step, where drafting holds the step up (it
-    /// is not pipelined); 0 where it overlaps the step in flight.
+    /// What one drafter forward costs in shares of a step. Pipelined or not, the drafter computes
+    /// on the machine the verifier does (the same device, or the cores it shares), so its time is
+    /// charged to the tokens it may save.
     pub(super) fn draft_forward_share(&self) -> f64 {
-        if self.config.pipelined {
-            return 0.0;
-        }
         self.draft_forward_ema
             .map_or(0.0, |f| f / self.step_estimate())
     }

@@ -64,7 +64,7 @@ pub struct BlockTrainConfig {
 impl Default for BlockTrainConfig {
     fn default() -> Self {
         Self {
-            layers: 1,
+            layers: 2,
             taps: Vec::new(),
             block_size: 17,
             sequences: 768,
