@@ -8,12 +8,13 @@ use std::time::Instant;
 use serde::Serialize;
 use troupe::engine::{
     load_verifier, DeviceKind, DraftRequest, Drafter, ModelSource, SamplingParams, Verifier,
-    VerifyWork, WindowSpec,
+    WindowSpec,
 };
 
 use crate::demo::{DemoModels, DrafterKind};
 use crate::error::Result;
 use crate::median;
+use crate::step::work;
 
 /// Repetitions timed per figure (after as many to warm up).
 const REPEATS: usize = 200;
@@ -29,18 +30,6 @@ pub struct StepCost {
     pub verify_vs_one: f64,
     /// Each drafter's block of `draft_len` tokens, ms (median): (drafter, ms).
     pub draft_ms: Vec<(String, f64)>,
-}
-
-fn work(seq: u64, fed: Vec<u32>, draft: Vec<u32>) -> VerifyWork {
-    VerifyWork {
-        seq,
-        fed,
-        draft,
-        draft_probs: None,
-        sample: true,
-        params: SamplingParams::greedy(),
-        stop: Vec::new(),
-    }
 }
 
 fn ms(f: impl FnMut()) -> f64 {

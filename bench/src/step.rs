@@ -131,7 +131,8 @@ fn token(i: u64, vocab: usize) -> u32 {
     (x % vocab as u64) as u32
 }
 
-fn work(seq: u64, fed: Vec<u32>, draft: Vec<u32>) -> VerifyWork {
+/// A greedy verify work: `fed`, then `draft` to verify.
+pub(crate) fn work(seq: u64, fed: Vec<u32>, draft: Vec<u32>) -> VerifyWork {
     VerifyWork {
         seq,
         fed,

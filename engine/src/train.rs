@@ -299,6 +299,17 @@ pub fn bits_per_byte<B: KernelBackend>(
     Ok(total / batches.max(1) as f64 / std::f64::consts::LN_2)
 }
 
+/// The value of a one-element loss, on the host.
+pub(crate) fn scalar<B: Backend>(loss: &Tensor<B, 1>) -> Result<f64> {
+    let v = loss
+        .clone()
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .map_err(|e| EngineError::Backend(format!("{e:?}")))?;
+    Ok(v[0] as f64)
+}
+
 /// One training step on a random batch; returns the updated model and the batch loss (nats).
 pub fn train_step<B: AutodiffBackend + KernelBackend>(
     model: &Model<B>,
@@ -313,12 +324,7 @@ pub fn train_step<B: AutodiffBackend + KernelBackend>(
         &model.device,
     );
     let loss = model.next_token_loss(t);
-    let value = loss
-        .clone()
-        .into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .map_err(|e| EngineError::Backend(format!("{e:?}")))?[0] as f64;
+    let value = scalar(&loss)?;
     let lr = cfg.lr_at(opt.t);
     let model = opt.step(model, loss, lr, cfg.weight_decay);
     Ok((model, value))

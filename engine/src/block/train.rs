@@ -20,7 +20,7 @@ use crate::engine::argmax_rows;
 use crate::error::{EngineError, Result};
 use crate::model::{LinearWeight, Model};
 use crate::sampling::SamplingParams;
-use crate::train::{as_row, layer_params, layer_with, AdamW};
+use crate::train::{as_row, layer_params, layer_with, scalar, AdamW};
 use crate::verifier::{Verifier, VerifyWork};
 use crate::window::WindowSpec;
 
@@ -603,12 +603,7 @@ where
         let device = self.model.stack.device.clone();
         let batch = block_batch::<B>(data, &which, &anchors, c.block_size, c.gamma, &device);
         let loss = self.model.block_loss(batch);
-        let value = loss
-            .clone()
-            .into_data()
-            .convert::<f32>()
-            .into_vec::<f32>()
-            .map_err(|e| EngineError::Backend(format!("{e:?}")))?[0] as f64;
+        let value = scalar(&loss)?;
         let lr = c.lr_at(self.opt.t);
         let updated = self
             .opt
