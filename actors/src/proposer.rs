@@ -11,12 +11,16 @@ use std::time::Duration;
 use ractor::{Actor, ActorProcessingErr, ActorRef, DerivedActorRef};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use troupe_engine::drafter::{DraftRequest, Drafter};
+use troupe_engine::drafter::{DraftRequest, Drafter, HiddenStates};
 use troupe_engine::{SeqId, WindowSpec};
 
 use crate::faults::{ActorKind, FaultPlan};
 use crate::protocol::{DraftOrder, DraftReply, Drafts};
 use crate::worker::Worker;
+
+/// One sequence's share of a step's verifier states: the sequence, the position of its first row,
+/// and per layer the drafter asked for, `[rows][hidden]`.
+pub type StepStates = (SeqId, usize, Vec<Vec<Vec<f32>>>);
 
 /// Messages of the proposer actor.
 pub enum ProposerMsg {
@@ -61,15 +65,10 @@ pub enum ProposerMsg {
         /// Tokens.
         tokens: Vec<u32>,
     },
-    /// The verifier's states of positions `from..` of a sequence, for a drafter that reads them.
-    Hidden {
-        /// Sequence.
-        seq: SeqId,
-        /// Position of the first row.
-        from: usize,
-        /// Per layer the drafter asked for, `[rows][hidden]`.
-        hidden: Vec<Vec<Vec<f32>>>,
-    },
+    /// The verifier's states of the positions one step committed, for a drafter that reads
+    /// them: per sequence, the position of the first row and, per layer the drafter asked for,
+    /// `[rows][hidden]`.
+    Hidden(Vec<StepStates>),
     /// Draft these blocks; the replies go to the scheduler as `Drafts`.
     Draft(Vec<DraftOrder>),
     /// The drafting thread panicked.
@@ -98,8 +97,8 @@ pub enum Job {
     Reseed(SeqId, u64),
     /// Observe tokens.
     Observe(SeqId, Vec<u32>),
-    /// Observe the verifier's states of positions from the given one on.
-    Hidden(SeqId, usize, Vec<Vec<Vec<f32>>>),
+    /// Observe the verifier's states of one step (see [`ProposerMsg::Hidden`]).
+    Hidden(Vec<StepStates>),
     /// Draft blocks.
     Draft(Vec<DraftOrder>),
 }
@@ -183,9 +182,17 @@ impl Actor for ProposerActor {
                 Job::Observe(seq, tokens) => {
                     let _ = drafter.observe(seq, &tokens);
                 }
-                Job::Hidden(seq, from, hidden) => {
-                    if let Err(e) = drafter.observe_hidden(seq, from, &hidden) {
-                        tracing::warn!(seq, error = %e, "the drafter refused the verifier's states");
+                Job::Hidden(states) => {
+                    let views: Vec<HiddenStates<'_>> = states
+                        .iter()
+                        .map(|(seq, from, hidden)| HiddenStates {
+                            seq: *seq,
+                            from: *from,
+                            hidden,
+                        })
+                        .collect();
+                    if let Err(e) = drafter.observe_hidden_many(&views) {
+                        tracing::warn!(error = %e, "the drafter refused the verifier's states");
                     }
                 }
                 Job::Draft(orders) => {
@@ -276,7 +283,7 @@ impl Actor for ProposerActor {
             ProposerMsg::Close { seq } => Job::Close(seq),
             ProposerMsg::Reseed { seq, seed } => Job::Reseed(seq, seed),
             ProposerMsg::Observe { seq, tokens } => Job::Observe(seq, tokens),
-            ProposerMsg::Hidden { seq, from, hidden } => Job::Hidden(seq, from, hidden),
+            ProposerMsg::Hidden(states) => Job::Hidden(states),
             ProposerMsg::Draft(orders) => Job::Draft(orders),
             ProposerMsg::ThreadFailed(why) => {
                 return Err(format!("proposer thread panicked: {why}").into())

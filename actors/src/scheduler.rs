@@ -531,15 +531,16 @@ impl SchedulerActorState {
         let Some(p) = &self.proposer else {
             return;
         };
-        for o in outcomes.iter_mut().filter(|o| !o.hidden.is_empty()) {
-            let Some(from) = self.policy.seq(o.seq).map(|e| e.committed) else {
-                continue;
-            };
-            let _ = p.cast(ProposerMsg::Hidden {
-                seq: o.seq,
-                from,
-                hidden: std::mem::take(&mut o.hidden),
-            });
+        let states: Vec<_> = outcomes
+            .iter_mut()
+            .filter(|o| !o.hidden.is_empty())
+            .filter_map(|o| {
+                let from = self.policy.seq(o.seq)?.committed;
+                Some((o.seq, from, std::mem::take(&mut o.hidden)))
+            })
+            .collect();
+        if !states.is_empty() {
+            let _ = p.cast(ProposerMsg::Hidden(states));
         }
     }
 

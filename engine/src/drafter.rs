@@ -30,6 +30,17 @@ pub struct Draft {
     pub probs: Option<Vec<Vec<f32>>>,
 }
 
+/// The verifier's states of positions `from..` of one sequence (see [`Drafter::observe_hidden`]).
+#[derive(Debug, Clone, Copy)]
+pub struct HiddenStates<'a> {
+    /// The sequence.
+    pub seq: SeqId,
+    /// Position of the first row.
+    pub from: usize,
+    /// Per layer the drafter asked for, `[rows][hidden]`.
+    pub hidden: &'a [Vec<Vec<f32>>],
+}
+
 /// How a drafter's time grows with the tokens it drafts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DraftCost {
@@ -97,6 +108,18 @@ pub trait Drafter: Send {
     ) -> Result<()> {
         Ok(())
     }
+    /// [`Drafter::observe_hidden`] for the sequences of one step at once (a drafter may take them
+    /// in one pass). Every item is taken; the first error is returned.
+    fn observe_hidden_many(&mut self, states: &[HiddenStates<'_>]) -> Result<()> {
+        let mut first = Ok(());
+        for s in states {
+            let r = self.observe_hidden(s.seq, s.from, s.hidden);
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
     /// How its time grows with the tokens it drafts (what the scheduler prices a block at).
     fn draft_cost(&self) -> DraftCost {
         DraftCost::PerBlock
@@ -148,6 +171,9 @@ impl<D: Drafter + ?Sized> Drafter for Box<D> {
     }
     fn observe_hidden(&mut self, seq: SeqId, from: usize, hidden: &[Vec<Vec<f32>>]) -> Result<()> {
         (**self).observe_hidden(seq, from, hidden)
+    }
+    fn observe_hidden_many(&mut self, states: &[HiddenStates<'_>]) -> Result<()> {
+        (**self).observe_hidden_many(states)
     }
     fn kv_bytes(&self, spec: WindowSpec) -> u64 {
         (**self).kv_bytes(spec)

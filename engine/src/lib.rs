@@ -41,7 +41,7 @@ pub use block::BlockDrafter;
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use corpus::Corpus;
 pub use device::{load_block_drafter, load_model_drafter, load_verifier, DeviceKind, ModelSource};
-pub use drafter::{Draft, DraftCost, DraftRequest, Drafter, NgramDrafter};
+pub use drafter::{Draft, DraftCost, DraftRequest, Drafter, HiddenStates, NgramDrafter};
 pub use engine::{Engine, StepItem, StepResult};
 pub use error::{EngineError, Result};
 pub use generate::{generate, GenerateOptions, Generation, GenerationStats};

@@ -19,8 +19,8 @@ use troupe_engine::block::{
     drafter_from_verifier, load_block_model, save_block_drafter, BlockModel,
 };
 use troupe_engine::{
-    BlockDrafter, DraftRequest, Drafter, Engine, Linear, LinearWeight, ModelConfig, SamplingParams,
-    Verifier, WindowSpec,
+    BlockDrafter, DraftRequest, Drafter, Engine, HiddenStates, Linear, LinearWeight, ModelConfig,
+    SamplingParams, Verifier, WindowSpec,
 };
 
 const TAPS: [usize; 2] = [0, 1];
@@ -429,4 +429,66 @@ fn a_fork_drafts_as_its_source_and_then_keeps_to_itself() {
     assert_eq!(drafter.context_len(2), Some(12));
     let after = drafter.draft_logits(&[request(2)]).unwrap();
     assert_eq!(after[0], before[1]);
+}
+
+#[test]
+fn one_pass_over_many_sequences_states_equals_one_per_sequence() {
+    let s = setup();
+    let mut verifier = Engine::new(s.verifier.load());
+    verifier.set_hidden_layers(TAPS.to_vec());
+    let spec = WindowSpec::new(4, 64).unwrap();
+    let (a, b) = (random_tokens(86, 9, 256), random_tokens(87, 14, 256));
+    let mut outs = Vec::new();
+    for (seq, t) in [(1, &a), (2, &b)] {
+        verifier.open(seq, spec, 0).unwrap();
+        outs.push(
+            verifier
+                .verify(&[greedy_work(seq, t.clone())])
+                .unwrap()
+                .remove(0),
+        );
+    }
+    let mut one_by_one = BlockDrafter::new(s.drafter.clone());
+    let mut together = BlockDrafter::new(s.drafter.clone());
+    for d in [&mut one_by_one, &mut together] {
+        for (seq, t) in [(1, &a), (2, &b)] {
+            d.open(seq, spec, 0).unwrap();
+            d.observe(seq, t).unwrap();
+            d.observe(seq, &[3]).unwrap();
+        }
+    }
+    one_by_one.observe_hidden(1, 0, &outs[0].hidden).unwrap();
+    one_by_one.observe_hidden(2, 0, &outs[1].hidden).unwrap();
+    let states = [
+        HiddenStates {
+            seq: 1,
+            from: 0,
+            hidden: &outs[0].hidden,
+        },
+        HiddenStates {
+            seq: 2,
+            from: 0,
+            hidden: &outs[1].hidden,
+        },
+        // An unknown sequence is reported, and the others are still taken.
+        HiddenStates {
+            seq: 9,
+            from: 0,
+            hidden: &outs[1].hidden,
+        },
+    ];
+    assert!(together.observe_hidden_many(&states).is_err());
+    assert_eq!(together.context_len(1), Some(9));
+    assert_eq!(together.context_len(2), Some(14));
+    let request = |seq| DraftRequest {
+        seq,
+        assumed: vec![],
+        k: 4,
+        params: SamplingParams::greedy(),
+    };
+    let want = one_by_one.draft_logits(&[request(1), request(2)]).unwrap();
+    let got = together.draft_logits(&[request(1), request(2)]).unwrap();
+    for (g, w) in got.iter().zip(&want) {
+        assert_rows_close("one pass", g, w, 1e-5);
+    }
 }

@@ -29,7 +29,7 @@ pub use model::{BlockInputs, BlockModel, LayerContext};
 pub use spec::{BlockSpec, CONFIG_KEY};
 pub use weights::{drafter_from_verifier, is_block_drafter, load_block_model, save_block_drafter};
 
-use crate::drafter::{Draft, DraftRequest, Drafter};
+use crate::drafter::{Draft, DraftRequest, Drafter, HiddenStates};
 use crate::engine::{argmax_rows, logits_to_host};
 use crate::error::{EngineError, Result};
 use crate::verifier::SeqId;
@@ -187,35 +187,6 @@ impl<B: KernelBackend> BlockDrafter<B> {
             .ok_or(EngineError::UnknownSequence(seq))
     }
 
-    /// The tapped states of `rows` positions as one `[rows, taps × hidden]` matrix.
-    fn tapped(&self, hidden: &[Vec<Vec<f32>>]) -> Result<(Tensor<B, 2>, usize)> {
-        let taps = self.model.spec.target_layer_ids.len();
-        let h = self.model.spec.verifier_hidden_size;
-        if hidden.len() != taps {
-            return Err(EngineError::InvalidStep(format!(
-                "{} layers of hidden states for a drafter that taps {taps}",
-                hidden.len()
-            )));
-        }
-        let rows = hidden[0].len();
-        let mut flat = Vec::with_capacity(rows * taps * h);
-        for r in 0..rows {
-            for layer in hidden {
-                let row = layer.get(r).filter(|row| row.len() == h).ok_or_else(|| {
-                    EngineError::InvalidStep(format!(
-                        "hidden states of uneven rows or not {h} wide"
-                    ))
-                })?;
-                flat.extend_from_slice(row);
-            }
-        }
-        let t = Tensor::from_data(
-            TensorData::new(flat, [rows, taps * h]),
-            &self.model.stack.device,
-        );
-        Ok((t, rows))
-    }
-
     /// The context of every planned block, per layer (keys `[batch, kv_heads, head_dim,
     /// longest]`, values `[batch, kv_heads, longest, head_dim]`, shorter ones padded), each
     /// block's rows held, and its anchor's position (rows its context ever took).
@@ -326,32 +297,78 @@ where
     }
 
     fn observe_hidden(&mut self, seq: SeqId, from: usize, hidden: &[Vec<Vec<f32>>]) -> Result<()> {
-        let featured = self.track(seq)?.featured;
-        let (tapped, rows) = self.tapped(hidden)?;
-        let end = from + rows;
-        if end <= featured {
-            return Ok(()); // states of positions it has (a replay after a verifier restart)
+        self.observe_hidden_many(&[HiddenStates { seq, from, hidden }])
+    }
+
+    /// Every sequence's new rows go through one fused projection; each context then takes its
+    /// own slice.
+    fn observe_hidden_many(&mut self, states: &[HiddenStates<'_>]) -> Result<()> {
+        let taps = self.model.spec.target_layer_ids.len();
+        let h = self.model.spec.verifier_hidden_size;
+        let mut first_error = None;
+        let mut flat = Vec::new();
+        let mut positions = Vec::new();
+        // (sequence, new rows, position after them)
+        let mut plan: Vec<(SeqId, usize, usize)> = Vec::new();
+        for s in states {
+            let Some(t) = self.tracks.get(&s.seq) else {
+                first_error.get_or_insert(EngineError::UnknownSequence(s.seq));
+                continue;
+            };
+            let rows = s.hidden.first().map_or(0, Vec::len);
+            let well_formed = s.hidden.len() == taps
+                && s.hidden
+                    .iter()
+                    .all(|l| l.len() == rows && l.iter().all(|r| r.len() == h));
+            if !well_formed {
+                first_error.get_or_insert(EngineError::InvalidStep(format!(
+                    "hidden states of sequence {} are not {taps} layers of equal rows {h} wide",
+                    s.seq
+                )));
+                continue;
+            }
+            let end = s.from + rows;
+            if end <= t.featured {
+                continue; // positions it has (a replay after a verifier restart)
+            }
+            // Positions before `from` it was never given (after a restart of its own) stay out
+            // of its context, as evicted ones do.
+            let skip = t.featured.saturating_sub(s.from);
+            for r in skip..rows {
+                for layer in s.hidden {
+                    flat.extend_from_slice(&layer[r]);
+                }
+            }
+            let seen = t.ctx.seen() as usize;
+            positions.extend(seen..seen + rows - skip);
+            plan.push((s.seq, rows - skip, end));
         }
-        // Positions before `from` it was never given (after a restart of its own) stay out of
-        // its context, as evicted ones do.
-        let skip = featured.saturating_sub(from);
-        let d = tapped.dims()[1];
-        let new = tapped.slice([skip..rows, 0..d]);
-        let seen = self.track(seq)?.ctx.seen() as usize;
-        let positions: Vec<usize> = (seen..seen + rows - skip).collect();
-        let layers = self
-            .model
-            .context(self.model.fuse(new), 1, &positions)
-            .into_iter()
-            .map(|(k, v)| (k.squeeze_dim(0), v.squeeze_dim(0)))
-            .collect();
-        let t = self.track(seq)?;
-        t.ctx.push(layers);
-        t.featured = end;
-        let drop = t.featured.saturating_sub(t.base).min(t.tokens.len());
-        t.tokens.drain(..drop);
-        t.base += drop;
-        Ok(())
+        if !plan.is_empty() {
+            let n = positions.len();
+            let device = &self.model.stack.device;
+            let tapped = Tensor::from_data(TensorData::new(flat, [n, taps * h]), device);
+            let layers = self.model.context(self.model.fuse(tapped), 1, &positions);
+            let mut offset = 0;
+            for (seq, rows, end) in plan {
+                let slice = layers
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            k.clone().narrow(3, offset, rows).squeeze_dim(0),
+                            v.clone().narrow(2, offset, rows).squeeze_dim(0),
+                        )
+                    })
+                    .collect();
+                offset += rows;
+                let t = self.tracks.get_mut(&seq).expect("planned above");
+                t.ctx.push(slice);
+                t.featured = end;
+                let drop = t.featured.saturating_sub(t.base).min(t.tokens.len());
+                t.tokens.drain(..drop);
+                t.base += drop;
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     fn draft(&mut self, requests: &[DraftRequest]) -> Result<Vec<Draft>> {
