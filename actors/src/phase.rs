@@ -15,12 +15,16 @@ pub(crate) struct Phase {
     last_arrival: Option<Instant>,
     /// A gather under way: since when, and how many turns it caught.
     gathering: Option<(Instant, usize)>,
+    /// Whether a turn-around wait ran since the last step came back: the turns it waited for are
+    /// in, so the verifier is not idle in the sense a gather answers.
+    turned_around: bool,
 }
 
 impl Phase {
     /// A step came back at `now`.
     pub(crate) fn step_ended(&mut self, now: Instant) {
         self.step_ended = Some(now);
+        self.turned_around = false;
     }
 
     /// A turn arrived at `now`: seconds since the last step ended (`f64::MAX` before any).
@@ -44,6 +48,7 @@ impl Phase {
             (since + cap).min(quiet + gap)
         };
         if let Some(ended) = self.step_ended.filter(|_| policy.awaits_turnaround()) {
+            self.turned_around = true;
             let until = due(ended, self.last_arrival);
             if now < until {
                 return Some(until);
@@ -52,7 +57,10 @@ impl Phase {
             // they come, or at the next step's end, so skipped waits resume once turns come fast.)
             policy.turnaround_over();
         }
-        let idle = self.step_ended.is_none_or(|t| now.duration_since(t) > gap);
+        // After a turn-around wait the step goes at once: its follow-ups came (or were given up
+        // on), and a gather would only hold them a gap longer.
+        let idle =
+            !self.turned_around && self.step_ended.is_none_or(|t| now.duration_since(t) > gap);
         if self.gathering.is_none() && idle {
             if policy.gathers() {
                 self.gathering = Some((now, 0));

@@ -130,6 +130,8 @@ pub struct Env {
     pub soak: Option<(f64, usize)>,
     /// agent-capacity's wire and ramps, when not its defaults.
     pub capacity: capacity::CapacityFlags,
+    /// `persona-stress --sessions N`: measure N personas only (5 turns each).
+    pub personas: Option<usize>,
     /// Appended to the output files' names (`<case>-<suffix>.json`), so that runs of a case
     /// under different setups sit side by side.
     pub suffix: Option<String>,
@@ -146,6 +148,7 @@ impl Env {
             weights: None,
             drafter: None,
             soak: None,
+            personas: None,
             capacity: capacity::CapacityFlags::default(),
             suffix: None,
         })
@@ -221,7 +224,13 @@ pub fn run(case: Case, quick: bool, env: &Env) -> Result<Value> {
             batching::run(&batching::BatchingPlan::for_model(quick, model), env)
         }
         Case::Batching => batching::run(&batching::BatchingPlan::new(quick), env),
-        Case::PersonaStress => persona::run(&persona::PersonaPlan::new(quick), env),
+        Case::PersonaStress => {
+            let mut plan = persona::PersonaPlan::new(quick);
+            if let Some(n) = env.personas {
+                plan.sizes = vec![(n, 5)];
+            }
+            persona::run(&plan, env)
+        }
         Case::AgentCapacity => {
             let plan = capacity::CapacityPlan::new(quick)?.with_flags(&env.capacity);
             let models = env.demo_models()?;

@@ -45,6 +45,7 @@ pub struct BenchArgs {
     #[arg(long)]
     minutes: Option<f64>,
     /// soak: the session cap, with a twentieth more clients (default 1,000; 64 with --quick).
+    /// persona-stress: measure this many personas only, 5 turns each.
     #[arg(long)]
     sessions: Option<usize>,
     /// agent-capacity: how the clients reach the runtime: inproc (tasks of this process), http or
@@ -78,7 +79,7 @@ fn parse_case(s: &str) -> Result<Case, String> {
 }
 
 /// Runs `troupe bench`.
-pub fn run(a: BenchArgs) -> Result<()> {
+pub fn run(mut a: BenchArgs) -> Result<()> {
     let model = ModelChoice::from_args(a.model, a.preset)?;
     let runs_model = !matches!(a.case, Case::PersonaStress | Case::Kernels);
     if !runs_model && (!model.is_default() || a.weights.is_some()) {
@@ -88,10 +89,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
     {
         anyhow::bail!("--drafter applies to spec-speedup, rtt-sweep and batching");
     }
+    let personas = match a.case {
+        Case::PersonaStress => a.sessions.take(),
+        _ => None,
+    };
+    if personas == Some(0) {
+        anyhow::bail!("--sessions must be at least 1");
+    }
     let soak = match (a.minutes, a.sessions) {
         _ if a.case != Case::Soak => {
             if a.minutes.is_some() || a.sessions.is_some() {
-                anyhow::bail!("--minutes and --sessions apply to soak");
+                anyhow::bail!("--minutes applies to soak; --sessions to soak and persona-stress");
             }
             None
         }
@@ -119,6 +127,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         .with_weights(a.weights)
         .with_drafter(a.drafter);
     env.soak = soak;
+    env.personas = personas;
     env.capacity = capacity;
     troupe_bench::run(a.case, a.quick, &env)?;
     Ok(())

@@ -42,6 +42,20 @@ fn the_next_step_waits_for_a_session_whose_turn_just_ended_while_its_turns_keep_
 }
 
 #[test]
+fn a_turnaround_wait_that_caught_its_follow_ups_is_not_followed_by_a_gather() {
+    let mut phase = Phase::default();
+    let (mut st, ended) = one_turn_ended(&mut phase);
+    assert!(phase.hold(&mut st, ended).is_some());
+    // The follow-up comes within the gap, and the scheduler looks again a little later, when the
+    // verifier has been idle for longer than a gap: the step goes at once, without gathering.
+    let since = phase.arrival(ended + GAP / 2);
+    st.observe_turnaround(1, since);
+    st.submit(1, &[11], turn(4)).unwrap();
+    assert_eq!(phase.hold(&mut st, ended + GAP * 3 / 2), None);
+    assert_eq!(st.dispatch().expect("work").step.works.len(), 2);
+}
+
+#[test]
 fn a_wait_ends_after_a_quiet_gap_and_waits_stop_once_they_catch_nothing() {
     let mut phase = Phase::default();
     let (mut st, ended) = one_turn_ended(&mut phase);
