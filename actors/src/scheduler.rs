@@ -18,7 +18,7 @@ use crate::health::HealthCell;
 use crate::phase::Phase;
 use crate::policy::{Cancel, Completion, Dispatch, SchedulerState, SchedulerStats};
 use crate::proposer::{ProposerActor, ProposerArgs, ProposerMsg};
-use crate::protocol::{DraftOrder, DraftReply, Drafts, SeqRequest, StepDone, TurnUpdate};
+use crate::protocol::{DraftOrder, DraftReply, Drafts, Emission, SeqRequest, StepDone, TurnUpdate};
 use crate::runtime::{DrafterFactory, VerifierFactory};
 use crate::verifier_actor::{VerifierArgs, VerifierLink};
 
@@ -580,22 +580,35 @@ impl SchedulerActorState {
         self.forward_hidden(&mut outcomes);
         let Completion { emissions, orders } = self.policy.complete(id, &outcomes, elapsed);
         self.phase.step_ended(Instant::now());
-        for e in emissions {
-            if !e.tokens.is_empty() {
-                if let Some(p) = &self.proposer {
-                    let _ = p.cast(ProposerMsg::Observe {
-                        seq: e.seq,
-                        tokens: e.tokens.clone(),
-                    });
-                }
-            }
-            if let Some(info) = self.seqs.get(&e.seq) {
-                let _ = info.session.send_message(TurnUpdate::Emitted(e));
+        if let Some(p) = &self.proposer {
+            for e in emissions.iter().filter(|e| !e.tokens.is_empty()) {
+                let _ = p.cast(ProposerMsg::Observe {
+                    seq: e.seq,
+                    tokens: e.tokens.clone(),
+                });
             }
         }
         drop(_enter);
         self.send_orders(orders);
-        self.pump(myself);
+        if self.verifier.is_some() {
+            // The next step goes out before the sessions hear of this one, so the verifier
+            // computes while they stream: telling a thousand sessions takes about a millisecond.
+            self.pump(myself);
+            self.deliver(emissions);
+        } else {
+            // Without a verifier `pump` fails every turn: what this step emitted comes first.
+            self.deliver(emissions);
+            self.pump(myself);
+        }
+    }
+
+    /// Tells each session what the step emitted for it.
+    fn deliver(&self, emissions: Vec<Emission>) {
+        for e in emissions {
+            if let Some(info) = self.seqs.get(&e.seq) {
+                let _ = info.session.send_message(TurnUpdate::Emitted(e));
+            }
+        }
     }
 
     /// Registers an opened (or forked) sequence: with the proposer, told its history, and in
