@@ -3,6 +3,8 @@
 //! decisions live in [`SchedulerState`](crate::policy::SchedulerState); this is the dispatcher.
 
 use std::collections::HashMap;
+
+use rustc_hash::FxHashMap;
 use std::time::{Duration, Instant};
 
 use ractor::{
@@ -128,7 +130,7 @@ pub struct SchedulerActorState {
     verifier_factory: VerifierFactory,
     drafter_factory: Option<DrafterFactory>,
     faults: FaultPlan,
-    seqs: HashMap<SeqId, SeqInfo>,
+    seqs: FxHashMap<SeqId, SeqInfo>,
     step_timeout: Duration,
     max_restarts: u64,
     awaiting_since: Option<Instant>,
@@ -140,7 +142,7 @@ pub struct SchedulerActorState {
     wait_timer: Option<Instant>,
     /// When the latest fresh and pipelined order of each sequence went out.
     orders_sent: HashMap<(SeqId, bool), Instant>,
-    submitted_at: HashMap<SeqId, Instant>,
+    submitted_at: FxHashMap<SeqId, Instant>,
     /// Tokens evicted from the windows of closed sequences.
     evicted_closed: u64,
     /// The verifier's vocabulary: a draft naming a token past it is cut there, not sent.
@@ -206,7 +208,12 @@ impl Actor for SchedulerActor {
             ),
             _ => None,
         };
-        let mut policy = SchedulerState::new(args.config);
+        let mut config = args.config;
+        if proposer.is_none() {
+            // Nothing drafts: no sequence is ever planned a draft or waits for one.
+            config.max_draft_len = 0;
+        }
+        let mut policy = SchedulerState::new(config);
         policy.set_draft_cost(draft_cost);
         Ok(SchedulerActorState {
             policy,
@@ -215,7 +222,7 @@ impl Actor for SchedulerActor {
             verifier_factory: args.verifier_factory,
             drafter_factory: args.drafter_factory,
             faults: args.faults,
-            seqs: HashMap::new(),
+            seqs: FxHashMap::default(),
             step_timeout: args.step_timeout,
             max_restarts: args.max_restarts,
             awaiting_since: None,
@@ -223,7 +230,7 @@ impl Actor for SchedulerActor {
             tick_pending: false,
             wait_timer: None,
             orders_sent: HashMap::new(),
-            submitted_at: HashMap::new(),
+            submitted_at: FxHashMap::default(),
             evicted_closed: 0,
             vocab_size,
             hidden_layers,

@@ -9,7 +9,9 @@
 //! finished step means for each turn), `orders` (draft orders and replies), `waits` (how long to
 //! wait for drafts) and `stats` (counters).
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashSet};
+
+use rustc_hash::FxHashMap;
 use std::time::Duration;
 
 use troupe_engine::{DraftCost, SeqId, VerifyOutcome};
@@ -89,8 +91,8 @@ pub struct Completion {
 pub struct SchedulerState {
     /// Configuration.
     pub config: SchedulerConfig,
-    /// Open sequences, in id order (the order round robin walks them in).
-    seqs: BTreeMap<SeqId, SeqEntry>,
+    /// Open sequences.
+    seqs: FxHashMap<SeqId, SeqEntry>,
     /// The open sequences with a turn, in id order: what a step is planned from, so the work per
     /// message and per step grows with the active sequences, not with the open ones.
     turns: BTreeSet<SeqId>,
@@ -125,7 +127,7 @@ impl SchedulerState {
     pub fn new(config: SchedulerConfig) -> Self {
         Self {
             config,
-            seqs: BTreeMap::new(),
+            seqs: FxHashMap::default(),
             turns: BTreeSet::new(),
             rr: 0,
             in_flight: None,
@@ -192,7 +194,9 @@ impl SchedulerState {
     /// Open sequences.
     #[cfg(test)]
     pub fn seq_ids(&self) -> Vec<SeqId> {
-        self.seqs.keys().copied().collect()
+        let mut ids: Vec<SeqId> = self.seqs.keys().copied().collect();
+        ids.sort_unstable();
+        ids
     }
 
     /// Sequences with a turn, in id order.

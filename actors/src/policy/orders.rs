@@ -106,6 +106,9 @@ impl SchedulerState {
     /// After a step of `chosen` is applied: promotes the pipelined drafts that guessed right, and
     /// orders fresh drafts for the step's other decoding sequences.
     pub(super) fn follow_up_orders(&mut self, chosen: &[Chosen]) -> Vec<DraftOrder> {
+        if self.config.max_draft_len == 0 {
+            return Vec::new(); // no drafts are ordered, so none can be promoted
+        }
         let steps = self.stats.steps;
         let decoding = self.decoding();
         let withheld = self.orders_withheld();
@@ -144,7 +147,7 @@ impl SchedulerState {
     /// Orders fresh drafts for decoding sequences that have none ready and none coming (after a
     /// turn starts decoding from a prefill, or after a proposer restart).
     pub(super) fn fresh_orders(&mut self) -> Vec<DraftOrder> {
-        if self.orders_withheld() {
+        if self.config.max_draft_len == 0 || self.orders_withheld() {
             return Vec::new();
         }
         let steps = self.stats.steps;

@@ -55,28 +55,32 @@ fn verifiable_len(turn: &Turn, content: bool, draft: &[u32]) -> usize {
 }
 
 impl SchedulerState {
-    /// Plans the next step; `None` when a step is in flight or nothing waits.
+    /// Plans the next step; `None` when a step is in flight or nothing waits. Each sequence with a
+    /// turn is looked up once to choose, and each chosen one once more to build its work.
     pub(super) fn plan_step(&mut self) -> Option<PlannedStep> {
         if self.in_flight.is_some() {
             return None;
         }
-        let ids: Vec<SeqId> = self
+        // (sequence, tokens it has left to feed) of each one not in a step, in id order.
+        let ready: Vec<(SeqId, usize)> = self
             .turns
             .iter()
-            .copied()
-            .filter(|id| !self.seqs[id].in_step)
+            .filter_map(|id| {
+                let e = &self.seqs[id];
+                (!e.in_step).then(|| (*id, e.pending()))
+            })
             .collect();
-        if ids.is_empty() {
+        if ready.is_empty() {
             return None;
         }
         // Round robin: start after the sequence that started last time, so none starves.
-        let start = ids.iter().position(|&id| id >= self.rr).unwrap_or(0);
-        let order: Vec<SeqId> = ids[start..].iter().chain(&ids[..start]).copied().collect();
-        let cfg = self.config.clone();
+        let start = ready.iter().position(|&(id, _)| id >= self.rr).unwrap_or(0);
+        let order = || ready[start..].iter().chain(&ready[..start]).copied();
+        let cfg = &self.config;
         let mut budget = cfg.max_step_tokens.max(1);
         let mut chosen: Vec<Chosen> = Vec::new();
 
-        let prefill_waiting = order.iter().any(|id| self.seqs[id].pending() > 1);
+        let prefill_waiting = ready.iter().any(|&(_, pending)| pending > 1);
         let reserve = if prefill_waiting {
             cfg.prefill_chunk.min(budget / 4).max(1)
         } else {
@@ -85,9 +89,8 @@ impl SchedulerState {
         // A waiting prompt also keeps one seat, or decoders filling `max_step_seqs` would starve it.
         let seat = usize::from(prefill_waiting && cfg.max_step_seqs > 1);
         // Decoding sequences first: one token each.
-        for &seq in &order {
-            let e = &self.seqs[&seq];
-            if e.pending() == 1 && chosen.len() + seat < cfg.max_step_seqs && budget > reserve {
+        for (seq, pending) in order() {
+            if pending == 1 && chosen.len() + seat < cfg.max_step_seqs && budget > reserve {
                 chosen.push(Chosen {
                     seq,
                     fed: 1,
@@ -97,16 +100,12 @@ impl SchedulerState {
             }
         }
         let decoders = chosen.len();
-        let decoders_left_out = order
-            .iter()
-            .filter(|id| self.seqs[*id].pending() == 1)
-            .count()
-            > decoders;
+        let decoders_left_out =
+            ready.iter().filter(|&&(_, pending)| pending == 1).count() > decoders;
         // Then prefill chunks with what is left.
-        for &seq in &order {
-            let e = &self.seqs[&seq];
-            if e.pending() > 1 && chosen.len() < cfg.max_step_seqs && budget > 0 {
-                let fed = e.pending().min(cfg.prefill_chunk).min(budget);
+        for (seq, pending) in order() {
+            if pending > 1 && chosen.len() < cfg.max_step_seqs && budget > 0 {
+                let fed = pending.min(cfg.prefill_chunk).min(budget);
                 chosen.push(Chosen {
                     seq,
                     fed,
@@ -117,29 +116,6 @@ impl SchedulerState {
         }
         if chosen.is_empty() {
             return None;
-        }
-        // Drafts fill the rest, each truncated to what the budget still allows. Only a chunk that
-        // reaches the end of the history samples, so only it can carry a draft.
-        for c in chosen.iter_mut().filter(|c| c.fed == 1) {
-            let e = &self.seqs[&c.seq];
-            let at_end = e.committed + c.fed == e.history.len();
-            let Some(turn) = e.turn.as_ref() else {
-                continue;
-            };
-            if let Some(r) = e
-                .ready
-                .as_ref()
-                .filter(|r| at_end && r.at == e.history.len())
-            {
-                let n = r
-                    .tokens
-                    .len()
-                    .min(budget)
-                    .min(turn.remaining.saturating_sub(1));
-                let n = verifiable_len(turn, e.content, &r.tokens[..n]);
-                c.draft = r.tokens[..n].to_vec();
-                budget -= n;
-            }
         }
         let id = self.next_id;
         self.next_id += 1;
@@ -153,15 +129,30 @@ impl SchedulerState {
         self.rr = last.map(|c| c.seq + 1).unwrap_or(0);
         let mut works = Vec::with_capacity(chosen.len());
         let mut tokens = 0;
-        for c in &chosen {
+        for c in &mut chosen {
             let e = self.seqs.get_mut(&c.seq).expect("chosen from the map");
-            e.in_step = true;
             let turn = e
                 .turn
                 .as_ref()
                 .expect("only sequences with a turn are chosen");
-            let fed_tokens = e.history[e.committed..e.committed + c.fed].to_vec();
+            // Drafts fill the rest of the budget, in the order of the step, each truncated to
+            // what is left. Only a chunk that reaches the end of the history samples, so only it
+            // can carry a draft.
             let sample = e.committed + c.fed == e.history.len();
+            if c.fed == 1 && sample {
+                if let Some(r) = e.ready.as_ref().filter(|r| r.at == e.history.len()) {
+                    let n = r
+                        .tokens
+                        .len()
+                        .min(budget)
+                        .min(turn.remaining.saturating_sub(1));
+                    let n = verifiable_len(turn, e.content, &r.tokens[..n]);
+                    c.draft = r.tokens[..n].to_vec();
+                    budget -= n;
+                }
+            }
+            e.in_step = true;
+            let fed_tokens = e.history[e.committed..e.committed + c.fed].to_vec();
             let probs = e
                 .ready
                 .take()
