@@ -49,7 +49,9 @@ impl Phase {
         };
         if let Some(ended) = self.step_ended.filter(|_| policy.awaits_turnaround()) {
             self.turned_around = true;
-            let until = due(ended, self.last_arrival);
+            let quiet = self.last_arrival.map_or(ended, |l| l.max(ended));
+            let gap = Duration::from_secs_f64(policy.turnaround_gap());
+            let until = (ended + cap).min(quiet + gap);
             if now < until {
                 return Some(until);
             }

@@ -50,9 +50,10 @@ impl Tokenizer {
 
     /// Token ids of `text`, without special tokens.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        // Only the ids are kept: `encode_fast` skips converting offsets to characters.
         let enc = self
             .inner
-            .encode(text, false)
+            .encode_fast(text, false)
             .map_err(|e| EngineError::Tokenizer {
                 path: "<encode>".into(),
                 reason: e.to_string(),

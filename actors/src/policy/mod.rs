@@ -118,6 +118,12 @@ pub struct SchedulerState {
     just_finished: BTreeSet<SeqId>,
     /// Running share of follow-up turns that came within the turn-around wait.
     turnaround_hits: f64,
+    /// The follow-ups the turn-around wait under way has caught, and when the last came
+    /// (seconds after the step ended).
+    turnaround_caught: (usize, f64),
+    /// Seconds per follow-up turn, averaged over waits: how fast the runtime routes a batch of
+    /// ended turns to their callers and their next turns back (`None` before a wait caught one).
+    route_ema: Option<f64>,
     /// Running share of gathers at an idle verifier that caught another turn.
     gather_hits: f64,
 }
@@ -140,6 +146,8 @@ impl SchedulerState {
             draft_forward_ema: None,
             just_finished: BTreeSet::new(),
             turnaround_hits: 1.0,
+            turnaround_caught: (0, 0.0),
+            route_ema: None,
             gather_hits: 1.0,
         }
     }

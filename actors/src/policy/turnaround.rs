@@ -23,6 +23,9 @@ const CAP_MAX: f64 = 0.05;
 const GAP_SHARE: f64 = 0.02;
 /// The longest gap, in seconds.
 const GAP_MAX: f64 = 0.001;
+/// Seconds per follow-up turn assumed before a wait has measured it: what routing an ended turn
+/// to its caller and its next turn back costs on two cores.
+const ROUTE_PRIOR: f64 = 30e-6;
 /// Below this running share of waits that caught a turn, waits are skipped.
 const MIN_HITS: f64 = 0.5;
 /// What a skipped gather adds to the share, so that a few skips lead to one more try.
@@ -52,6 +55,14 @@ impl SchedulerState {
         }
     }
 
+    /// How long without a new turn ends a turn-around wait, in seconds: the gap, plus the time
+    /// the runtime takes to route the follow-ups still awaited (a thousand sessions ending their
+    /// turns in one step take milliseconds to reach their callers and come back), within the cap.
+    pub fn turnaround_gap(&self) -> f64 {
+        let routing = self.route_ema.unwrap_or(ROUTE_PRIOR) * self.just_finished.len() as f64;
+        (self.arrival_gap() + routing).min(self.phase_cap())
+    }
+
     /// Whether a step waits for the follow-up turns of the sessions whose turn the last step ended.
     pub fn awaits_turnaround(&self) -> bool {
         !self.just_finished.is_empty() && self.phase_cap() > 0.0 && self.turnaround_hits >= MIN_HITS
@@ -66,7 +77,13 @@ impl SchedulerState {
     /// whether it came within the cap.
     pub fn observe_turnaround(&mut self, seq: SeqId, seconds: f64) {
         if self.just_finished.remove(&seq) {
-            self.turnaround_hits = toward(self.turnaround_hits, seconds <= self.phase_cap());
+            let hit = seconds <= self.phase_cap();
+            self.turnaround_hits = toward(self.turnaround_hits, hit);
+            if hit {
+                let (caught, last) = &mut self.turnaround_caught;
+                *caught += 1;
+                *last = last.max(seconds);
+            }
         }
     }
 
@@ -76,6 +93,14 @@ impl SchedulerState {
             self.turnaround_hits = toward(self.turnaround_hits, false);
         }
         self.just_finished.clear();
+        let (caught, last) = std::mem::take(&mut self.turnaround_caught);
+        if caught > 0 {
+            let per_turn = last / caught as f64;
+            self.route_ema = Some(
+                self.route_ema
+                    .map_or(per_turn, |e| 0.8 * e + 0.2 * per_turn),
+            );
+        }
     }
 
     /// A step started an idle verifier without gathering (gathers have not been catching turns):

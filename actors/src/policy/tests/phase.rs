@@ -8,6 +8,14 @@ use crate::phase::Phase;
 
 const GAP: Duration = Duration::from_micros(200);
 
+/// The quiet gap of the turn-around wait under way: the gap, and the time routing the follow-ups
+/// still awaited takes.
+fn wait_gap(st: &SchedulerState) -> Duration {
+    let gap = Duration::from_secs_f64(st.turnaround_gap());
+    assert!(gap > GAP, "one awaited follow-up adds its routing time");
+    gap
+}
+
 /// Sequence 1 ends its turn in the first step while sequence 2 goes on; returns the state and
 /// the moment the step came back.
 fn one_turn_ended(phase: &mut Phase) -> (SchedulerState, Instant) {
@@ -30,7 +38,7 @@ fn the_next_step_waits_for_a_session_whose_turn_just_ended_while_its_turns_keep_
     let (mut st, ended) = one_turn_ended(&mut phase);
     // Sequence 2 could go now; the step waits for sequence 1's next turn, a gap at most.
     let due = phase.hold(&mut st, ended).expect("waits");
-    assert_eq!(due, ended + GAP);
+    assert_eq!(due, ended + wait_gap(&st));
     // Its next turn comes: nothing more is awaited, and the step goes with both.
     let at = ended + GAP / 2;
     let since = phase.arrival(at);
@@ -56,12 +64,44 @@ fn a_turnaround_wait_that_caught_its_follow_ups_is_not_followed_by_a_gather() {
 }
 
 #[test]
+fn a_turnaround_wait_for_many_sessions_outlasts_a_pause_while_they_are_routed() {
+    // A hundred sessions end their turns in one step while another goes on.
+    let mut st = SchedulerState::new(config(1024, 128, 16, 0));
+    let mut phase = Phase::default();
+    for seq in 1..=101 {
+        st.open(seq);
+        st.submit(seq, &[seq as u32], turn(if seq == 101 { 50 } else { 1 }))
+            .unwrap();
+    }
+    let step = st.dispatch().expect("work").step;
+    st.complete(step.id, &verify(&step), Duration::from_millis(10));
+    let ended = Instant::now();
+    phase.step_ended(ended);
+    assert!(phase.hold(&mut st, ended).is_some());
+    // The first follow-up comes, then none for two gaps: the rest are still being routed back
+    // (a hundred of them take longer than a gap), so the step still waits for them.
+    let first = ended + GAP / 2;
+    st.observe_turnaround(1, phase.arrival(first).min(1.0));
+    st.submit(1, &[1], turn(4)).unwrap();
+    assert!(phase.hold(&mut st, first + GAP * 2).is_some());
+    // They come: the step goes at once, with all of them.
+    let at = first + GAP * 3;
+    for seq in 2..=100 {
+        st.observe_turnaround(seq, phase.arrival(at));
+        st.submit(seq, &[seq as u32], turn(4)).unwrap();
+    }
+    assert_eq!(phase.hold(&mut st, at), None);
+    assert_eq!(st.dispatch().expect("work").step.works.len(), 101);
+}
+
+#[test]
 fn a_wait_ends_after_a_quiet_gap_and_waits_stop_once_they_catch_nothing() {
     let mut phase = Phase::default();
     let (mut st, ended) = one_turn_ended(&mut phase);
     assert!(phase.hold(&mut st, ended).is_some());
     // Nothing came within the gap: the step goes without it.
-    assert_eq!(phase.hold(&mut st, ended + GAP), None);
+    let gap = wait_gap(&st);
+    assert_eq!(phase.hold(&mut st, ended + gap), None);
     assert!(!st.awaits_turnaround());
     // Session after session that never comes back: the waits are skipped from then on.
     let mut skipped = false;
@@ -76,7 +116,8 @@ fn a_wait_ends_after_a_quiet_gap_and_waits_stop_once_they_catch_nothing() {
             skipped = true;
             break;
         }
-        assert_eq!(phase.hold(&mut st, now + GAP), None);
+        let gap = wait_gap(&st);
+        assert_eq!(phase.hold(&mut st, now + gap), None);
     }
     assert!(
         skipped,
