@@ -6,11 +6,12 @@
 //! `window`), and its next token depends only on those, so it honours the same contract as a real
 //! model: verify blocks, accept, commit, and forget what was evicted.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::SeedableRng;
+use rustc_hash::FxHashMap;
 use troupe_engine::accept::{accept_greedy, accept_sampled};
 use troupe_engine::drafter::{Draft, DraftRequest, Drafter};
 use troupe_engine::verifier::{SeqId, Verifier, VerifyOutcome, VerifyWork};
@@ -79,7 +80,7 @@ pub struct ScriptedModel {
     vocab: usize,
     delay: Duration,
     slot_bytes: u64,
-    tracks: HashMap<SeqId, Track>,
+    tracks: FxHashMap<SeqId, Track>,
 }
 
 impl ScriptedModel {
@@ -89,7 +90,7 @@ impl ScriptedModel {
             vocab: 256,
             delay,
             slot_bytes: DEFAULT_SLOT_BYTES,
-            tracks: HashMap::new(),
+            tracks: FxHashMap::default(),
         }
     }
 
@@ -176,21 +177,26 @@ impl Verifier for ScriptedModel {
                 if w.sample {
                     // Row i predicts the token after fed ++ draft[..i].
                     let mut ctx: Vec<u32> = w.fed.clone();
-                    let mut rows = Vec::with_capacity(w.draft.len() + 1);
+                    // Row i continues (a, b), the last two tokens of fed ++ draft[..i].
+                    let mut pairs = Vec::with_capacity(w.draft.len() + 1);
                     for i in 0..=w.draft.len() {
-                        let (a, b) = track.last_two(&ctx);
-                        rows.push(logits_for(a, b, vocab));
+                        pairs.push(track.last_two(&ctx));
                         if i < w.draft.len() {
                             ctx.push(w.draft[i]);
                         }
                     }
                     let acc = if w.params.is_greedy() {
-                        let argmaxes: Vec<u32> = rows
+                        // The argmax of `logits_for` is the heuristic's token: no row is built.
+                        let argmaxes: Vec<u32> = pairs
                             .iter()
-                            .map(|r| troupe_engine::sampling::argmax(r))
+                            .map(|&(a, b)| next_token(a, b, vocab as u32))
                             .collect();
                         accept_greedy(&w.draft, &argmaxes)
                     } else {
+                        let rows: Vec<Vec<f32>> = pairs
+                            .iter()
+                            .map(|&(a, b)| logits_for(a, b, vocab))
+                            .collect();
                         accept_sampled(
                             &w.draft,
                             w.draft_probs.as_deref(),
@@ -238,7 +244,7 @@ pub struct ScriptedDrafter {
     vocab: u32,
     miss_per_mille: u64,
     delay: Duration,
-    history: HashMap<SeqId, Vec<u32>>,
+    history: FxHashMap<SeqId, Vec<u32>>,
 }
 
 impl ScriptedDrafter {
@@ -248,7 +254,7 @@ impl ScriptedDrafter {
             vocab: 256,
             miss_per_mille,
             delay,
-            history: HashMap::new(),
+            history: FxHashMap::default(),
         }
     }
 }
