@@ -4,7 +4,8 @@
 //! A decode or verify step multiplies at most a few dozen rows by every weight, so the cost is the
 //! weight bytes, and the kernel's one job is to stream them at memory speed. Every weight byte is
 //! read once per call, in one of two ways:
-//! - Up to [`DOT_ROWS`] rows ([`DOT_ROWS_F32`] for f32 weights), each output is the dot product of a row of `x` and a row of `W`
+//! - Up to [`DOT_ROWS`] rows ([`DOT_ROWS_F32`] for f32 weights, [`DOT_ROWS_F32_IN_PLACE`] where
+//!   the CPU has AVX-512F), each output is the dot product of a row of `x` and a row of `W`
 //!   ([`crate::cpu_dot`]): `W` is read front to back in place, each load of it feeding every row
 //!   of `x` in a register tile.
 //! - Past that, up to [`ROWS_F32`] rows, f32 weights are read in place by tiles that broadcast
@@ -41,8 +42,14 @@ pub const DOT_ROWS: usize = 64;
 /// [`DOT_ROWS`] for f32 weights (`kernels/examples/cpu_skinny.rs` on a 2048 × 6144 weight: the
 /// dot products win up to 32 rows, the packed strips from 40).
 pub const DOT_ROWS_F32: usize = 32;
+/// [`DOT_ROWS_F32`] where the CPU runs the in-place tiles of `cpu_rows_f32` (AVX-512F): they
+/// stream `W` once for up to 64 rows at any height, and win from 6 rows
+/// (`kernels/examples/cpu_skinny.rs`, 2048 × 6144, ms per product, dot vs in place: 5 rows 1.9
+/// vs 2.4, 6 rows 2.4–2.6 vs 2.4, 8 rows 2.6–2.8 vs 2.4–2.6, 16 rows 3.8 vs 2.6, 32 rows 6.3 vs
+/// 3.5–3.7).
+pub const DOT_ROWS_F32_IN_PLACE: usize = 5;
 
-/// Up to this many rows, f32 weights past [`DOT_ROWS_F32`] are read in place by
+/// Up to this many rows, f32 weights past [`DOT_ROWS_F32_IN_PLACE`] are read in place by
 /// `cpu_rows_f32` rather than packed (`kernels/examples/cpu_skinny.rs`, 2048 × 6144, ms
 /// per product, packed vs in place: 40 rows 7.6 vs 6.3, 64 rows 9.8 vs 8.0, 96 rows 13.0 vs 12.6,
 /// 128 rows 16.9 vs 17.8, 256 rows 29.0 vs 44.2: past 64 rows a group of `W` no longer serves
@@ -129,6 +136,7 @@ pub(crate) fn accumulate_product<M: Matrix>(
         return;
     }
     let dot_rows = match M::KIND {
+        WeightKind::F32 if crate::cpu_rows_f32::available() => DOT_ROWS_F32_IN_PLACE,
         WeightKind::F32 => DOT_ROWS_F32,
         _ => DOT_ROWS,
     };
