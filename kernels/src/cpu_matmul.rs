@@ -9,7 +9,8 @@
 //!   ([`crate::cpu_dot`]): `W` is read front to back in place, each load of it feeding every row
 //!   of `x` in a register tile.
 //! - Past that, up to [`ROWS_F32`] rows, f32 weights are read in place by tiles that broadcast
-//!   `W` against `xᵀ` (`cpu_rows_f32`, where the CPU has AVX-512F).
+//!   `W` against `xᵀ` (`cpu_rows_f32`, where the CPU has AVX-512F); so are bf16 weights past
+//!   [`DOT_ROWS_BF16_IN_PLACE`] rows, widened a block at a time.
 //! - Past that otherwise (prefill, long verify blocks), each core owns a range of columns. It walks `K` in
 //!   packed strips of [`KB`] and `N` in register tiles of [`MR`] rows × [`NR`] columns: each strip
 //!   is packed from [`NR`] rows of `W` at a time, transposed in registers eight by eight, and
@@ -48,6 +49,13 @@ pub const DOT_ROWS_F32: usize = 32;
 /// vs 2.4, 6 rows 2.4–2.6 vs 2.4, 8 rows 2.6–2.8 vs 2.4–2.6, 16 rows 3.8 vs 2.6, 32 rows 6.3 vs
 /// 3.5–3.7).
 pub const DOT_ROWS_F32_IN_PLACE: usize = 5;
+
+/// [`DOT_ROWS`] for bf16 weights where the CPU runs the in-place tiles (AVX-512F), which widen
+/// each group of rows of `W` a block of `K` at a time: they win from about 30 rows
+/// (`kernels/examples/cpu_skinny.rs`, 2048 × 6144, ms per product, dot vs in place: 24 rows
+/// 3.4–3.5 vs 3.9–4.0, 32 rows 4.4–4.6 vs 3.9–4.0, 48 rows 6.3–6.7 vs 5.6–5.8, 64 rows 8.2–8.7 vs
+/// 6.7–7.0).
+pub const DOT_ROWS_BF16_IN_PLACE: usize = 28;
 
 /// Up to this many rows, f32 weights past [`DOT_ROWS_F32_IN_PLACE`] are read in place by
 /// `cpu_rows_f32` rather than packed (`kernels/examples/cpu_skinny.rs`, 2048 × 6144, ms
@@ -140,12 +148,23 @@ pub(crate) fn accumulate_product<M: Matrix>(
         WeightKind::F32 => DOT_ROWS_F32,
         _ => DOT_ROWS,
     };
+    if M::KIND == WeightKind::Bf16
+        && m > DOT_ROWS_BF16_IN_PLACE
+        && m <= ROWS_F32
+        && crate::cpu_rows_f32::available()
+    {
+        // SAFETY: only `&[bf16]` is a matrix of bf16 elements: `len` of them from `base`.
+        let w = unsafe { std::slice::from_raw_parts(w.base().cast::<u16>(), w.len()) };
+        let w = crate::cpu_rows_f32::Rows::Bf16(w);
+        return crate::cpu_rows_f32::product(y, x, w, (m, k, n), accumulate);
+    }
     if m <= dot_rows {
         return dot_product(y, x, w, (m, k, n), accumulate);
     }
     if M::KIND == WeightKind::F32 && m <= ROWS_F32 && crate::cpu_rows_f32::available() {
         // SAFETY: only `&[f32]` is a matrix of f32 elements: `len` of them from `base`.
         let w = unsafe { std::slice::from_raw_parts(w.base().cast::<f32>(), w.len()) };
+        let w = crate::cpu_rows_f32::Rows::F32(w);
         return crate::cpu_rows_f32::product(y, x, w, (m, k, n), accumulate);
     }
     let job = Block {
