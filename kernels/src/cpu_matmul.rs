@@ -4,13 +4,11 @@
 //! A decode or verify step multiplies at most a few dozen rows by every weight, so the cost is the
 //! weight bytes, and the kernel's one job is to stream them at memory speed. Every weight byte is
 //! read once per call, in one of two ways:
-//! - Up to [`DOT_ROWS`] rows ([`DOT_ROWS_F32`] for f32 weights, [`DOT_ROWS_F32_IN_PLACE`] where
-//!   the CPU has AVX-512F), each output is the dot product of a row of `x` and a row of `W`
+//! - Up to [`DOT_ROWS`] rows ([`DOT_ROWS_F32`] for f32 weights), each output is the dot product of a row of `x` and a row of `W`
 //!   ([`crate::cpu_dot`]): `W` is read front to back in place, each load of it feeding every row
 //!   of `x` in a register tile.
 //! - Past that, up to [`ROWS_F32`] rows, f32 weights are read in place by tiles that broadcast
-//!   `W` against `xᵀ` (`cpu_rows_f32`, where the CPU has AVX-512F); so are bf16 weights past
-//!   [`DOT_ROWS_BF16_IN_PLACE`] rows, widened a block at a time.
+//!   `W` against `xᵀ` (`cpu_rows_f32`, where the CPU has AVX-512F).
 //! - Past that otherwise (prefill, long verify blocks), each core owns a range of columns. It walks `K` in
 //!   packed strips of [`KB`] and `N` in register tiles of [`MR`] rows × [`NR`] columns: each strip
 //!   is packed from [`NR`] rows of `W` at a time, transposed in registers eight by eight, and
@@ -42,22 +40,19 @@ pub const CW: usize = 128;
 pub const DOT_ROWS: usize = 64;
 /// [`DOT_ROWS`] for f32 weights (`kernels/examples/cpu_skinny.rs` on a 2048 × 6144 weight: the
 /// dot products win up to 32 rows, the packed strips from 40).
+///
+/// The in-place tiles of `cpu_rows_f32` would win from 6 rows on AVX-512 (2048 × 6144, ms per
+/// product, dot vs tiles: 16 rows 3.8 vs 2.6, 32 rows 6.3 vs 3.6; at 64 f32 sessions of the
+/// Qwen3-0.6B shape 109 → 120 tok/s), and bf16 weights widened a block at a time from about 30
+/// rows (64 rows 8.2–8.7 vs 6.7–7.0 ms). They are not used there: they sum each output in another
+/// order than the dot products, so a session decoding alone (one row) and the same session in a
+/// step of a few rows would differ in the last bits of their logits, and a verify block of 1 + k
+/// tokens would no longer compute each position exactly as a decode step does. Up to these rows
+/// every row's arithmetic is the same whatever else is in the step, which the greedy guarantee
+/// rests on (`docs/runtime-semantics.md`, Guarantees).
 pub const DOT_ROWS_F32: usize = 32;
-/// [`DOT_ROWS_F32`] where the CPU runs the in-place tiles of `cpu_rows_f32` (AVX-512F): they
-/// stream `W` once for up to 64 rows at any height, and win from 6 rows
-/// (`kernels/examples/cpu_skinny.rs`, 2048 × 6144, ms per product, dot vs in place: 5 rows 1.9
-/// vs 2.4, 6 rows 2.4–2.6 vs 2.4, 8 rows 2.6–2.8 vs 2.4–2.6, 16 rows 3.8 vs 2.6, 32 rows 6.3 vs
-/// 3.5–3.7).
-pub const DOT_ROWS_F32_IN_PLACE: usize = 5;
 
-/// [`DOT_ROWS`] for bf16 weights where the CPU runs the in-place tiles (AVX-512F), which widen
-/// each group of rows of `W` a block of `K` at a time: they win from about 30 rows
-/// (`kernels/examples/cpu_skinny.rs`, 2048 × 6144, ms per product, dot vs in place: 24 rows
-/// 3.4–3.5 vs 3.9–4.0, 32 rows 4.4–4.6 vs 3.9–4.0, 48 rows 6.3–6.7 vs 5.6–5.8, 64 rows 8.2–8.7 vs
-/// 6.7–7.0).
-pub const DOT_ROWS_BF16_IN_PLACE: usize = 28;
-
-/// Up to this many rows, f32 weights past [`DOT_ROWS_F32_IN_PLACE`] are read in place by
+/// Up to this many rows, f32 weights past [`DOT_ROWS_F32`] are read in place by
 /// `cpu_rows_f32` rather than packed (`kernels/examples/cpu_skinny.rs`, 2048 × 6144, ms
 /// per product, packed vs in place: 40 rows 7.6 vs 6.3, 64 rows 9.8 vs 8.0, 96 rows 13.0 vs 12.6,
 /// 128 rows 16.9 vs 17.8, 256 rows 29.0 vs 44.2: past 64 rows a group of `W` no longer serves
@@ -144,27 +139,15 @@ pub(crate) fn accumulate_product<M: Matrix>(
         return;
     }
     let dot_rows = match M::KIND {
-        WeightKind::F32 if crate::cpu_rows_f32::available() => DOT_ROWS_F32_IN_PLACE,
         WeightKind::F32 => DOT_ROWS_F32,
         _ => DOT_ROWS,
     };
-    if M::KIND == WeightKind::Bf16
-        && m > DOT_ROWS_BF16_IN_PLACE
-        && m <= ROWS_F32
-        && crate::cpu_rows_f32::available()
-    {
-        // SAFETY: only `&[bf16]` is a matrix of bf16 elements: `len` of them from `base`.
-        let w = unsafe { std::slice::from_raw_parts(w.base().cast::<u16>(), w.len()) };
-        let w = crate::cpu_rows_f32::Rows::Bf16(w);
-        return crate::cpu_rows_f32::product(y, x, w, (m, k, n), accumulate);
-    }
     if m <= dot_rows {
         return dot_product(y, x, w, (m, k, n), accumulate);
     }
     if M::KIND == WeightKind::F32 && m <= ROWS_F32 && crate::cpu_rows_f32::available() {
         // SAFETY: only `&[f32]` is a matrix of f32 elements: `len` of them from `base`.
         let w = unsafe { std::slice::from_raw_parts(w.base().cast::<f32>(), w.len()) };
-        let w = crate::cpu_rows_f32::Rows::F32(w);
         return crate::cpu_rows_f32::product(y, x, w, (m, k, n), accumulate);
     }
     let job = Block {

@@ -1,5 +1,6 @@
-//! f32 products past the dot path's rows (up to [`crate::cpu_matmul::ROWS_F32`]), with `W` (f32,
-//! or bf16 widened a block at a time) read where it lies: `y = x · Wᵀ` computed as `yᵀ = W · xᵀ`.
+//! f32 products past the dot path's rows (up to [`crate::cpu_matmul::ROWS_F32`]), with `W` read
+//! where it lies: `y = x · Wᵀ` computed as
+//! `yᵀ = W · xᵀ`.
 //!
 //! The packed strips ([`crate::cpu_matmul`]) transpose every chunk of `W` before their tiles use
 //! it, eight by eight in registers, so each tile's broadcast operand is a row of `x` and its
@@ -12,10 +13,6 @@
 //! L1 while it serves every 32 rows of `x`, and the sums of a tile stay in registers over the
 //! whole of `K`. (Six rows at a time, which reads each vector of `xᵀ` from L2 twice as often, was
 //! 4–8% slower at 64 rows and up to 20% at 40.)
-//!
-//! bf16 weights take the same tiles a block of `K` at a time: each group of twelve rows is
-//! widened to f32, 256 columns at a time, into a buffer that stays in L1, and the sums carry over
-//! from block to block.
 
 use rayon::prelude::*;
 
@@ -25,9 +22,6 @@ use crate::cpu_matmul::SendPtr;
 const MC: usize = 32;
 /// Rows of `W` one tile takes.
 const NW: usize = 12;
-/// Elements of `K` a tile takes at a time from bf16 rows, widened first: twelve rows of them,
-/// 12 KiB in f32, stay in L1 while every tile of `x` uses them.
-const KB_BF16: usize = 256;
 
 /// Whether this CPU runs the path (AVX-512F: 32 vector registers for the 12 sums).
 pub(crate) fn available() -> bool {
@@ -38,64 +32,12 @@ pub(crate) fn available() -> bool {
     false
 }
 
-/// The weight a product reads in place: f32, or bf16 (the upper halves of f32, as bits), whose
-/// group of rows is widened into an f32 buffer of a few dozen KiB before its tiles run.
-#[derive(Clone, Copy)]
-pub(crate) enum Rows<'a> {
-    /// f32 elements.
-    F32(&'a [f32]),
-    /// bf16 elements, as their bits.
-    Bf16(&'a [u16]),
-}
-
-impl Rows<'_> {
-    fn len(&self) -> usize {
-        match self {
-            Rows::F32(w) => w.len(),
-            Rows::Bf16(w) => w.len(),
-        }
-    }
-
-    /// How much of `K` a tile takes at a time: all of it in place; bf16 a block, widened first.
-    fn block_len(&self, k: usize) -> usize {
-        match self {
-            Rows::F32(_) => k,
-            Rows::Bf16(_) => KB_BF16.min(k),
-        }
-    }
-
-    /// Columns `k0..k0 + kl` of rows `n0..n0 + nw` (of `k` elements) as f32, and the distance
-    /// between the rows: read in place, or widened into `wide`.
-    fn block<'b>(
-        &'b self,
-        (n0, nw, k): (usize, usize, usize),
-        (k0, kl): (usize, usize),
-        wide: &'b mut Vec<f32>,
-    ) -> (&'b [f32], usize) {
-        match self {
-            Rows::F32(w) => (&w[n0 * k + k0..(n0 + nw - 1) * k + k0 + kl], k),
-            Rows::Bf16(w) => {
-                wide.resize(nw * kl, 0.0);
-                for (r, dst) in wide.chunks_exact_mut(kl).enumerate() {
-                    let src = &w[(n0 + r) * k + k0..][..kl];
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: `product` runs only where AVX-512F is (`available`).
-                    unsafe {
-                        avx512::widen(src, dst)
-                    };
-                }
-                (wide, kl)
-            }
-        }
-    }
-}
-
 /// `y = x · wᵀ`, or `y += x · wᵀ` when `accumulate`: `x` `[m, k]`, `w` `[n, k]`, `y` `[m, n]`,
-/// all row-major. Only where [`available`] says so.
+/// all row-major f32. Only where [`available`] says so.
 pub(crate) fn product(
     y: &mut [f32],
     x: &[f32],
-    w: Rows<'_>,
+    w: &[f32],
     (m, k, n): (usize, usize, usize),
     accumulate: bool,
 ) {
@@ -148,33 +90,24 @@ fn transpose_x(x: &[f32], m: usize, k: usize) -> Vec<f32> {
 unsafe fn run_rows(
     rows: std::ops::Range<usize>,
     xt: &[f32],
-    w: Rows<'_>,
+    w: &[f32],
     (m, k, n): (usize, usize, usize),
     out: SendPtr,
     accumulate: bool,
 ) {
-    let tiles = m.div_ceil(MC);
-    let mut sums = vec![[[0.0f32; MC]; NW]; tiles];
-    let mut wide = Vec::new();
-    let kb = w.block_len(k);
+    let mut sums = [[0.0f32; MC]; NW];
     for n0 in rows.clone().step_by(NW) {
         let nw = NW.min(rows.end - n0);
-        for k0 in (0..k).step_by(kb) {
-            let kl = kb.min(k - k0);
-            let (ws, stride) = w.block((n0, nw, k), (k0, kl), &mut wide);
-            for (t, sums) in sums.iter_mut().enumerate() {
-                let mc = MC.min(m - t * MC);
-                let xs = &xt[(t * k + k0) * MC..][..kl * MC];
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: the caller checked AVX-512F; `xs` holds `kl` steps of `MC`, `ws` `nw`
-                // rows of `kl`, `stride` apart.
-                unsafe {
-                    avx512::tile(xs, ws, (kl, stride), nw, mc > MC / 2, k0 > 0, sums)
-                };
-            }
-        }
-        for (t, sums) in sums.iter().enumerate() {
+        let ws = &w[n0 * k..(n0 + nw) * k];
+        for t in 0..m.div_ceil(MC) {
             let mc = MC.min(m - t * MC);
+            let xs = &xt[t * k * MC..][..k * MC];
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the caller checked AVX-512F; `xs` holds `k` steps of `MC`, `ws` `nw` rows
+            // of `k`.
+            unsafe {
+                avx512::tile(xs, ws, k, nw, mc > MC / 2, &mut sums)
+            };
             for (i, s) in sums.iter().enumerate().take(nw) {
                 for (j, &v) in s.iter().enumerate().take(mc) {
                     // SAFETY: row `t·MC + j < m`, column `n0 + i` is in `rows`, this task's.
@@ -194,9 +127,8 @@ mod avx512 {
 
     use super::{MC, NW};
 
-    /// `sums[i][j] (+)= Σ_kk ws[i·stride + kk] · xs[kk, j]` over `kl` steps, for `nw` rows of `W`
-    /// and the tile's 32 columns of `xᵀ` (16 when not `wide`); added to what `sums` holds when
-    /// `add` (a block of `K` after the first).
+    /// `sums[i][j] = Σ_kk ws[i, kk] · xs[kk, j]` for `nw` rows of `W` and the tile's 32 columns
+    /// of `xᵀ` (16 when not `wide`).
     ///
     /// # Safety
     /// The CPU must have AVX-512F.
@@ -204,63 +136,40 @@ mod avx512 {
     pub unsafe fn tile(
         xs: &[f32],
         ws: &[f32],
-        (kl, stride): (usize, usize),
+        k: usize,
         nw: usize,
         wide: bool,
-        add: bool,
         sums: &mut [[f32; MC]; NW],
     ) {
-        assert!(nw > 0 && nw <= NW && stride >= kl && xs.len() >= kl * MC);
-        assert!(ws.len() >= (nw - 1) * stride + kl);
-        // SAFETY (all arms): the asserts bound every load.
+        assert!(nw > 0 && nw <= NW && ws.len() >= nw * k && xs.len() >= k * MC);
+        // SAFETY (all arms): the assert bounds every load.
         unsafe {
             match (nw, wide) {
-                (1, true) => rows::<1, true>(xs, ws, kl, stride, add, sums),
-                (2, true) => rows::<2, true>(xs, ws, kl, stride, add, sums),
-                (3, true) => rows::<3, true>(xs, ws, kl, stride, add, sums),
-                (4, true) => rows::<4, true>(xs, ws, kl, stride, add, sums),
-                (5, true) => rows::<5, true>(xs, ws, kl, stride, add, sums),
-                (6, true) => rows::<6, true>(xs, ws, kl, stride, add, sums),
-                (7, true) => rows::<7, true>(xs, ws, kl, stride, add, sums),
-                (8, true) => rows::<8, true>(xs, ws, kl, stride, add, sums),
-                (9, true) => rows::<9, true>(xs, ws, kl, stride, add, sums),
-                (10, true) => rows::<10, true>(xs, ws, kl, stride, add, sums),
-                (11, true) => rows::<11, true>(xs, ws, kl, stride, add, sums),
-                (_, true) => rows::<12, true>(xs, ws, kl, stride, add, sums),
-                (1, false) => rows::<1, false>(xs, ws, kl, stride, add, sums),
-                (2, false) => rows::<2, false>(xs, ws, kl, stride, add, sums),
-                (3, false) => rows::<3, false>(xs, ws, kl, stride, add, sums),
-                (4, false) => rows::<4, false>(xs, ws, kl, stride, add, sums),
-                (5, false) => rows::<5, false>(xs, ws, kl, stride, add, sums),
-                (6, false) => rows::<6, false>(xs, ws, kl, stride, add, sums),
-                (7, false) => rows::<7, false>(xs, ws, kl, stride, add, sums),
-                (8, false) => rows::<8, false>(xs, ws, kl, stride, add, sums),
-                (9, false) => rows::<9, false>(xs, ws, kl, stride, add, sums),
-                (10, false) => rows::<10, false>(xs, ws, kl, stride, add, sums),
-                (11, false) => rows::<11, false>(xs, ws, kl, stride, add, sums),
-                (_, false) => rows::<12, false>(xs, ws, kl, stride, add, sums),
+                (1, true) => rows::<1, true>(xs, ws, k, sums),
+                (2, true) => rows::<2, true>(xs, ws, k, sums),
+                (3, true) => rows::<3, true>(xs, ws, k, sums),
+                (4, true) => rows::<4, true>(xs, ws, k, sums),
+                (5, true) => rows::<5, true>(xs, ws, k, sums),
+                (6, true) => rows::<6, true>(xs, ws, k, sums),
+                (7, true) => rows::<7, true>(xs, ws, k, sums),
+                (8, true) => rows::<8, true>(xs, ws, k, sums),
+                (9, true) => rows::<9, true>(xs, ws, k, sums),
+                (10, true) => rows::<10, true>(xs, ws, k, sums),
+                (11, true) => rows::<11, true>(xs, ws, k, sums),
+                (_, true) => rows::<12, true>(xs, ws, k, sums),
+                (1, false) => rows::<1, false>(xs, ws, k, sums),
+                (2, false) => rows::<2, false>(xs, ws, k, sums),
+                (3, false) => rows::<3, false>(xs, ws, k, sums),
+                (4, false) => rows::<4, false>(xs, ws, k, sums),
+                (5, false) => rows::<5, false>(xs, ws, k, sums),
+                (6, false) => rows::<6, false>(xs, ws, k, sums),
+                (7, false) => rows::<7, false>(xs, ws, k, sums),
+                (8, false) => rows::<8, false>(xs, ws, k, sums),
+                (9, false) => rows::<9, false>(xs, ws, k, sums),
+                (10, false) => rows::<10, false>(xs, ws, k, sums),
+                (11, false) => rows::<11, false>(xs, ws, k, sums),
+                (_, false) => rows::<12, false>(xs, ws, k, sums),
             }
-        }
-    }
-
-    /// `dst[i] = src[i]` widened from bf16 bits to f32, sixteen at a time.
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512F.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn widen(src: &[u16], dst: &mut [f32]) {
-        assert_eq!(src.len(), dst.len());
-        let whole = src.len() / 16 * 16;
-        // SAFETY: every load and store is within `whole` elements of both slices.
-        unsafe {
-            for i in (0..whole).step_by(16) {
-                let h = _mm256_loadu_si256(src.as_ptr().add(i).cast());
-                let v = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h));
-                _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_castsi512_ps(v));
-            }
-        }
-        for (d, &b) in dst[whole..].iter_mut().zip(&src[whole..]) {
-            *d = f32::from_bits(u32::from(b) << 16);
         }
     }
 
@@ -269,25 +178,15 @@ mod avx512 {
     unsafe fn rows<const R: usize, const WIDE: bool>(
         xs: &[f32],
         ws: &[f32],
-        kl: usize,
-        stride: usize,
-        add: bool,
+        k: usize,
         sums: &mut [[f32; MC]; NW],
     ) {
         // SAFETY: `tile` bounds `xs` and `ws`.
         unsafe {
             let mut lo = [_mm512_setzero_ps(); R];
             let mut hi = [_mm512_setzero_ps(); R];
-            if add {
-                for r in 0..R {
-                    lo[r] = _mm512_loadu_ps(sums[r].as_ptr());
-                    if WIDE {
-                        hi[r] = _mm512_loadu_ps(sums[r].as_ptr().add(16));
-                    }
-                }
-            }
             let (xp, wp) = (xs.as_ptr(), ws.as_ptr());
-            for kk in 0..kl {
+            for kk in 0..k {
                 let a = _mm512_loadu_ps(xp.add(kk * MC));
                 let b = if WIDE {
                     _mm512_loadu_ps(xp.add(kk * MC + 16))
@@ -295,7 +194,7 @@ mod avx512 {
                     a
                 };
                 for r in 0..R {
-                    let wv = _mm512_set1_ps(*wp.add(r * stride + kk));
+                    let wv = _mm512_set1_ps(*wp.add(r * k + kk));
                     lo[r] = _mm512_fmadd_ps(wv, a, lo[r]);
                     if WIDE {
                         hi[r] = _mm512_fmadd_ps(wv, b, hi[r]);
@@ -349,8 +248,6 @@ mod tests {
             (64, 96, 66),
             (70, 128, 1030),
             (5, 9, 6),
-            // Several blocks of `K` for bf16 rows, the last one short.
-            (40, 2 * KB_BF16 + 88, 30),
         ]
         .into_iter()
         // Every count of rows of `W` a tile can take, wide and narrow.
@@ -359,27 +256,15 @@ mod tests {
             let (x, w) = (noise(m * k, 3), noise(n * k, 5));
             let want = naive(&x, &w, m, k, n);
             let mut y = vec![f32::NAN; m * n];
-            product(&mut y, &x, Rows::F32(&w), (m, k, n), false);
+            product(&mut y, &x, &w, (m, k, n), false);
             for (i, (a, b)) in y.iter().zip(&want).enumerate() {
                 assert!((a - b).abs() <= 1e-3, "({m}, {k}, {n}) at {i}: {a} vs {b}");
             }
             // Accumulating adds the product onto what `y` holds.
             let mut acc = vec![1.0f32; m * n];
-            product(&mut acc, &x, Rows::F32(&w), (m, k, n), true);
+            product(&mut acc, &x, &w, (m, k, n), true);
             for (a, b) in acc.iter().zip(&want) {
                 assert!((a - (b + 1.0)).abs() <= 1e-3);
-            }
-            // bf16 weights: the same product of their widened values.
-            let bits: Vec<u16> = w.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
-            let widened: Vec<f32> = bits
-                .iter()
-                .map(|&b| f32::from_bits(u32::from(b) << 16))
-                .collect();
-            let want = naive(&x, &widened, m, k, n);
-            let mut y = vec![f32::NAN; m * n];
-            product(&mut y, &x, Rows::Bf16(&bits), (m, k, n), false);
-            for (a, b) in y.iter().zip(&want) {
-                assert!((a - b).abs() <= 1e-3, "bf16 ({m}, {k}, {n}): {a} vs {b}");
             }
         }
     }
