@@ -151,7 +151,7 @@ fn wide_tiles() -> bool {
 }
 
 /// A plain dot product (the fallback, and the tails shorter than a vector).
-fn dot<M: Matrix>(a: &[f32], b: M) -> f32 {
+pub(crate) fn dot<M: Matrix>(a: &[f32], b: M) -> f32 {
     a.iter().enumerate().map(|(i, p)| p * b.at(i)).sum()
 }
 
@@ -229,7 +229,7 @@ mod avx2 {
             for a in 0..RX {
                 for b in 0..RW {
                     let tail = dot(&x[a * k + p..(a + 1) * k], w.range(b * k + p, k - p));
-                    acc[a][b] = _mm512_reduce_add_ps(sums[a][b]) + tail;
+                    acc[a][b] = sum16(sums[a][b]) + tail;
                 }
             }
         }
@@ -265,6 +265,22 @@ mod avx2 {
                 }
             }
         }
+    }
+
+    /// The sum of a vector's sixteen lanes, in a fixed order: lane `l` and lane `l + 8` first,
+    /// then `l` and `l + 4`, `l + 2`, `l + 1`. The in-place tiles of
+    /// `cpu_rows_f32` add their sixteen partial sums in this same order, so a row's product is
+    /// the same to the bit whichever path computes it.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn sum16(v: __m512) -> f32 {
+        let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+        let eight = _mm256_add_ps(_mm512_castps512_ps256(v), high);
+        let four = _mm_add_ps(
+            _mm256_castps256_ps128(eight),
+            _mm256_extractf128_ps::<1>(eight),
+        );
+        let two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+        _mm_cvtss_f32(_mm_add_ss(two, _mm_shuffle_ps::<1>(two, two)))
     }
 
     /// The sum of a vector's eight lanes.

@@ -8,7 +8,9 @@
 //!   ([`crate::cpu_dot`]): `W` is read front to back in place, each load of it feeding every row
 //!   of `x` in a register tile.
 //! - Past that, up to [`ROWS_F32`] rows, f32 weights are read in place by tiles that broadcast
-//!   `W` against `xᵀ` (`cpu_rows_f32`, where the CPU has AVX-512F).
+//!   `W` against `xᵀ` (`cpu_rows_f32`, where the CPU has AVX-512F), summing each output in the
+//!   dot products' order: up to [`ROWS_F32`] rows, a row's product is the same to the bit
+//!   whatever rows are beside it.
 //! - Past that otherwise (prefill, long verify blocks), each core owns a range of columns. It walks `K` in
 //!   packed strips of [`KB`] and `N` in register tiles of [`MR`] rows × [`NR`] columns: each strip
 //!   is packed from [`NR`] rows of `W` at a time, transposed in registers eight by eight, and
@@ -36,27 +38,26 @@ pub const KB: usize = 256;
 pub const CW: usize = 128;
 /// Up to this many rows the product is dot products of rows ([`crate::cpu_dot`]); past it the
 /// packed strips serve enough rows to pay for their packing. f32 weights, twice the bytes to
-/// stream, are packed from [`DOT_ROWS_F32`] rows.
+/// stream, leave the dot products sooner: past [`DOT_ROWS_F32`] rows or [`DOT_ROWS_F32_AVX2`].
 pub const DOT_ROWS: usize = 64;
-/// [`DOT_ROWS`] for f32 weights (`kernels/examples/cpu_skinny.rs` on a 2048 × 6144 weight: the
-/// dot products win up to 32 rows, the packed strips from 40).
-///
-/// The in-place tiles of `cpu_rows_f32` would win from 6 rows on AVX-512 (2048 × 6144, ms per
-/// product, dot vs tiles: 16 rows 3.8 vs 2.6, 32 rows 6.3 vs 3.6; at 64 f32 sessions of the
-/// Qwen3-0.6B shape 109 → 120 tok/s), and bf16 weights widened a block at a time from about 30
-/// rows (64 rows 8.2–8.7 vs 6.7–7.0 ms). They are not used there: they sum each output in another
-/// order than the dot products, so a session decoding alone (one row) and the same session in a
-/// step of a few rows would differ in the last bits of their logits, and a verify block of 1 + k
-/// tokens would no longer compute each position exactly as a decode step does. Up to these rows
-/// every row's arithmetic is the same whatever else is in the step, which the greedy guarantee
-/// rests on (`docs/runtime-semantics.md`, Guarantees).
-pub const DOT_ROWS_F32: usize = 32;
+/// [`DOT_ROWS`] for f32 weights where the CPU has AVX-512F: past it the in-place tiles of
+/// `cpu_rows_f32` win (`kernels/examples/cpu_skinny.rs`, 2048 × 6144, ms per product, dot vs
+/// tiles: 8 rows 1.4 vs 1.9, 12 rows 1.9 vs 2.0, 15 rows 2.1 vs 2.1, 16 rows 2.3 vs 1.9, 32 rows
+/// 3.8 vs 2.8). Both sum each output in the same order, so a row's product does not depend on
+/// the rows beside it up to [`ROWS_F32`] rows, which the greedy guarantee rests on
+/// (`docs/runtime-semantics.md`, Guarantees).
+pub const DOT_ROWS_F32: usize = 15;
+
+/// [`DOT_ROWS`] for f32 weights where the CPU lacks AVX-512F (no in-place tiles): the dot
+/// products win up to 32 rows, the packed strips from 40 (2048 × 6144).
+pub const DOT_ROWS_F32_AVX2: usize = 32;
 
 /// Up to this many rows, f32 weights past [`DOT_ROWS_F32`] are read in place by
 /// `cpu_rows_f32` rather than packed (`kernels/examples/cpu_skinny.rs`, 2048 × 6144, ms
 /// per product, packed vs in place: 40 rows 7.6 vs 6.3, 64 rows 9.8 vs 8.0, 96 rows 13.0 vs 12.6,
 /// 128 rows 16.9 vs 17.8, 256 rows 29.0 vs 44.2: past 64 rows a group of `W` no longer serves
-/// enough rows from L1).
+/// enough rows from L1; measured before the tiles summed in the dot products' order, which costs
+/// them 5–10%).
 pub const ROWS_F32: usize = 64;
 
 /// What happens to the product before it is stored.
@@ -139,7 +140,8 @@ pub(crate) fn accumulate_product<M: Matrix>(
         return;
     }
     let dot_rows = match M::KIND {
-        WeightKind::F32 => DOT_ROWS_F32,
+        WeightKind::F32 if crate::cpu_rows_f32::available() => DOT_ROWS_F32,
+        WeightKind::F32 => DOT_ROWS_F32_AVX2,
         _ => DOT_ROWS,
     };
     if m <= dot_rows {
@@ -674,6 +676,39 @@ mod tests {
                 let want = silu(*gate) * up;
                 assert!((a - want).abs() < 1e-3, "{m}x{k}x{n} swiglu: {a} vs {want}");
             }
+        }
+    }
+
+    /// A row's product is the same to the bit whatever else is in the call: alone (one row, a
+    /// decode step) or among up to 64 (a step of many sessions, a verify block), whichever path
+    /// the height takes, for f32 and bf16 weights, with and without a tail past the whole
+    /// vectors of `K`. The greedy guarantee rests on it.
+    #[test]
+    fn a_rows_product_does_not_depend_on_the_rows_beside_it() {
+        fn check<M: Matrix>(w: M, k: usize, n: usize, what: &str) {
+            let x = noise(ROWS_F32 * k, 11);
+            let alone: Vec<Vec<f32>> = (0..ROWS_F32)
+                .map(|r| skinny_matmul(&x[r * k..(r + 1) * k], w, 1, k, n, CpuEpilogue::None))
+                .collect();
+            for m in 2..=ROWS_F32 {
+                let y = skinny_matmul(&x[..m * k], w, m, k, n, CpuEpilogue::None);
+                for (r, (got, want)) in y.chunks_exact(n).zip(&alone).enumerate() {
+                    let same = got
+                        .iter()
+                        .zip(want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(
+                        same,
+                        "{what} k={k}: row {r} of {m} differs from the row alone"
+                    );
+                }
+            }
+        }
+        for (k, n) in [(64, 29), (1030, 37), (40, 13)] {
+            let w = noise(n * k, 12);
+            check(w.as_slice(), k, n, "f32");
+            let narrow: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
+            check(narrow.as_slice(), k, n, "bf16");
         }
     }
 }
