@@ -43,11 +43,12 @@ pub fn dot_product<M: Matrix>(
     if m == 0 || n == 0 {
         return;
     }
-    // Worth the cores' fork and join once `W` is 1 MiB; a 256-wide model's 0.1 ms products lose
-    // to the split. Split, the tasks come in a multiple of the threads, of equal rows, so no
+    // Worth the cores' fork and join once `W` is 1 MiB or the arithmetic 1M multiply-adds; a
+    // 256-wide model's 0.1 ms one-row products lose to the split, its verify blocks of 6 rows
+    // and more gain. Split, the tasks come in a multiple of the threads, of equal rows, so no
     // core waits on another's last task (1,024 rows in runs of 120 would leave one core a
     // fifth of the work more than the other).
-    let split = n * k * M::BYTES >= 1 << 20;
+    let split = n * k * M::BYTES >= 1 << 20 || m * n * k >= 1 << 20;
     let threads = if split {
         rayon::current_num_threads().max(1)
     } else {

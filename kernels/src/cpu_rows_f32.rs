@@ -14,7 +14,7 @@
 //! 63 others: the greedy guarantee rests on a session's logits not depending on what else is in
 //! its step. The dot products keep sixteen partial sums per output, lane `l` summing the elements
 //! `l, l + 16, l + 32, …` of `K` in turn, then add the lanes in a fixed tree, then the scalar tail
-//! past the last whole vector. A tile here walks `K` in blocks of [`BLOCK_STEPS`] vectors, and
+//! past the last whole vector. A tile here walks `K` in blocks of at most [`BLOCK_STEPS`] vectors, and
 //! makes sixteen passes over each block of its rows of `W`, one per lane, each pass continuing
 //! that lane's chain in the same order; the lanes' sums wait in memory between blocks, are added
 //! in the dot products' tree at the end, and the tail last, as the dot products add it. A block of
@@ -70,7 +70,8 @@ pub(crate) fn product(
         return;
     }
     let xt = transpose_x(x, m, k);
-    let big = k * n >= 1 << 20 || m * k * n >= 1 << 22;
+    // Split as the dot products split: once `W` is 1 MiB or the arithmetic 1M multiply-adds.
+    let big = k * n * 4 >= 1 << 20 || m * k * n >= 1 << 20;
     let parts = if big {
         rayon::current_num_threads().clamp(1, n.div_ceil(NW))
     } else {
@@ -90,19 +91,32 @@ pub(crate) fn product(
     }
 }
 
+/// The blocks of `K` the tiles walk, as `(first step, steps)`: as few as hold at most
+/// [`BLOCK_STEPS`] steps each, of equal length give or take one (64 steps are two of 32, not
+/// 40 and 24).
+fn blocks(steps: usize) -> impl Iterator<Item = (usize, usize)> {
+    let count = steps.div_ceil(BLOCK_STEPS).max(1);
+    (0..count).map(move |b| {
+        let (first, end) = (steps * b / count, steps * (b + 1) / count);
+        (first, end - first)
+    })
+}
+
 /// The whole vectors of `x` as the tiles read them: for each tile of 32 rows, for each block of
-/// [`BLOCK_STEPS`] steps of 16 elements of `K`, for each lane, the lane's elements of the block
-/// in turn, the tile's rows side by side at each (zero-padded past `m`).
+/// [`blocks`], for each lane, the lane's elements of the block in turn, the tile's rows side by
+/// side at each (zero-padded past `m`).
 fn transpose_x(x: &[f32], m: usize, k: usize) -> Vec<f32> {
     let steps = k / LANES;
     let mut xt = vec![0.0f32; m.div_ceil(MC) * LANES * steps * MC];
     for (r, row) in x.chunks_exact(k).take(m).enumerate() {
         let tile = &mut xt[r / MC * LANES * steps * MC..][..LANES * steps * MC];
-        for (kk, &v) in row[..steps * LANES].iter().enumerate() {
-            let (step, lane) = (kk / LANES, kk % LANES);
-            let first = step / BLOCK_STEPS * BLOCK_STEPS;
-            let len = BLOCK_STEPS.min(steps - first);
-            tile[(first * LANES + lane * len + step - first) * MC + r % MC] = v;
+        for (first, len) in blocks(steps) {
+            let block = &mut tile[first * LANES * MC..][..len * LANES * MC];
+            for lane in 0..LANES {
+                for t in 0..len {
+                    block[(lane * len + t) * MC + r % MC] = row[(first + t) * LANES + lane];
+                }
+            }
         }
     }
     xt
@@ -157,7 +171,7 @@ unsafe fn run_rows(
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{BLOCK_STEPS, LANES, MC, NW};
+    use super::{LANES, MC, NW};
 
     /// `sums[i][j]` = the sum of `ws[i, kk] · x[j, kk]` over the whole vectors of `K`, in the
     /// dot products' order, for `nw` rows of `W` and the tile's 32 rows of `x` (16 when not
@@ -214,8 +228,7 @@ mod avx512 {
         // SAFETY: `tile` bounds `xs` and `ws`.
         unsafe {
             let (xp, wp) = (xs.as_ptr(), ws.as_ptr());
-            for first in (0..steps).step_by(BLOCK_STEPS) {
-                let len = BLOCK_STEPS.min(steps - first);
+            for (first, len) in super::blocks(steps) {
                 let xb = xp.add(first * LANES * MC);
                 for (lane, carried) in lanes.iter_mut().enumerate() {
                     let (xl, wl) = (xb.add(lane * len * MC), wp.add(first * LANES + lane));
