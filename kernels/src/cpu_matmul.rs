@@ -38,7 +38,8 @@ pub const KB: usize = 256;
 pub const CW: usize = 128;
 /// Up to this many rows the product is dot products of rows ([`crate::cpu_dot`]); past it the
 /// packed strips serve enough rows to pay for their packing. f32 weights, twice the bytes to
-/// stream, leave the dot products sooner: past [`DOT_ROWS_F32`] rows or [`DOT_ROWS_F32_AVX2`].
+/// stream, leave the dot products sooner where `K` is past [`DOT_K_F32`]: past [`DOT_ROWS_F32`]
+/// rows or [`DOT_ROWS_F32_AVX2`].
 pub const DOT_ROWS: usize = 64;
 /// [`DOT_ROWS`] for f32 weights where the CPU has AVX-512F: past it the in-place tiles of
 /// `cpu_rows_f32` win (`kernels/examples/cpu_skinny.rs`, 2048 × 6144, ms per product, dot vs
@@ -47,6 +48,14 @@ pub const DOT_ROWS: usize = 64;
 /// the rows beside it up to [`ROWS_F32`] rows, which the greedy guarantee rests on
 /// (`docs/runtime-semantics.md`, Guarantees).
 pub const DOT_ROWS_F32: usize = 15;
+
+/// Up to this `K`, f32 products stay on the dot products up to [`DOT_ROWS`] rows, where the CPU
+/// has AVX-512F too: their rows of `x` stay in cache, and they beat the in-place tiles at every
+/// height (`cpu_skinny` with `K` 1024, ms per product, dot vs tiles: 6144 columns at 32 rows 1.52
+/// vs 1.78, at 64 rows 3.01 vs 3.36; 2048 columns 0.54 vs 0.64 and 1.01 vs 1.12). From 1,536 the
+/// tiles win past 16 to 24 rows (2048 × 6144 at 32 rows 2.78 vs 4.00, at 64 rows 5.22 vs 7.10).
+/// Both sum each output in the same order, so the choice is one of speed alone.
+pub const DOT_K_F32: usize = 1024;
 
 /// [`DOT_ROWS`] for f32 weights where the CPU lacks AVX-512F (no in-place tiles): the dot
 /// products win up to 32 rows, the packed strips from 40 (2048 × 6144).
@@ -140,6 +149,7 @@ pub(crate) fn accumulate_product<M: Matrix>(
         return;
     }
     let dot_rows = match M::KIND {
+        WeightKind::F32 if k <= DOT_K_F32 => DOT_ROWS,
         WeightKind::F32 if crate::cpu_rows_f32::available() => DOT_ROWS_F32,
         WeightKind::F32 => DOT_ROWS_F32_AVX2,
         _ => DOT_ROWS,
