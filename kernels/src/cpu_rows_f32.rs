@@ -264,11 +264,12 @@ mod avx512 {
             // The lanes' tree: `l` and `l + 8`, then `l` and `l + 4`, `l + 2`, `l + 1`.
             let mut width = LANES / 2;
             while width > 0 {
-                for l in 0..width {
-                    for r in 0..R {
-                        lanes[l][r][0] = _mm512_add_ps(lanes[l][r][0], lanes[l + width][r][0]);
+                let (low, high) = lanes.split_at_mut(width);
+                for (into, from) in low.iter_mut().zip(&high[..width]) {
+                    for (a, b) in into.iter_mut().zip(from) {
+                        a[0] = _mm512_add_ps(a[0], b[0]);
                         if WIDE {
-                            lanes[l][r][1] = _mm512_add_ps(lanes[l][r][1], lanes[l + width][r][1]);
+                            a[1] = _mm512_add_ps(a[1], b[1]);
                         }
                     }
                 }
