@@ -1,5 +1,7 @@
-//! f32 products past a few rows (up to [`crate::cpu_matmul::ROWS_F32`]), with `W` read where it
-//! lies: `y = x · Wᵀ` computed as `yᵀ = W · xᵀ`.
+//! Products past a few rows (up to [`crate::cpu_matmul::ROWS_F32`]), with `W` read where it lies:
+//! `y = x · Wᵀ` computed as `yᵀ = W · xᵀ`. f32 weights are read in place; narrower ones (int8
+//! blocks, where this path wins) are widened a block of `K` at a time into L1, exactly as the dot
+//! products widen them.
 //!
 //! The packed strips ([`crate::cpu_matmul`]) transpose every chunk of `W` before their tiles use
 //! it, eight by eight in registers, so each tile's broadcast operand is a row of `x` and its
@@ -31,6 +33,7 @@ use rayon::prelude::*;
 
 use crate::cpu_dot::dot;
 use crate::cpu_matmul::SendPtr;
+use crate::cpu_weight::Matrix;
 
 /// Rows of `x` (columns of `xᵀ`) one tile takes: two 512-bit vectors.
 const MC: usize = 32;
@@ -54,10 +57,10 @@ pub(crate) fn available() -> bool {
 
 /// `y = x · wᵀ`, or `y += x · wᵀ` when `accumulate`: `x` `[m, k]`, `w` `[n, k]`, `y` `[m, n]`,
 /// all row-major f32. Only where [`available`] says so.
-pub(crate) fn product(
+pub(crate) fn product<M: Matrix>(
     y: &mut [f32],
     x: &[f32],
-    w: &[f32],
+    w: M,
     (m, k, n): (usize, usize, usize),
     accumulate: bool,
 ) {
@@ -71,7 +74,7 @@ pub(crate) fn product(
     }
     let xt = transpose_x(x, m, k);
     // Split as the dot products split: once `W` is 1 MiB or the arithmetic 1M multiply-adds.
-    let big = k * n * 4 >= 1 << 20 || m * k * n >= 1 << 20;
+    let big = k * n * M::BYTES >= 1 << 20 || m * k * n >= 1 << 20;
     let parts = if big {
         rayon::current_num_threads().clamp(1, n.div_ceil(NW))
     } else {
@@ -127,11 +130,11 @@ fn transpose_x(x: &[f32], m: usize, k: usize) -> Vec<f32> {
 /// # Safety
 /// `out` must point to `m · n` floats, no other thread may touch columns `rows`, and the CPU
 /// must have AVX-512F.
-unsafe fn run_rows(
+unsafe fn run_rows<M: Matrix>(
     rows: std::ops::Range<usize>,
     x: &[f32],
     xt: &[f32],
-    w: &[f32],
+    w: M,
     (m, k, n): (usize, usize, usize),
     out: SendPtr,
     accumulate: bool,
@@ -140,7 +143,7 @@ unsafe fn run_rows(
     let mut sums = [[0.0f32; MC]; NW];
     for n0 in rows.clone().step_by(NW) {
         let nw = NW.min(rows.end - n0);
-        let ws = &w[n0 * k..(n0 + nw) * k];
+        let ws = w.range(n0 * k, nw * k);
         for t in 0..m.div_ceil(MC) {
             let mc = MC.min(m - t * MC);
             let xs = &xt[t * whole * MC..][..whole * MC];
@@ -151,11 +154,11 @@ unsafe fn run_rows(
                 avx512::tile(xs, ws, k, nw, mc > MC / 2, &mut sums)
             };
             for (i, s) in sums.iter().enumerate().take(nw) {
-                let wrow = &w[(n0 + i) * k..(n0 + i + 1) * k];
+                let tail = w.range((n0 + i) * k + whole, k - whole);
                 for (j, &v) in s.iter().enumerate().take(mc) {
                     let row = t * MC + j;
                     // The tail past the whole vectors, as the dot products add it.
-                    let v = v + dot(&x[row * k + whole..(row + 1) * k], &wrow[whole..]);
+                    let v = v + dot(&x[row * k + whole..(row + 1) * k], tail);
                     // SAFETY: row `row < m`, column `n0 + i` is in `rows`, this task's.
                     unsafe {
                         let at = out.0.add(row * n + n0 + i);
@@ -171,7 +174,8 @@ unsafe fn run_rows(
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{LANES, MC, NW};
+    use super::{BLOCK_STEPS, LANES, MC, NW};
+    use crate::cpu_weight::{mload16, Matrix, WeightKind};
 
     /// `sums[i][j]` = the sum of `ws[i, kk] · x[j, kk]` over the whole vectors of `K`, in the
     /// dot products' order, for `nw` rows of `W` and the tile's 32 rows of `x` (16 when not
@@ -180,9 +184,9 @@ mod avx512 {
     /// # Safety
     /// The CPU must have AVX-512F.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn tile(
+    pub unsafe fn tile<M: Matrix>(
         xs: &[f32],
-        ws: &[f32],
+        ws: M,
         k: usize,
         nw: usize,
         wide: bool,
@@ -192,55 +196,71 @@ mod avx512 {
         // SAFETY (all arms): the assert bounds every load.
         unsafe {
             match (nw, wide) {
-                (1, true) => rows::<1, true>(xs, ws, k, sums),
-                (2, true) => rows::<2, true>(xs, ws, k, sums),
-                (3, true) => rows::<3, true>(xs, ws, k, sums),
-                (4, true) => rows::<4, true>(xs, ws, k, sums),
-                (5, true) => rows::<5, true>(xs, ws, k, sums),
-                (6, true) => rows::<6, true>(xs, ws, k, sums),
-                (7, true) => rows::<7, true>(xs, ws, k, sums),
-                (8, true) => rows::<8, true>(xs, ws, k, sums),
-                (_, true) => rows::<8, true>(xs, ws, k, sums),
-                (1, false) => rows::<1, false>(xs, ws, k, sums),
-                (2, false) => rows::<2, false>(xs, ws, k, sums),
-                (3, false) => rows::<3, false>(xs, ws, k, sums),
-                (4, false) => rows::<4, false>(xs, ws, k, sums),
-                (5, false) => rows::<5, false>(xs, ws, k, sums),
-                (6, false) => rows::<6, false>(xs, ws, k, sums),
-                (7, false) => rows::<7, false>(xs, ws, k, sums),
-                (8, false) => rows::<8, false>(xs, ws, k, sums),
-                (_, false) => rows::<8, false>(xs, ws, k, sums),
+                (1, true) => rows::<M, 1, true>(xs, ws, k, sums),
+                (2, true) => rows::<M, 2, true>(xs, ws, k, sums),
+                (3, true) => rows::<M, 3, true>(xs, ws, k, sums),
+                (4, true) => rows::<M, 4, true>(xs, ws, k, sums),
+                (5, true) => rows::<M, 5, true>(xs, ws, k, sums),
+                (6, true) => rows::<M, 6, true>(xs, ws, k, sums),
+                (7, true) => rows::<M, 7, true>(xs, ws, k, sums),
+                (8, true) => rows::<M, 8, true>(xs, ws, k, sums),
+                (_, true) => rows::<M, 8, true>(xs, ws, k, sums),
+                (1, false) => rows::<M, 1, false>(xs, ws, k, sums),
+                (2, false) => rows::<M, 2, false>(xs, ws, k, sums),
+                (3, false) => rows::<M, 3, false>(xs, ws, k, sums),
+                (4, false) => rows::<M, 4, false>(xs, ws, k, sums),
+                (5, false) => rows::<M, 5, false>(xs, ws, k, sums),
+                (6, false) => rows::<M, 6, false>(xs, ws, k, sums),
+                (7, false) => rows::<M, 7, false>(xs, ws, k, sums),
+                (8, false) => rows::<M, 8, false>(xs, ws, k, sums),
+                (_, false) => rows::<M, 8, false>(xs, ws, k, sums),
             }
         }
     }
 
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn rows<const R: usize, const WIDE: bool>(
+    unsafe fn rows<M: Matrix, const R: usize, const WIDE: bool>(
         xs: &[f32],
-        ws: &[f32],
+        ws: M,
         k: usize,
         sums: &mut [[f32; MC]; NW],
     ) {
         let steps = k / LANES;
         // Each lane's sums, carried from one block of `K` to the next (16 KiB at eight rows).
         let mut lanes = [[[_mm512_setzero_ps(); 2]; R]; LANES];
+        // A block of narrower weights, widened as the dot products widen them (20 KiB).
+        let mut wide = [0.0f32; NW * BLOCK_STEPS * LANES];
         // SAFETY: `tile` bounds `xs` and `ws`.
         unsafe {
-            let (xp, wp) = (xs.as_ptr(), ws.as_ptr());
+            let (xp, wp) = (xs.as_ptr(), ws.base());
             for (first, len) in super::blocks(steps) {
                 let xb = xp.add(first * LANES * MC);
+                // Where the block's rows of `W` are read, f32, and how far apart.
+                let (wb, stride) = if M::KIND == WeightKind::F32 {
+                    (wp.cast::<f32>().add(first * LANES), k)
+                } else {
+                    for r in 0..R {
+                        for t in 0..len {
+                            let v = mload16!(ws, r * k + (first + t) * LANES);
+                            _mm512_storeu_ps(wide.as_mut_ptr().add((r * len + t) * LANES), v);
+                        }
+                    }
+                    (wide.as_ptr(), len * LANES)
+                };
                 for (lane, carried) in lanes.iter_mut().enumerate() {
-                    let (xl, wl) = (xb.add(lane * len * MC), wp.add(first * LANES + lane));
+                    let (xl, wl) = (xb.add(lane * len * MC), wb.add(lane));
                     let mut lo: [__m512; R] = std::array::from_fn(|r| carried[r][0]);
                     let mut hi: [__m512; R] = std::array::from_fn(|r| carried[r][1]);
                     // The pass for lane `r` brings row `r`'s next block of `W` into L2, a line a
                     // step, so that it streams in while this block is summed.
-                    let ahead =
-                        (lane < R).then(|| wp.wrapping_add(lane * k + (first + len) * LANES));
+                    let ahead = (lane < R)
+                        .then(|| wp.wrapping_add((lane * k + (first + len) * LANES) * M::BYTES));
                     for t in 0..len {
                         if let Some(row) = ahead {
-                            _mm_prefetch::<_MM_HINT_T1>(row.wrapping_add(t * LANES).cast());
+                            _mm_prefetch::<_MM_HINT_T1>(
+                                row.wrapping_add(t * LANES * M::BYTES).cast(),
+                            );
                         }
                         let a = _mm512_loadu_ps(xl.add(t * MC));
                         let b = if WIDE {
@@ -249,7 +269,7 @@ mod avx512 {
                             a
                         };
                         for r in 0..R {
-                            let wv = _mm512_set1_ps(*wl.add(r * k + t * LANES));
+                            let wv = _mm512_set1_ps(*wl.add(r * stride + t * LANES));
                             lo[r] = _mm512_fmadd_ps(wv, a, lo[r]);
                             if WIDE {
                                 hi[r] = _mm512_fmadd_ps(wv, b, hi[r]);
@@ -332,13 +352,13 @@ mod tests {
             let (x, w) = (noise(m * k, 3), noise(n * k, 5));
             let want = naive(&x, &w, m, k, n);
             let mut y = vec![f32::NAN; m * n];
-            product(&mut y, &x, &w, (m, k, n), false);
+            product(&mut y, &x, w.as_slice(), (m, k, n), false);
             for (i, (a, b)) in y.iter().zip(&want).enumerate() {
                 assert!((a - b).abs() <= 1e-3, "({m}, {k}, {n}) at {i}: {a} vs {b}");
             }
             // Accumulating adds the product onto what `y` holds.
             let mut acc = vec![1.0f32; m * n];
-            product(&mut acc, &x, &w, (m, k, n), true);
+            product(&mut acc, &x, w.as_slice(), (m, k, n), true);
             for (a, b) in acc.iter().zip(&want) {
                 assert!((a - (b + 1.0)).abs() <= 1e-3);
             }
