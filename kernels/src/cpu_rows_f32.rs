@@ -33,7 +33,7 @@ use rayon::prelude::*;
 
 use crate::cpu_dot::dot;
 use crate::cpu_matmul::SendPtr;
-use crate::cpu_weight::Matrix;
+use crate::cpu_weight::{Matrix, WeightKind};
 
 /// Rows of `x` (columns of `xᵀ`) one tile takes: two 512-bit vectors.
 const MC: usize = 32;
@@ -141,6 +141,11 @@ unsafe fn run_rows<M: Matrix>(
 ) {
     let whole = k / LANES * LANES;
     let mut sums = [[0.0f32; MC]; NW];
+    // A block of narrower weights, widened (20 KiB); f32 weights are read in place.
+    let mut wide = match M::KIND {
+        WeightKind::F32 => Vec::new(),
+        _ => vec![0.0f32; NW * BLOCK_STEPS * LANES],
+    };
     for n0 in rows.clone().step_by(NW) {
         let nw = NW.min(rows.end - n0);
         let ws = w.range(n0 * k, nw * k);
@@ -151,7 +156,7 @@ unsafe fn run_rows<M: Matrix>(
             // SAFETY: the caller checked AVX-512F; `xs` holds `k / 16` steps of 16 lanes of
             // `MC`, `ws` `nw` rows of `k`.
             unsafe {
-                avx512::tile(xs, ws, k, nw, mc > MC / 2, &mut sums)
+                avx512::tile(xs, ws, k, nw, mc > MC / 2, &mut wide, &mut sums)
             };
             for (i, s) in sums.iter().enumerate().take(nw) {
                 let tail = w.range((n0 + i) * k + whole, k - whole);
@@ -190,32 +195,22 @@ mod avx512 {
         k: usize,
         nw: usize,
         wide: bool,
+        widened: &mut [f32],
         sums: &mut [[f32; MC]; NW],
     ) {
         assert!(nw > 0 && nw <= NW && ws.len() >= nw * k && xs.len() >= k / LANES * LANES * MC);
-        // SAFETY (all arms): the assert bounds every load.
-        unsafe {
-            match (nw, wide) {
-                (1, true) => rows::<M, 1, true>(xs, ws, k, sums),
-                (2, true) => rows::<M, 2, true>(xs, ws, k, sums),
-                (3, true) => rows::<M, 3, true>(xs, ws, k, sums),
-                (4, true) => rows::<M, 4, true>(xs, ws, k, sums),
-                (5, true) => rows::<M, 5, true>(xs, ws, k, sums),
-                (6, true) => rows::<M, 6, true>(xs, ws, k, sums),
-                (7, true) => rows::<M, 7, true>(xs, ws, k, sums),
-                (8, true) => rows::<M, 8, true>(xs, ws, k, sums),
-                (_, true) => rows::<M, 8, true>(xs, ws, k, sums),
-                (1, false) => rows::<M, 1, false>(xs, ws, k, sums),
-                (2, false) => rows::<M, 2, false>(xs, ws, k, sums),
-                (3, false) => rows::<M, 3, false>(xs, ws, k, sums),
-                (4, false) => rows::<M, 4, false>(xs, ws, k, sums),
-                (5, false) => rows::<M, 5, false>(xs, ws, k, sums),
-                (6, false) => rows::<M, 6, false>(xs, ws, k, sums),
-                (7, false) => rows::<M, 7, false>(xs, ws, k, sums),
-                (8, false) => rows::<M, 8, false>(xs, ws, k, sums),
-                (_, false) => rows::<M, 8, false>(xs, ws, k, sums),
-            }
+        assert!(M::KIND == WeightKind::F32 || widened.len() >= NW * BLOCK_STEPS * LANES);
+        /// Calls the loop whose sizes match `(nw, wide)`.
+        macro_rules! sized {
+            ($($r:literal)+) => {
+                match wide {
+                    true => match nw { $($r => rows::<M, $r, true>(xs, ws, k, widened, sums),)+ _ => unreachable!() },
+                    false => match nw { $($r => rows::<M, $r, false>(xs, ws, k, widened, sums),)+ _ => unreachable!() },
+                }
+            };
         }
+        // SAFETY (all arms): the assert bounds every load.
+        unsafe { sized!(1 2 3 4 5 6 7 8) }
     }
 
     #[target_feature(enable = "avx512f")]
@@ -224,13 +219,12 @@ mod avx512 {
         xs: &[f32],
         ws: M,
         k: usize,
+        wide: &mut [f32],
         sums: &mut [[f32; MC]; NW],
     ) {
         let steps = k / LANES;
         // Each lane's sums, carried from one block of `K` to the next (16 KiB at eight rows).
         let mut lanes = [[[_mm512_setzero_ps(); 2]; R]; LANES];
-        // A block of narrower weights, widened as the dot products widen them (20 KiB).
-        let mut wide = [0.0f32; NW * BLOCK_STEPS * LANES];
         // SAFETY: `tile` bounds `xs` and `ws`.
         unsafe {
             let (xp, wp) = (xs.as_ptr(), ws.base());
