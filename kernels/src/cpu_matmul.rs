@@ -4,13 +4,14 @@
 //! A decode or verify step multiplies at most a few dozen rows by every weight, so the cost is the
 //! weight bytes, and the kernel's one job is to stream them at memory speed. Every weight byte is
 //! read once per call, in one of two ways:
-//! - Up to [`DOT_ROWS`] rows ([`DOT_ROWS_F32`] for f32 weights), each output is the dot product of a row of `x` and a row of `W`
-//!   ([`crate::cpu_dot`]): `W` is read front to back in place, each load of it feeding every row
-//!   of `x` in a register tile.
-//! - Past that, up to [`ROWS_F32`] rows, f32 weights are read in place by tiles that broadcast
-//!   `W` against `xᵀ` (`cpu_rows_f32`, where the CPU has AVX-512F), summing each output in the
-//!   dot products' order: up to [`ROWS_F32`] rows, a row's product is the same to the bit
-//!   whatever rows are beside it.
+//! - Up to [`DOT_ROWS`] rows (where `K` is past [`DOT_K_F32`], fewer for f32 weights and int8
+//!   blocks: [`DOT_ROWS_F32`], [`DOT_ROWS_Q8`]), each output is the dot product of a row of `x`
+//!   and a row of `W` ([`crate::cpu_dot`]): `W` is read front to back in place, each load of it
+//!   feeding every row of `x` in a register tile.
+//! - Past that, up to [`ROWS_F32`] rows, f32 weights and int8 blocks are read in place by tiles
+//!   that broadcast `W` against `xᵀ` (`cpu_rows_f32`, where the CPU has AVX-512F), summing each
+//!   output in the dot products' order: up to [`ROWS_F32`] rows, a row's product is the same to
+//!   the bit whatever rows are beside it.
 //! - Past that otherwise (prefill, long verify blocks), each core owns a range of columns. It walks `K` in
 //!   packed strips of [`KB`] and `N` in register tiles of [`MR`] rows × [`NR`] columns: each strip
 //!   is packed from [`NR`] rows of `W` at a time, transposed in registers eight by eight, and
