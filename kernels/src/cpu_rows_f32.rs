@@ -142,7 +142,7 @@ unsafe fn run_rows<M: Matrix>(
     let whole = k / LANES * LANES;
     let mut sums = [[0.0f32; MC]; NW];
     // A block of narrower weights, widened (20 KiB); f32 weights are read in place.
-    let mut wide = match M::KIND {
+    let mut widened = match M::KIND {
         WeightKind::F32 => Vec::new(),
         _ => vec![0.0f32; NW * BLOCK_STEPS * LANES],
     };
@@ -156,7 +156,7 @@ unsafe fn run_rows<M: Matrix>(
             // SAFETY: the caller checked AVX-512F; `xs` holds `k / 16` steps of 16 lanes of
             // `MC`, `ws` `nw` rows of `k`.
             unsafe {
-                avx512::tile(xs, ws, k, nw, mc > MC / 2, &mut wide, &mut sums)
+                avx512::tile(xs, ws, k, nw, mc > MC / 2, &mut widened, &mut sums)
             };
             for (i, s) in sums.iter().enumerate().take(nw) {
                 let tail = w.range((n0 + i) * k + whole, k - whole);
@@ -219,7 +219,7 @@ mod avx512 {
         xs: &[f32],
         ws: M,
         k: usize,
-        wide: &mut [f32],
+        widened: &mut [f32],
         sums: &mut [[f32; MC]; NW],
     ) {
         let steps = k / LANES;
@@ -237,10 +237,10 @@ mod avx512 {
                     for r in 0..R {
                         for t in 0..len {
                             let v = mload16!(ws, r * k + (first + t) * LANES);
-                            _mm512_storeu_ps(wide.as_mut_ptr().add((r * len + t) * LANES), v);
+                            _mm512_storeu_ps(widened.as_mut_ptr().add((r * len + t) * LANES), v);
                         }
                     }
-                    (wide.as_ptr(), len * LANES)
+                    (widened.as_ptr(), len * LANES)
                 };
                 for (lane, carried) in lanes.iter_mut().enumerate() {
                     let (xl, wl) = (xb.add(lane * len * MC), wb.add(lane));
